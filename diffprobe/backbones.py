@@ -1,0 +1,256 @@
+"""Backbones: the frozen parts a runner needs, loaded offline from a diffusers-layout directory or the HF cache,
+or built as tiny random models of a supported structure for tests.
+
+Every fact about a model (VAE scaling factor, latent size, token count, added conditioning) is read from its
+configs, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffprobe.architectures import KINDS, TINY_TEXT_CONFIG, TINY_VAE_CONFIG, kind_of_unet_config, unet_config
+from diffprobe.errors import DiffprobeError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Backbone:
+    """A text-to-image latent diffusion model's parts, frozen (requires_grad False, eval mode)."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    kind: str  # "sd1" | "sd2" | "sdxl" | "custom"
+    name: str = "custom"
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def sample_size(self) -> int:
+        """Image side in pixels the UNet was trained at (latent sample_size times the VAE factor)."""
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size) * self.vae_factor
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def parts(self) -> dict[str, Any]:
+        """The torch modules, by diffusers component name."""
+        named = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                 "text_encoder_2": self.text_encoder_2}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":
+        for module in self.parts().values():
+            if dtype is not None and dtype != next(module.parameters()).dtype:
+                module.to(device=device, dtype=dtype)
+            elif device is not None:
+                module.to(device=device)
+        return self
+
+
+def _freeze(backbone: Backbone) -> Backbone:
+    for module in backbone.parts().values():
+        module.eval().requires_grad_(False)
+    return backbone
+
+
+# -- tiny random models ------------------------------------------------------------------------------------
+
+
+def _byte_chars() -> list[str]:
+    """CLIP's byte-to-unicode table: the 256 characters byte-level BPE uses."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in cs]
+
+
+def word_tokenizer(words: list[str] = (), max_length: int = 77):
+    """A CLIPTokenizer built offline: byte-level characters plus each of `words` as one token.
+
+    Each word gets a chain of merges that assembles it left to right, so it encodes to a single id.
+    """
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in merges:
+                merges.append((current, piece))
+            current += piece
+            vocab.setdefault(current, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _tiny_text_encoder(tokenizer, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **TINY_TEXT_CONFIG,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def tiny_backbone(structure: str = "sd15", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  words: list[str] = ("cat", "dog", "bird", "car")) -> Backbone:
+    """Random tiny model with the block structure of `structure` ("sd15", "sd21", "sdxl"); 64 px images."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config(structure, tiny=True))
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    tokenizer = word_tokenizer(list(words))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    kind = KINDS[structure]
+    extra = {}
+    if kind == "sdxl":
+        extra = dict(text_encoder_2=_tiny_text_encoder(tokenizer, projection=True), tokenizer_2=tokenizer)
+    text_encoder = _tiny_text_encoder(tokenizer)
+    bb = Backbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                  kind=kind, name=f"tiny_{structure}", **extra)
+    return _freeze(bb.to(device, dtype))
+
+
+# -- saving and loading in diffusers layout -------------------------------------------------------------------
+
+
+def save_backbone(backbone: Backbone, path: str | os.PathLike) -> Path:
+    """Write `backbone` as a diffusers pipeline directory (model_index.json + one folder per part, safetensors)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = Path(path)
+    if backbone.kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=backbone.vae, text_encoder=backbone.text_encoder, text_encoder_2=backbone.text_encoder_2,
+            tokenizer=backbone.tokenizer, tokenizer_2=backbone.tokenizer_2, unet=backbone.unet,
+            scheduler=backbone.scheduler,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
+            scheduler=backbone.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+HOW_TO_GET_WEIGHTS = (
+    "Download them once on a machine with network access, e.g. `huggingface-cli download {repo}` (it fills the "
+    "Hugging Face cache, which diffprobe reads offline), or point `model.path=` at a local directory in diffusers "
+    "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, safetensors weights)."
+)
+
+
+def resolve_model_path(path: str | None, repo_id: str | None) -> Path:
+    """The local directory of a model: `path` if given, else the HF cache snapshot of `repo_id`, offline."""
+    if path:
+        p = Path(path).expanduser()
+        if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
+            raise DiffprobeError(
+                f"model path {p} is not a diffusers model directory (no model_index.json or unet/config.json there). "
+                + HOW_TO_GET_WEIGHTS.format(repo=repo_id or "<repo id>")
+            )
+        return p
+    if not repo_id:
+        raise DiffprobeError("the model config names neither `path` nor `repo_id`; set model.path=/dir/of/weights")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise DiffprobeError(
+            f"weights for {repo_id} are not in the Hugging Face cache ({cache}) and diffprobe never downloads. "
+            + HOW_TO_GET_WEIGHTS.format(repo=repo_id)
+        ) from None
+
+
+def _load_part(cls, root: Path, subfolder: str, dtype: torch.dtype):
+    try:
+        return cls.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype, local_files_only=True,
+                                   use_safetensors=True)
+    except (OSError, EnvironmentError, ValueError) as exc:
+        raise DiffprobeError(
+            f"cannot load {subfolder}/ from {root}: {str(exc).splitlines()[0]} (diffprobe loads safetensors weights only)"
+        ) from None
+
+
+def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Backbone:
+    """Load the model described by `model_cfg` (name, path, repo_id, tiny) on `device` in `dtype`, offline.
+
+    `tiny` set (e.g. "sd15") builds a tiny random model of that structure instead of loading weights.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if get("tiny"):
+        return tiny_backbone(get("tiny"), seed=int(get("seed", 0) or 0), device=device, dtype=torch_dtype)
+    root = resolve_model_path(get("path"), get("repo_id"))
+    index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
+    unet = _load_part(UNet2DConditionModel, root, "unet", torch_dtype)
+    vae = _load_part(AutoencoderKL, root, "vae", torch_dtype)
+    text_encoder = _load_part(CLIPTextModel, root, "text_encoder", torch_dtype)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+        scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DiffprobeError(f"cannot load the tokenizer or scheduler from {root}: {str(exc).splitlines()[0]}") from None
+    kind = kind_of_unet_config(unet.config)
+    extra = {}
+    if "text_encoder_2" in index or kind == "sdxl":
+        extra["text_encoder_2"] = _load_part(CLIPTextModelWithProjection, root, "text_encoder_2", torch_dtype)
+        extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
+    bb = Backbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                  kind=kind, name=str(get("name", root.name)), **extra)
+    log.info("loaded %s (%s) from %s", bb.name, kind, root)
+    return _freeze(bb.to(device))

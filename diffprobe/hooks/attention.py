@@ -1,0 +1,105 @@
+"""Recompute attention probabilities softmax(Q K^T * scale) of a diffusers `Attention` module from its inputs.
+
+The model's own forward keeps its fast kernel (SDPA, xformers); these functions run in a forward hook on the
+selected modules only, in fp32, chunked over queries, with heads reduced chunk by chunk so the full
+(B, heads, N, K) tensor never exists unless asked for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Largest number of fp32 score elements held at once per chunk (64 Mi elements = 256 MiB).
+CHUNK_ELEMENTS = 1 << 26
+
+
+def check_supported(attn: torch.nn.Module, name: str) -> None:
+    """Raise ValueError when `attn` applies a norm or projection the recomputation does not reproduce."""
+    unsupported = [
+        flag for flag in ("norm_q", "norm_k", "norm_cross", "group_norm", "spatial_norm", "add_k_proj")
+        if getattr(attn, flag, None) is not None
+    ]
+    if unsupported:
+        raise ValueError(
+            f"cannot capture {name}: its Attention uses {', '.join(unsupported)}, which probability capture "
+            "does not reproduce"
+        )
+
+
+def query_grid(num_queries: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
+    """(h, w) with h * w == num_queries and the aspect ratio of the UNet input latent (square if unknown)."""
+    if latent_hw is None:
+        h = math.isqrt(num_queries)
+    else:
+        h = max(1, round(math.sqrt(num_queries * latent_hw[0] / latent_hw[1])))
+    if h * (num_queries // h) != num_queries:
+        raise ValueError(f"cannot lay {num_queries} queries out as a grid with aspect {latent_hw}")
+    return h, num_queries // h
+
+
+def upsample_tokens(hidden: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Bicubically upsample (B, h*w, C) hidden states laid out on `grid` to (B, H*W, C) on `size`."""
+    b, n, c = hidden.shape
+    x = hidden.transpose(1, 2).reshape(b, c, *grid)
+    x = F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False)
+    return x.flatten(2).transpose(1, 2)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, inner = x.shape
+    return x.view(b, n, heads, inner // heads).transpose(1, 2)  # (B, heads, n, d)
+
+
+def _chunk_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                 heads: str | int) -> torch.Tensor:
+    """Probabilities of one query chunk: q (B, h, n, d), k (B, h, K, d) -> reduced over heads."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(dim=-1)
+    if heads == "mean":
+        return probs.mean(dim=1)
+    if heads == "sum":
+        return probs.sum(dim=1)
+    return probs  # "none" or one head already selected: (B, h, n, K)
+
+
+def attention_probs(
+    attn: torch.nn.Module,
+    hidden: torch.Tensor,
+    context: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    heads: str | int = "mean",
+    grad: bool = False,
+) -> torch.Tensor:
+    """softmax(Q K^T * scale) of `attn` for hidden (B, N, C) and context (B, T, Cc) (None: self-attention).
+
+    Returns (B, N, K) for heads "mean"/"sum", (B, heads, N, K) for "none", (B, N, K) for an int head index.
+    With `grad`, each chunk is checkpointed so the graph holds only the inputs, not the probabilities.
+    """
+    source = hidden if context is None else context
+    q = attn.to_q(hidden).float()
+    k = attn.to_k(source).float()
+    q, k = _split_heads(q, attn.heads), _split_heads(k, attn.heads)
+    bias = None
+    if mask is not None:
+        bias = attn.prepare_attention_mask(mask, k.shape[2], hidden.shape[0]).float()
+        bias = bias.view(hidden.shape[0], attn.heads, *bias.shape[1:])
+    if isinstance(heads, int):
+        q, k = q[:, heads : heads + 1], k[:, heads : heads + 1]
+        bias = None if bias is None else bias[:, heads : heads + 1]
+    b, h, n, _ = q.shape
+    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
+    mode = "mean" if isinstance(heads, int) else heads
+    pieces = []
+    for start in range(0, n, chunk):
+        qc = q[:, :, start : start + chunk]
+        if grad:
+            pieces.append(checkpoint(_chunk_probs, qc, k, attn.scale, bias, mode, use_reentrant=False))
+        else:
+            pieces.append(_chunk_probs(qc, k, attn.scale, bias, mode))
+    return torch.cat(pieces, dim=-2) if len(pieces) > 1 else pieces[0]
