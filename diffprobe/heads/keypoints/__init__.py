@@ -1,0 +1,6 @@
+"""StableKeypoints: unsupervised keypoints by optimising embeddings fed to cross-attention.
+
+Modules: affine (random transforms, exact inverses), targets (Gaussians, argmax, soft-argmax),
+selection (KL candidates, farthest point sampling, frequency vote), losses (localisation,
+equivariance), maps (attention maps through diffprobe.hooks), state (save/load), fit, predict.
+"""
