@@ -1,0 +1,122 @@
+"""DiffSeg end to end on captured tensors: aggregate, merge, optionally refine, NMS at the output size."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.diffseg.aggregate import Grid, aggregate
+from diffprobe.heads.diffseg.merge import MERGE_MODES, anchor_indices, initial_proposals, kmeans_refine, merge
+
+
+@dataclass(frozen=True)
+class DiffSegParams:
+    """Hyper-parameters of the head (defaults: the reference's demo settings).
+
+    tau: merge threshold on the symmetric KL, one value or one per iteration (ref 1.1 on
+      COCO-Stuff-27, 0.9 on Cityscapes and demos). iterations: N >= 2 (ref 3). anchors: M, the
+      anchor grid is M x M (ref 16). merge: "components" (order-independent, default) or
+      "reference" (the reference's greedy, order-dependent pass). weights: aggregation weights per
+      resolution (None: proportional to resolution). refine: k-means refinement (ref: off).
+    """
+
+    tau: float | Sequence[float] = 0.9
+    iterations: int = 3
+    anchors: int = 16
+    merge: str = "components"
+    weights: Sequence[float] | Mapping | None = None
+    refine: bool = False
+    refine_iters: int = 30
+    chunk: int = 1024
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.iterations < 2:
+            raise DiffprobeError(f"iterations must be >= 2 (the reference requires it), got {self.iterations}")
+        taus = self.taus()
+        if len(taus) != self.iterations or any(t <= 0 for t in taus):
+            raise DiffprobeError(f"tau must be one positive value or {self.iterations} of them, got {self.tau}")
+        if self.merge not in MERGE_MODES:
+            raise DiffprobeError(f"merge must be one of {MERGE_MODES}, got {self.merge!r}")
+        if self.anchors < 1:
+            raise DiffprobeError(f"anchors must be >= 1, got {self.anchors}")
+
+    def taus(self) -> list[float]:
+        if isinstance(self.tau, (int, float)):
+            return [float(self.tau)] * self.iterations
+        return [float(t) for t in self.tau]
+
+    def replace(self, **changes) -> "DiffSegParams":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class SegmentationResult:
+    """labels: (H_out, W_out) int64, values 0..K-1, every value used. proposals: (K, h, w) float,
+    the merged attention map of each label on the aggregated grid. counts: proposals after each
+    merging iteration (and after refinement, if any)."""
+
+    labels: torch.Tensor
+    proposals: torch.Tensor
+    grid: Grid
+    counts: list[int] = field(default_factory=list)
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.proposals.shape[0])
+
+
+def non_max_suppression(proposals: torch.Tensor, grid: Grid, size: tuple[int, int],
+                        chunk: int = 16) -> torch.Tensor:
+    """Upsample (K, h*w) proposals bilinearly to `size` (H, W) and take the per-pixel argmax -> (H, W)
+    int64; ties go to the lower index. Proposals are upsampled `chunk` at a time (large images)."""
+    best_val = best_idx = None
+    for start in range(0, proposals.shape[0], chunk):
+        part = proposals[start:start + chunk].reshape(-1, 1, *grid)
+        up = F.interpolate(part, size=size, mode="bilinear", align_corners=False)[:, 0]
+        val, idx = up.max(dim=0)
+        idx += start
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val > best_val
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx, best_idx)
+    return best_idx
+
+
+def compact_labels(labels: torch.Tensor, proposals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop proposals that win no pixel and renumber labels 0..K-1 in proposal order."""
+    used, inverse = torch.unique(labels, return_inverse=True)
+    return inverse.reshape(labels.shape), proposals[used]
+
+
+def segment(maps_by_grid: Mapping, size: tuple[int, int] | None = None,
+            params: DiffSegParams | None = None) -> SegmentationResult:
+    """Segment one image from its self-attention probabilities.
+
+    maps_by_grid: {(h, w) or side: (Q, K) or (L, Q, K) tensor}, Q = K = h*w, heads already averaged.
+    size: (H_out, W_out) of the label map (default: 8x the finest grid, e.g. 512 for SD at 64x64).
+    Deterministic: no randomness anywhere.
+    """
+    params = params or DiffSegParams()
+    maps, grid = aggregate(maps_by_grid, params.weights, dtype=params.dtype)
+    size = tuple(size) if size is not None else (8 * grid[0], 8 * grid[1])
+    taus = params.taus()
+    proposals = initial_proposals(maps, anchor_indices(grid, params.anchors), taus[0], chunk=params.chunk)
+    counts = [proposals.shape[0]]
+    for tau in taus[1:]:
+        proposals = merge(proposals, tau, params.merge)
+        counts.append(proposals.shape[0])
+    if params.refine:
+        proposals = kmeans_refine(maps, proposals, params.refine_iters)
+        counts.append(proposals.shape[0])
+    labels = non_max_suppression(proposals, grid, size)
+    labels, proposals = compact_labels(labels, proposals)
+    return SegmentationResult(labels=labels, proposals=proposals.reshape(-1, *grid).float(), grid=grid,
+                              counts=counts)

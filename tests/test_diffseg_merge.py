@@ -1,0 +1,64 @@
+"""Merging modes of the DiffSeg head on hand-made proposals where the reference's order matters."""
+
+import torch
+
+from diffprobe.heads.diffseg.merge import (anchor_indices, anchor_positions, initial_proposals, kmeans_refine,
+                                           merge_components, merge_reference)
+
+# Symmetric KL: D(A,B) = D(B,C) = 0.364, D(A,C) = 1.456; with tau = 0.5, A~B and B~C but not A~C.
+A = [0.8, 0.1, 0.1]
+B = [0.45, 0.45, 0.1]
+C = [0.1, 0.8, 0.1]
+TAU = 0.5
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def mean(*rows):
+    return t(*rows).mean(dim=0)
+
+
+def as_set(props):
+    return sorted(tuple(round(v, 9) for v in row.tolist()) for row in props)
+
+
+def test_reference_merge_depends_on_order():
+    # A first: A takes {A, B}; B is consumed; C still takes {B, C} (consumed B is reused).
+    out = merge_reference(t(A, B, C), TAU)
+    torch.testing.assert_close(out, torch.stack([mean(A, B), mean(B, C)]))
+    # B first: B takes all three at once.
+    out = merge_reference(t(B, A, C), TAU)
+    torch.testing.assert_close(out, mean(A, B, C)[None])
+
+
+def test_components_merge_is_order_independent():
+    for order in ([A, B, C], [B, A, C], [C, A, B], [A, C, B]):
+        torch.testing.assert_close(merge_components(t(*order), TAU), mean(A, B, C)[None])
+    far = [0.1, 0.1, 0.8]
+    out = merge_components(t(far, A, B, C, far), TAU)
+    assert as_set(out) == as_set(torch.stack([t(far)[0], mean(A, B, C)]))
+    torch.testing.assert_close(out[0], t(far)[0])  # components come in order of their first member
+
+
+def test_initial_proposals_average_close_maps():
+    maps = t(A, B, C)
+    out = initial_proposals(maps, torch.tensor([0, 2]), TAU)
+    torch.testing.assert_close(out, torch.stack([mean(A, B), mean(B, C)]))
+
+
+def test_anchor_grid_matches_reference_positions():
+    assert anchor_positions(64, 16) == list(range(1, 62, 4))
+    assert anchor_positions(64, 1) == [31]
+    idx = anchor_indices((4, 6), 2)
+    # rows {0, 3} (start (3-3)//2 = 0), cols {0, 5}: row-major flat indices on a 6-wide grid
+    assert idx.tolist() == [0, 5, 18, 23]
+
+
+def test_kmeans_refinement_moves_to_cluster_means_and_drops_empty():
+    pts = t([0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.0, 0.1, 0.9], [0.0, 0.3, 0.7])
+    init = t([0.6, 0.2, 0.2], [0.2, 0.2, 0.6], [0.0, 1.0, 0.0])
+    out = kmeans_refine(pts, init)
+    torch.testing.assert_close(out, torch.stack([mean(pts[0].tolist(), pts[1].tolist()),
+                                                 mean(pts[2].tolist(), pts[3].tolist())]))
