@@ -1,0 +1,67 @@
+"""Segmentation metrics on hand-computed confusion matrices and matchings."""
+
+import numpy as np
+import pytest
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.eval.segmentation import (DatasetHungarian, PerImageHungarian, confusion_matrix, match_counts,
+                                         scores)
+
+LABEL = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+PRED = np.array([[3, 3, 0, 0], [0, 1, 1, 2]])
+
+
+def test_confusion_matrix_by_hand():
+    hist = confusion_matrix(LABEL, PRED, 3)
+    np.testing.assert_array_equal(hist, [[0, 0, 0, 2], [2, 0, 1, 0], [1, 1, 0, 0]])
+    assert confusion_matrix(LABEL, PRED, 3, num_pred=6).shape == (3, 6)
+    with pytest.raises(DiffprobeError):
+        confusion_matrix(LABEL, PRED[:, :2], 3)
+
+
+def test_hungarian_counts_by_hand():
+    # best matching: class 0 -> id 3, class 1 -> id 0, class 2 -> id 1 (5 pixels); id 2 stays unmatched
+    tp, fp, fn = match_counts(confusion_matrix(LABEL, PRED, 3))
+    np.testing.assert_array_equal(tp, [2, 2, 1])
+    np.testing.assert_array_equal(fp, [0, 1, 0])
+    np.testing.assert_array_equal(fn, [0, 1, 1])
+    s = scores(tp, fp, fn, 7)
+    assert s["pixel_accuracy"] == pytest.approx(5 / 7)
+    assert s["iou"] == pytest.approx([1.0, 0.5, 0.5])
+    assert s["miou"] == pytest.approx(2 / 3)
+
+
+def test_per_image_and_dataset_matching_differ_when_ids_swap():
+    label = np.array([0, 0, 1, 1])
+    per_image, dataset = PerImageHungarian(2), DatasetHungarian(2)
+    for pred in (np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0])):
+        per_image.update(label, pred)
+        dataset.update(label, pred)
+    a, b = per_image.result(), dataset.result()
+    assert (a["matching"], a["pixel_accuracy"], a["miou"]) == ("per_image", 1.0, 1.0)
+    # dataset confusion [[2, 2], [2, 2]]: TP 2 per class, FP 2, FN 2 -> IoU 1/3, accuracy 1/2
+    assert b["matching"] == "dataset"
+    assert b["pixel_accuracy"] == pytest.approx(0.5)
+    assert b["miou"] == pytest.approx(1 / 3)
+
+
+def test_dataset_matching_grows_prediction_range_and_nan_classes():
+    acc = DatasetHungarian(3)
+    acc.update(np.array([0, 1, 255]), np.array([5, 7, 7]))
+    np.testing.assert_array_equal(acc.hist.shape, (3, 8))
+    res = acc.result()
+    assert res["pixel_accuracy"] == 1.0
+    assert res["iou"][2] is None and res["miou"] == 1.0
+
+
+def test_state_round_trip():
+    acc = PerImageHungarian(3)
+    acc.update(LABEL, PRED)
+    other = PerImageHungarian(3)
+    other.load_state({k: v.copy() for k, v in acc.state().items()})
+    assert other.result() == acc.result()
+    ds = DatasetHungarian(3)
+    ds.update(LABEL, PRED)
+    ds2 = DatasetHungarian(3)
+    ds2.load_state(ds.state())
+    assert ds2.result() == ds.result()
