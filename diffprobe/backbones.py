@@ -183,7 +183,7 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike) -> Path:
 
 
 HOW_TO_GET_WEIGHTS = (
-    "Download them once on a machine with network access, e.g. `huggingface-cli download {repo}` (it fills the "
+    "To provide the weights, download them once on a machine with network access, e.g. `huggingface-cli download {repo}` (it fills the "
     "Hugging Face cache, which diffprobe reads offline), or point `model.path=` at a local directory in diffusers "
     "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, safetensors weights)."
 )
