@@ -1,0 +1,141 @@
+"""Feature extraction for hyperfeatures: ResNet residual-branch maps over the saved steps of a diffusion process.
+
+Real images go through DDIM inversion (calls at t=-1, 0, 20, ..., 960 for 50 steps); synthetic ones
+through generation, whose calls run from noisy to clean, so its saved steps are mirrored. Every saved
+step's features are handed to a consumer as soon as the UNet call ends (the capture's `on_step`), so
+streaming them through the aggregator holds one step at a time whatever the number of steps S.
+
+Saved steps are numbered in noise order: position 0 is the least noisy saved call (t=-1 for inversion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
+
+DEFAULT_LAYERS = "up_blocks.*.resnets.*.hook_residual"
+PROCESSES = ("inversion", "one_step", "generation")
+
+Consumer = Callable[[int, dict[str, torch.Tensor]], None]
+
+
+@dataclass
+class ExtractionConfig:
+    """layers: site glob or list; process: inversion | one_step | generation; num_steps: T scheduler
+    steps; save_every: keep every k-th call counted back from the noisiest, plus the first (ref 5 ->
+    S=11 of T=50); saved_steps: explicit inversion call indices instead; prompt: text for inversion
+    (ref empty); sample_latent: VAE latent_dist.sample() (ref) instead of its mean."""
+
+    layers: str | list[str] = DEFAULT_LAYERS
+    process: str = "inversion"
+    num_steps: int = 50
+    save_every: int = 5
+    saved_steps: list[int] | None = None
+    prompt: str = ""
+    image_size: int = 512
+    sample_latent: bool = True
+    guidance: float = 7.5
+
+    def __post_init__(self) -> None:
+        if self.process not in PROCESSES:
+            raise DiffprobeError(f"hyperfeatures process must be one of {PROCESSES}, got {self.process!r}")
+        if self.process == "one_step":
+            self.num_steps, self.saved_steps = 1, [0]
+        if self.num_steps < 1 or self.save_every < 1:
+            raise DiffprobeError("num_steps and save_every must be at least 1")
+        if self.image_size % 8:
+            raise DiffprobeError(f"image_size must be a multiple of 8, got {self.image_size}")
+        if self.saved_steps is not None:
+            bad = [i for i in self.saved_steps if not 0 <= i < self.num_steps]
+            if bad or not self.saved_steps:
+                raise DiffprobeError(f"saved_steps must be call indices in 0..{self.num_steps - 1}, got {self.saved_steps}")
+
+    def saved_calls(self) -> list[int]:
+        """Inversion call indices kept, in noise order (ascending). Ref T=50, every 5: [0, 4, 9, ..., 49]."""
+        if self.saved_steps is not None:
+            return sorted(set(int(i) for i in self.saved_steps))
+        last = self.num_steps - 1
+        return sorted({0} | set(range(last, 0, -self.save_every)))
+
+    @property
+    def num_saved(self) -> int:
+        return len(self.saved_calls())
+
+
+def layer_names(probe: ProbeRegistry, layers) -> list[str]:
+    """Resolve the layer selection to feature-site names (execution order); only resnet/block sites."""
+    try:
+        names = probe.select(layers)
+    except KeyError as exc:
+        raise DiffprobeError(f"hyperfeatures layers: {exc.args[0]}") from None
+    bad = [n for n in names if probe.sites[n].kind not in ("resnet", "block")]
+    if bad:
+        raise DiffprobeError(f"hyperfeatures layers must be feature sites (hook_residual/hook_out), not {bad[0]}")
+    return names
+
+
+def run_extraction(bb, probe: ProbeRegistry, images: torch.Tensor, cfg: ExtractionConfig, consume: Consumer,
+                   layers: list[str] | None = None, prompts: list[str] | None = None,
+                   generator: torch.Generator | None = None) -> list[float]:
+    """Run the configured process and call consume(position, {layer: (B, C, h, w)}) once per saved step.
+
+    images: (B, 3, H, W) in [-1, 1] (ignored for generation, which needs `prompts`). Returns the
+    timestep of each saved position (noise order). The UNet runs without gradients.
+    """
+    from diffprobe.runners import ddim_inversion, encode_images, encode_prompt, generate
+
+    names = layers or layer_names(probe, cfg.layers)
+    calls = cfg.saved_calls()
+    if cfg.process == "generation":
+        position = {cfg.num_steps - 1 - c: s for s, c in enumerate(calls)}  # generation runs noisy -> clean
+    else:
+        position = {c: s for s, c in enumerate(calls)}
+    timesteps: dict[int, float] = {}
+
+    def on_step(step: int, t: float, tensors: dict[str, torch.Tensor]) -> None:
+        if step in position:
+            timesteps[position[step]] = t
+            consume(position[step], {n: tensors[n] for n in names})
+
+    layout = BatchLayout(cfg=cfg.process == "generation", keep="cond")
+    with torch.no_grad(), probe.capture(names, reduce=Reduce(steps="last"), layout=layout, on_step=on_step) as cache:
+        if cfg.process == "generation":
+            if not prompts:
+                raise DiffprobeError("hyperfeatures generation needs prompts")
+            generate(bb, prompts, guidance=cfg.guidance, num_steps=cfg.num_steps, generator=generator)
+        else:
+            lat = encode_images(bb, images.to(bb.device, bb.dtype), sample=cfg.sample_latent, generator=generator)
+            cond = encode_prompt(bb, [cfg.prompt] * images.shape[0])
+            ddim_inversion(bb, lat, cond, num_steps=cfg.num_steps)
+    if len(timesteps) != len(calls):
+        raise DiffprobeError(
+            f"the {cfg.process} made {len(cache.timesteps)} UNet calls; saved steps {calls} need more"
+        )
+    return [timesteps[s] for s in range(len(calls))]
+
+
+def extract_descriptors(bb, probe: ProbeRegistry, net, images: torch.Tensor, cfg: ExtractionConfig,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Hyperfeature descriptors (B, D, H, H), streaming each saved step through the aggregator."""
+    agg = net.stream()
+    run_extraction(bb, probe, images, cfg, agg.add, layers=net.config.layers, generator=generator)
+    return agg.result()
+
+
+def extract_features(bb, probe: ProbeRegistry, images: torch.Tensor, cfg: ExtractionConfig,
+                     layers: list[str] | None = None, dtype: torch.dtype | None = None,
+                     generator: torch.Generator | None = None) -> list[dict[str, torch.Tensor]]:
+    """All raw maps, held: steps[position][layer] = (B, C, h, w), optionally cast to `dtype`
+    (e.g. float16 to halve a training cache)."""
+    steps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(pos: int, feats: dict[str, torch.Tensor]) -> None:
+        steps[pos] = {n: f.to(dtype) if dtype is not None else f for n, f in feats.items()}
+
+    run_extraction(bb, probe, images, cfg, keep, layers=layers, generator=generator)
+    return [steps[s] for s in sorted(steps)]
