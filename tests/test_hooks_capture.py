@@ -1,0 +1,217 @@
+"""Capture: values equal diffusers' own attention scores, outputs unchanged, gradients, cleanup, CFG, steps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffprobe.backbones import tiny_backbone
+from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
+from diffprobe.runners import Conditioning, encode_prompt, unet_call
+
+SITE_SELF = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.hook_probs"
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def setup(request):
+    bb = tiny_backbone(request.param)
+    probe = ProbeRegistry(bb.unet)
+    torch.manual_seed(1)
+    latents = torch.randn(2, 4, 8, 8)
+    cond = encode_prompt(bb, ["a cat", "a dog"])
+    return bb, probe, latents, cond
+
+
+def _inputs_of(module, fn):
+    """Run fn() and return the (hidden, context) the module was called with."""
+    seen = {}
+
+    def hook(m, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["context"] = kwargs.get("encoder_hidden_states")
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return seen["hidden"], seen["context"]
+
+
+def _diffusers_scores(attn, hidden, context):
+    """Attention.get_attention_scores on diffusers' own (batch*heads) layout -> (B, heads, N, K)."""
+    source = hidden if context is None else context
+    q = attn.head_to_batch_dim(attn.to_q(hidden))
+    k = attn.head_to_batch_dim(attn.to_k(source))
+    probs = attn.get_attention_scores(q.float(), k.float())
+    return probs.view(hidden.shape[0], attn.heads, *probs.shape[1:])
+
+
+def test_probs_equal_diffusers_scores(setup):
+    bb, probe, latents, cond = setup
+    names = probe.select("*.hook_probs")
+    with probe.capture(names, reduce=Reduce(heads="none")) as cache:
+        unet_call(bb, latents, 50, cond)
+    for name in names[:: max(1, len(names) // 8)] + [names[-1]]:
+        attn = bb.unet.get_submodule(probe.sites[name].module)
+        hidden, context = _inputs_of(attn, lambda: unet_call(bb, latents, 50, cond))
+        expected = _diffusers_scores(attn, hidden, context if probe.sites[name].kind == "cross_attn" else None)
+        assert cache[name].shape == expected.shape
+        torch.testing.assert_close(cache[name], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache[name].sum(-1), torch.ones(expected.shape[:-1]), atol=1e-5, rtol=0)
+
+
+def test_head_reductions_agree(setup):
+    bb, probe, latents, cond = setup
+    name = probe.select("*.attn2.hook_probs")[0]
+    results = {}
+    for heads in ("none", "mean", "sum", 1):
+        with probe.capture(name, reduce=Reduce(heads=heads)) as cache:
+            unet_call(bb, latents, 50, cond)
+        results[heads] = cache[name]
+    torch.testing.assert_close(results["mean"], results["none"].mean(1))
+    torch.testing.assert_close(results["sum"], results["none"].sum(1))
+    torch.testing.assert_close(results[1], results["none"][:, 1])
+
+
+def test_outputs_identical_with_and_without_capture(setup):
+    bb, probe, latents, cond = setup
+    bare = unet_call(bb, latents, 50, cond)
+    with probe.capture("*", reduce=Reduce(heads="none")):
+        captured = unet_call(bb, latents, 50, cond)
+    assert torch.equal(bare, captured)
+
+
+def test_gradients_reach_the_context(setup):
+    bb, probe, latents, _ = setup
+    context = torch.randn(1, 6, bb.context_dim, requires_grad=True)
+    added = encode_prompt(bb, [""]).added
+    names = probe.select("up_blocks.*.attn2.hook_probs")
+    with probe.capture(names, detach=False) as cache:
+        unet_call(bb, latents[:1], 50, Conditioning(context, added))
+    loss = sum((cache[n][..., 2] ** 2).sum() for n in names)
+    loss.backward()
+    assert context.grad is not None and context.grad.abs().sum() > 0
+    with probe.capture(names, detach=True) as cache:
+        unet_call(bb, latents[:1], 50, Conditioning(context, added))
+    assert not cache[names[0]].requires_grad
+
+
+def _hook_count(module):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_cleanup_after_exception_keeps_user_hooks(setup):
+    bb, probe, latents, cond = setup
+    user_calls = []
+    user = bb.unet.conv_out.register_forward_hook(lambda *a: user_calls.append(1))
+    before = _hook_count(bb.unet)
+    with pytest.raises(RuntimeError, match="boom"):
+        with probe.capture("*"):
+            assert _hook_count(bb.unet) > before
+            raise RuntimeError("boom")
+    assert _hook_count(bb.unet) == before
+    unet_call(bb, latents, 50, cond)
+    assert user_calls == [1]
+    user.remove()
+
+
+def test_captures_nest(setup):
+    bb, probe, latents, cond = setup
+    self_name, cross_name = probe.select("*.attn1.hook_probs")[0], probe.select("*.attn2.hook_probs")[-1]
+    with probe.capture(self_name) as outer:
+        with probe.capture([self_name, cross_name]) as inner:
+            unet_call(bb, latents, 50, cond)
+        unet_call(bb, latents, 70, cond)
+    assert inner.timesteps == [50.0] and outer.timesteps == [50.0, 70.0]
+    assert inner.names == [self_name, cross_name] and outer.names == [self_name]
+    with probe.capture(self_name) as again:
+        unet_call(bb, latents, 70, cond)
+    torch.testing.assert_close(outer[self_name], again[self_name])
+
+
+def test_cfg_half_is_the_cond_rows(setup):
+    bb, probe, latents, cond = setup
+    uncond = encode_prompt(bb, ["", ""])
+    both = Conditioning.cat([uncond, cond])
+    name = probe.select("*.attn2.hook_probs")[-1]
+    with probe.capture(name, layout=BatchLayout(cfg=True, uncond_first=True, keep="cond")) as cache:
+        unet_call(bb, torch.cat([latents, latents]), 50, both)
+    with probe.capture(name) as alone:
+        unet_call(bb, latents, 50, cond)
+    torch.testing.assert_close(cache[name], alone[name], atol=1e-5, rtol=0)
+    with probe.capture(name, layout=BatchLayout(cfg=True, uncond_first=False, keep="uncond")) as swapped:
+        unet_call(bb, torch.cat([latents, latents]), 50, Conditioning.cat([cond, uncond]))
+    with probe.capture(name) as uncond_alone:
+        unet_call(bb, latents, 50, uncond)
+    torch.testing.assert_close(swapped[name], uncond_alone[name], atol=1e-5, rtol=0)
+
+
+def test_query_upsampling_shape_and_values():
+    bb = tiny_backbone("sd15")
+    probe = ProbeRegistry(bb.unet)
+    latents, cond = torch.randn(1, 4, 8, 8), encode_prompt(bb, ["a bird"])
+    name = "up_blocks.2.attentions.0.transformer_blocks.0.attn2.hook_probs"  # 2x2 at 8x8 latents
+    with probe.capture(name, upsample_queries=(6, 10)) as cache:
+        unet_call(bb, latents, 50, cond)
+    assert cache[name].shape == (1, 60, bb.max_tokens) and cache.grid(name) == (6, 10)
+    attn = bb.unet.get_submodule(probe.sites[name].module)
+    hidden, context = _inputs_of(attn, lambda: unet_call(bb, latents, 50, cond))
+    h = int(hidden.shape[1] ** 0.5)
+    grid = hidden.transpose(1, 2).reshape(1, -1, h, h)
+    up = F.interpolate(grid, size=(6, 10), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    expected = _diffusers_scores(attn, up, context).mean(1)
+    torch.testing.assert_close(cache[name], expected, atol=1e-5, rtol=0)
+    with probe.capture(name, upsample_queries=h) as same, probe.capture(name) as plain:
+        unet_call(bb, latents, 50, cond)
+    torch.testing.assert_close(same[name], plain[name], atol=1e-5, rtol=0)  # upsampling to its own grid is identity
+
+
+def test_steps_all_list_mean_and_callback():
+    bb = tiny_backbone("sd15")
+    probe = ProbeRegistry(bb.unet)
+    latents, cond = torch.randn(1, 4, 8, 8), encode_prompt(bb, [""])
+    name = "up_blocks.1.resnets.0.hook_residual"
+    seen = []
+    caches = {}
+    for steps in ("all", [0, 2], "mean", "last"):
+        cb = (lambda i, t, d: seen.append((i, t, tuple(d)))) if steps == "last" else None
+        with probe.capture(name, reduce=Reduce(steps=steps), on_step=cb) as cache:
+            for t in (10, 20, 30):
+                unet_call(bb, latents, t, cond)
+        caches[str(steps)] = cache
+    full = caches["all"][name]
+    assert full.shape[0] == 3 and caches["all"].timesteps == [10.0, 20.0, 30.0]
+    torch.testing.assert_close(caches["[0, 2]"][name], full[[0, 2]])
+    torch.testing.assert_close(caches["[0, 2]"].step(name, 2), full[2])
+    torch.testing.assert_close(caches["mean"][name], full.mean(0))
+    torch.testing.assert_close(caches["last"][name], full[2])
+    assert seen == [(0, 10.0, (name,)), (1, 20.0, (name,)), (2, 30.0, (name,))]
+
+
+def test_early_exit_stops_the_forward():
+    bb = tiny_backbone("sd15")
+    probe = ProbeRegistry(bb.unet)
+    ran_out = []
+    handle = bb.unet.conv_out.register_forward_hook(lambda *a: ran_out.append(1))
+    after = []
+    with probe.capture("down_blocks.1.hook_out", early_exit=True) as cache:
+        unet_call(bb, torch.randn(1, 4, 8, 8), 10, encode_prompt(bb, [""]))
+        after.append(1)
+    handle.remove()
+    assert ran_out == [] and after == [] and cache["down_blocks.1.hook_out"].shape == (1, 32, 2, 2)
+
+
+def test_storage_dtype_and_unsupported_attention_is_refused():
+    bb = tiny_backbone("sd15")
+    probe = ProbeRegistry(bb.unet)
+    with probe.capture(SITE_SELF, dtype=torch.float16) as cache:
+        unet_call(bb, torch.randn(1, 4, 8, 8), 10, encode_prompt(bb, [""]))
+    assert cache[SITE_SELF].dtype == torch.float16
+    attn = bb.unet.get_submodule(probe.sites[SITE_SELF].module)
+    attn.norm_q = torch.nn.LayerNorm(8)
+    try:
+        with pytest.raises(ValueError, match="norm_q"):
+            with probe.capture(SITE_SELF):
+                pass
+    finally:
+        attn.norm_q = None
