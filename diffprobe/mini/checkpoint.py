@@ -1,0 +1,40 @@
+"""Training checkpoints as safetensors: module weights, EMA weights, AdamW state, step and loss history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from diffprobe.io import load_tensors, save_tensors
+
+
+def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                    step: int, losses: list[float], ema: dict[str, torch.Tensor] | None = None) -> None:
+    """One file: "<module>.<param>" weights, "ema.<key>", "opt.<i>.<state>", metadata {step, losses}."""
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in (ema or {}).items()})
+    for i, state in optimizer.state_dict()["state"].items():
+        for k, v in state.items():
+            tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    save_tensors(path, tensors, metadata={"step": str(step), "losses": json.dumps(losses)})
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                    ema: dict[str, torch.Tensor] | None = None) -> tuple[int, list[float]]:
+    """Restore what save_checkpoint wrote into the given objects; returns (step, losses)."""
+    tensors, meta = load_tensors(path)
+    for name, m in modules.items():
+        prefix = f"{name}."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if ema is not None:
+        for k in ema:
+            ema[k].copy_(tensors[f"ema.{k}"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return int(meta["step"]), json.loads(meta["losses"])

@@ -1,0 +1,80 @@
+"""diffprobe-mini's architecture: fresh diffusers/transformers modules built from one small config.
+
+Images are 64 px RGB; the VAE halves the side (latent 4 x 32 x 32); the UNet has four levels
+(32, 16, 8, 4 latent px) with self- and cross-attention at 16, 8 and 4 and in the mid block, like
+SD's layout of three attention levels and one plain level, only much narrower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from diffprobe.mini.tokenizer import BOS, EOS, build_vocab
+
+
+@dataclass(frozen=True)
+class MiniArch:
+    image_size: int = 64
+    vae_channels: tuple[int, ...] = (16, 32)  # length n -> latent factor 2**(n-1)
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (32, 48, 64, 96)
+    unet_heads: int = 4
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 24
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_vae(arch: MiniArch):
+    from diffusers import AutoencoderKL
+
+    n = len(arch.vae_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=arch.vae_channels,
+                         layers_per_block=1, latent_channels=arch.latent_channels, norm_num_groups=8,
+                         sample_size=arch.image_size, scaling_factor=1.0, mid_block_add_attention=False)
+
+
+def build_unet(arch: MiniArch):
+    from diffusers import UNet2DConditionModel
+
+    n = len(arch.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=arch.latent_size, in_channels=arch.latent_channels, out_channels=arch.latent_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        block_out_channels=arch.unet_channels, layers_per_block=1, cross_attention_dim=arch.text_dim,
+        attention_head_dim=arch.unet_heads, norm_num_groups=16)
+
+
+def build_text_encoder(arch: MiniArch, words: list[str]):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, _ = build_vocab(words)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=arch.text_dim, intermediate_size=2 * arch.text_dim,
+                         num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads,
+                         max_position_embeddings=arch.max_tokens, projection_dim=arch.text_dim,
+                         bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
+    return CLIPTextModel(cfg)
+
+
+def build_scheduler():
+    """SD's DDIM schedule (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon prediction)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1, prediction_type="epsilon")
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,212 @@
+"""Train diffprobe-mini on the world: VAE first, then UNet and text encoder jointly on cached latents.
+
+Every phase checkpoints to `work_dir` every `checkpoint_every` steps and resumes from there when run
+again with the same `work_dir`. Batches, noise and timesteps are drawn from generators seeded by
+(seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from diffprobe.data.world import vocabulary
+from diffprobe.errors import DiffprobeError
+from diffprobe.io import load_tensors, save_tensors
+from diffprobe.mini import models
+from diffprobe.mini.checkpoint import load_checkpoint, save_checkpoint
+from diffprobe.mini.dataset import to_unit, tokenize, training_set
+from diffprobe.mini.export import export_pipeline
+from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    images: int = 16000
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 2600
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.998
+    checkpoint_every: int = 100
+    max_minutes: float | None = None  # stop the UNet phase after this long (this invocation) and export
+    threads: int = 1
+    seed: int = 0
+    samples: int = 8
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise DiffprobeError(f"unknown train_mini key(s) {sorted(unknown)}; known: {sorted(known)}")
+        cfg = cls(**values)
+        for name in ("images", "vae_steps", "vae_batch", "unet_steps", "batch", "checkpoint_every", "threads"):
+            if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+                raise DiffprobeError(f"train_mini.{name} must be a positive integer, got {getattr(cfg, name)!r}")
+        if not 0 <= cfg.caption_dropout < 1 or not 0 <= cfg.ema_decay < 1:
+            raise DiffprobeError("train_mini.caption_dropout and train_mini.ema_decay must lie in [0, 1)")
+        if cfg.lr <= 0 or cfg.vae_lr <= 0 or (cfg.max_minutes is not None and cfg.max_minutes <= 0):
+            raise DiffprobeError("train_mini.lr, vae_lr and max_minutes must be positive")
+        return cfg
+
+
+def vae_loss(vae, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction loss, training loss) of images x (B, 3, H, W) in [-1, 1]: MSE + 0.1 L1, plus a
+    tiny KL term that keeps the posterior near-deterministic."""
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample(generator=generator)).sample
+    rec_loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x)
+    return rec_loss, rec_loss + 1e-6 * post.kl().mean()
+
+
+def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor,
+                   t: torch.Tensor) -> torch.Tensor:
+    """Epsilon-prediction MSE of latents (B, C, h, w) noised to timesteps t (B,), captioned by ids (B, T)."""
+    pred = unet(scheduler.add_noise(latents, noise, t), t,
+                encoder_hidden_states=text_encoder(ids).last_hidden_state).sample
+    return F.mse_loss(pred, noise)
+
+
+def _run_phase(name: str, work_dir: Path, modules: dict, optimizer: torch.optim.Optimizer, steps: int,
+               step_fn: Callable[[int], float], every: int, ema: dict | None = None,
+               ema_decay: float = 0.0, deadline: float | None = None) -> tuple[list[float], int]:
+    """Run step_fn(step) -> loss from the last checkpoint to `steps`; returns (loss per step, steps done)."""
+    ckpt = work_dir / f"{name}.ckpt.safetensors"
+    step, losses = load_checkpoint(ckpt, modules, optimizer, ema) if ckpt.is_file() else (0, [])
+    params = {f"{m}.{k}": p for m, mod in modules.items() for k, p in mod.named_parameters()}
+    bar = tqdm(total=steps, initial=step, desc=f"train {name}")
+    while step < steps:
+        if deadline is not None and time.time() > deadline:
+            log.warning("%s: time limit reached at step %d of %d", name, step, steps)
+            break
+        losses.append(step_fn(step))
+        step += 1
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in ema.items():
+                    v.lerp_(params[k].detach(), 1.0 - min(ema_decay, (1 + step) / (10 + step)))
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if step % every == 0:
+            save_checkpoint(ckpt, modules, optimizer, step, losses, ema)
+    bar.close()
+    save_checkpoint(ckpt, modules, optimizer, step, losses, ema)
+    return losses, step
+
+
+def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> tuple[list[float], int]:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    size = images.shape[-1]
+
+    def step_fn(step: int) -> float:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
+        y0, x0 = torch.randint(0, size - cfg.vae_crop + 1, (2,), generator=g).tolist()
+        x = to_unit(images[idx, :, y0:y0 + cfg.vae_crop, x0:x0 + cfg.vae_crop])
+        rec_loss, loss = vae_loss(vae, x, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return rec_loss.item()
+
+    return _run_phase("vae", work_dir, {"vae": vae}, opt, cfg.vae_steps, step_fn, cfg.checkpoint_every)
+
+
+@torch.no_grad()
+def _encode_latents(vae, images: torch.Tensor, path: Path) -> torch.Tensor:
+    """Posterior means of all images, (N, C, h, w) scaled to unit variance; sets vae's scaling_factor."""
+    if path.is_file():
+        tensors, meta = load_tensors(path)
+        vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+        return tensors["latents"]
+    vae.eval()
+    lat = torch.cat([vae.encode(to_unit(images[i:i + 256])).latent_dist.mean
+                     for i in tqdm(range(0, len(images), 256), desc="encode latents", leave=False)])
+    scale = 1.0 / float(lat.std())
+    vae.register_to_config(scaling_factor=scale)
+    lat = lat * scale
+    save_tensors(path, {"latents": lat}, metadata={"scaling_factor": repr(scale)})
+    return lat
+
+
+def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor,
+                empty_ids: torch.Tensor, work_dir: Path, deadline: float | None) -> tuple[list[float], int, dict]:
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ema = {f"{m}.{k}": p.detach().clone() for m, mod in modules.items() for k, p in mod.named_parameters()}
+    n_train = scheduler.config.num_train_timesteps
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.unet_steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    def step_fn(step: int) -> float:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_000 + step)
+        idx = torch.randint(0, len(latents), (cfg.batch,), generator=g)
+        lat, tok = latents[idx], ids[idx].clone()
+        tok[torch.rand(cfg.batch, generator=g) < cfg.caption_dropout] = empty_ids
+        noise = torch.randn(lat.shape, generator=g)
+        t = torch.randint(0, n_train, (cfg.batch,), generator=g)
+        loss = denoising_loss(unet, text_encoder, scheduler, lat, tok, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss.item()
+
+    losses, done = _run_phase("unet", work_dir, modules, opt, cfg.unet_steps, step_fn, cfg.checkpoint_every,
+                              ema, cfg.ema_decay, deadline)
+    return losses, done, ema
+
+
+def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
+               arch: models.MiniArch = models.MiniArch()) -> dict:
+    """Train all parts and export a diffusers pipeline (EMA weights) with config, curves and samples."""
+    torch.set_num_threads(cfg.threads)
+    start = time.time()
+    deadline = start + 60 * cfg.max_minutes if cfg.max_minutes else None
+    work_dir.mkdir(parents=True, exist_ok=True)
+    words = vocabulary()
+    tokenizer = load_tokenizer(write_tokenizer(work_dir / "tokenizer", words, arch.max_tokens))
+    images, ids = training_set(work_dir / "data.safetensors", cfg.images, arch.image_size, tokenizer, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    vae, unet = models.build_vae(arch), models.build_unet(arch)
+    text_encoder, scheduler = models.build_text_encoder(arch, words), models.build_scheduler()
+    vae_losses, vae_done = _train_vae(cfg, vae, images, work_dir)
+    latents = _encode_latents(vae, images, work_dir / "latents.safetensors")
+    unet_losses, unet_done, ema = _train_unet(cfg, unet, text_encoder, scheduler, latents, ids,
+                                              tokenize(tokenizer, [""])[0], work_dir, deadline)
+    with torch.no_grad():
+        for m, mod in {"unet": unet, "text_encoder": text_encoder}.items():
+            for k, p in mod.named_parameters():
+                p.copy_(ema[f"{m}.{k}"])
+    record = {"train": asdict(cfg), "arch": arch.to_dict(), "vae_steps_done": vae_done,
+              "unet_steps_done": unet_done, "minutes_this_run": round((time.time() - start) / 60, 2),
+              "torch_threads": cfg.threads, "scaling_factor": vae.config.scaling_factor,
+              "parameters": {"unet": models.count_parameters(unet), "vae": models.count_parameters(vae),
+                             "text_encoder": models.count_parameters(text_encoder)}}
+    export_pipeline(export_to, vae, text_encoder, tokenizer, unet, scheduler, record,
+                    {"vae": vae_losses, "unet": unet_losses}, n_samples=cfg.samples, seed=cfg.seed)
+    return {"pipeline": str(export_to), **record,
+            "final_unet_loss": sum(unet_losses[-100:]) / max(1, len(unet_losses[-100:]))}
