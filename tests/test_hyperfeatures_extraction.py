@@ -4,6 +4,7 @@ import gc
 
 import pytest
 import torch
+from hyperfeatures_fixtures import one_thread  # noqa: F401 (fixture)
 
 from diffprobe.backbones import tiny_backbone
 from diffprobe.errors import DiffprobeError
@@ -20,7 +21,7 @@ LAYERS = "up_blocks.*.resnets.*.hook_residual"
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(one_thread):
     bb = tiny_backbone("sd15", seed=0)
     return bb, ProbeRegistry(bb.unet)
 

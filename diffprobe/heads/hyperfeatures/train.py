@@ -1,0 +1,168 @@
+"""Training the aggregation network on pairs with corresponding points (CLIP-style loss, AdamW),
+with validation PCK every N steps, checkpoints that resume exactly, and a loss/PCK history.
+
+The UNet is frozen: each image's raw feature maps are extracted once (no gradients) and kept in a
+small LRU store (float16 by default), so repeated images cost no further UNet calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffprobe.data.pairs_json import CorrespondencePair
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs, prepare_image, to_load
+from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_features
+from diffprobe.heads.hyperfeatures.loss import correspondence_loss, to_grid
+from diffprobe.heads.hyperfeatures.network import AggregationNetwork
+from diffprobe.io import load_tensors, save_json, save_tensors
+
+log = logging.getLogger(__name__)
+
+Features = list[dict[str, torch.Tensor]]
+
+
+class FeatureSource:
+    """Raw maps of an image over the saved steps, extracted on first use; the last `capacity` images kept.
+
+    source(path) -> (steps[position][layer] = (1, C, h, w), original (H, W)). The VAE posterior sample
+    of each image is seeded from (seed, path), so a resumed run sees the same features.
+    """
+
+    def __init__(self, bb, probe, extraction: ExtractionConfig, layers: list[str], capacity: int = 16,
+                 store_dtype: torch.dtype | None = torch.float16, seed: int = 0):
+        self.bb, self.probe, self.extraction, self.layers = bb, probe, extraction, layers
+        self.capacity, self.store_dtype, self.seed = capacity, store_dtype, seed
+        self._store: OrderedDict[str, tuple[Features, tuple[int, int]]] = OrderedDict()
+        self.extractions = 0
+
+    def __call__(self, path: Path) -> tuple[Features, tuple[int, int]]:
+        key = str(path)
+        if key in self._store:
+            self._store.move_to_end(key)
+            return self._store[key]
+        x, hw = prepare_image(Path(path), self.extraction.image_size)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+        feats = extract_features(self.bb, self.probe, x, self.extraction, layers=self.layers,
+                                 dtype=self.store_dtype, generator=gen)
+        self.extractions += 1
+        if self.capacity > 0:
+            self._store[key] = (feats, hw)
+            while len(self._store) > self.capacity:
+                self._store.popitem(last=False)
+        return feats, hw
+
+
+@dataclass
+class TrainConfig:
+    """steps: optimiser steps of one pair (ref 5000); val_every: validation + checkpoint period (ref 1000)."""
+
+    steps: int = 5000
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    temperature: float = 0.07
+    val_every: int = 1000
+    alpha: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.val_every < 1 or not self.lr > 0 or not self.temperature > 0:
+            raise DiffprobeError("training needs steps >= 1, val_every >= 1, lr > 0 and temperature > 0")
+
+
+def pair_order(num_pairs: int, step: int, seed: int) -> int:
+    """Index of the pair trained at `step`: a fresh seeded permutation every epoch (resumable)."""
+    epoch, k = divmod(step, num_pairs)
+    return int(np.random.default_rng([seed, epoch]).permutation(num_pairs)[k])
+
+
+def descriptor_fn(net: AggregationNetwork, source: FeatureSource):
+    """describe(path) -> ((D, H, H) descriptors, original (H, W)) without gradients."""
+
+    def describe(path: Path):
+        feats, hw = source(path)
+        with torch.no_grad():
+            return net(feats)[0], hw
+
+    return describe
+
+
+def save_checkpoint(directory: Path, net: AggregationNetwork, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Aggregator (safetensors + JSON), optimiser moments (safetensors) and progress (JSON)."""
+    net.save(directory)
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    save_tensors(directory / "optimizer.safetensors", tensors)
+    save_json(directory / "optimizer.json", {"param_groups": sd["param_groups"]})
+    save_json(directory / "state.json", state)
+
+
+def load_checkpoint(directory: Path, net: AggregationNetwork, opt: torch.optim.Optimizer) -> dict:
+    """Restore what save_checkpoint wrote into `net` and `opt`; returns the progress state."""
+    directory = Path(directory)
+    if not (directory / "state.json").is_file():
+        raise DiffprobeError(f"no training checkpoint (state.json) in {directory}")
+    saved = AggregationNetwork.load(directory)
+    if saved.config != net.config:
+        raise DiffprobeError(f"checkpoint {directory} was trained with a different aggregator config")
+    net.load_state_dict(saved.state_dict())
+    tensors, _ = load_tensors(directory / "optimizer.safetensors")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    groups = json.loads((directory / "optimizer.json").read_text())["param_groups"]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    return json.loads((directory / "state.json").read_text())
+
+
+def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[CorrespondencePair],
+          val_pairs: list[CorrespondencePair], cfg: TrainConfig, checkpoint_dir: Path,
+          resume: Path | None = None, progress: bool = True) -> dict:
+    """Train `net` in place; returns the history {"loss": [[step, loss]], "val": [[step, pck_img, pck_bbox]]}.
+
+    Validation (PCK@alpha, per point pooled over val_pairs) and a checkpoint every cfg.val_every
+    steps and at the end. `resume`: a checkpoint directory to continue from.
+    """
+    from tqdm.auto import tqdm
+
+    if not train_pairs:
+        raise DiffprobeError("no training pairs")
+    size = source.extraction.image_size
+    grid = net.config.output_size
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"step": 0, "history": {"loss": [], "val": []}, "train_config": asdict(cfg)}
+    if resume is not None:
+        state = load_checkpoint(resume, net, opt)
+        log.info("resumed from %s at step %d", resume, state["step"])
+    history = state["history"]
+    bar = tqdm(range(state["step"], cfg.steps), desc="train hyperfeatures", disable=not progress)
+    for step in bar:
+        pair = train_pairs[pair_order(len(train_pairs), step, cfg.seed)]
+        (fa, hw_a), (fb, hw_b) = source(pair.source), source(pair.target)
+        cells_a = to_grid(to_load(pair.source_points, hw_a, size), (size, size), grid)
+        cells_b = to_grid(to_load(pair.target_points, hw_b, size), (size, size), grid)
+        loss = correspondence_loss(net(fa)[0], net(fb)[0], cells_a, cells_b, cfg.temperature)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history["loss"].append([step + 1, loss.item()])
+        bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
+        if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
+            if val_pairs:
+                ev = evaluate_pairs(descriptor_fn(net, source), val_pairs, size, cfg.alpha)
+                s = ev.summary()
+                history["val"].append([step + 1, s.get(f"pck@{cfg.alpha:g}_img_per_point"),
+                                       s.get(f"pck@{cfg.alpha:g}_bbox_per_point")])
+                log.info("step %d: val %s", step + 1, s)
+            state["step"] = step + 1
+            save_checkpoint(Path(checkpoint_dir), net, opt, state)
+    return history
