@@ -1,0 +1,38 @@
+"""What the DiffSeg head needs from a capture, derived from the registry's Site metadata.
+
+Self-attention sites are grouped by resolution divisor (SD 1.x at 512 px: 5 at /1, 5 at /2, 5 at /4,
+1 at /8); nothing about the number of layers or the latent size is assumed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Mapping
+
+import torch
+
+from diffprobe.errors import DiffprobeError
+
+
+def attention_groups(sites: Mapping, kind: str = "self_attn") -> dict[int, list[str]]:
+    """{divisor: [site names]} of the attention sites of `kind` ("self_attn" | "cross_attn"),
+    divisors ascending (finest first), names in execution order."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, site in sorted(sites.items(), key=lambda kv: kv[1].order):
+        if site.kind == kind:
+            groups[site.divisor].append(name)
+    if not groups:
+        raise DiffprobeError(f"the UNet has no {kind} sites")
+    return dict(sorted(groups.items()))
+
+
+def maps_by_grid(cache, groups: Mapping[int, list[str]], index: int = 0) -> dict[tuple[int, int], torch.Tensor]:
+    """{query grid (h, w): (L, Q, K)} for batch row `index`: the captured (B, Q, K) probabilities
+    (heads already reduced) of each group's L layers."""
+    out = {}
+    for divisor, names in groups.items():
+        grids = {cache.grid(n) for n in names}
+        if len(grids) != 1:
+            raise DiffprobeError(f"sites at divisor {divisor} have different grids {sorted(grids)}")
+        out[grids.pop()] = torch.stack([cache[n][index] for n in names])
+    return out

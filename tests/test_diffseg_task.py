@@ -1,0 +1,142 @@
+"""task=diffseg and task=diffseg_eval end to end on the tiny SD 1.5 model (maps mean nothing; the
+plumbing, shapes, files, determinism and resume are what is checked)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from diffprobe.backbones import tiny_backbone
+from diffprobe.data.coco_stuff import CocoStuff27
+from diffprobe.data.images import image_to_tensor
+from diffprobe.data.labelled_images import center_crop_label
+from diffprobe.errors import DiffprobeError
+from diffprobe.eval.segmentation import PerImageHungarian
+from diffprobe.tasks import diffseg, diffseg_eval
+from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared CPU run far faster without intra-op threads fighting other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(task: str, **overrides):
+    base = OmegaConf.create({"model": {"name": "tiny_sd15", "tiny": "sd15", "path": None, "repo_id": None},
+                             "device": "cpu", "dtype": "float32", "seed": 0, "image": None, "data": None})
+    task_cfg = OmegaConf.load(CONF / "task" / f"{task}.yaml")
+    return OmegaConf.merge(base, task_cfg, OmegaConf.create(overrides))
+
+
+def write_image(path, w, h):
+    rng = np.random.default_rng(w * h)
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 2] = [220, 40, 40]
+    arr[h // 3:, w // 2:] = [40, 40, 220]
+    arr += rng.integers(0, 20, arr.shape, dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def test_pipeline_groups_self_attention_by_divisor():
+    pipe = DiffSegPipeline(tiny_backbone("sd15"), DiffSegSettings(anchors=4))
+    maps = pipe.self_attention(torch.zeros(1, 3, 64, 64))
+    assert {g: tuple(m.shape) for g, m in maps.items()} == {
+        (8, 8): (5, 64, 64), (4, 4): (5, 16, 16), (2, 2): (5, 4, 4), (1, 1): (1, 1, 1)}
+    for m in maps.values():
+        torch.testing.assert_close(m.sum(dim=-1), torch.ones(m.shape[:-1]))
+
+
+def test_diffseg_task_writes_labels_at_original_size(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_image(images / "wide.png", 90, 50)
+    write_image(images / "tall.jpg", 30, 70)
+    cfg = make_cfg("diffseg", image=str(images), tau=0.02, anchors=8)
+    summary = diffseg.run(cfg, tmp_path / "out")
+    assert len(summary) == 2
+    for stem, (w, h) in {"wide": (90, 50), "tall": (30, 70)}.items():
+        folder = tmp_path / "out" / stem
+        labels = np.asarray(Image.open(folder / "labels.png"))
+        record = json.loads((folder / "segments.json").read_text())
+        assert labels.shape == (h, w) and record["size"] == [h, w]
+        left, top, bw, bh = record["analysed_box"]
+        assert (bw, bh) == (min(w, h),) * 2
+        inside = labels[top:top + bh, left:left + bw]
+        assert (labels == 255).sum() == w * h - bw * bh  # outside the centre square only
+        k = record["num_segments"]
+        np.testing.assert_array_equal(np.bincount(inside.ravel(), minlength=k),
+                                      [s["pixels"] for s in record["segments"]])
+        assert Image.open(folder / "overlay.png").size == (w, h)
+        assert (folder / "figure.png").stat().st_size > 0
+    first = (tmp_path / "out" / "wide" / "labels.png").read_bytes()
+    diffseg.run(OmegaConf.merge(cfg, {"image": str(images / "wide.png")}), tmp_path / "again")
+    assert (tmp_path / "again" / "wide" / "labels.png").read_bytes() == first  # deterministic
+
+
+def test_diffseg_task_whole_image_and_words(tmp_path):
+    write_image(tmp_path / "a.png", 40, 24)
+    cfg = make_cfg("diffseg", image=str(tmp_path / "a.png"), crop="none", labels=["cat", "dog"], anchors=8)
+    diffseg.run(cfg, tmp_path / "out")
+    labels = np.asarray(Image.open(tmp_path / "out" / "a" / "labels.png"))
+    assert labels.shape == (24, 40) and labels.max() < 255
+    record = json.loads((tmp_path / "out" / "a" / "segments.json").read_text())
+    assert all(s["word"] in ("cat", "dog") for s in record["segments"])
+    with pytest.raises(DiffprobeError, match="crop"):
+        diffseg.run(make_cfg("diffseg", image=str(tmp_path / "a.png"), crop="stretch"), tmp_path / "bad")
+    with pytest.raises(DiffprobeError, match="iterations"):
+        diffseg.run(make_cfg("diffseg", image=str(tmp_path / "a.png"), iterations=1), tmp_path / "bad")
+
+
+def coco_fixture(root: Path, n: int = 3) -> Path:
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotation_val2017").mkdir()
+    ids = [f"{k:012d}" for k in range(1, n + 1)]
+    for k, i in enumerate(ids):
+        write_image(root / "val2017" / f"{i}.jpg", 80 + 8 * k, 60)
+        lab = np.full((60, 80 + 8 * k), 156, np.uint8)
+        lab[25:, : 40] = 0
+        lab[:4] = 255
+        Image.fromarray(lab).save(root / "annotation_val2017" / f"{i}.png")
+    (root / "subset.txt").write_text("\n".join(ids))
+    return root / "subset.txt"
+
+
+def test_diffseg_eval_matches_direct_metrics_and_resumes(tmp_path):
+    list_file = coco_fixture(tmp_path / "coco")
+    data = {"name": "coco_stuff27", "root": str(tmp_path / "coco"), "list_file": str(list_file), "diffseg_tau": 1.1}
+    cfg = make_cfg("diffseg_eval", data=data, anchors=8, tau=0.05, checkpoint_every=1)
+    full = diffseg_eval.run(cfg, tmp_path / "full")
+    assert [r["matching"] for r in full["results"]] == ["per_image", "dataset"]
+    assert (tmp_path / "full" / "metrics.md").read_text().startswith("DiffSeg on coco_stuff27 (3 images")
+
+    # the same numbers computed directly from the pipeline and the metric
+    ds = CocoStuff27(tmp_path / "coco", list_file=list_file)
+    pipe = DiffSegPipeline(tiny_backbone("sd15"), DiffSegSettings(anchors=8, tau=0.05))
+    meter = PerImageHungarian(27)
+    for i in range(len(ds)):
+        image, label = ds.load(i)
+        pred = pipe.segment(image_to_tensor(image, 64, crop="center"), (64, 64)).labels.numpy()
+        meter.update(center_crop_label(label, 64), pred)
+    assert meter.result() == full["results"][0]
+
+    # interrupted at the third image (missing file), then resumed: same numbers as the full run
+    missing = tmp_path / "coco" / "val2017" / "000000000003.jpg"
+    missing.rename(missing.with_suffix(".bak"))
+    with pytest.raises(DiffprobeError, match="image not found"):
+        diffseg_eval.run(cfg, tmp_path / "part")
+    assert json.loads((tmp_path / "part" / "eval_state.json").read_text())["next"] == 2
+    missing.with_suffix(".bak").rename(missing)
+    resumed = diffseg_eval.run(OmegaConf.merge(cfg, {"resume": str(tmp_path / "part")}), tmp_path / "rest")
+    assert resumed["results"] == full["results"]
+    with pytest.raises(DiffprobeError, match="other settings"):
+        diffseg_eval.run(OmegaConf.merge(cfg, {"resume": str(tmp_path / "part"), "tau": 0.5}), tmp_path / "x")
