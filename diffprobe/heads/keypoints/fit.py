@@ -1,0 +1,176 @@
+"""Fit keypoint embeddings (StableKeypoints) and choose the final K tokens by frequency.
+
+One iteration: an image x and a random affine T; maps of x and T(x) in one batched UNet call;
+candidates = the `candidates` tokens whose maps of x are closest (KL) to a Gaussian; the K tokens
+spread out by farthest point sampling over their argmax locations in T(x)'s maps; loss =
+localisation_weight * localisation(maps of T(x)) + equivariance_weight * equivariance(x, T(x)).
+Gradients accumulate over `batch_size` iterations per Adam step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from diffprobe.backbones import Backbone
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, warp
+from diffprobe.heads.keypoints.image_sets import ImageSet
+from diffprobe.heads.keypoints.losses import equivariance_loss, localisation_loss
+from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
+from diffprobe.heads.keypoints.selection import most_frequent, rank_candidates, spread_tokens
+from diffprobe.heads.keypoints.state import KeypointModel, load_checkpoint, save_checkpoint
+from diffprobe.hooks import ProbeRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Optimisation settings; defaults are the reference code's."""
+
+    num_tokens: int = 500
+    top_k: int = 10
+    candidates: int = 25
+    steps: int = 500
+    batch_size: int = 4
+    lr: float = 5e-3
+    sigma: float = 2.0
+    localisation_weight: float = 100.0
+    equivariance_weight: float = 1000.0
+    masked_equivariance: bool = False
+    affine: AffineRange = field(default_factory=AffineRange)
+    num_indices: int = 100
+    select_batch: int = 4
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_tokens", "top_k", "candidates", "steps", "batch_size", "num_indices", "select_batch",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise DiffprobeError(f"keypoints {name} must be at least 1, got {getattr(self, name)}")
+        if not self.top_k <= self.candidates <= self.num_tokens:
+            raise DiffprobeError(f"keypoints needs top_k <= candidates <= num_tokens, got "
+                                 f"{self.top_k}, {self.candidates}, {self.num_tokens}")
+        if self.lr <= 0 or self.sigma <= 0:
+            raise DiffprobeError("keypoints lr and sigma must be positive")
+
+
+@dataclass
+class FitResult:
+    model: KeypointModel
+    history: list[dict]          # one row per Adam step: step, loss, localisation, equivariance
+
+
+def _generator(seed: int, *salt: int) -> torch.Generator:
+    """A generator for one iteration, so a resumed fit draws the same transforms and noise."""
+    return torch.Generator().manual_seed(hash((seed,) + salt) % (2**63))
+
+
+def initial_embeddings(cfg: FitConfig, dim: int) -> torch.Tensor:
+    """Standard-normal start (num_tokens, dim), seeded by cfg.seed."""
+    return torch.randn(cfg.num_tokens, dim, generator=_generator(cfg.seed, 0))
+
+
+def image_order(n: int, iteration: int, seed: int) -> int:
+    """Image of iteration i: epochs are seeded permutations of the n images."""
+    epoch, pos = divmod(iteration, n)
+    return int(torch.randperm(n, generator=_generator(seed, 1, epoch))[pos])
+
+
+def iteration_loss(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitConfig, image: torch.Tensor,
+                   embeddings: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Weighted loss of one image (1, 3, S, S) and one random transform; also its parts as floats."""
+    theta = sample_affine(1, cfg.affine, generator=gen)
+    pair = torch.cat([image, warp(image, theta)])
+    maps = attention_maps(bb, probe, spec, pair, embeddings, generator=gen)      # (2, N, R, R)
+    candidates = rank_candidates(maps[0], cfg.candidates, cfg.sigma)
+    chosen = spread_tokens(maps[1], candidates, cfg.top_k)
+    loc = localisation_loss(maps[1, chosen], cfg.sigma)
+    eq = equivariance_loss(maps[0, chosen], maps[1, chosen], theta, masked=cfg.masked_equivariance)
+    loss = cfg.localisation_weight * loc + cfg.equivariance_weight * eq
+    return loss, {"loss": loss.item(), "localisation": loc.item(), "equivariance": eq.item()}
+
+
+def fit_embeddings(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitConfig, images: ImageSet,
+                   out_dir: Path | None = None, resume: str | Path | None = None, progress: bool = True,
+                   on_checkpoint: Callable[[list[dict]], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """Optimise embeddings (num_tokens, D); returns them and the per-step history.
+
+    Checkpoints go to out_dir/checkpoint.{safetensors,json} every `checkpoint_every` steps and at the end;
+    `resume` (a checkpoint file or the folder holding it) continues an interrupted fit.
+    """
+    if len(images) == 0:
+        raise DiffprobeError("keypoints fit needs at least one image")
+    embeddings = initial_embeddings(cfg, bb.context_dim).requires_grad_(True)
+    opt = torch.optim.Adam([embeddings], lr=cfg.lr)
+    history: list[dict] = []
+    start = 0
+    if resume is not None:
+        info = load_checkpoint(resume, opt, embeddings)
+        start, history = int(info["step"]), list(info.get("history", []))
+        log.info("resuming keypoints fit at step %d of %d", start, cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="keypoints fit", disable=not progress, initial=start, total=cfg.steps)
+    for step in bar:
+        opt.zero_grad(set_to_none=True)
+        parts = []
+        for j in range(cfg.batch_size):
+            it = step * cfg.batch_size + j
+            gen = _generator(cfg.seed, 2, it)
+            image = images.tensor(image_order(len(images), it, cfg.seed))
+            loss, info = iteration_loss(bb, probe, spec, cfg, image, embeddings, gen)
+            (loss / cfg.batch_size).backward()
+            parts.append(info)
+        if not all(math.isfinite(p["loss"]) for p in parts):
+            raise DiffprobeError(f"keypoints loss became non-finite at step {step}; lower lr (now {cfg.lr})")
+        opt.step()
+        row = {"step": step + 1, **{k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}}
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4g}")
+        if out_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(Path(out_dir) / "checkpoint", embeddings, opt,
+                            {"step": step + 1, "history": history, "config": config_dict(cfg, spec)})
+            if on_checkpoint is not None:
+                on_checkpoint(history)
+    return embeddings.detach(), history
+
+
+@torch.no_grad()
+def choose_keypoints(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitConfig, images: ImageSet,
+                     embeddings: torch.Tensor, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """The top_k tokens chosen most often over `num_indices` images (candidates then FPS on each image's
+    own maps); returns (indices (K,), their counts)."""
+    n = min(cfg.num_indices, len(images))
+    order = torch.randperm(len(images), generator=_generator(cfg.seed, 3))[:n].tolist()
+    chosen = []
+    for start in tqdm(range(0, n, cfg.select_batch), desc="choose keypoints", disable=not progress):
+        batch = order[start : start + cfg.select_batch]
+        maps = attention_maps(bb, probe, spec, images.batch(batch), embeddings, generator=_generator(cfg.seed, 4, start))
+        for m in maps:
+            chosen.append(spread_tokens(m, rank_candidates(m, cfg.candidates, cfg.sigma), cfg.top_k))
+    indices = most_frequent(chosen, cfg.top_k)
+    flat = torch.cat(chosen)
+    counts = [int((flat == i).sum()) for i in indices]
+    return indices, counts
+
+
+def config_dict(cfg: FitConfig, spec: MapSpec) -> dict:
+    """JSON-friendly record of the fit and map settings."""
+    return {"fit": asdict(cfg), "maps": asdict(spec)}
+
+
+def fit(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitConfig, images: ImageSet,
+        out_dir: Path | None = None, resume: str | Path | None = None, progress: bool = True,
+        extra_config: dict | None = None, on_checkpoint=None) -> FitResult:
+    """Fit embeddings, then choose the keypoint tokens; the returned model holds both and the config."""
+    embeddings, history = fit_embeddings(bb, probe, spec, cfg, images, out_dir, resume, progress, on_checkpoint)
+    indices, counts = choose_keypoints(bb, probe, spec, cfg, images, embeddings, progress)
+    config = {**config_dict(cfg, spec), "image_size": images.size, "crop": images.crop, **(extra_config or {})}
+    return FitResult(KeypointModel(embeddings, indices, config, counts), history)

@@ -1,0 +1,102 @@
+"""Learned keypoint state on disk: safetensors for tensors, JSON beside it for the config.
+
+    keypoints.safetensors   embeddings (N, D) float32, indices (K,) int64 (the keypoint tokens, in order)
+    keypoints.json          {"format": ..., "config": {...}, "indices": [...], "counts": [...]}
+
+Checkpoints of an unfinished fit use the same pair of files with the Adam moments added.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.io import load_tensors, save_json, save_tensors
+
+FORMAT = "diffprobe.keypoints/1"
+
+
+@dataclass
+class KeypointModel:
+    """Embeddings (N, D), the chosen keypoint tokens indices (K,), and how they were made (config)."""
+
+    embeddings: torch.Tensor
+    indices: torch.Tensor
+    config: dict = field(default_factory=dict)
+    counts: list[int] = field(default_factory=list)
+
+    @property
+    def num_keypoints(self) -> int:
+        return int(self.indices.numel())
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    """(safetensors, json) for a path given with either suffix or none."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def save_model(path: str | Path, model: KeypointModel) -> Path:
+    """Write the model as `<path>.safetensors` + `<path>.json`; returns the safetensors path."""
+    tensors, meta = _paths(path)
+    save_tensors(tensors, {"embeddings": model.embeddings.float(), "indices": model.indices.long()},
+                 metadata={"format": FORMAT})
+    save_json(meta, {"format": FORMAT, "config": model.config, "indices": model.indices.tolist(),
+                     "counts": list(model.counts)})
+    return tensors
+
+
+def load_model(path: str | Path) -> KeypointModel:
+    """Read a model written by save_model (either file's path, or the common stem)."""
+    tensors_path, meta_path = _paths(path)
+    tensors, meta = load_tensors(tensors_path)
+    if meta.get("format") != FORMAT or "embeddings" not in tensors or "indices" not in tensors:
+        raise DiffprobeError(f"{tensors_path} is not a keypoints file written by diffprobe (format {FORMAT})")
+    config, counts = {}, []
+    if meta_path.is_file():
+        try:
+            info = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DiffprobeError(f"{meta_path} is not valid JSON ({exc})") from None
+        config, counts = info.get("config", {}), info.get("counts", [])
+    emb, idx = tensors["embeddings"], tensors["indices"]
+    if emb.ndim != 2 or idx.ndim != 1 or (idx.numel() and (idx.min() < 0 or idx.max() >= emb.shape[0])):
+        raise DiffprobeError(f"{tensors_path}: inconsistent shapes (embeddings {tuple(emb.shape)}, indices {tuple(idx.shape)})")
+    return KeypointModel(emb, idx, config, counts)
+
+
+def save_checkpoint(path: str | Path, embeddings: torch.Tensor, optimizer: torch.optim.Adam, info: dict) -> Path:
+    """Embeddings and Adam moments as safetensors, progress (`info`, e.g. step and losses) as JSON."""
+    tensors_path, meta_path = _paths(path)
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    tensors = {"embeddings": embeddings.detach().float()}
+    if state:
+        tensors.update(exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"],
+                       adam_step=torch.as_tensor(state["step"], dtype=torch.float32).reshape(1))
+    save_tensors(tensors_path, tensors, metadata={"format": FORMAT + "-checkpoint"})
+    save_json(meta_path, {"format": FORMAT + "-checkpoint", **info})
+    return tensors_path
+
+
+def load_checkpoint(path: str | Path, optimizer: torch.optim.Adam, embeddings: torch.Tensor) -> dict:
+    """Restore embeddings (in place) and Adam moments from a checkpoint; returns its JSON info."""
+    tensors_path, meta_path = _paths(path)
+    if Path(path).is_dir():
+        tensors_path, meta_path = _paths(Path(path) / "checkpoint")
+    tensors, meta = load_tensors(tensors_path)
+    if meta.get("format") != FORMAT + "-checkpoint" or not meta_path.is_file():
+        raise DiffprobeError(f"{tensors_path} is not a keypoints checkpoint (or its .json is missing)")
+    if tensors["embeddings"].shape != embeddings.shape:
+        raise DiffprobeError(f"checkpoint embeddings are {tuple(tensors['embeddings'].shape)}, "
+                             f"this fit needs {tuple(embeddings.shape)} (num_tokens or model differ)")
+    with torch.no_grad():
+        embeddings.copy_(tensors["embeddings"])
+    if "exp_avg" in tensors:
+        optimizer.state[embeddings] = {"step": tensors["adam_step"][0].clone(), "exp_avg": tensors["exp_avg"].clone(),
+                                       "exp_avg_sq": tensors["exp_avg_sq"].clone()}
+    return json.loads(meta_path.read_text())

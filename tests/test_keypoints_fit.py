@@ -1,0 +1,122 @@
+"""A short fit and a prediction on a tiny random SD 1.5-structured model."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffprobe.backbones import tiny_backbone
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.keypoints.affine import AffineRange
+from diffprobe.heads.keypoints.fit import FitConfig, fit, fit_embeddings
+from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
+from diffprobe.heads.keypoints.maps import MapSpec, default_sites
+from diffprobe.heads.keypoints.predict import PredictConfig, ensemble_maps, predict_image
+from diffprobe.heads.keypoints.state import load_model, save_model
+from diffprobe.hooks import ProbeRegistry
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)        # the tiny model is far faster on one thread when cores are shared
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread, tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(3):
+        a = np.full((64, 80, 3), 30, np.uint8)
+        cx, cy = rng.integers(20, 50, 2)
+        a[cy - 8 : cy + 8, cx - 8 : cx + 8] = (220, 60, 60)
+        Image.fromarray(a).save(root / f"{i}.png")
+        items.append(LandmarkItem(root / f"{i}.png"))
+    bb = tiny_backbone("sd15")
+    probe = ProbeRegistry(bb.unet)
+    spec = MapSpec(tuple(default_sites(probe)), res=16)
+    return bb, probe, spec, ImageSet(items, 64)
+
+
+def test_default_sites_are_the_reference_layers(setup):
+    _, _, spec, _ = setup
+    assert spec.sites == tuple(f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2.hook_probs"
+                               for b, a in ((1, 0), (1, 1), (1, 2), (2, 0)))
+
+
+def test_short_fit_lowers_the_loss(setup):
+    bb, probe, spec, images = setup
+    # a deterministic objective: one image, identity transform, clean latent; only Adam moves the loss
+    one = ImageSet(images.items[:1], 64)
+    cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=8, batch_size=1, lr=0.05,
+                    affine=AffineRange(0.0, (1.0, 1.0), 0.0))
+    _, history = fit_embeddings(bb, probe, MapSpec(spec.sites, spec.res, noise=False), cfg, one, progress=False)
+    loss = [row["loss"] for row in history]
+    assert loss[-1] < 0.97 * loss[0]
+    assert all(b < a for a, b in zip(loss, loss[1:]))
+
+
+def test_fit_writes_a_loadable_model(setup, tmp_path):
+    bb, probe, spec, images = setup
+    cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=3, batch_size=2, lr=0.02, num_indices=3,
+                    checkpoint_every=2)
+    res = fit(bb, probe, spec, cfg, images, out_dir=tmp_path, progress=False)
+    assert [row["step"] for row in res.history] == [1, 2, 3]
+    assert all(np.isfinite(row["loss"]) and row["loss"] > 0 for row in res.history)
+    assert res.model.embeddings.shape == (8, bb.context_dim)
+    assert res.model.indices.shape == (2,) and len(set(res.model.indices.tolist())) == 2
+    assert sum(res.model.counts) <= 3 * 2
+    path = save_model(tmp_path / "keypoints", res.model)
+    back = load_model(path)
+    torch.testing.assert_close(back.embeddings, res.model.embeddings)
+    assert back.indices.tolist() == res.model.indices.tolist()
+    assert MapSpec.from_dict(back.config["maps"]) == spec
+    assert (tmp_path / "checkpoint.safetensors").is_file() and (tmp_path / "checkpoint.json").is_file()
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DiffprobeError):
+        load_model(tmp_path / "bad.safetensors")
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    bb, probe, spec, images = setup
+    cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=2, lr=0.02, checkpoint_every=2)
+    full, _ = fit_embeddings(bb, probe, spec, cfg, images, progress=False)
+
+    def interrupt(history):
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_embeddings(bb, probe, spec, cfg, images, out_dir=tmp_path, progress=False, on_checkpoint=interrupt)
+    resumed, history = fit_embeddings(bb, probe, spec, cfg, images, resume=tmp_path, progress=False)
+    assert [row["step"] for row in history] == [1, 2, 3, 4]
+    torch.testing.assert_close(resumed, full)
+    with pytest.raises(DiffprobeError, match="num_tokens"):
+        fit_embeddings(bb, probe, spec, FitConfig(num_tokens=9, top_k=2, candidates=4, steps=4), images,
+                       resume=tmp_path, progress=False)
+
+
+def test_predict_batched_equals_unbatched_and_reads_points(setup):
+    bb, probe, spec, images = setup
+    from diffprobe.heads.keypoints.state import KeypointModel
+
+    model = KeypointModel(torch.randn(8, bb.context_dim, generator=torch.Generator().manual_seed(1)),
+                          torch.tensor([5, 2, 7]))
+    image = images.tensor(0)
+    spec0 = MapSpec(spec.sites, spec.res, noise=False)      # deterministic UNet input for the comparison
+    cfg = PredictConfig(augmentations=4, batch_size=4, affine=AffineRange(10, (0.9, 1.0), 0.1))
+    batched = ensemble_maps(bb, probe, spec0, model, image, cfg, torch.Generator().manual_seed(0))
+    single = ensemble_maps(bb, probe, spec0, model, image, PredictConfig(4, cfg.affine, batch_size=1),
+                           torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+    pred = predict_image(bb, probe, spec0, model, image, cfg)
+    assert pred.points.shape == (3, 2) and pred.maps.shape == (3, 64, 64)
+    assert ((pred.points > 0) & (pred.points < 64)).all()
+    for k in range(3):                                   # argmax read-out: the peak of each ensembled map
+        x, y = (pred.points[k] - 0.5).long().tolist()
+        assert pred.maps[k, y, x] == pred.maps[k].max() == pred.confidence[k]
