@@ -83,7 +83,9 @@ def build_unet(structure: str, tiny: bool = False, device: str = "cpu"):
 
 
 def kind_of_unet_config(config) -> str:
-    """"sdxl", "sd2", "sd1" or "custom" from a UNet config (added conditioning, context width)."""
+    """"sdxl", "sd2", "sd1" or "custom" from a UNet config's structure (added conditioning, projections, blocks)."""
     if config.get("addition_embed_type") == "text_time":
         return "sdxl"
-    return {768: "sd1", 1024: "sd2"}.get(config.get("cross_attention_dim"), "custom")
+    if list(config.get("down_block_types", [])) != _SD1_BLOCKS["down_block_types"]:
+        return "custom"
+    return "sd2" if config.get("use_linear_projection") else "sd1"
