@@ -175,6 +175,9 @@ class PCKAccumulator:
             raise DiffprobeError(f"cannot pool PCK@{result.name} with PCK@{self._parts[0].name}")
         self._parts.append(result)
 
+    def __len__(self) -> int:
+        return len(self._parts)
+
     def result(self) -> PCKResult:
         """All added images as one PCKResult, padded to the largest point count with invalid points."""
         if not self._parts:

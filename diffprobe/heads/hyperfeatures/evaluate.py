@@ -54,15 +54,16 @@ class PairEvaluation:
     rows: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
+        """{"pck@0.1_img_per_point": ..., "pck@0.1_img_per_image": ..., "pck@0.1_bbox_...": ..., counts}.
+        _img: radius alpha * max(h, w) of the target image; _bbox: alpha * longer side of the target box
+        (pairs without a box are left out of the _bbox numbers: see num_points_bbox)."""
         out = {"alpha": self.alpha, "method": self.method, "num_pairs": len(self.rows)}
-        for acc in (self.img, self.bbox):
-            if acc._parts:
-                out.update(acc.result().summary())
+        for tag, acc in (("img", self.img), ("bbox", self.bbox)):
+            if len(acc):
+                s = acc.result().summary()
+                out.update({k: v for k, v in s.items() if k.startswith("pck@")})
+                out[f"num_points_{tag}"] = s["num_points"]
         return out
-
-    @property
-    def pck_img(self) -> float:
-        return self.img.result().per_point
 
 
 def match_pair(describe: Describe, pair: CorrespondencePair, size: int, method: str = "nn") -> tuple[np.ndarray, dict]:

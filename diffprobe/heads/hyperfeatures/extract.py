@@ -10,6 +10,7 @@ Saved steps are numbered in noise order: position 0 is the least noisy saved cal
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,6 +66,12 @@ class ExtractionConfig:
     @property
     def num_saved(self) -> int:
         return len(self.saved_calls())
+
+
+def image_generator(seed: int, key: str) -> torch.Generator:
+    """A generator for the VAE posterior sample of one image, seeded from (seed, key), so the same image
+    gets the same latent in training, evaluation and a resumed run."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
 
 
 def layer_names(probe: ProbeRegistry, layers) -> list[str]:

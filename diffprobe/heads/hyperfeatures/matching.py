@@ -124,3 +124,22 @@ def match_points(
         radius = mutual_radius if mutual_radius is not None else src_cell
         mutual = torch.linalg.norm(back - points.float().round(), dim=1) <= radius
     return Matches(source=points.float(), target=target, score=score, mutual=mutual)
+
+
+def salient_grid(desc: torch.Tensor, image_hw: tuple[int, int], per_side: int = 8) -> torch.Tensor:
+    """Source points when none are given: a per_side x per_side grid over the image, kept where the
+    descriptor differs from the image border's mean descriptor more than average (the object is rarely
+    on the border). desc: (D, h, w); returns (N, 2) (x, y) pixels of an (H, W) image, N >= 1."""
+    d = F.normalize(desc.float(), dim=0)
+    border = torch.cat([d[:, 0], d[:, -1], d[:, :, 0], d[:, :, -1]], dim=1).mean(1)
+    saliency = 1 - torch.einsum("dhw,d->hw", d, F.normalize(border, dim=0))
+    mask = saliency > saliency.mean()
+    h, w = image_hw
+    ys = (torch.arange(per_side) + 0.5) * h / per_side - 0.5
+    xs = (torch.arange(per_side) + 0.5) * w / per_side - 0.5
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    pts = torch.stack([gx.flatten(), gy.flatten()], 1)
+    cy = (pts[:, 1] * desc.shape[1] / h).long().clamp(0, desc.shape[1] - 1)
+    cx = (pts[:, 0] * desc.shape[2] / w).long().clamp(0, desc.shape[2] - 1)
+    keep = mask[cy, cx]
+    return pts[keep] if keep.any() else pts

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs, prepare_image, to_load
-from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_features
+from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_features, image_generator
 from diffprobe.heads.hyperfeatures.loss import correspondence_loss, to_grid
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork
 from diffprobe.io import load_tensors, save_json, save_tensors
@@ -50,9 +49,8 @@ class FeatureSource:
             self._store.move_to_end(key)
             return self._store[key]
         x, hw = prepare_image(Path(path), self.extraction.image_size)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
         feats = extract_features(self.bb, self.probe, x, self.extraction, layers=self.layers,
-                                 dtype=self.store_dtype, generator=gen)
+                                 dtype=self.store_dtype, generator=image_generator(self.seed, key))
         self.extractions += 1
         if self.capacity > 0:
             self._store[key] = (feats, hw)

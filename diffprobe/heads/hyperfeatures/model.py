@@ -1,0 +1,140 @@
+"""A hyperfeature model = aggregation network + the extraction it was trained on; descriptor functions
+for evaluation and matching (full model, the pruned ablation, one raw layer).
+
+Saved as a directory: aggregator.safetensors, aggregator.json (network shape) and extraction.json
+(layers, process, steps, image size), so evaluation extracts exactly what training saw.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.hyperfeatures.evaluate import Describe, prepare_image
+from diffprobe.heads.hyperfeatures.extract import (
+    ExtractionConfig,
+    extract_descriptors,
+    extract_features,
+    image_generator,
+    layer_names,
+)
+from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig, resize
+from diffprobe.io import save_json
+
+EXTRACTION_FILE = "extraction.json"
+
+
+@dataclass
+class HyperfeatureModel:
+    net: AggregationNetwork
+    extraction: ExtractionConfig
+
+    @classmethod
+    def build(cls, probe, extraction: ExtractionConfig, output_size: int, projection_dim: int = 384,
+              seed: int = 0, step_labels: list[float] | None = None) -> "HyperfeatureModel":
+        """A fresh network for the extraction's layers (channels from the registry) and saved steps;
+        step_labels: the timestep of each saved step (for figures)."""
+        names = layer_names(probe, extraction.layers)
+        torch.manual_seed(seed)
+        cfg = AggregatorConfig.from_sites([probe.sites[n] for n in names], extraction.num_saved,
+                                          output_size=output_size, projection_dim=projection_dim,
+                                          step_labels=list(step_labels or []))
+        return cls(AggregationNetwork(cfg), extraction)
+
+    def save(self, directory: str | Path) -> Path:
+        self.net.save(directory)
+        save_json(Path(directory) / EXTRACTION_FILE, asdict(self.extraction))
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "HyperfeatureModel":
+        d = Path(directory)
+        net = AggregationNetwork.load(d)
+        if not (d / EXTRACTION_FILE).is_file():
+            raise DiffprobeError(f"no {EXTRACTION_FILE} in {d}: pass a directory written by task=hyperfeatures")
+        try:
+            extraction = ExtractionConfig(**json.loads((d / EXTRACTION_FILE).read_text()))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise DiffprobeError(f"{d / EXTRACTION_FILE} is not an extraction config ({exc})") from None
+        if extraction.num_saved != net.config.num_steps:
+            raise DiffprobeError(f"{d}: {extraction.num_saved} saved steps but the aggregator has {net.config.num_steps}")
+        return cls(net, extraction)
+
+    def check_backbone(self, probe) -> None:
+        """The backbone must have the layers and channel counts the network was built for."""
+        for name, ch in zip(self.net.config.layers, self.net.config.channels):
+            site = probe.sites.get(name)
+            if site is None or site.channels != ch:
+                got = "missing" if site is None else f"{site.channels} channels"
+                raise DiffprobeError(f"aggregator layer {name} ({ch} channels) does not fit this model ({got}): "
+                                     "use the model it was trained with")
+
+    def top_layer_step(self) -> tuple[int, int, float]:
+        """(layer index, saved-step index, weight) of the largest mixing weight (the pruned ablation's pick)."""
+        w = self.net.mixing_weights().detach()
+        i = int(w.argmax())
+        return i // w.shape[1], i % w.shape[1], float(w.flatten()[i])
+
+
+def cached(fn: Callable[[Path], tuple[torch.Tensor, tuple[int, int]]], capacity: int = 32) -> Describe:
+    """Memoise a describe function on the last `capacity` paths (pairs reuse images)."""
+    store: OrderedDict[str, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
+
+    def describe(path: Path):
+        key = str(path)
+        if key not in store:
+            store[key] = fn(Path(path))
+            while len(store) > capacity:
+                store.popitem(last=False)
+        store.move_to_end(key)
+        return store[key]
+
+    return describe
+
+
+def hyperfeature_describer(model: HyperfeatureModel, bb, probe, seed: int = 0) -> Describe:
+    """path -> ((D, H, H) hyperfeatures, original (H, W)); every saved step streamed through the network."""
+    model.check_backbone(probe)
+
+    def describe(path: Path):
+        x, hw = prepare_image(path, model.extraction.image_size)
+        with torch.no_grad():
+            d = extract_descriptors(bb, probe, model.net, x, model.extraction, generator=image_generator(seed, str(path)))
+        return d[0], hw
+
+    return cached(describe)
+
+
+def single_map_describer(bb, probe, extraction: ExtractionConfig, layer: str, call: int, output_size: int,
+                         project: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> Describe:
+    """path -> one layer at one inversion call, resized to output_size (raw), or through `project`."""
+    one = ExtractionConfig(**{**asdict(extraction), "layers": [layer], "saved_steps": [call]})
+
+    def describe(path: Path):
+        x, hw = prepare_image(path, one.image_size)
+        with torch.no_grad():
+            feat = extract_features(bb, probe, x, one, layers=[layer], generator=image_generator(seed, str(path)))[0][layer]
+            d = project(feat) if project is not None else resize(feat.float(), output_size)
+        return d[0], hw
+
+    return cached(describe)
+
+
+def pruned_describers(model: HyperfeatureModel, bb, probe, seed: int = 0) -> dict[str, Describe]:
+    """The pruned ablation: the top-weighted (layer, step) alone, raw ("pruned_raw", SD-Layer-Pruned)
+    and through its trained bottleneck ("pruned_bottleneck", Ours-Pruned)."""
+    layer, step, _ = model.top_layer_step()
+    name = model.net.config.layers[layer]
+    call = model.extraction.saved_calls()[step]
+    size = model.net.config.output_size
+    return {
+        "pruned_raw": single_map_describer(bb, probe, model.extraction, name, call, size, seed=seed),
+        "pruned_bottleneck": single_map_describer(
+            bb, probe, model.extraction, name, call, size, project=lambda f: model.net.project(layer, f), seed=seed),
+    }

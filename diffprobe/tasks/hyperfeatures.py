@@ -1,0 +1,233 @@
+"""task=hyperfeatures: train, evaluate and ablate the Diffusion Hyperfeatures aggregation network.
+
+    mode=train    data=spair|cub|pairs  -> model/ (aggregator + extraction config), checkpoint/, history.json,
+                                           curves.png, mixing_weights.png, metrics.json
+    mode=eval     weights=DIR data=...  -> metrics.json (PCK@alpha_img and _bbox, per point and per image), pairs.json
+    mode=ablate   weights=DIR data=...  -> ablation.json: full model vs the pruned layer/step raw and through
+                                           its bottleneck
+    mode=extract  weights=DIR image=... -> <stem>.safetensors descriptors (D, H, W) and <stem>_pca.png
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from diffprobe.config import load_configured_backbone, run_config, typed
+from diffprobe.data.pairs_json import CorrespondencePair
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.hyperfeatures.evaluate import Describe, evaluate_pairs
+from diffprobe.heads.hyperfeatures.extract import DEFAULT_LAYERS, ExtractionConfig, layer_names
+from diffprobe.heads.hyperfeatures.figures import plot_mixing_weights, plot_training_curves
+from diffprobe.heads.hyperfeatures.matching import METHODS
+from diffprobe.heads.hyperfeatures.model import HyperfeatureModel, hyperfeature_describer, pruned_describers
+from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, descriptor_fn, train
+from diffprobe.hooks import ProbeRegistry
+from diffprobe.io import save_json, save_png, save_tensors
+
+log = logging.getLogger(__name__)
+MODES = ("train", "eval", "ablate", "extract")
+
+
+@dataclass
+class HyperfeaturesParams:
+    mode: str = "train"
+    weights: str | None = None  # a model directory (eval, ablate, extract)
+    resume: str | None = None  # a checkpoint directory to continue training from
+    process: str = "inversion"  # inversion | one_step
+    num_steps: int = 50
+    save_every: int = 5
+    saved_steps: list[int] | None = None
+    layers: list[str] = field(default_factory=lambda: [DEFAULT_LAYERS])
+    prompt: str = ""
+    image_size: int | None = None  # null: the model's sample size
+    output_size: int | None = None  # null: image_size / VAE factor (ref 64)
+    projection_dim: int = 384
+    train_steps: int = 5000
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    temperature: float = 0.07
+    val_every: int = 1000
+    val_pairs: int = 360
+    split: str = "test"  # eval/ablate split
+    alpha: float = 0.1
+    method: str = "nn"
+    feature_store: int = 16
+
+
+def _params(cfg: DictConfig) -> HyperfeaturesParams:
+    p = typed(cfg, HyperfeaturesParams, "hyperfeatures")
+    if p.mode not in MODES:
+        raise DiffprobeError(f"mode must be one of {MODES}, got {p.mode!r}")
+    if p.method not in METHODS:
+        raise DiffprobeError(f"method must be one of {METHODS}, got {p.method!r}")
+    if p.process not in ("inversion", "one_step"):
+        raise DiffprobeError(f"task=hyperfeatures works on real images: process must be inversion or one_step, not {p.process!r}")
+    if not 0 < p.alpha <= 1:
+        raise DiffprobeError(f"alpha must be in (0, 1], got {p.alpha}")
+    if p.mode != "train" and not p.weights:
+        raise DiffprobeError(f"mode={p.mode} needs weights=DIR (the model/ directory a training run wrote)")
+    return p
+
+
+def load_pairs(data: DictConfig | None, split: str, seed: int) -> tuple[list[CorrespondencePair], str]:
+    """Pairs of cfg.data for `split` and a one-line description of exactly which pairs they are."""
+    if data is None or not data.get("root") and not data.get("file"):
+        raise DiffprobeError("this mode needs pairs: data=spair data.root=DIR, data=cub data.root=DIR, "
+                             "or data=pairs data.file=PAIRS.json")
+    name = data.get("name")
+    if name == "spair":
+        from diffprobe.data.spair import find_spair_root, read_spair
+
+        if data.get("file"):
+            from diffprobe.data.pairs_json import read_pairs_json
+
+            pairs = read_pairs_json(data.file, image_root=find_spair_root(data.root) / "JPEGImages")
+            return pairs, f"SPair-71k pairs listed in {data.file} ({len(pairs)} pairs)"
+        per_cat = data.get("per_category")
+        pairs = read_spair(data.root, split=split, categories=data.get("categories"), per_category=per_cat, seed=seed)
+        which = f"a seeded subset of {per_cat} pairs per category (seed {seed})" if per_cat else "all pairs"
+        return pairs, f"SPair-71k {split}: {which}, {len(pairs)} pairs"
+    if name == "cub":
+        from diffprobe.data.cub_pairs import cub_pairs
+
+        if split == "val":
+            raise DiffprobeError("CUB-200-2011 has no validation split")
+        ppc = int(data.get("pairs_per_class", 5))
+        pairs = cub_pairs(data.root, split="train" if split in ("train", "trn") else "test", pairs_per_class=ppc, seed=seed)
+        return pairs, f"CUB-200-2011 {split}: {ppc} same-class pairs per class (seed {seed}), {len(pairs)} pairs"
+    if name == "pairs":
+        from diffprobe.data.pairs_json import read_pairs_json
+
+        key = "val_file" if split == "val" else "file"
+        if not data.get(key):
+            raise DiffprobeError(f"data=pairs needs data.{key}=PAIRS.json for the {split} pairs")
+        pairs = read_pairs_json(data[key], image_root=data.get("image_root"))
+        return pairs, f"pairs from {data[key]} ({len(pairs)} pairs)"
+    raise DiffprobeError(f"task=hyperfeatures reads data=spair, data=cub or data=pairs, not data={name}")
+
+
+def _extraction(p: HyperfeaturesParams, bb) -> ExtractionConfig:
+    layers = p.layers[0] if len(p.layers) == 1 else list(p.layers)
+    return ExtractionConfig(layers=layers, process=p.process, num_steps=p.num_steps, save_every=p.save_every,
+                            saved_steps=p.saved_steps, prompt=p.prompt, image_size=p.image_size or bb.sample_size)
+
+
+def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, probe, out_dir: Path) -> dict:
+    seed = run_config(cfg).seed
+    extraction = _extraction(p, bb)
+    output_size = p.output_size or extraction.image_size // bb.vae_factor
+    from diffprobe.runners import inversion_timesteps
+
+    calls = inversion_timesteps(bb, extraction.num_steps)
+    model = HyperfeatureModel.build(probe, extraction, output_size, p.projection_dim, seed=seed,
+                                    step_labels=[float(calls[c]) for c in extraction.saved_calls()])
+    train_pairs, train_desc = load_pairs(cfg.get("data"), "train", seed)
+    try:
+        val_pairs, val_desc = load_pairs(cfg.get("data"), "val", seed)
+    except DiffprobeError as exc:
+        log.warning("no validation pairs (%s): validating on training pairs", exc)
+        val_pairs, val_desc = train_pairs, f"training pairs ({train_desc})"
+    if len(val_pairs) > p.val_pairs:
+        keep = sorted(np.random.default_rng(seed).permutation(len(val_pairs))[: p.val_pairs])
+        val_pairs = [val_pairs[i] for i in keep]
+        val_desc += f", {p.val_pairs} of them drawn with seed {seed}"
+    source = FeatureSource(bb, probe, extraction, model.net.config.layers, capacity=p.feature_store, seed=seed)
+    tcfg = TrainConfig(steps=p.train_steps, lr=p.lr, weight_decay=p.weight_decay, temperature=p.temperature,
+                       val_every=p.val_every, alpha=p.alpha, seed=seed)
+    model.save(out_dir / "checkpoint")  # extraction.json beside the checkpoints, so any of them loads as a model
+    history = train(model.net, source, train_pairs, val_pairs, tcfg, out_dir / "checkpoint",
+                    resume=Path(p.resume) if p.resume else None)
+    model.save(out_dir / "model")
+    save_json(out_dir / "history.json", history)
+    plot_training_curves(history, out_dir / "curves.png", p.alpha)
+    _mixing_figure(model, out_dir)
+    final = evaluate_pairs(descriptor_fn(model.net, source), val_pairs, extraction.image_size, p.alpha, p.method)
+    metrics = {"mode": "train", "train_pairs": train_desc, "val_pairs": val_desc, "val": final.summary(),
+               "parameters": model.net.num_parameters(), "layers": len(model.net.config.layers),
+               "saved_steps": extraction.num_saved, "unet_extractions": source.extractions}
+    save_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _mixing_figure(model: HyperfeatureModel, out_dir: Path) -> None:
+    w = model.net.mixing_weights().detach().numpy()
+    plot_mixing_weights(w, model.net.config.layers, model.net.config.step_labels, out_dir / "mixing_weights.png")
+    layer, step, weight = model.top_layer_step()
+    save_json(out_dir / "mixing_weights.json", {
+        "weights": w, "layers": model.net.config.layers, "saved_calls": model.extraction.saved_calls(),
+        "top": {"layer": model.net.config.layers[layer], "saved_step": step, "weight": weight},
+    })
+
+
+def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Describe], size: int) -> dict:
+    seed = run_config(cfg).seed
+    pairs, desc = load_pairs(cfg.get("data"), p.split, seed)
+    results = {}
+    for name, describe in describers.items():
+        ev = evaluate_pairs(describe, pairs, size, p.alpha, p.method, progress=True)
+        results[name] = (ev.summary(), ev.rows)
+        log.info("%s: %s", name, ev.summary())
+    return {"pairs": desc, "pooling": "per point over all pairs (per_image: mean of per-pair PCK)",
+            "results": results}
+
+
+def _extract(p: HyperfeaturesParams, cfg: DictConfig, model: HyperfeatureModel, bb, probe, out_dir: Path) -> dict:
+    from diffprobe.data.images import list_images
+
+    if not cfg.get("image"):
+        raise DiffprobeError("mode=extract needs image=PATH (a file or a folder of images)")
+    describe = hyperfeature_describer(model, bb, probe, seed=run_config(cfg).seed)
+    written = []
+    for path in list_images(cfg.image):
+        desc, hw = describe(path)
+        save_tensors(out_dir / f"{path.stem}.safetensors", {"descriptors": desc},
+                     metadata={"image": str(path), "height": str(hw[0]), "width": str(hw[1])})
+        save_png(out_dir / f"{path.stem}_pca.png", pca_rgb(desc))
+        written.append(str(path))
+    return {"mode": "extract", "images": written}
+
+
+def pca_rgb(desc: torch.Tensor) -> np.ndarray:
+    """(D, h, w) descriptors -> (h, w, 3) uint8: the first three principal components, min-max scaled."""
+    d, h, w = desc.shape
+    x = desc.reshape(d, -1).T.float()
+    x = x - x.mean(0)
+    _, _, v = torch.pca_lowrank(x, q=min(3, d), center=False)
+    y = x @ v
+    y = (y - y.min(0).values) / (y.max(0).values - y.min(0).values + 1e-8)
+    y = torch.cat([y, torch.zeros(y.shape[0], 3 - y.shape[1])], 1) if y.shape[1] < 3 else y
+    return (y.reshape(h, w, 3).numpy() * 255).astype(np.uint8)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    p = _params(cfg)
+    bb = load_configured_backbone(cfg)
+    probe = ProbeRegistry(bb.unet)
+    if p.mode == "train":
+        return _train(p, cfg, bb, probe, out_dir)
+    model = HyperfeatureModel.load(p.weights)
+    model.check_backbone(probe)
+    if p.mode == "extract":
+        out = _extract(p, cfg, model, bb, probe, out_dir)
+    else:
+        seed = run_config(cfg).seed
+        describers = {"hyperfeatures": hyperfeature_describer(model, bb, probe, seed=seed)}
+        if p.mode == "ablate":
+            describers.update(pruned_describers(model, bb, probe, seed=seed))
+            _mixing_figure(model, out_dir)
+        res = _evaluate(p, cfg, describers, model.extraction.image_size)
+        out = {"mode": p.mode, "weights": p.weights, "pairs": res["pairs"], "pooling": res["pooling"],
+               "alpha": p.alpha, "method": p.method, **{k: v[0] for k, v in res["results"].items()}}
+        if p.mode == "ablate":
+            layer, step, weight = model.top_layer_step()
+            out["pruned"] = {"layer": model.net.config.layers[layer], "saved_step": step,
+                             "call": model.extraction.saved_calls()[step], "weight": weight}
+        save_json(out_dir / "pairs.json", {k: v[1] for k, v in res["results"].items()})
+    save_json(out_dir / ("ablation.json" if p.mode == "ablate" else "metrics.json"), out)
+    return out

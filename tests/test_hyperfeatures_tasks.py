@@ -1,0 +1,122 @@
+"""task=hyperfeatures (train -> eval -> ablate -> extract) and task=correspond end to end on a tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hyperfeatures_fixtures import one_thread, planted_pairs  # noqa: F401 (fixture)
+from omegaconf import OmegaConf
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.io import load_tensors
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(task: str, data: str | None = None, **overrides):
+    parts = [OmegaConf.load(CONF / "config.yaml"), {"model": OmegaConf.load(CONF / "model" / "tiny_sd15.yaml")},
+             OmegaConf.load(CONF / "task" / f"{task}.yaml")]
+    if data:
+        parts.append({"data": OmegaConf.load(CONF / "data" / f"{data}.yaml")})
+    cfg = OmegaConf.merge(*parts)
+    cfg.pop("defaults", None)
+    cfg.pop("hydra", None)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    from diffprobe.tasks import hyperfeatures
+
+    root = tmp_path_factory.mktemp("pairs")
+    pairs = planted_pairs(root)
+    rows = [{"source_path": p.source.name, "target_path": p.target.name, "source_points": p.source_points.tolist(),
+             "target_points": p.target_points.tolist(), "target_bounding_box": p.target_bbox.tolist()} for p in pairs]
+    (root / "pairs.json").write_text(json.dumps(rows))
+    out = tmp_path_factory.mktemp("train")
+    cfg = compose("hyperfeatures", "pairs", **{"data.file": str(root / "pairs.json"), "num_steps": 2, "save_every": 1,
+                                               "output_size": 16, "projection_dim": 32, "train_steps": 16, "val_every": 8})
+    metrics = hyperfeatures.run(cfg, out)
+    return root, out, metrics
+
+
+def test_train_writes_model_curves_mixing_weights_and_metrics(trained):
+    root, out, metrics = trained
+    for name in ("model/aggregator.safetensors", "model/aggregator.json", "model/extraction.json", "checkpoint/state.json",
+                 "curves.png", "mixing_weights.png", "history.json", "metrics.json"):
+        assert (out / name).is_file(), name
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == 16 and [r[0] for r in history["val"]] == [8, 16]
+    mix = json.loads((out / "mixing_weights.json").read_text())
+    assert len(mix["weights"]) == 12 and len(mix["weights"][0]) == 2
+    assert abs(sum(map(sum, mix["weights"])) - 1) < 1e-5
+    assert metrics["val"]["pck@0.1_img_per_point"] == history["val"][-1][1]
+    assert metrics["unet_extractions"] == 6
+
+
+def test_eval_reproduces_training_validation_and_ablate_reports_pruned(trained, tmp_path):
+    from diffprobe.tasks import hyperfeatures
+
+    root, out, metrics = trained
+    common = {"weights": str(out / "model"), "data.file": str(root / "pairs.json")}
+    ev = hyperfeatures.run(compose("hyperfeatures", "pairs", mode="eval", **common), tmp_path / "eval")
+    assert ev["hyperfeatures"]["pck@0.1_img_per_point"] == pytest.approx(metrics["val"]["pck@0.1_img_per_point"])
+    assert "pck@0.1_bbox_per_point" in ev["hyperfeatures"]
+    ab = hyperfeatures.run(compose("hyperfeatures", "pairs", mode="ablate", **common), tmp_path / "ablate")
+    assert {"hyperfeatures", "pruned_raw", "pruned_bottleneck"} <= set(ab)
+    mix = json.loads((out / "mixing_weights.json").read_text())
+    assert ab["pruned"]["layer"] == mix["top"]["layer"]
+    assert (tmp_path / "ablate" / "ablation.json").is_file()
+
+
+def test_extract_writes_descriptors(trained, tmp_path):
+    from diffprobe.tasks import hyperfeatures
+
+    root, out, _ = trained
+    hyperfeatures.run(compose("hyperfeatures", mode="extract", weights=str(out / "model"), image=str(root / "s0.png")),
+                      tmp_path)
+    tensors, meta = load_tensors(tmp_path / "s0.safetensors")
+    assert tensors["descriptors"].shape == (32, 16, 16) and meta["height"] == "64"
+    assert (tmp_path / "s0_pca.png").is_file()
+
+
+def test_correspond_with_weights_and_ground_truth(trained, tmp_path):
+    from diffprobe.tasks import correspond
+
+    root, out, _ = trained
+    cfg = compose("correspond", source=str(root / "s0.png"), target=str(root / "t0.png"), weights=str(out / "model"),
+                  points=[[10, 20], [30, 40]], target_points=[[18, 28], [38, 48]])
+    res = correspond.run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "matches.json").read_text())
+    assert len(saved["target_points"]) == 2 and saved["descriptor"] == "hyperfeatures"
+    assert saved["pck@0.1_img"] == res["pck@0.1_img"] == sum(saved["correct"]) / 2
+    assert (tmp_path / "correspondences.png").is_file()
+
+
+def test_correspond_without_points_or_weights_uses_salient_grid_and_raw_layer(trained, tmp_path):
+    from diffprobe.tasks import correspond
+
+    root, _, _ = trained
+    res = correspond.run(compose("correspond", source=str(root / "s1.png"), target=str(root / "t1.png"), grid=4,
+                                 method="soft_argmax"), tmp_path)
+    assert res["descriptor"].startswith("raw layer") and 1 <= len(res["source_points"]) <= 16
+    assert len(res["target_points"]) == len(res["source_points"])
+
+
+def test_bad_settings_are_one_line_errors(trained, tmp_path):
+    from diffprobe.tasks import correspond, hyperfeatures
+
+    root, out, _ = trained
+    with pytest.raises(DiffprobeError, match="mode"):
+        hyperfeatures.run(compose("hyperfeatures", mode="fly"), tmp_path)
+    with pytest.raises(DiffprobeError, match="weights"):
+        hyperfeatures.run(compose("hyperfeatures", mode="eval"), tmp_path)
+    with pytest.raises(DiffprobeError, match="needs pairs"):
+        hyperfeatures.run(compose("hyperfeatures"), tmp_path)
+    with pytest.raises(DiffprobeError, match="source"):
+        correspond.run(compose("correspond", target=str(root / "t0.png")), tmp_path)
+    with pytest.raises(DiffprobeError, match="points"):
+        correspond.run(compose("correspond", source=str(root / "s0.png"), target=str(root / "t0.png"),
+                               points="[[1, 2]", weights=str(out / "model")), tmp_path)
