@@ -1,0 +1,110 @@
+"""Cost of capturing attention with diffprobe.hooks on the SD 1.5 UNet architecture (random weights, CPU).
+
+For latents of 32x32 and 64x64 (256 and 512 px images) it times, in one process with the modes interleaved:
+  bare   -- the UNet forward with no hooks;
+  cross  -- capturing all 16 cross-attention probability maps (heads averaged);
+  all    -- capturing all 32 attention maps, 64x64 self-attention included (heads averaged);
+and reports each as a ratio to bare, with the bytes the cache holds and the peak RSS of a fresh process making
+one call in that mode (so peaks do not mix; the random-weight UNet itself is about 3.3 GiB of it).
+
+    python benchmarks/capture_overhead.py [--sizes 32 64] [--reps 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = {"bare": None, "cross": "*.attn2.hook_probs", "all": "*.hook_probs"}
+
+
+def _setup(threads: int):
+    import torch
+
+    from diffprobe.architectures import build_unet
+    from diffprobe.hooks import ProbeRegistry
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    unet = build_unet("sd15").eval().requires_grad_(False)
+    return unet, ProbeRegistry(unet), torch.randn(1, 77, 768)
+
+
+def _call(unet, probe, mode: str, latents, context) -> int:
+    """One UNet call in `mode`; returns the bytes the capture cache holds."""
+    import torch
+
+    from diffprobe.hooks import Reduce
+
+    with torch.no_grad():
+        if MODES[mode] is None:
+            unet(latents, 300, encoder_hidden_states=context)
+            return 0
+        with probe.capture(MODES[mode], reduce=Reduce(heads="mean")) as cache:
+            unet(latents, 300, encoder_hidden_states=context)
+        return sum(cache[n].numel() * cache[n].element_size() for n in cache.names)
+
+
+def peak_memory(mode: str, size: int, threads: int) -> dict:
+    """Peak RSS of a fresh process that builds the UNet and makes one call in `mode`."""
+    import torch
+
+    unet, probe, context = _setup(threads)
+    held = _call(unet, probe, mode, torch.randn(1, 4, size, size), context)
+    return {"held_mib": held / 2**20, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def timings(sizes: list[int], reps: int, threads: int) -> dict:
+    """Median seconds per call for each (size, mode); modes interleaved within each repetition."""
+    import torch
+
+    unet, probe, context = _setup(threads)
+    times = {(s, m): [] for s in sizes for m in MODES}
+    for size in sizes:
+        latents = torch.randn(1, 4, size, size)
+        _call(unet, probe, "all", latents, context)  # warm-up
+        for _ in range(reps):
+            for mode in MODES:
+                start = time.perf_counter()
+                _call(unet, probe, mode, latents, context)
+                times[(size, mode)].append(time.perf_counter() - start)
+            print(f"  rep done at {size}x{size}", file=sys.stderr)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory:
+        print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]), args.threads)))
+        return
+    seconds = timings(args.sizes, args.reps, args.threads)
+    memory = {}
+    for size in args.sizes:
+        for mode in MODES:
+            cmd = [sys.executable, __file__, "--memory", mode, str(size), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            memory[(size, mode)] = json.loads(out.strip().splitlines()[-1])
+    print(f"SD 1.5 UNet architecture, random weights, CPU, {args.threads} thread(s), "
+          f"median of {args.reps} interleaved calls\n")
+    print("| latent | capture | seconds / call | ratio to bare | cache holds (MiB) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes:
+        bare = seconds[(size, "bare")]
+        for mode in MODES:
+            mem = memory[(size, mode)]
+            print(f"| {size}x{size} | {mode} | {seconds[(size, mode)]:.2f} | {seconds[(size, mode)] / bare:.3f} | "
+                  f"{mem['held_mib']:.1f} | {mem['peak_rss_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
