@@ -1,0 +1,139 @@
+"""task=keypoints end to end on the tiny SD 1.5 model: fit, predict, eval (plumbing, files, coordinates)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
+from diffprobe.heads.keypoints.state import load_model
+from diffprobe.tasks import keypoints
+from diffprobe.tasks.keypoints_eval import collect
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+SMALL = dict(num_tokens=8, top_k=2, candidates=4, steps=2, batch_size=1, feature_upsample_res=16, num_indices=2,
+             preview=1, augmentations=2, predict_batch=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(data=None, **overrides):
+    base = OmegaConf.create({"model": {"name": "tiny_sd15", "tiny": "sd15", "path": None, "repo_id": None},
+                             "device": "cpu", "dtype": "float32", "seed": 0, "image": None, "data": data})
+    return OmegaConf.merge(base, OmegaConf.load(CONF / "task" / "keypoints.yaml"), OmegaConf.create(overrides))
+
+
+def write_images(folder: Path, n: int, size=(80, 64)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        a = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kp")
+    write_images(root / "imgs", 3)
+    out = root / "fit"
+    summary = keypoints.run(make_cfg({"name": "folder", "root": str(root / "imgs")}, **SMALL), out)
+    return root, out, summary
+
+
+def test_fit_writes_model_curve_and_preview(fitted):
+    _, out, summary = fitted
+    model = load_model(out / "keypoints.safetensors")
+    assert model.embeddings.shape == (8, 32) and model.num_keypoints == 2
+    assert summary["indices"] == model.indices.tolist()
+    for name in ("keypoints.json", "loss_curve.png", "loss_curve.json", "checkpoint.safetensors", "summary.json"):
+        assert (out / name).is_file(), name
+    assert len(json.loads((out / "loss_curve.json").read_text())) == 2
+    assert (out / "preview" / "img0" / "overlay.png").is_file()
+
+
+def test_predict_gives_original_pixel_coordinates(fitted, tmp_path):
+    root, out, _ = fitted
+    cfg = make_cfg(None, mode="predict", embeddings=str(out / "keypoints.safetensors"), image=str(root / "imgs" / "img1.png"),
+                   augmentations=2)
+    keypoints.run(cfg, tmp_path)
+    rec = json.loads((tmp_path / "img1" / "keypoints.json").read_text())
+    assert rec["size"] == {"width": 80, "height": 64} and len(rec["points"]) == 2
+    # 80 x 64 image, centre crop: a 64 px square from x = 8, analysed at 64 px (the tiny model's size)
+    for p, (px, py) in zip(rec["points"], rec["processed"]["points"]):
+        assert p["x"] == pytest.approx(px + 8) and p["y"] == pytest.approx(py)
+        assert 0 < p["confidence"] <= 1
+    assert Image.open(tmp_path / "img1" / "overlay.png").size == (80, 64)
+
+
+def make_cub_with_images(root: Path):
+    from test_landmarks_cub_reader import make_cub
+
+    base = make_cub(root)
+    for rel in ("001.Albatross/a_1.jpg", "001.Albatross/a_2.jpg", "002.Auklet/b_1.jpg"):
+        (base / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (400, 300), (90, 120, 150)).save(base / "images" / rel)
+    return base
+
+
+def test_eval_on_cub_writes_metrics_and_resumes(fitted, tmp_path):
+    _, out, _ = fitted
+    base = make_cub_with_images(tmp_path / "cub")
+    data = OmegaConf.merge(OmegaConf.load(CONF / "data" / "cub.yaml"), {"root": str(base), "train_split": "all"})
+    cfg = make_cfg(data, mode="eval", embeddings=str(out / "keypoints.safetensors"), augmentations=1)
+    metrics = keypoints.run(cfg, tmp_path / "eval")
+    assert metrics["num_train"] == 3 and metrics["num_test"] == 1 and np.isfinite(metrics["mean_l2"])
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean_l2"] == metrics["mean_l2"]
+
+
+def test_eval_collection_resumes_from_its_checkpoint(tmp_path):
+    paths = write_images(tmp_path / "imgs", 3, size=(32, 32))
+    items = [LandmarkItem(p, keypoints=np.array([[4.0, 8.0]]) * (i + 1)) for i, p in enumerate(paths)]
+    images = ImageSet(items, 16)
+    calls = []
+
+    def predict(image_set, i):
+        calls.append(i)
+        _, frame, size = image_set.load(i)
+        return np.full((1, 2), float(i)), np.ones(1), frame, size
+
+    found, gt, vis = collect(predict, images, "train", tmp_path, None)
+    np.testing.assert_allclose(gt[:, 0], [[0.125, 0.25], [0.25, 0.5], [0.375, 0.75]])    # (4, 8) px of 32 -> /32
+    np.testing.assert_allclose(found[:, 0, 0], [0, 1 / 16, 2 / 16])
+    calls.clear()
+    again = collect(predict, images, "train", tmp_path / "next", resume=str(tmp_path))
+    assert calls == [] and np.array_equal(again[0], found)
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(DiffprobeError, match="mode"):
+        keypoints.run(make_cfg(None, mode="train"), tmp_path)
+    with pytest.raises(DiffprobeError, match="embeddings"):
+        keypoints.run(make_cfg(None, mode="predict"), tmp_path)
+    with pytest.raises(DiffprobeError, match="data"):
+        keypoints.run(make_cfg(None, **SMALL), tmp_path)
+    with pytest.raises(DiffprobeError, match="top_k <= candidates"):
+        keypoints.run(make_cfg({"name": "folder", "root": str(tmp_path)}, top_k=30), tmp_path)
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffprobe", "task=keypoints", "mode=predict",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2
+    assert "needs embeddings=PATH" in proc.stderr and "Traceback" not in proc.stderr
