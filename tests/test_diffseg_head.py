@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.diffseg import DiffSegParams, aggregate, non_max_suppression, segment, symmetric_kl
 from diffprobe.heads.diffseg.semantics import vote_words, word_maps
-from diffseg_planted import planted_attention, planted_segmentation, same_partition
+from diffprobe.heads.diffseg.planted import block_segmentation, planted_attention, same_partition
 
 
 def direct_symmetric_kl(p, q, eps=1e-12):
@@ -91,7 +91,7 @@ def test_aggregation_custom_weights_and_errors():
 @pytest.mark.parametrize("merge", ["components", "reference"])
 @pytest.mark.parametrize("refine", [False, True])
 def test_planted_segmentation_is_recovered(merge, refine):
-    seg = planted_segmentation(16)
+    seg = block_segmentation(16)
     maps = {s: planted_attention(seg, s, layers=2, noise=0.05, seed=s) for s in (16, 8, 4)}
     params = DiffSegParams(tau=0.9, iterations=3, anchors=8, merge=merge, refine=refine)
     res = segment(maps, size=(16, 16), params=params)
@@ -102,7 +102,7 @@ def test_planted_segmentation_is_recovered(merge, refine):
 
 
 def test_planted_segmentation_any_output_size():
-    seg = planted_segmentation(16)
+    seg = block_segmentation(16)
     maps = {s: planted_attention(seg, s) for s in (16, 8, 4)}
     res = segment(maps, size=(40, 72), params=DiffSegParams(anchors=8))
     assert res.labels.shape == (40, 72)
@@ -115,7 +115,7 @@ def test_planted_segmentation_any_output_size():
 
 
 def test_segment_is_deterministic():
-    seg = planted_segmentation(16)
+    seg = block_segmentation(16)
     maps = {s: planted_attention(seg, s, noise=0.3, seed=7) for s in (16, 8)}
     a = segment(maps, params=DiffSegParams(anchors=8, tau=0.5))
     b = segment(maps, params=DiffSegParams(anchors=8, tau=0.5))
@@ -153,3 +153,12 @@ def test_word_voting():
     maps = word_maps({(2, 4): cross}, [[1], [2, 3]], size=(2, 4))
     torch.testing.assert_close(maps[1], torch.tensor([[0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]]))
     assert vote_words(labels, maps) == [0, 1]
+
+
+def test_planted_voronoi_regions_are_recovered():
+    from diffprobe.heads.diffseg.planted import voronoi_segmentation
+
+    seg = voronoi_segmentation(32, regions=12, seed=3)
+    res = segment({32: planted_attention(seg, 32, noise=0.2)}, size=(32, 32), params=DiffSegParams(tau=1.1))
+    assert res.num_segments == 12
+    assert same_partition(res.labels, seg)

@@ -1,4 +1,8 @@
-"""Planted self-attention built from a known segmentation (shared by the DiffSeg tests and benchmark)."""
+"""Planted self-attention built from a known segmentation, for tests and benchmarks of the head.
+
+Each query attends uniformly to the pixels of its own region (plus a small floor), at any grid; the
+head must return that segmentation up to a permutation of labels.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 
-def planted_segmentation(side: int = 16) -> torch.Tensor:
-    """(side, side) int64 map of 5 regions, boundaries on multiples of side/4."""
+def block_segmentation(side: int = 16) -> torch.Tensor:
+    """(side, side) int64 map of 5 regions with boundaries on multiples of side/4."""
     q = side // 4
     seg = torch.zeros(side, side, dtype=torch.long)
     seg[q:, :q] = 1
@@ -17,16 +21,23 @@ def planted_segmentation(side: int = 16) -> torch.Tensor:
     return seg
 
 
+def voronoi_segmentation(side: int, regions: int, seed: int = 0) -> torch.Tensor:
+    """(side, side) int64 map: each pixel labelled by its nearest of `regions` random seed points."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.rand(regions, 2, generator=gen) * side
+    ys, xs = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+    dist = (ys[..., None] - centres[:, 0]) ** 2 + (xs[..., None] - centres[:, 1]) ** 2
+    return dist.argmin(dim=-1)
+
+
 def planted_attention(seg: torch.Tensor, side: int, layers: int = 1, noise: float = 0.0,
                       floor: float = 1e-6, seed: int = 0) -> torch.Tensor:
-    """(layers, side^2, side^2): each query of the seg (nearest-resized to side x side) attends
-    uniformly to the pixels of its own region, plus a small floor and optional multiplicative noise."""
+    """(layers, side^2, side^2) float32: each query of `seg` nearest-resized to side x side attends
+    uniformly to its own region, plus `floor` and optional multiplicative noise in [1, 1 + noise]."""
     small = F.interpolate(seg[None, None].float(), size=(side, side), mode="nearest")[0, 0].long().reshape(-1)
-    same = (small[:, None] == small[None, :]).float() + floor
-    gen = torch.Generator().manual_seed(seed)
-    out = same.expand(layers, -1, -1).clone()
+    out = ((small[:, None] == small[None, :]).float() + floor).expand(layers, -1, -1).clone()
     if noise:
-        out *= 1 + noise * torch.rand(out.shape, generator=gen)
+        out *= 1 + noise * torch.rand(out.shape, generator=torch.Generator().manual_seed(seed))
     return out / out.sum(dim=-1, keepdim=True)
 
 
