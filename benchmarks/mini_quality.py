@@ -1,11 +1,11 @@
 """Attention quality of diffprobe-mini on the world's test split, against an untrained control.
 
-    python benchmarks/mini_quality.py [--model DIR] [--n 64] [--timesteps 100 300] [--json out.json]
+    python benchmarks/mini_quality.py [--model DIR] [--n 64] [--timesteps 100 300] [--noised] [--json out.json]
 
 For each model and timestep: one UNet call per image (clean latent, only the timestep embedding says
-t, as DiffSeg does) conditioned on the scene's caption; attention captured through diffprobe.hooks,
-heads averaged, sites of one resolution averaged. Rows per attention resolution and "all" (every
-resolution upsampled to the image and averaged):
+t, as DiffSeg does; with --noised also the latent noised to t) conditioned on the scene's caption;
+attention captured through diffprobe.hooks, heads averaged, sites of one resolution averaged. Rows
+per attention resolution and "all" (every resolution upsampled to the image and averaged):
   self/unif   mean over objects of (self-attention mass on the query's own object) / (uniform's mass)
   cat peak    fraction of objects whose category word's cross-attention peak lies inside the object
   col peak    the same for the colour word
@@ -62,13 +62,14 @@ def token_positions(bb: Backbone, scene) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def evaluate(bb: Backbone, scenes, timestep: int) -> dict[str, dict[str, float]]:
+def evaluate(bb: Backbone, scenes, timestep: int, noised: bool) -> dict[str, dict[str, float]]:
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     latents = encode_images(bb, images)
     cond = encode_prompt(bb, [s.caption for s in scenes])
     probe = ProbeRegistry(bb.unet)
     with probe.capture("*.attn[12].hook_probs", reduce=Reduce(heads="mean"), layout=BatchLayout(cfg=False)) as cache:
-        unet_step(bb, latents, timestep, cond)
+        unet_step(bb, latents, timestep, cond, noise="random" if noised else None,
+                  generator=torch.Generator().manual_seed(0))
     groups: dict[tuple[str, tuple[int, int]], list[torch.Tensor]] = defaultdict(list)
     for name in cache.names:
         groups[(probe.sites[name].kind, cache.grid(name))].append(cache[name])
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="diffusers directory (default: the packaged diffprobe-mini)")
     ap.add_argument("--n", type=int, default=64, help="test-split scenes")
     ap.add_argument("--timesteps", type=int, nargs="+", default=[100, 300])
+    ap.add_argument("--noised", action="store_true", help="also rows with the latent noised to t (seed 0)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -114,7 +116,9 @@ def main() -> None:
     scenes = [render_scene(scene_seed("test", i), bb.sample_size) for i in range(args.n)]
     chance = float(np.mean([o.area / s.instance.size for s in scenes for o in s.objects]))
     n_obj = sum(len(s.objects) for s in scenes)
-    results = {m: {t: evaluate(b, scenes, t) for t in args.timesteps} for m, b in models.items()}
+    settings = [(t, False) for t in args.timesteps] + ([(t, True) for t in args.timesteps] if args.noised else [])
+    results = {m: {f"{t}{' noised' if nz else ''}": evaluate(b, scenes, t, nz) for t, nz in settings}
+               for m, b in models.items()}
     print(f"diffprobe-mini attention quality: {args.n} world test scenes, {n_obj} objects, "
           f"chance of a peak in the object {chance:.3f}; torch threads {args.threads}")
     print("| model | t | attention grid | self/unif | cat peak | col peak |")

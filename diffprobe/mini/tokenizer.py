@@ -8,7 +8,6 @@ and any other text still tokenizes into byte-level symbols.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from diffprobe.io import atomic_path, save_json
@@ -67,10 +66,3 @@ def load_tokenizer(path: str | Path):
 
     return CLIPTokenizer.from_pretrained(str(path))
 
-
-def vocab_size(words: list[str]) -> int:
-    return len(build_vocab(words)[0])
-
-
-def read_vocab(path: str | Path) -> dict[str, int]:
-    return json.loads((Path(path) / "vocab.json").read_text())
