@@ -145,3 +145,15 @@ def test_descriptors_and_features_agree(model):
         held = net(extract_features(bb, probe, x, cfg, layers=names))
     assert streamed.shape == (1, 32, 16, 16)
     torch.testing.assert_close(streamed, held)
+
+
+def test_generation_steps_are_mirrored_into_noise_order_and_keep_the_cond_half(model):
+    bb, probe = model
+    cfg = ExtractionConfig(process="generation", num_steps=4, save_every=2, image_size=64)  # inversion calls 0, 1, 3
+    got = {}
+    ts = run_extraction(bb, probe, None, cfg, lambda s, f: got.setdefault(s, f), prompts=["a cat", "a dog"])
+    # generation calls run 4 -> 1 in noise; inversion calls [0, 1, 3] mirror to generation calls [3, 2, 0]
+    assert ts == sorted(ts) and len(ts) == 3
+    assert all(f.shape[0] == 2 for f in got[0].values())  # the [uncond; cond] batch of 4 keeps the cond half
+    with pytest.raises(DiffprobeError, match="prompts"):
+        run_extraction(bb, probe, None, cfg, lambda s, f: None)

@@ -86,7 +86,7 @@ def layer_names(probe: ProbeRegistry, layers) -> list[str]:
     return names
 
 
-def run_extraction(bb, probe: ProbeRegistry, images: torch.Tensor, cfg: ExtractionConfig, consume: Consumer,
+def run_extraction(bb, probe: ProbeRegistry, images: torch.Tensor | None, cfg: ExtractionConfig, consume: Consumer,
                    layers: list[str] | None = None, prompts: list[str] | None = None,
                    generator: torch.Generator | None = None) -> list[float]:
     """Run the configured process and call consume(position, {layer: (B, C, h, w)}) once per saved step.

@@ -7,7 +7,6 @@ Saved as a directory: aggregator.safetensors, aggregator.json (network shape) an
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from diffprobe.heads.hyperfeatures.extract import (
     image_generator,
     layer_names,
 )
-from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig, resize
+from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig, read_config, resize
 from diffprobe.io import save_json
 
 EXTRACTION_FILE = "extraction.json"
@@ -56,12 +55,7 @@ class HyperfeatureModel:
     def load(cls, directory: str | Path) -> "HyperfeatureModel":
         d = Path(directory)
         net = AggregationNetwork.load(d)
-        if not (d / EXTRACTION_FILE).is_file():
-            raise DiffprobeError(f"no {EXTRACTION_FILE} in {d}: pass a directory written by task=hyperfeatures")
-        try:
-            extraction = ExtractionConfig(**json.loads((d / EXTRACTION_FILE).read_text()))
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise DiffprobeError(f"{d / EXTRACTION_FILE} is not an extraction config ({exc})") from None
+        extraction = read_config(d / EXTRACTION_FILE, ExtractionConfig)
         if extraction.num_saved != net.config.num_steps:
             raise DiffprobeError(f"{d}: {extraction.num_saved} saved steps but the aggregator has {net.config.num_steps}")
         return cls(net, extraction)

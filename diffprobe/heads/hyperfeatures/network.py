@@ -133,19 +133,23 @@ class AggregationNetwork(nn.Module):
     def load(cls, directory: str | Path) -> "AggregationNetwork":
         """Rebuild from aggregator.json and load aggregator.safetensors; mismatches are DiffprobeErrors."""
         d = Path(directory)
-        if not (d / CONFIG_FILE).is_file():
-            raise DiffprobeError(f"no {CONFIG_FILE} in {d}: pass the directory a hyperfeatures training run wrote")
-        try:
-            config = AggregatorConfig(**json.loads((d / CONFIG_FILE).read_text()))
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise DiffprobeError(f"{d / CONFIG_FILE} is not an aggregator config ({exc})") from None
-        net = cls(config)
+        net = cls(read_config(d / CONFIG_FILE, AggregatorConfig))
         tensors, _ = load_tensors(d / WEIGHTS_FILE)
         try:
             net.load_state_dict(tensors)
         except RuntimeError as exc:
             raise DiffprobeError(f"{d / WEIGHTS_FILE} does not match {CONFIG_FILE}: {str(exc).splitlines()[0]}") from None
         return net
+
+
+def read_config(path: Path, schema: type):
+    """A dataclass from a JSON file a training run wrote; a missing or malformed file is a DiffprobeError."""
+    if not path.is_file():
+        raise DiffprobeError(f"no {path.name} in {path.parent}: pass the model directory a hyperfeatures training run wrote")
+    try:
+        return schema(**json.loads(path.read_text()))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise DiffprobeError(f"{path} is not a {schema.__name__} ({exc})") from None
 
 
 class Aggregation:
