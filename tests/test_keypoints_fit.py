@@ -12,7 +12,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange
 from diffprobe.heads.keypoints.fit import FitConfig, fit, fit_embeddings
 from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
-from diffprobe.heads.keypoints.maps import MapSpec, default_sites
+from diffprobe.heads.keypoints.maps import MapSpec, attention_maps, default_sites
 from diffprobe.heads.keypoints.predict import PredictConfig, ensemble_maps, predict_image
 from diffprobe.heads.keypoints.state import load_model, save_model
 from diffprobe.hooks import ProbeRegistry
@@ -114,6 +114,11 @@ def test_predict_batched_equals_unbatched_and_reads_points(setup):
     single = ensemble_maps(bb, probe, spec0, model, image, PredictConfig(4, cfg.affine, batch_size=1),
                            torch.Generator().manual_seed(0))
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():                               # selecting tokens early == indexing all maps
+        full = attention_maps(bb, probe, spec0, image, model.embeddings)
+        some = attention_maps(bb, probe, spec0, image, model.embeddings, tokens=model.indices)
+    torch.testing.assert_close(some, full[:, model.indices])
+    torch.testing.assert_close(full.sum(1), torch.ones(1, 16, 16))      # a softmax over all 8 tokens
     pred = predict_image(bb, probe, spec0, model, image, cfg)
     assert pred.points.shape == (3, 2) and pred.maps.shape == (3, 64, 64)
     assert ((pred.points > 0) & (pred.points < 64)).all()

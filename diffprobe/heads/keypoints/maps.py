@@ -84,9 +84,11 @@ def context_for(bb: Backbone, embeddings: torch.Tensor, batch: int, image_size: 
 
 
 def attention_maps(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, images: torch.Tensor,
-                   embeddings: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Maps (B, N, res, res) for images (B, 3, S, S) in [-1, 1].
+                   embeddings: torch.Tensor, generator: torch.Generator | None = None,
+                   tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Maps (B, N, res, res) for images (B, 3, S, S) in [-1, 1]; only `tokens` (T,) -> (B, T, res, res).
 
+    The softmax is always over all N tokens; selecting tokens early saves memory when predicting.
     Gradients reach `embeddings` when grad mode is on (the capture keeps the graph then).
     """
     latents = encode_images(bb, images)
@@ -95,7 +97,12 @@ def attention_maps(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, images: to
     with probe.capture(list(spec.sites), reduce=Reduce(heads="mean"), detach=not grad,
                        upsample_queries=spec.res, early_exit=True) as cache:
         unet_step(bb, latents, spec.timestep, cond, noise="random" if spec.noise else None, generator=generator)
-    return torch.stack([cache.maps(name) for name in spec.sites]).mean(dim=0).float()
+    total = None
+    for name in spec.sites:
+        probs = cache[name] if tokens is None else cache[name][..., tokens]          # (B, res*res, T)
+        total = probs if total is None else total + probs
+    maps = (total / len(spec.sites)).transpose(1, 2)
+    return maps.reshape(*maps.shape[:2], *cache.grid(spec.sites[0])).float()
 
 
 def site_summary(probe: ProbeRegistry, names: list[str]) -> list[dict]:

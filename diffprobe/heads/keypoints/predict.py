@@ -67,7 +67,7 @@ def ensemble_maps(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, model: Keyp
     for start in range(0, len(thetas), cfg.batch_size):
         theta = thetas[start : start + cfg.batch_size]
         views = warp(image.expand(len(theta), -1, -1, -1), theta)
-        maps = attention_maps(bb, probe, spec, views, model.embeddings, generator=generator)[:, model.indices]
+        maps = attention_maps(bb, probe, spec, views, model.embeddings, generator=generator, tokens=model.indices)
         maps = F.interpolate(maps.cpu(), size=size, mode="bilinear", align_corners=False)
         total += unwarp(maps, theta).sum(0)
         seen += unwarp(torch.ones(len(theta), 1, *size), theta).sum(0)
