@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from diffprobe.config import load_configured_backbone, run_config, typed
@@ -27,7 +26,7 @@ from diffprobe.data.pairs_json import points_array
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.pck import pck, threshold_image_max_side
 from diffprobe.heads.hyperfeatures.evaluate import from_load, to_load
-from diffprobe.heads.hyperfeatures.extract import ExtractionConfig
+from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, check_image_size
 from diffprobe.heads.hyperfeatures.figures import plot_matches
 from diffprobe.heads.hyperfeatures.matching import METHODS, DescriptorField, match_points, salient_grid
 from diffprobe.heads.hyperfeatures.model import HyperfeatureModel, hyperfeature_describer, single_map_describer
@@ -94,7 +93,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         describe, size = hyperfeature_describer(model, bb, probe, seed=seed), model.extraction.image_size
         used = {"descriptor": "hyperfeatures", "weights": p.weights}
     else:
-        size = p.image_size or bb.sample_size
+        size = check_image_size(bb, probe, p.image_size or bb.sample_size)
         if p.raw_layer not in probe.sites:
             raise DiffprobeError(f"raw_layer {p.raw_layer!r} is not a site of this model")
         one = ExtractionConfig(layers=[p.raw_layer], process="one_step", image_size=size)

@@ -22,7 +22,7 @@ from diffprobe.config import load_configured_backbone, run_config, typed
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.evaluate import Describe, evaluate_pairs
-from diffprobe.heads.hyperfeatures.extract import DEFAULT_LAYERS, ExtractionConfig, layer_names
+from diffprobe.heads.hyperfeatures.extract import DEFAULT_LAYERS, ExtractionConfig, check_image_size
 from diffprobe.heads.hyperfeatures.figures import plot_mixing_weights, plot_training_curves
 from diffprobe.heads.hyperfeatures.matching import METHODS
 from diffprobe.heads.hyperfeatures.model import HyperfeatureModel, hyperfeature_describer, pruned_describers
@@ -112,15 +112,16 @@ def load_pairs(data: DictConfig | None, split: str, seed: int) -> tuple[list[Cor
     raise DiffprobeError(f"task=hyperfeatures reads data=spair, data=cub or data=pairs, not data={name}")
 
 
-def _extraction(p: HyperfeaturesParams, bb) -> ExtractionConfig:
+def _extraction(p: HyperfeaturesParams, bb, probe) -> ExtractionConfig:
+    size = check_image_size(bb, probe, p.image_size or bb.sample_size)
     layers = p.layers[0] if len(p.layers) == 1 else list(p.layers)
     return ExtractionConfig(layers=layers, process=p.process, num_steps=p.num_steps, save_every=p.save_every,
-                            saved_steps=p.saved_steps, prompt=p.prompt, image_size=p.image_size or bb.sample_size)
+                            saved_steps=p.saved_steps, prompt=p.prompt, image_size=size)
 
 
 def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, probe, out_dir: Path) -> dict:
     seed = run_config(cfg).seed
-    extraction = _extraction(p, bb)
+    extraction = _extraction(p, bb, probe)
     output_size = p.output_size or extraction.image_size // bb.vae_factor
     from diffprobe.runners import inversion_timesteps
 
@@ -140,7 +141,7 @@ def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, probe, out_dir: Path) ->
     source = FeatureSource(bb, probe, extraction, model.net.config.layers, capacity=p.feature_store, seed=seed)
     tcfg = TrainConfig(steps=p.train_steps, lr=p.lr, weight_decay=p.weight_decay, temperature=p.temperature,
                        val_every=p.val_every, alpha=p.alpha, seed=seed)
-    model.save(out_dir / "checkpoint")  # extraction.json beside the checkpoints, so any of them loads as a model
+    model.save_extraction(out_dir / "checkpoint")  # so a checkpoint directory also loads as a model
     history = train(model.net, source, train_pairs, val_pairs, tcfg, out_dir / "checkpoint",
                     resume=Path(p.resume) if p.resume else None)
     model.save(out_dir / "model")

@@ -68,6 +68,14 @@ class ExtractionConfig:
         return len(self.saved_calls())
 
 
+def check_image_size(bb, probe: ProbeRegistry, size: int) -> int:
+    """`size` if the UNet can take a size x size image (a multiple of VAE factor x deepest divisor)."""
+    deepest = bb.vae_factor * max(s.divisor for s in probe.sites.values())
+    if size % deepest:
+        raise DiffprobeError(f"image_size must be a multiple of {deepest} for this model, not {size}")
+    return size
+
+
 def image_generator(seed: int, key: str) -> torch.Generator:
     """A generator for the VAE posterior sample of one image, seeded from (seed, key), so the same image
     gets the same latent in training, evaluation and a resumed run."""

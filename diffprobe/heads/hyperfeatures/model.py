@@ -48,6 +48,10 @@ class HyperfeatureModel:
 
     def save(self, directory: str | Path) -> Path:
         self.net.save(directory)
+        return self.save_extraction(directory)
+
+    def save_extraction(self, directory: str | Path) -> Path:
+        """Only extraction.json (e.g. beside training checkpoints, whose weights the trainer writes)."""
         save_json(Path(directory) / EXTRACTION_FILE, asdict(self.extraction))
         return Path(directory)
 
