@@ -72,9 +72,11 @@ class SegmentationResult:
 
 
 def non_max_suppression(proposals: torch.Tensor, grid: Grid, size: tuple[int, int],
-                        chunk: int = 16) -> torch.Tensor:
+                        chunk: int | None = None) -> torch.Tensor:
     """Upsample (K, h*w) proposals bilinearly to `size` (H, W) and take the per-pixel argmax -> (H, W)
-    int64; ties go to the lower index. Proposals are upsampled `chunk` at a time (large images)."""
+    int64; ties go to the lower index. Proposals are upsampled `chunk` at a time (default: at most 16
+    and about 2^25 upsampled values per chunk, so large images stay within a few hundred MiB)."""
+    chunk = chunk or max(1, min(16, 2**25 // (size[0] * size[1])))
     best_val = best_idx = None
     for start in range(0, proposals.shape[0], chunk):
         part = proposals[start:start + chunk].reshape(-1, 1, *grid)
