@@ -70,25 +70,19 @@ def test_spair_layout_reads_back_corresponding_points(tmp_path):
     assert (tmp_path / "SPair-71k/Layout/large/test.txt").read_text().count("\n") == 3
 
 
-def test_celeba_mafl_layout_holds_the_five_landmarks(tmp_path):
+def test_celeba_mafl_layout_reads_back_the_five_landmarks(tmp_path):
+    from diffprobe.data.celeba import CelebaDataset
+
     train, test = _scenes("train", 2, "face", 1), _scenes("test", 2, "face", 1)
     write_celeba(tmp_path, train, test)
     lines = (tmp_path / "Anno/list_landmarks_align_celeba.txt").read_text().splitlines()
     assert lines[0] == "4" and lines[1] == CELEBA_HEADER
-    assert (tmp_path / "MAFL/testing.txt").read_text().split() == ["000003.jpg", "000004.jpg"]
-    assert (tmp_path / "Eval/list_eval_partition.txt").read_text().split()[-2:] == ["000004.jpg", "2"]
-    try:
-        from diffprobe.data.celeba import CelebA  # the real reader, when present
-    except ImportError:
-        CelebA = None
-    for line, scene in zip(lines[2:], train + test):
-        name, *vals = line.split()
-        pts = np.asarray(vals, float).reshape(5, 2)
-        np.testing.assert_array_equal(pts, np.floor(scene.objects[0].keypoints[:, :2]))
-        assert (tmp_path / "Img/img_align_celeba" / name).is_file()
-    if CelebA is not None:
-        ds = CelebA(tmp_path, split="test")
-        assert len(ds) == 2
+    for split, want in (("mafl_test", test), ("mafl_train", train), ("test", test), ("all", train + test)):
+        ds = CelebaDataset(tmp_path, split=split)
+        assert len(ds) == len(want)
+        for rec, scene in zip(ds, want):
+            np.testing.assert_array_equal(rec.landmarks, np.floor(scene.objects[0].keypoints[:, :2]))
+            assert rec.path.is_file()
 
 
 def test_class_names_cover_stuff_and_things():
