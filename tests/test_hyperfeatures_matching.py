@@ -66,12 +66,13 @@ def test_descriptor_field_matches_dense_upsampling():
     a, _ = _planted(size=8, d=5)
     field = DescriptorField(a, (24, 20), rows_per_chunk=5)
     dense = F.normalize(F.interpolate(a[None], size=(24, 20), mode="bilinear", align_corners=False)[0], dim=0)
-    q = F.normalize(torch.randn(3, 5), dim=1)
+    q = F.normalize(torch.randn(3, 5, generator=torch.Generator().manual_seed(1)), dim=1)
     idx, score = field.argmax(q)
-    sims = q @ dense.flatten(1)
-    best = sims.argmax(1)
-    assert idx.tolist() == torch.stack([best % 20, best // 20], 1).float().tolist()
-    torch.testing.assert_close(score, sims.max(1).values)
+    sims = (q @ dense.flatten(1)).view(3, 24, 20)
+    torch.testing.assert_close(score, sims.flatten(1).max(1).values)
+    # the returned pixel attains the dense maximum (robust to float ties between neighbouring pixels)
+    at = sims[torch.arange(3), idx[:, 1].long(), idx[:, 0].long()]
+    torch.testing.assert_close(at, score)
     torch.testing.assert_close(field.sample(torch.tensor([[7.0, 11.0]]))[0], dense[:, 11, 7])
 
 

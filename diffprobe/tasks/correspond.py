@@ -90,6 +90,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     seed = run_config(cfg).seed
     if p.weights:
         model = HyperfeatureModel.load(p.weights)
+        model.net.to(bb.device)
         describe, size = hyperfeature_describer(model, bb, probe, seed=seed), model.extraction.image_size
         used = {"descriptor": "hyperfeatures", "weights": p.weights}
     else:

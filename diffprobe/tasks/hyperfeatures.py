@@ -128,6 +128,7 @@ def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, probe, out_dir: Path) ->
     calls = inversion_timesteps(bb, extraction.num_steps)
     model = HyperfeatureModel.build(probe, extraction, output_size, p.projection_dim, seed=seed,
                                     step_labels=[float(calls[c]) for c in extraction.saved_calls()])
+    model.net.to(bb.device)
     train_pairs, train_desc = load_pairs(cfg.get("data"), "train", seed)
     try:
         val_pairs, val_desc = load_pairs(cfg.get("data"), "val", seed)
@@ -157,7 +158,7 @@ def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, probe, out_dir: Path) ->
 
 
 def _mixing_figure(model: HyperfeatureModel, out_dir: Path) -> None:
-    w = model.net.mixing_weights().detach().numpy()
+    w = model.net.mixing_weights().detach().cpu().numpy()
     plot_mixing_weights(w, model.net.config.layers, model.net.config.step_labels, out_dir / "mixing_weights.png")
     layer, step, weight = model.top_layer_step()
     save_json(out_dir / "mixing_weights.json", {
@@ -197,7 +198,7 @@ def _extract(p: HyperfeaturesParams, cfg: DictConfig, model: HyperfeatureModel, 
 def pca_rgb(desc: torch.Tensor) -> np.ndarray:
     """(D, h, w) descriptors -> (h, w, 3) uint8: the first three principal components, min-max scaled."""
     d, h, w = desc.shape
-    x = desc.reshape(d, -1).T.float()
+    x = desc.detach().reshape(d, -1).T.float().cpu()
     x = x - x.mean(0)
     _, _, v = torch.pca_lowrank(x, q=min(3, d), center=False)
     y = x @ v
@@ -214,6 +215,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         return _train(p, cfg, bb, probe, out_dir)
     model = HyperfeatureModel.load(p.weights)
     model.check_backbone(probe)
+    model.net.to(bb.device)
     if p.mode == "extract":
         out = _extract(p, cfg, model, bb, probe, out_dir)
     else:

@@ -31,6 +31,7 @@ def correspondence_loss(
     if cells_a.shape != cells_b.shape or cells_a.shape[0] == 0:
         raise DiffprobeError("correspondence loss needs the same non-zero number of points in both images")
     w = desc_a.shape[2]
+    cells_a, cells_b = cells_a.to(desc_a.device), cells_b.to(desc_a.device)
     a = F.normalize(desc_a.flatten(1), dim=0)  # (D, HW)
     b = F.normalize(desc_b.flatten(1), dim=0)
     ia = cells_a[:, 1] * w + cells_a[:, 0]

@@ -29,7 +29,7 @@ class DescriptorField:
     def __init__(self, desc: torch.Tensor, image_hw: tuple[int, int], rows_per_chunk: int = 64):
         if desc.dim() != 3:
             raise DiffprobeError(f"a descriptor map is (D, h, w), got {tuple(desc.shape)}")
-        self.desc = desc.float()[None]
+        self.desc = desc.detach().float().cpu()[None]  # matching runs on the CPU: N x H x W x D is small
         self.h, self.w = int(image_hw[0]), int(image_hw[1])
         self.rows = rows_per_chunk
 
@@ -130,7 +130,8 @@ def salient_grid(desc: torch.Tensor, image_hw: tuple[int, int], per_side: int = 
     """Source points when none are given: a per_side x per_side grid over the image, kept where the
     descriptor differs from the image border's mean descriptor more than average (the object is rarely
     on the border). desc: (D, h, w); returns (N, 2) (x, y) pixels of an (H, W) image, N >= 1."""
-    d = F.normalize(desc.float(), dim=0)
+    desc = desc.detach().float().cpu()
+    d = F.normalize(desc, dim=0)
     border = torch.cat([d[:, 0], d[:, -1], d[:, :, 0], d[:, :, -1]], dim=1).mean(1)
     saliency = 1 - torch.einsum("dhw,d->hw", d, F.normalize(border, dim=0))
     mask = saliency > saliency.mean()
