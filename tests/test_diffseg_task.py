@@ -56,6 +56,14 @@ def test_pipeline_groups_self_attention_by_divisor():
         torch.testing.assert_close(m.sum(dim=-1), torch.ones(m.shape[:-1]))
 
 
+def test_pipeline_takes_the_resolutions_sdxl_has():
+    pipe = DiffSegPipeline(tiny_backbone("sdxl"), DiffSegSettings())
+    assert pipe.params.anchors == 4  # clamped to the finest grid's side (64 px / 8 / divisor 2)
+    maps = pipe.self_attention(torch.zeros(1, 3, 64, 64))
+    assert {g: tuple(m.shape) for g, m in maps.items()} == {(4, 4): (10, 16, 16), (2, 2): (60, 4, 4)}
+    assert pipe.segment(torch.zeros(1, 3, 64, 64), (20, 30)).labels.shape == (20, 30)
+
+
 def test_diffseg_task_writes_labels_at_original_size(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -93,4 +93,4 @@ class CocoStuff27(LabelledImageSet):
         super().__init__([LabelledImage(i, images / f"{i}.jpg", labels / f"{i}.png") for i in ids])
         if list_file is None and len(ids) != CURATED_SIZE:
             raise DiffprobeError(f"COCO-Stuff-27: {root / layout[0]} lists {len(ids)} images, the curated list has "
-                                 f"{CURATED_SIZE}; pass list_file= to evaluate on a subset on purpose")
+                                 f"{CURATED_SIZE}; pass data.list_file= to evaluate on a subset on purpose")
