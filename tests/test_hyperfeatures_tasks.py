@@ -71,6 +71,17 @@ def test_eval_reproduces_training_validation_and_ablate_reports_pruned(trained, 
     assert (tmp_path / "ablate" / "ablation.json").is_file()
 
 
+def test_baseline_scores_one_raw_layer_without_weights(trained, tmp_path):
+    from diffprobe.tasks import hyperfeatures
+
+    root, _, _ = trained
+    res = hyperfeatures.run(compose("hyperfeatures", "pairs", mode="baseline", **{"data.file": str(root / "pairs.json")}),
+                            tmp_path)
+    assert res["layer"] == "up_blocks.1.resnets.0.hook_residual"
+    assert 0 <= res["raw_layer"]["pck@0.1_img_per_point"] <= 1 and res["raw_layer"]["num_points_img"] == 18
+    assert json.loads((tmp_path / "metrics.json").read_text())["raw_layer"] == res["raw_layer"]
+
+
 def test_extract_writes_descriptors(trained, tmp_path):
     from diffprobe.tasks import hyperfeatures
 

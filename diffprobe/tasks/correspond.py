@@ -26,14 +26,18 @@ from diffprobe.data.pairs_json import points_array
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.pck import pck, threshold_image_max_side
 from diffprobe.heads.hyperfeatures.evaluate import from_load, to_load
-from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, check_image_size
+from diffprobe.heads.hyperfeatures.extract import check_image_size
 from diffprobe.heads.hyperfeatures.figures import plot_matches
 from diffprobe.heads.hyperfeatures.matching import METHODS, DescriptorField, match_points, salient_grid
-from diffprobe.heads.hyperfeatures.model import HyperfeatureModel, hyperfeature_describer, single_map_describer
+from diffprobe.heads.hyperfeatures.model import (
+    RAW_LAYER,
+    HyperfeatureModel,
+    hyperfeature_describer,
+    raw_layer_describer,
+)
 from diffprobe.hooks import ProbeRegistry
 from diffprobe.io import save_json
 
-RAW_LAYER = "up_blocks.1.resnets.0.hook_residual"
 
 
 @dataclass
@@ -95,10 +99,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         used = {"descriptor": "hyperfeatures", "weights": p.weights}
     else:
         size = check_image_size(bb, probe, p.image_size or bb.sample_size)
-        if p.raw_layer not in probe.sites:
-            raise DiffprobeError(f"raw_layer {p.raw_layer!r} is not a site of this model")
-        one = ExtractionConfig(layers=[p.raw_layer], process="one_step", image_size=size)
-        describe = single_map_describer(bb, probe, one, p.raw_layer, 0, size // bb.vae_factor, seed=seed)
+        describe = raw_layer_describer(bb, probe, p.raw_layer, size, seed=seed)
         used = {"descriptor": "raw layer (no weights given)", "layer": p.raw_layer, "step": "t=-1 (clean)"}
     src_desc, src_hw = describe(Path(p.source))
     tgt_desc, tgt_hw = describe(Path(p.target))

@@ -6,6 +6,7 @@
     mode=ablate   weights=DIR data=...  -> ablation.json: full model vs the pruned layer/step raw and through
                                            its bottleneck
     mode=extract  weights=DIR image=... -> <stem>.safetensors descriptors (D, H, W) and <stem>_pca.png
+    mode=baseline data=...              -> metrics.json for one raw layer at t=-1 (SD-Layer-4), no training
 """
 
 from __future__ import annotations
@@ -25,13 +26,19 @@ from diffprobe.heads.hyperfeatures.evaluate import Describe, evaluate_pairs
 from diffprobe.heads.hyperfeatures.extract import DEFAULT_LAYERS, ExtractionConfig, check_image_size
 from diffprobe.heads.hyperfeatures.figures import plot_mixing_weights, plot_training_curves
 from diffprobe.heads.hyperfeatures.matching import METHODS
-from diffprobe.heads.hyperfeatures.model import HyperfeatureModel, hyperfeature_describer, pruned_describers
+from diffprobe.heads.hyperfeatures.model import (
+    RAW_LAYER,
+    HyperfeatureModel,
+    hyperfeature_describer,
+    pruned_describers,
+    raw_layer_describer,
+)
 from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, descriptor_fn, train
 from diffprobe.hooks import ProbeRegistry
 from diffprobe.io import save_json, save_png, save_tensors
 
 log = logging.getLogger(__name__)
-MODES = ("train", "eval", "ablate", "extract")
+MODES = ("train", "eval", "ablate", "extract", "baseline")
 
 
 @dataclass
@@ -58,6 +65,7 @@ class HyperfeaturesParams:
     alpha: float = 0.1
     method: str = "nn"
     feature_store: int = 16
+    raw_layer: str = RAW_LAYER  # mode=baseline
 
 
 def _params(cfg: DictConfig) -> HyperfeaturesParams:
@@ -70,7 +78,7 @@ def _params(cfg: DictConfig) -> HyperfeaturesParams:
         raise DiffprobeError(f"task=hyperfeatures works on real images: process must be inversion or one_step, not {p.process!r}")
     if not 0 < p.alpha <= 1:
         raise DiffprobeError(f"alpha must be in (0, 1], got {p.alpha}")
-    if p.mode != "train" and not p.weights:
+    if p.mode not in ("train", "baseline") and not p.weights:
         raise DiffprobeError(f"mode={p.mode} needs weights=DIR (the model/ directory a training run wrote)")
     return p
 
@@ -213,6 +221,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     probe = ProbeRegistry(bb.unet)
     if p.mode == "train":
         return _train(p, cfg, bb, probe, out_dir)
+    if p.mode == "baseline":
+        size = check_image_size(bb, probe, p.image_size or bb.sample_size)
+        describers = {"raw_layer": raw_layer_describer(bb, probe, p.raw_layer, size, seed=run_config(cfg).seed)}
+        res = _evaluate(p, cfg, describers, size)
+        out = {"mode": "baseline", "layer": p.raw_layer, "step": "t=-1 (clean)", "pairs": res["pairs"],
+               "pooling": res["pooling"], "raw_layer": res["results"]["raw_layer"][0]}
+        save_json(out_dir / "pairs.json", {"raw_layer": res["results"]["raw_layer"][1]})
+        save_json(out_dir / "metrics.json", out)
+        return out
     model = HyperfeatureModel.load(p.weights)
     model.check_backbone(probe)
     model.net.to(bb.device)

@@ -27,6 +27,7 @@ from diffprobe.heads.hyperfeatures.network import AggregationNetwork, Aggregator
 from diffprobe.io import save_json
 
 EXTRACTION_FILE = "extraction.json"
+RAW_LAYER = "up_blocks.1.resnets.0.hook_residual"  # layer 4 of SD 1.5: the paper's SD-Layer-4 baseline
 
 
 @dataclass
@@ -122,6 +123,15 @@ def single_map_describer(bb, probe, extraction: ExtractionConfig, layer: str, ca
         return d[0], hw
 
     return cached(describe)
+
+
+def raw_layer_describer(bb, probe, layer: str, image_size: int, seed: int = 0) -> Describe:
+    """One raw layer at the clean t=-1 step at latent resolution (the paper's SD-Layer-4 baseline for
+    layer up_blocks.1.resnets.0); no training needed."""
+    if layer not in probe.sites:
+        raise DiffprobeError(f"raw layer {layer!r} is not a site of this model")
+    one = ExtractionConfig(layers=[layer], process="one_step", image_size=image_size)
+    return single_map_describer(bb, probe, one, layer, 0, image_size // bb.vae_factor, seed=seed)
 
 
 def pruned_describers(model: HyperfeatureModel, bb, probe, seed: int = 0) -> dict[str, Describe]:
