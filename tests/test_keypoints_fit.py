@@ -125,3 +125,19 @@ def test_predict_batched_equals_unbatched_and_reads_points(setup):
     for k in range(3):                                   # argmax read-out: the peak of each ensembled map
         x, y = (pred.points[k] - 0.5).long().tolist()
         assert pred.maps[k, y, x] == pred.maps[k].max() == pred.confidence[k]
+
+
+@pytest.mark.parametrize("structure", ["sd21", "sdxl"])
+def test_maps_and_gradients_on_other_structures(one_thread, structure):
+    bb = tiny_backbone(structure)
+    probe = ProbeRegistry(bb.unet)
+    spec = MapSpec(tuple(default_sites(probe)), res=8)
+    assert len(spec.sites) == 4 and all(probe.sites[s].direction == "up" for s in spec.sites)
+    emb = torch.randn(6, bb.context_dim, requires_grad=True)
+    maps = attention_maps(bb, probe, spec, torch.zeros(1, 3, 64, 64), emb)
+    assert maps.shape == (1, 6, 8, 8)
+    torch.testing.assert_close(maps.sum(1), torch.ones(1, 8, 8))
+    maps[:, :2].sum().backward()
+    assert emb.grad[:2].abs().sum() > 0
+    with pytest.raises(DiffprobeError, match="another model"):
+        attention_maps(bb, probe, spec, torch.zeros(1, 3, 64, 64), torch.randn(6, bb.context_dim + 1))
