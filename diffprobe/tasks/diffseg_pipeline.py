@@ -34,13 +34,14 @@ class DiffSegSettings:
     merge: str = "components"
     weights: Any = None
     refine: bool = False
-    image_size: Any = None
+    image_size: int | None = None
 
 
 def head_params(settings: DiffSegSettings) -> DiffSegParams:
     """The head's parameters from the task keys (validated: DiffprobeError on bad values)."""
-    tau = settings.tau if isinstance(settings.tau, (int, float)) else list(settings.tau)
-    weights = None if settings.weights is None else list(settings.weights)
+    tau = settings.tau if isinstance(settings.tau, (int, float, str)) else list(settings.tau)
+    weights = settings.weights if settings.weights is None or isinstance(settings.weights, str) else list(
+        settings.weights)
     return DiffSegParams(tau=tau, iterations=settings.iterations, anchors=settings.anchors, merge=settings.merge,
                          weights=weights, refine=settings.refine)
 

@@ -58,7 +58,10 @@ def resolution_weights(grids: Sequence[Grid], weights: Sequence[float] | Mapping
             raise DiffprobeError(f"no aggregation weight for grids {missing}")
         raw = [by_grid[g] for g in grids]
     else:
-        raw = [float(v) for v in weights]
+        try:
+            raw = [float(v) for v in weights]
+        except (TypeError, ValueError):
+            raise DiffprobeError(f"aggregation weights must be numbers, got {weights!r}") from None
         if len(raw) != len(grids):
             raise DiffprobeError(f"{len(raw)} aggregation weights for {len(grids)} resolutions")
     if any(v < 0 for v in raw) or sum(raw) <= 0:

@@ -47,9 +47,12 @@ class DiffSegParams:
             raise DiffprobeError(f"anchors must be >= 1, got {self.anchors}")
 
     def taus(self) -> list[float]:
-        if isinstance(self.tau, (int, float)):
-            return [float(self.tau)] * self.iterations
-        return [float(t) for t in self.tau]
+        try:
+            if isinstance(self.tau, (int, float, str)):
+                return [float(self.tau)] * self.iterations
+            return [float(t) for t in self.tau]
+        except (TypeError, ValueError):
+            raise DiffprobeError(f"tau must be a number or a list of numbers, got {self.tau!r}") from None
 
     def replace(self, **changes) -> "DiffSegParams":
         return dataclasses.replace(self, **changes)
