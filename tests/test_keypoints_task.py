@@ -79,6 +79,10 @@ def test_predict_gives_original_pixel_coordinates(fitted, tmp_path):
         assert p["x"] == pytest.approx(px + 8) and p["y"] == pytest.approx(py)
         assert 0 < p["confidence"] <= 1
     assert Image.open(tmp_path / "img1" / "overlay.png").size == (80, 64)
+    keypoints.run(OmegaConf.merge(cfg, {"readout": "soft_argmax", "soft_radius": 3.0}), tmp_path / "soft")
+    soft = json.loads((tmp_path / "soft" / "img1" / "keypoints.json").read_text())
+    for a, b in zip(rec["points"], soft["points"]):     # a centroid inside the window around the maximum
+        assert np.hypot(a["x"] - b["x"], a["y"] - b["y"]) <= 3.0 and a["confidence"] == b["confidence"]
 
 
 def make_cub_with_images(root: Path):

@@ -14,7 +14,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -67,6 +66,7 @@ class KeypointsTaskConfig:
     augmentations: int = 10
     predict_batch: int = 10
     readout: str = "argmax"
+    soft_radius: float = 6.0
     preview: int = 4
     eval_train: int | None = None
     eval_test: int | None = None
@@ -93,7 +93,7 @@ class KeypointsTaskConfig:
                          self.affine, self.num_indices, self.batch_size, self.checkpoint_every, seed)
 
     def predict_config(self, seed: int) -> PredictConfig:
-        return PredictConfig(self.augmentations, self.affine, self.predict_batch, self.readout, seed=seed)
+        return PredictConfig(self.augmentations, self.affine, self.predict_batch, self.readout, self.soft_radius, seed)
 
 
 @dataclass
