@@ -1,4 +1,6 @@
-"""Shared by the hyperfeatures tests: planted correspondence pairs and a one-thread torch scope."""
+"""Shared by the hyperfeatures tests: planted correspondence pairs, one tiny model, a one-thread torch scope."""
+
+import functools
 
 import numpy as np
 import pytest
@@ -18,6 +20,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_sd15():
+    """One frozen tiny SD 1.5-structured backbone and its registry for all hyperfeatures test modules
+    (captures remove their hooks, so sharing it is safe)."""
+    from diffprobe.backbones import tiny_backbone
+    from diffprobe.hooks import ProbeRegistry
+
+    bb = tiny_backbone("sd15", seed=0)
+    return bb, ProbeRegistry(bb.unet)
 
 
 def planted_pairs(root, n=3, seed=0):

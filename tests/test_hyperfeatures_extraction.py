@@ -4,9 +4,8 @@ import gc
 
 import pytest
 import torch
-from hyperfeatures_fixtures import one_thread  # noqa: F401 (fixture)
+from hyperfeatures_fixtures import one_thread, tiny_sd15  # noqa: F401 (fixture)
 
-from diffprobe.backbones import tiny_backbone
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.extract import (
     ExtractionConfig,
@@ -15,15 +14,13 @@ from diffprobe.heads.hyperfeatures.extract import (
     run_extraction,
 )
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig
-from diffprobe.hooks import ProbeRegistry
 
 LAYERS = "up_blocks.*.resnets.*.hook_residual"
 
 
 @pytest.fixture(scope="module")
 def model(one_thread):
-    bb = tiny_backbone("sd15", seed=0)
-    return bb, ProbeRegistry(bb.unet)
+    return tiny_sd15()
 
 
 def test_residual_site_equals_block_output_times_scale_minus_shortcut(model):

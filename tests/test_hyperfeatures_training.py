@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from hyperfeatures_fixtures import SIZE, one_thread, planted_pairs  # noqa: F401 (fixture)
+from hyperfeatures_fixtures import SIZE, one_thread, planted_pairs, tiny_sd15  # noqa: F401 (fixture)
 
-from diffprobe.backbones import tiny_backbone
 from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs
 from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, layer_names
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig
@@ -14,10 +13,7 @@ from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, desc
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("planted")
-    bb = tiny_backbone("sd15", seed=0)
-    from diffprobe.hooks import ProbeRegistry
-
-    probe = ProbeRegistry(bb.unet)
+    bb, probe = tiny_sd15()
     ex = ExtractionConfig(num_steps=2, save_every=1, image_size=SIZE)
     names = layer_names(probe, ex.layers)
     source = FeatureSource(bb, probe, ex, names)
