@@ -34,17 +34,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from diffprobe.heads.diffseg import DiffSegParams, segment
-from diffprobe.heads.diffseg.merge import anchor_indices
+from diffprobe.heads.diffseg.literal import straightforward
 from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid
 from diffprobe.heads.diffseg.planted import planted_attention, voronoi_segmentation
 from diffprobe.hooks import ProbeRegistry, Reduce
 from diffprobe.io import load_tensors, save_tensors
-
-EPS = 1e-12
-
 
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
@@ -80,48 +76,6 @@ def measured(fn, *args):
     else:
         out = {tuple(int(v) for v in k.split("x")): t for k, t in tensors.items()}
     return out, float(meta["seconds"]), float(meta["peak"])
-
-
-# -- the straightforward reference implementation ------------------------------------------------------------
-
-
-def straight_kl(x, y):
-    """Reference KL: broadcast, (..., S, S) maps, summed over the last two axes."""
-    quotient = x.clamp_min(EPS).log() - y.clamp_min(EPS).log()
-    return (x * quotient).sum((-2, -1)) / 2 - (y * quotient).sum((-2, -1)) / 2
-
-
-def straightforward(maps_by_grid, side, tau, points, chunk, out_px):
-    grids = sorted(maps_by_grid, key=lambda g: -g[0])
-    sizes = torch.tensor([float(g[0]) for g in grids], dtype=torch.float64)
-    ratio = sizes / sizes.sum()
-    agg = torch.zeros(side, side, side, side, dtype=torch.float64)
-    for r, grid in zip(ratio, grids):
-        s = grid[0]
-        w = maps_by_grid[grid].double().mean(0).reshape(-1, 1, s, s)
-        w = F.interpolate(w, size=(side, side), mode="bilinear", align_corners=False).reshape(s, s, side, side)
-        w = w / w.sum((2, 3), keepdim=True)
-        w = w.repeat_interleave(side // s, 0).repeat_interleave(side // s, 1)
-        agg += w * r
-    idx = anchor_indices((side, side), points)
-    anchors = agg.reshape(-1, side, side)[idx][:, None]  # (M^2, 1, S, S)
-    everything = agg.reshape(1, -1, side, side)
-    close = torch.cat([straight_kl(anchors[i:i + chunk], everything) < tau for i in range(0, len(anchors), chunk)])
-    close = close.double()
-    props = (close @ agg.reshape(side * side, -1)) / close.sum(1, keepdim=True)
-    props = props.reshape(-1, side, side)
-    for _ in range(2):  # iterations 1 and 2: the reference's greedy pass
-        matched, merged = set(), []
-        for i in range(len(props)):
-            if i in matched:
-                continue
-            matched.add(i)
-            sel = straight_kl(props[i], props) < tau
-            matched.update(torch.nonzero(sel).flatten().tolist())
-            merged.append(props[sel].mean(0))
-        props = torch.stack(merged)
-    up = F.interpolate(props[:, None], size=(out_px, out_px), mode="bilinear", align_corners=False)
-    return up[:, 0].argmax(0)
 
 
 # -- diffprobe -------------------------------------------------------------------------------------------------

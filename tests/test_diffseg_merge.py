@@ -62,3 +62,18 @@ def test_kmeans_refinement_moves_to_cluster_means_and_drops_empty():
     out = kmeans_refine(pts, init)
     torch.testing.assert_close(out, torch.stack([mean(pts[0].tolist(), pts[1].tolist()),
                                                  mean(pts[2].tolist(), pts[3].tolist())]))
+
+
+def test_reference_mode_matches_the_literal_reference_algorithm():
+    from diffprobe.heads.diffseg import DiffSegParams, segment
+    from diffprobe.heads.diffseg.literal import straightforward
+    from diffprobe.heads.diffseg.planted import planted_attention, voronoi_segmentation
+
+    seg = voronoi_segmentation(16, regions=9, seed=1)
+    maps = {(s, s): planted_attention(seg, s, layers=2, noise=0.8, seed=s) for s in (16, 8, 4, 2)}
+    literal = straightforward(maps, 16, tau=1.1, points=8, chunk=16, out_px=40)
+    fast = segment(maps, size=(40, 40), params=DiffSegParams(tau=1.1, anchors=8, merge="reference")).labels
+    assert len(torch.unique(literal)) > 3
+    # same partition, and same label order (both number proposals in the reference's order)
+    _, literal_compact = torch.unique(literal, return_inverse=True)
+    assert torch.equal(literal_compact, fast)
