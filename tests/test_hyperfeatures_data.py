@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from hyperfeatures_fixtures import cub_tree, spair_tree, write_image
 
 from diffprobe.data.cub_pairs import cub_pairs
 from diffprobe.data.pairs_json import read_pairs_json
@@ -12,28 +12,8 @@ from diffprobe.data.spair import read_spair
 from diffprobe.errors import DiffprobeError
 
 
-def _img(path, w=40, h=30):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (w, h), (120, 30, 200)).save(path)
-
-
-def _spair_tree(root, per_cat=4, cats=("cat", "dog", "car")):
-    for c in cats:
-        for k in range(per_cat + 1):
-            _img(root / "JPEGImages" / c / f"{c}_{k}.jpg")
-        for split in ("trn", "test"):
-            d = root / "PairAnnotation" / split
-            d.mkdir(parents=True, exist_ok=True)
-            for k in range(per_cat):
-                ann = {"src_imname": f"{c}_{k}.jpg", "trg_imname": f"{c}_{k + 1}.jpg", "category": c,
-                       "src_kps": [[1, 2], [3, 4]], "trg_kps": [[5, 6], [7, 8]],
-                       "src_bndbox": [0, 0, 20, 10], "trg_bndbox": [1, 1, 31, 21], "pair_id": k}
-                (d / f"{k:06d}-{c}_{k}-{c}_{k + 1}:{c}.json").write_text(json.dumps(ann))
-    return root
-
-
 def test_spair_reads_pairs_points_boxes_and_subsets(tmp_path):
-    root = _spair_tree(tmp_path / "SPair-71k")
+    root = spair_tree(tmp_path / "SPair-71k")
     pairs = read_spair(tmp_path, split="test")  # finds the SPair-71k folder inside
     assert len(pairs) == 12
     p = next(q for q in pairs if q.name == "000001-dog_1-dog_2:dog")
@@ -54,8 +34,8 @@ def test_spair_reads_pairs_points_boxes_and_subsets(tmp_path):
 
 
 def test_pairs_json_reads_reference_keys_and_category_folders(tmp_path):
-    _img(tmp_path / "imgs" / "a.jpg")
-    _img(tmp_path / "imgs" / "bird" / "b.jpg")  # found through the category folder
+    write_image(tmp_path / "imgs" / "a.jpg")
+    write_image(tmp_path / "imgs" / "bird" / "b.jpg")  # found through the category folder
     data = [{"source_path": "a.jpg", "target_path": "b.jpg", "category": "bird",
              "source_points": [[1, 2], [3, 4], [5, 6]], "target_points": [[6, 5], [4, 3], [2, 1]],
              "target_bounding_box": [0, 0, 10, 20]}]
@@ -73,28 +53,8 @@ def test_pairs_json_reads_reference_keys_and_category_folders(tmp_path):
         read_pairs_json(tmp_path / "missing.json", image_root=tmp_path / "imgs")
 
 
-def _cub_tree(root):
-    """3 images of class 1, 1 of class 2; parts 1-3 visible everywhere, part 4 only in image 1."""
-    (root / "parts").mkdir(parents=True)
-    imgs = {1: "001.A/x1.jpg", 2: "001.A/x2.jpg", 3: "001.A/x3.jpg", 4: "002.B/y1.jpg"}
-    for i, rel in imgs.items():
-        _img(root / "images" / rel)
-    (root / "images.txt").write_text("".join(f"{i} {r}\n" for i, r in imgs.items()))
-    (root / "classes.txt").write_text("1 001.A\n2 002.B\n")
-    (root / "image_class_labels.txt").write_text("1 1\n2 1\n3 1\n4 2\n")
-    (root / "train_test_split.txt").write_text("1 0\n2 0\n3 0\n4 0\n")
-    (root / "bounding_boxes.txt").write_text("".join(f"{i} 1 2 30 20\n" for i in imgs))
-    rows = []
-    for i in imgs:
-        for part in range(1, 16):
-            vis = int(part <= 3 or (part == 4 and i == 1))
-            rows.append(f"{i} {part} {10 * i + part if vis else 0} {part if vis else 0} {vis}\n")
-    (root / "parts" / "part_locs.txt").write_text("".join(rows))
-    return root
-
-
 def test_cub_pairs_use_parts_visible_in_both(tmp_path):
-    root = _cub_tree(tmp_path / "CUB_200_2011")
+    root = cub_tree(tmp_path / "CUB_200_2011")
     pairs = cub_pairs(tmp_path, split="test", pairs_per_class=10, min_common=3)
     assert sorted(p.name for p in pairs) == ["1-2", "1-3", "2-3"]  # class 2 has one image: no pair
     p = next(q for q in pairs if q.name == "1-2")

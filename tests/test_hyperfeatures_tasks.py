@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hyperfeatures_fixtures import one_thread, planted_pairs  # noqa: F401 (fixture)
+from hyperfeatures_fixtures import cub_tree, one_thread, planted_pairs, spair_tree  # noqa: F401 (fixture)
 from omegaconf import OmegaConf
 
 from diffprobe.errors import DiffprobeError
@@ -80,6 +80,19 @@ def test_baseline_scores_one_raw_layer_without_weights(trained, tmp_path):
     assert res["layer"] == "up_blocks.1.resnets.0.hook_residual"
     assert 0 <= res["raw_layer"]["pck@0.1_img_per_point"] <= 1 and res["raw_layer"]["num_points_img"] == 18
     assert json.loads((tmp_path / "metrics.json").read_text())["raw_layer"] == res["raw_layer"]
+
+
+def test_spair_and_cub_data_say_which_pairs_were_used(trained, tmp_path):
+    from diffprobe.tasks import hyperfeatures
+
+    spair_tree(tmp_path / "SPair-71k", per_cat=3, cats=("cat", "dog"))
+    res = hyperfeatures.run(compose("hyperfeatures", "spair", mode="baseline", **{"data.root": str(tmp_path),
+                                                                                  "data.per_category": 2}), tmp_path / "a")
+    assert res["pairs"] == "SPair-71k test: a seeded subset of 2 pairs per category (seed 0), 4 pairs"
+    assert res["raw_layer"]["num_points_img"] == res["raw_layer"]["num_points_bbox"] == 8
+    cub_tree(tmp_path / "CUB_200_2011")
+    res = hyperfeatures.run(compose("hyperfeatures", "cub", mode="baseline", **{"data.root": str(tmp_path)}), tmp_path / "b")
+    assert res["pairs"].startswith("CUB-200-2011 test: 5 same-class pairs per class") and res["raw_layer"]["num_pairs"] == 3
 
 
 def test_extract_writes_descriptors(trained, tmp_path):

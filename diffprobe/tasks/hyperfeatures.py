@@ -107,7 +107,8 @@ def load_pairs(data: DictConfig | None, split: str, seed: int) -> tuple[list[Cor
         if split == "val":
             raise DiffprobeError("CUB-200-2011 has no validation split")
         ppc = int(data.get("pairs_per_class", 5))
-        pairs = cub_pairs(data.root, split="train" if split in ("train", "trn") else "test", pairs_per_class=ppc, seed=seed)
+        pairs = cub_pairs(data.root, split="train" if split in ("train", "trn") else "test", pairs_per_class=ppc,
+                          seed=seed, classes=data.get("classes"))
         return pairs, f"CUB-200-2011 {split}: {ppc} same-class pairs per class (seed {seed}), {len(pairs)} pairs"
     if name == "pairs":
         from diffprobe.data.pairs_json import read_pairs_json
