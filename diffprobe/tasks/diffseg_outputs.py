@@ -63,9 +63,9 @@ def figure(image: Image.Image, labels: np.ndarray, num_labels: int, outside: int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5 * labels.shape[0] / labels.shape[1] + 0.8))
     panels = [("input", np.asarray(image)), ("overlay", overlay(image, labels, num_labels, outside)),
-              (f"{num_labels} segments", colourise(labels, num_labels, outside))]
+              (f"{num_labels} segment{'' if num_labels == 1 else 's'}", colourise(labels, num_labels, outside))]
     for ax, (name, arr) in zip(axes, panels):
         ax.imshow(arr)
         ax.set_title(name)
@@ -75,6 +75,7 @@ def figure(image: Image.Image, labels: np.ndarray, num_labels: int, outside: int
             axes[2].text(*row["centroid"], row["word"], ha="center", va="center", fontsize=9,
                          bbox=dict(facecolor="white", alpha=0.7, lw=0))
     fig.suptitle(title)
+    fig.tight_layout()
     return fig
 
 
