@@ -21,20 +21,22 @@ def setup(request):
     return bb, probe, latents, cond
 
 
-def _inputs_of(module, fn):
-    """Run fn() and return the (hidden, context) the module was called with."""
+def _inputs_of(modules, fn):
+    """Run fn() once and return, per module, the (hidden, context) it was called with."""
     seen = {}
-
-    def hook(m, args, kwargs):
-        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-        seen["context"] = kwargs.get("encoder_hidden_states")
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [
+        m.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: seen.__setitem__(
+                i, (args[0] if args else kwargs["hidden_states"], kwargs.get("encoder_hidden_states"))),
+            with_kwargs=True)
+        for i, m in enumerate(modules)
+    ]
     try:
         fn()
     finally:
-        handle.remove()
-    return seen["hidden"], seen["context"]
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in range(len(modules))]
 
 
 def _diffusers_scores(attn, hidden, context):
@@ -51,9 +53,10 @@ def test_probs_equal_diffusers_scores(setup):
     names = probe.select("*.hook_probs")
     with probe.capture(names, reduce=Reduce(heads="none")) as cache:
         unet_call(bb, latents, 50, cond)
-    for name in names[:: max(1, len(names) // 8)] + [names[-1]]:
-        attn = bb.unet.get_submodule(probe.sites[name].module)
-        hidden, context = _inputs_of(attn, lambda: unet_call(bb, latents, 50, cond))
+    checked = names[:: max(1, len(names) // 8)] + [names[-1]]
+    modules = [bb.unet.get_submodule(probe.sites[n].module) for n in checked]
+    inputs = _inputs_of(modules, lambda: unet_call(bb, latents, 50, cond))
+    for name, attn, (hidden, context) in zip(checked, modules, inputs):
         expected = _diffusers_scores(attn, hidden, context if probe.sites[name].kind == "cross_attn" else None)
         assert cache[name].shape == expected.shape
         torch.testing.assert_close(cache[name], expected, atol=1e-5, rtol=0)
@@ -155,7 +158,7 @@ def test_query_upsampling_shape_and_values():
         unet_call(bb, latents, 50, cond)
     assert cache[name].shape == (1, 60, bb.max_tokens) and cache.grid(name) == (6, 10)
     attn = bb.unet.get_submodule(probe.sites[name].module)
-    hidden, context = _inputs_of(attn, lambda: unet_call(bb, latents, 50, cond))
+    [(hidden, context)] = _inputs_of([attn], lambda: unet_call(bb, latents, 50, cond))
     h = int(hidden.shape[1] ** 0.5)
     grid = hidden.transpose(1, 2).reshape(1, -1, h, h)
     up = F.interpolate(grid, size=(6, 10), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
@@ -215,3 +218,18 @@ def test_storage_dtype_and_unsupported_attention_is_refused():
                 pass
     finally:
         attn.norm_q = None
+
+
+def test_encoder_attention_mask_is_applied():
+    """A mask on the tokens (the UNet's encoder_attention_mask) zeroes their probabilities, rows still sum to 1."""
+    bb = tiny_backbone("sd15")
+    probe = ProbeRegistry(bb.unet)
+    cond = encode_prompt(bb, ["a cat"])
+    mask = torch.ones(1, bb.max_tokens)
+    mask[:, 5:] = 0
+    name = probe.select("*.attn2.hook_probs")[0]
+    with probe.capture(name) as cache:
+        bb.unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=cond.context, encoder_attention_mask=mask)
+    probs = cache[name]
+    assert float(probs[..., 5:].abs().max()) < 1e-6
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))

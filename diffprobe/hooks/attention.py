@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# Largest number of fp32 score elements held at once per chunk (64 Mi elements = 256 MiB).
-CHUNK_ELEMENTS = 1 << 26
+# fp32 score elements per query chunk (4 Mi = 16 MiB): small enough to stay cache-friendly, which on a CPU
+# makes the recomputation about twice as fast as 256 MiB chunks.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def check_supported(attn: torch.nn.Module, name: str) -> None:
@@ -54,10 +55,9 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, inner // heads).transpose(1, 2)  # (B, heads, n, d)
 
 
-def _chunk_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
-                 heads: str | int) -> torch.Tensor:
-    """Probabilities of one query chunk: q (B, h, n, d), k (B, h, K, d) -> reduced over heads."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+def _chunk_probs(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, heads: str) -> torch.Tensor:
+    """Probabilities of one query chunk: q (B, h, n, d) pre-scaled, k_t (B, h, d, K) -> reduced over heads."""
+    scores = torch.matmul(q, k_t)
     if bias is not None:
         scores = scores + bias
     probs = scores.softmax(dim=-1)
@@ -82,7 +82,7 @@ def attention_probs(
     With `grad`, each chunk is checkpointed so the graph holds only the inputs, not the probabilities.
     """
     source = hidden if context is None else context
-    q = attn.to_q(hidden).float()
+    q = attn.to_q(hidden).float() * attn.scale
     k = attn.to_k(source).float()
     q, k = _split_heads(q, attn.heads), _split_heads(k, attn.heads)
     bias = None
@@ -92,14 +92,23 @@ def attention_probs(
     if isinstance(heads, int):
         q, k = q[:, heads : heads + 1], k[:, heads : heads + 1]
         bias = None if bias is None else bias[:, heads : heads + 1]
+    k_t = k.transpose(-1, -2)
     b, h, n, _ = q.shape
-    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * k.shape[2]))
+    num_keys = k.shape[2]
+    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * num_keys))
     mode = "mean" if isinstance(heads, int) else heads
-    pieces = []
+
+    def bias_rows(start: int) -> torch.Tensor | None:  # a mask is (.., 1, K) or per query (.., N, K)
+        if bias is None or bias.shape[-2] == 1:
+            return bias
+        return bias[..., start : start + chunk, :]
+
+    if grad:
+        pieces = [checkpoint(_chunk_probs, q[:, :, s : s + chunk], k_t, bias_rows(s), mode, use_reentrant=False)
+                  for s in range(0, n, chunk)]
+        return torch.cat(pieces, dim=-2)
+    shape = (b, h, n, num_keys) if mode == "none" else (b, n, num_keys)
+    out = torch.empty(shape, dtype=torch.float32, device=q.device)
     for start in range(0, n, chunk):
-        qc = q[:, :, start : start + chunk]
-        if grad:
-            pieces.append(checkpoint(_chunk_probs, qc, k, attn.scale, bias, mode, use_reentrant=False))
-        else:
-            pieces.append(_chunk_probs(qc, k, attn.scale, bias, mode))
-    return torch.cat(pieces, dim=-2) if len(pieces) > 1 else pieces[0]
+        out[..., start : start + chunk, :] = _chunk_probs(q[:, :, start : start + chunk], k_t, bias_rows(start), mode)
+    return out
