@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.eval.segmentation import (DatasetHungarian, PerImageHungarian, confusion_matrix, match_counts,
-                                         scores)
+from diffprobe.eval.segmentation import (DatasetHungarian, PerImageHungarian, SegmentCount, confusion_matrix,
+                                         match_counts, scores)
 
 LABEL = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
 PRED = np.array([[3, 3, 0, 0], [0, 1, 1, 2]])
@@ -65,3 +65,13 @@ def test_state_round_trip():
     ds2 = DatasetHungarian(3)
     ds2.load_state(ds.state())
     assert ds2.result() == ds.result()
+
+
+def test_segment_count():
+    c = SegmentCount()
+    c.update(LABEL, PRED)  # ids 0, 1, 2, 3
+    c.update(LABEL, np.zeros_like(PRED))
+    assert c.result() == {"segments_per_image": 2.5}
+    d = SegmentCount()
+    d.load_state(c.state())
+    assert d.result() == c.result()

@@ -129,3 +129,24 @@ class DatasetHungarian:
     def load_state(self, state: dict) -> None:
         self.hist = np.asarray(state["hist"], dtype=np.float64).copy()
         self.images = int(state["images"][0])
+
+
+@dataclass
+class SegmentCount:
+    """Mean number of predicted segments per image (ids present in the prediction, ignored pixels included)."""
+
+    total: float = 0.0
+    images: int = 0
+
+    def update(self, label: np.ndarray, pred: np.ndarray) -> None:
+        self.total += len(np.unique(pred))
+        self.images += 1
+
+    def result(self) -> dict:
+        return {"segments_per_image": self.total / self.images if self.images else float("nan")}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"total": np.array([self.total]), "images": np.array([self.images])}
+
+    def load_state(self, state: dict) -> None:
+        self.total, self.images = float(state["total"][0]), int(state["images"][0])

@@ -25,7 +25,7 @@ from diffprobe.data.coco_stuff import CocoStuff27
 from diffprobe.data.images import image_to_tensor
 from diffprobe.data.labelled_images import center_crop_label
 from diffprobe.errors import DiffprobeError
-from diffprobe.eval.segmentation import DatasetHungarian, PerImageHungarian
+from diffprobe.eval.segmentation import DatasetHungarian, PerImageHungarian, SegmentCount
 from diffprobe.io import atomic_path, load_tensors, save_json, save_tensors
 from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings, head_params
 
@@ -106,7 +106,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         params.tau = data.diffseg_tau if data.diffseg_tau is not None else 0.9
     head_params(params)  # fail on bad head keys before loading a model
     count = len(dataset) if params.limit is None else min(int(params.limit), len(dataset))
-    meters = {"per_image": PerImageHungarian(dataset.num_classes), "dataset": DatasetHungarian(dataset.num_classes)}
+    meters = {"per_image": PerImageHungarian(dataset.num_classes), "dataset": DatasetHungarian(dataset.num_classes),
+              "segments": SegmentCount()}
     fingerprint = _fingerprint(cfg, params, data, count)
     start = _restore(params.resume, fingerprint, meters) if params.resume else 0
     pipeline = DiffSegPipeline(load_configured_backbone(cfg), params, seed=run_config(cfg).seed)
@@ -119,12 +120,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             meter.update(label, result.labels.numpy())
         if (i + 1) % params.checkpoint_every == 0 or i + 1 == count:
             _checkpoint(out_dir, fingerprint, meters, i + 1)
-    results = [m.result() for m in meters.values()]
+    results = [meters["per_image"].result(), meters["dataset"].result()]
+    segments = meters["segments"].result()["segments_per_image"]
     title = (f"DiffSeg on {data.name} ({count} images, model {cfg.model.name}, tau {params.tau}, "
-             f"merge {params.merge}, refine {params.refine}, {size} px)")
+             f"merge {params.merge}, refine {params.refine}, {size} px; {segments:.1f} segments per image)")
     table = format_table(title, results)
     print(table)
-    report = {"title": title, "class_names": list(dataset.class_names), "results": results, **fingerprint}
+    report = {"title": title, "class_names": list(dataset.class_names), "results": results,
+              "segments_per_image": segments, **fingerprint}
     save_json(out_dir / "metrics.json", report)
     with atomic_path(out_dir / "metrics.md") as tmp:
         tmp.write_text(table + "\n")
