@@ -64,6 +64,7 @@ def test_eval_reproduces_training_validation_and_ablate_reports_pruned(trained, 
     ev = hyperfeatures.run(compose("hyperfeatures", "pairs", mode="eval", **common), tmp_path / "eval")
     assert ev["hyperfeatures"]["pck@0.1_img_per_point"] == pytest.approx(metrics["val"]["pck@0.1_img_per_point"])
     assert "pck@0.1_bbox_per_point" in ev["hyperfeatures"]
+    assert len(list((tmp_path / "eval" / "pairs").glob("hyperfeatures_*.png"))) == 3  # plot_pairs=4 > 3 pairs
     ab = hyperfeatures.run(compose("hyperfeatures", "pairs", mode="ablate", **common), tmp_path / "ablate")
     assert {"hyperfeatures", "pruned_raw", "pruned_bottleneck"} <= set(ab)
     mix = json.loads((out / "mixing_weights.json").read_text())

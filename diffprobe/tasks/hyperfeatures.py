@@ -2,7 +2,8 @@
 
     mode=train    data=spair|cub|pairs  -> model/ (aggregator + extraction config), checkpoint/, history.json,
                                            curves.png, mixing_weights.png, metrics.json
-    mode=eval     weights=DIR data=...  -> metrics.json (PCK@alpha_img and _bbox, per point and per image), pairs.json
+    mode=eval     weights=DIR data=...  -> metrics.json (PCK@alpha_img and _bbox, per point and per image), pairs.json,
+                                           pairs/<descriptor>_<pair>.png (matches of the first plot_pairs pairs)
     mode=ablate   weights=DIR data=...  -> ablation.json: full model vs the pruned layer/step raw and through
                                            its bottleneck
     mode=extract  weights=DIR image=... -> <stem>.safetensors descriptors (D, H, W) and <stem>_pca.png
@@ -20,11 +21,12 @@ import torch
 from omegaconf import DictConfig
 
 from diffprobe.config import load_configured_backbone, run_config, typed
+from diffprobe.data.images import load_image
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.evaluate import Describe, evaluate_pairs
 from diffprobe.heads.hyperfeatures.extract import DEFAULT_LAYERS, ExtractionConfig, check_image_size
-from diffprobe.heads.hyperfeatures.figures import plot_mixing_weights, plot_training_curves
+from diffprobe.heads.hyperfeatures.figures import plot_matches, plot_mixing_weights, plot_training_curves
 from diffprobe.heads.hyperfeatures.matching import METHODS
 from diffprobe.heads.hyperfeatures.model import (
     RAW_LAYER,
@@ -66,6 +68,7 @@ class HyperfeaturesParams:
     method: str = "nn"
     feature_store: int = 16
     raw_layer: str = RAW_LAYER  # mode=baseline
+    plot_pairs: int = 4  # eval/ablate/baseline: match figures of the first pairs, in pairs/
 
 
 def _params(cfg: DictConfig) -> HyperfeaturesParams:
@@ -176,7 +179,8 @@ def _mixing_figure(model: HyperfeatureModel, out_dir: Path) -> None:
     })
 
 
-def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Describe], size: int) -> dict:
+def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Describe], size: int,
+              out_dir: Path) -> dict:
     seed = run_config(cfg).seed
     pairs, desc = load_pairs(cfg.get("data"), p.split, seed)
     results = {}
@@ -184,6 +188,11 @@ def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Des
         ev = evaluate_pairs(describe, pairs, size, p.alpha, p.method, progress=True)
         results[name] = (ev.summary(), ev.rows)
         log.info("%s: %s", name, ev.summary())
+        for pair, row in list(zip(pairs, ev.rows))[: p.plot_pairs]:
+            plot_matches(load_image(pair.source), load_image(pair.target), pair.source_points,
+                         np.asarray(row["predicted"]), out_dir / "pairs" / f"{name}_{pair.name}.png",
+                         correct=np.asarray(row["correct_img"]),
+                         title=f"{name}: {pair.name}, PCK@{p.alpha:g}_img {row[f'pck@{p.alpha:g}_img']:.2f}")
     return {"pairs": desc, "pooling": "per point over all pairs (per_image: mean of per-pair PCK)",
             "results": results}
 
@@ -225,7 +234,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if p.mode == "baseline":
         size = check_image_size(bb, probe, p.image_size or bb.sample_size)
         describers = {"raw_layer": raw_layer_describer(bb, probe, p.raw_layer, size, seed=run_config(cfg).seed)}
-        res = _evaluate(p, cfg, describers, size)
+        res = _evaluate(p, cfg, describers, size, out_dir)
         out = {"mode": "baseline", "layer": p.raw_layer, "step": "t=-1 (clean)", "pairs": res["pairs"],
                "pooling": res["pooling"], "raw_layer": res["results"]["raw_layer"][0]}
         save_json(out_dir / "pairs.json", {"raw_layer": res["results"]["raw_layer"][1]})
@@ -242,7 +251,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         if p.mode == "ablate":
             describers.update(pruned_describers(model, bb, probe, seed=seed))
             _mixing_figure(model, out_dir)
-        res = _evaluate(p, cfg, describers, model.extraction.image_size)
+        res = _evaluate(p, cfg, describers, model.extraction.image_size, out_dir)
         out = {"mode": p.mode, "weights": p.weights, "pairs": res["pairs"], "pooling": res["pooling"],
                "alpha": p.alpha, "method": p.method, **{k: v[0] for k, v in res["results"].items()}}
         if p.mode == "ablate":

@@ -92,7 +92,7 @@ def evaluate_pairs(describe: Describe, pairs: list[CorrespondencePair], size: in
         ev.img.add(r_img)
         row = {"pair": pair.name, "category": pair.category, "num_points": r_img.num_points,
                f"pck@{r_img.name}": r_img.per_point, "predicted": pred.round(2).tolist(),
-               "mutual_fraction": float(info["mutual"].float().mean())}
+               "correct_img": r_img.correct[0].tolist(), "mutual_fraction": float(info["mutual"].float().mean())}
         if pair.target_bbox is not None:
             r_box = pck(pred, pair.target_points, threshold_bbox_max_side(pair.target_bbox, alpha))
             ev.bbox.add(r_box)
