@@ -88,7 +88,7 @@ def test_aggregation_custom_weights_and_errors():
         aggregate({4: maps[4], 3: torch.ones(9, 9) / 9})  # 3 does not divide 4
 
 
-@pytest.mark.parametrize("merge", ["components", "reference"])
+@pytest.mark.parametrize("merge", ["leaders", "components", "reference"])
 @pytest.mark.parametrize("refine", [False, True])
 def test_planted_segmentation_is_recovered(merge, refine):
     seg = block_segmentation(16)

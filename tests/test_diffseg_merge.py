@@ -2,8 +2,9 @@
 
 import torch
 
+from diffprobe.heads.diffseg.distance import symmetric_kl
 from diffprobe.heads.diffseg.merge import (anchor_indices, anchor_positions, initial_proposals, kmeans_refine,
-                                           merge_components, merge_reference)
+                                           merge_components, merge_leaders, merge_reference)
 
 # Symmetric KL: D(A,B) = D(B,C) = 0.364, D(A,C) = 1.456; with tau = 0.5, A~B and B~C but not A~C.
 A = [0.8, 0.1, 0.1]
@@ -40,6 +41,38 @@ def test_components_merge_is_order_independent():
     out = merge_components(t(far, A, B, C, far), TAU)
     assert as_set(out) == as_set(torch.stack([t(far)[0], mean(A, B, C)]))
     torch.testing.assert_close(out[0], t(far)[0])  # components come in order of their first member
+
+
+def chain(n, eps=0.05):
+    """n distributions over n + 1 pixels, k-th with its mass on pixels k and k + 1: neighbours in the
+    chain share a pixel (distance 1.29), others share none (distance 2.59)."""
+    x = torch.full((n, n + 1), eps, dtype=torch.float64)
+    for k in range(n):
+        x[k, k] = x[k, k + 1] = 1.0
+    return x / x.sum(dim=1, keepdim=True)
+
+
+def test_leaders_merge_takes_disjoint_one_hop_groups():
+    x, tau = chain(5), 2.0
+    close = symmetric_kl(x) < tau
+    assert close[0, 1] and close[1, 2] and not close[0, 2] and not close[1, 3]  # a chain, no shortcuts
+    out = merge_leaders(x, tau)
+    assert merge_components(x, tau).shape[0] == 1  # components follow the chain to one group
+    # leaders: seeds with most neighbours first (1, 2, 3 have 3; ties by peak position then value):
+    # seed 1 takes {0, 1, 2}, then seed 3 takes {3, 4}
+    assert as_set(out) == as_set(torch.stack([x[[0, 1, 2]].mean(dim=0), x[[3, 4]].mean(dim=0)]))
+
+
+def test_leaders_merge_is_order_independent():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 12, generator=gen, dtype=torch.float64) ** 3
+    x = x / x.sum(dim=1, keepdim=True)
+    tau = float(symmetric_kl(x).median())
+    base = as_set(merge_leaders(x, tau))
+    assert 1 < len(base) < 40
+    for seed in range(3):
+        perm = torch.randperm(40, generator=torch.Generator().manual_seed(seed))
+        assert as_set(merge_leaders(x[perm], tau)) == base
 
 
 def test_initial_proposals_average_close_maps():

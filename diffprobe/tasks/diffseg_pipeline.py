@@ -31,7 +31,7 @@ class DiffSegSettings:
     tau: Any = 0.9
     iterations: int = 3
     anchors: int = 16
-    merge: str = "components"
+    merge: str = "leaders"
     weights: Any = None
     refine: bool = False
     image_size: int | None = None

@@ -14,7 +14,7 @@ from scipy.sparse.csgraph import connected_components
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.diffseg.distance import symmetric_kl
 
-MERGE_MODES = ("components", "reference")
+MERGE_MODES = ("leaders", "components", "reference")
 
 
 def anchor_positions(side: int, points: int) -> list[int]:
@@ -69,8 +69,33 @@ def merge_components(proposals: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.stack([proposals[torch.from_numpy(np.flatnonzero(labels == c))].mean(dim=0) for c in order])
 
 
-def merge(proposals: torch.Tensor, tau: float, mode: str = "components") -> torch.Tensor:
+def merge_leaders(proposals: torch.Tensor, tau: float) -> torch.Tensor:
+    """Order-independent merge closest to the reference's pass: proposals are visited by a key of their
+    content (most neighbours closer than tau first, then peak position, peak value, sum of squares),
+    and each one not yet taken is averaged with its neighbours not yet taken. Groups are disjoint
+    one-hop neighbourhoods (no chaining through intermediate proposals); only numerically identical
+    maps can tie, and those are interchangeable."""
+    dist = symmetric_kl(proposals)
+    close = (dist + dist.T) * 0.5 < tau
+    degree = close.sum(dim=1).tolist()
+    peak_val, peak_pos = proposals.max(dim=1)
+    energy = (proposals * proposals).sum(dim=1).tolist()
+    order = sorted(range(len(proposals)),
+                   key=lambda i: (-degree[i], int(peak_pos[i]), -float(peak_val[i]), -energy[i]))
+    free = torch.ones(len(proposals), dtype=torch.bool, device=proposals.device)
+    merged = []
+    for i in order:
+        if free[i]:
+            members = close[i] & free
+            free &= ~members
+            merged.append(proposals[members].mean(dim=0))
+    return torch.stack(merged)
+
+
+def merge(proposals: torch.Tensor, tau: float, mode: str = "leaders") -> torch.Tensor:
     """One merging iteration (iterations 1..N-1) in the given mode."""
+    if mode == "leaders":
+        return merge_leaders(proposals, tau)
     if mode == "components":
         return merge_components(proposals, tau)
     if mode == "reference":

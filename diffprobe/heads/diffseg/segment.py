@@ -20,15 +20,15 @@ class DiffSegParams:
 
     tau: merge threshold on the symmetric KL, one value or one per iteration (ref 1.1 on
       COCO-Stuff-27, 0.9 on Cityscapes and demos). iterations: N >= 2 (ref 3). anchors: M, the
-      anchor grid is M x M (ref 16). merge: "components" (order-independent, default) or
-      "reference" (the reference's greedy, order-dependent pass). weights: aggregation weights per
+      anchor grid is M x M (ref 16). merge: "leaders" (order-independent, default), "components"
+      (order-independent, transitive) or "reference" (the reference's greedy, order-dependent pass). weights: aggregation weights per
       resolution (None: proportional to resolution). refine: k-means refinement (ref: off).
     """
 
     tau: float | Sequence[float] = 0.9
     iterations: int = 3
     anchors: int = 16
-    merge: str = "components"
+    merge: str = "leaders"
     weights: Sequence[float] | Mapping | None = None
     refine: bool = False
     refine_iters: int = 30
