@@ -72,7 +72,8 @@ def test_consumer_gets_each_saved_step_once_with_its_timestep(model):
     cfg = ExtractionConfig(num_steps=5, save_every=2, image_size=64)  # calls t=-1,0,200,400,600 -> keep 0,2,4
     got = []
     x = torch.rand(1, 3, 64, 64) * 2 - 1
-    ts = run_extraction(bb, probe, x, cfg, lambda s, f: got.append((s, sorted(f))))
+    ts, generated = run_extraction(bb, probe, x, cfg, lambda s, f: got.append((s, sorted(f))))
+    assert generated is None
     assert [s for s, _ in got] == [0, 1, 2]
     assert ts == [-1.0, 200.0, 600.0]
     assert got[0][1] == sorted(probe.select(LAYERS))
@@ -148,7 +149,8 @@ def test_generation_steps_are_mirrored_into_noise_order_and_keep_the_cond_half(m
     bb, probe = model
     cfg = ExtractionConfig(process="generation", num_steps=4, save_every=2, image_size=64)  # inversion calls 0, 1, 3
     got = {}
-    ts = run_extraction(bb, probe, None, cfg, lambda s, f: got.setdefault(s, f), prompts=["a cat", "a dog"])
+    ts, images = run_extraction(bb, probe, None, cfg, lambda s, f: got.setdefault(s, f), prompts=["a cat", "a dog"])
+    assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
     # generation calls run 4 -> 1 in noise; inversion calls [0, 1, 3] mirror to generation calls [3, 2, 0]
     assert ts == sorted(ts) and len(ts) == 3
     assert all(f.shape[0] == 2 for f in got[0].values())  # the [uncond; cond] batch of 4 keeps the cond half

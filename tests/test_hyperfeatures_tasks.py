@@ -130,6 +130,23 @@ def test_correspond_without_points_or_weights_uses_salient_grid_and_raw_layer(tr
     assert len(res["target_points"]) == len(res["source_points"])
 
 
+def test_correspond_generates_a_pair_from_prompts(trained, tmp_path):
+    from diffprobe.tasks import correspond
+
+    _, out, _ = trained
+    res = correspond.run(compose("correspond", source_prompt="a cat", target_prompt="a dog", weights=str(out / "model"),
+                                 grid=3), tmp_path / "a")
+    assert res["descriptor"] == "hyperfeatures, generation steps flipped" and res["source"] == "source.png"
+    for name in ("source.png", "target.png", "matches.json", "correspondences.png"):
+        assert (tmp_path / "a" / name).is_file()
+    raw = correspond.run(compose("correspond", source_prompt="a cat", target_prompt="a dog", num_steps=2,
+                                 points=[[5, 5]]), tmp_path / "b")
+    assert raw["descriptor"].startswith("raw layer") and len(raw["target_points"]) == 1
+    with pytest.raises(DiffprobeError, match="not both"):
+        correspond.run(compose("correspond", source_prompt="a", target_prompt="b", source="x.png", target="y.png"),
+                       tmp_path)
+
+
 def test_bad_settings_are_one_line_errors(trained, tmp_path):
     from diffprobe.tasks import correspond, hyperfeatures
 

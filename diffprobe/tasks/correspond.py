@@ -7,6 +7,10 @@ clean inversion step (raw_layer, default layer 4 = up_blocks.1.resnets.0: the pa
 Points: (x, y) pixels of the source, given inline or as a JSON file; none given = a grid on the source's
 salient region. With target_points (ground truth), PCK@alpha against the target image size is reported.
 
+With source_prompt/target_prompt instead of images, both images are generated and matched with the
+features of their own generation (a trained model's steps flipped into generation order, the paper's
+transfer to synthetic images); they are written as source.png and target.png.
+
 Writes matches.json (source/target points, cosine scores, mutual flags, descriptor used) and
 correspondences.png (both images, a line per match).
 """
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from omegaconf import DictConfig
 
 from diffprobe.config import load_configured_backbone, run_config, typed
@@ -33,10 +38,11 @@ from diffprobe.heads.hyperfeatures.model import (
     RAW_LAYER,
     HyperfeatureModel,
     hyperfeature_describer,
+    generated_pair,
     raw_layer_describer,
 )
 from diffprobe.hooks import ProbeRegistry
-from diffprobe.io import save_json
+from diffprobe.io import save_json, save_png
 
 
 
@@ -51,6 +57,9 @@ class CorrespondParams:
     image_size: int | None = None  # for raw features; null = the model's sample size
     grid: int = 8
     method: str = "nn"
+    source_prompt: str | None = None  # instead of images: generate both and use the generation's own features
+    target_prompt: str | None = None
+    num_steps: int = 50  # generation steps when prompts are given without weights
     alpha: float = 0.1
 
 
@@ -71,8 +80,12 @@ def _params(cfg: DictConfig) -> tuple[CorrespondParams, np.ndarray | None, np.nd
     raw = {k: cfg.get(k) for k in ("points", "target_points")}
     node = {k: v for k, v in cfg.items() if k not in raw}
     p = typed(node, CorrespondParams, "correspond")
-    if not p.source or not p.target:
-        raise DiffprobeError("task=correspond needs source=IMAGE and target=IMAGE")
+    synthetic = bool(p.source_prompt or p.target_prompt)
+    if synthetic and not (p.source_prompt and p.target_prompt) or not synthetic and not (p.source and p.target):
+        raise DiffprobeError("task=correspond needs source=IMAGE and target=IMAGE, or source_prompt=TEXT and "
+                             "target_prompt=TEXT to generate the pair")
+    if synthetic and (p.source or p.target):
+        raise DiffprobeError("give either source/target images or source_prompt/target_prompt, not both")
     if p.method not in METHODS:
         raise DiffprobeError(f"method must be one of {METHODS}, got {p.method!r}")
     if p.grid < 1:
@@ -86,23 +99,48 @@ def _params(cfg: DictConfig) -> tuple[CorrespondParams, np.ndarray | None, np.nd
     return p, src_pts, tgt_pts
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    p, src_pts, tgt_pts = _params(cfg)
-    src_img, tgt_img = load_image(p.source), load_image(p.target)  # fail on bad paths before loading a model
-    bb = load_configured_backbone(cfg)
-    probe = ProbeRegistry(bb.unet)
-    seed = run_config(cfg).seed
-    if p.weights:
-        model = HyperfeatureModel.load(p.weights)
-        model.net.to(bb.device)
+def _real_pair(p: CorrespondParams, bb, probe, model, seed: int):
+    """Descriptors of the two image files: (src, tgt) each ((D, h, w), original (H, W)), load size, description."""
+    if model is not None:
         describe, size = hyperfeature_describer(model, bb, probe, seed=seed), model.extraction.image_size
         used = {"descriptor": "hyperfeatures", "weights": p.weights}
     else:
         size = check_image_size(bb, probe, p.image_size or bb.sample_size)
         describe = raw_layer_describer(bb, probe, p.raw_layer, size, seed=seed)
         used = {"descriptor": "raw layer (no weights given)", "layer": p.raw_layer, "step": "t=-1 (clean)"}
-    src_desc, src_hw = describe(Path(p.source))
-    tgt_desc, tgt_hw = describe(Path(p.target))
+    return describe(Path(p.source)), describe(Path(p.target)), size, used
+
+
+def _generated_pair(p: CorrespondParams, bb, probe, model, seed: int, out_dir: Path):
+    """Generate both images (written as source.png / target.png) with their generation features."""
+    desc, images = generated_pair(bb, probe, [p.source_prompt, p.target_prompt], model, p.raw_layer, p.num_steps, seed)
+    size = images.shape[-1]
+    pil = [Image.fromarray((im.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)) for im in images]
+    for name, im in zip(("source", "target"), pil):
+        save_png(out_dir / f"{name}.png", im)
+    used = {"descriptor": "hyperfeatures, generation steps flipped" if model is not None else
+            f"raw layer {p.raw_layer} at the last generation step", "source_prompt": p.source_prompt,
+            "target_prompt": p.target_prompt, "images": "source.png, target.png"}
+    return (desc[0], (size, size)), (desc[1], (size, size)), size, used, pil
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    p, src_pts, tgt_pts = _params(cfg)
+    synthetic = p.source_prompt is not None
+    if not synthetic:
+        src_img, tgt_img = load_image(p.source), load_image(p.target)  # fail on bad paths before loading a model
+    bb = load_configured_backbone(cfg)
+    probe = ProbeRegistry(bb.unet)
+    seed = run_config(cfg).seed
+    model = None
+    if p.weights:
+        model = HyperfeatureModel.load(p.weights)
+        model.net.to(bb.device)
+    if synthetic:
+        (src_desc, src_hw), (tgt_desc, tgt_hw), size, used, (src_img, tgt_img) = _generated_pair(
+            p, bb, probe, model, seed, out_dir)
+    else:
+        (src_desc, src_hw), (tgt_desc, tgt_hw), size, used = _real_pair(p, bb, probe, model, seed)
     if src_pts is None:
         load_pts = salient_grid(src_desc, (size, size), p.grid)
         src_pts = from_load(load_pts, src_hw, size)
@@ -110,7 +148,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     m = match_points(DescriptorField(src_desc, (size, size)), DescriptorField(tgt_desc, (size, size)),
                      to_load(src_pts, src_hw, size), method=p.method)
     pred = from_load(m.target, tgt_hw, size)
-    out = {**used, "method": p.method, "source": p.source, "target": p.target,
+    out = {**used, "method": p.method, "source": p.source or "source.png", "target": p.target or "target.png",
            "source_points": np.asarray(src_pts).round(2), "target_points": pred.round(2),
            "score": m.score, "mutual": m.mutual}
     correct = None

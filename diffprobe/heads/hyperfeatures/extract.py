@@ -96,11 +96,12 @@ def layer_names(probe: ProbeRegistry, layers) -> list[str]:
 
 def run_extraction(bb, probe: ProbeRegistry, images: torch.Tensor | None, cfg: ExtractionConfig, consume: Consumer,
                    layers: list[str] | None = None, prompts: list[str] | None = None,
-                   generator: torch.Generator | None = None) -> list[float]:
+                   generator: torch.Generator | None = None) -> tuple[list[float], torch.Tensor | None]:
     """Run the configured process and call consume(position, {layer: (B, C, h, w)}) once per saved step.
 
     images: (B, 3, H, W) in [-1, 1] (ignored for generation, which needs `prompts`). Returns the
-    timestep of each saved position (noise order). The UNet runs without gradients.
+    timestep of each saved position (noise order) and, for generation, the generated images
+    (B, 3, H, W) in [0, 1] (else None). The UNet runs without gradients.
     """
     from diffprobe.runners import ddim_inversion, encode_images, encode_prompt, generate
 
@@ -111,6 +112,7 @@ def run_extraction(bb, probe: ProbeRegistry, images: torch.Tensor | None, cfg: E
     else:
         position = {c: s for s, c in enumerate(calls)}
     timesteps: dict[int, float] = {}
+    generated = None
 
     def on_step(step: int, t: float, tensors: dict[str, torch.Tensor]) -> None:
         if step in position:
@@ -122,7 +124,7 @@ def run_extraction(bb, probe: ProbeRegistry, images: torch.Tensor | None, cfg: E
         if cfg.process == "generation":
             if not prompts:
                 raise DiffprobeError("hyperfeatures generation needs prompts")
-            generate(bb, prompts, guidance=cfg.guidance, num_steps=cfg.num_steps, generator=generator)
+            generated, _ = generate(bb, prompts, guidance=cfg.guidance, num_steps=cfg.num_steps, generator=generator)
         else:
             lat = encode_images(bb, images.to(bb.device, bb.dtype), sample=cfg.sample_latent, generator=generator)
             cond = encode_prompt(bb, [cfg.prompt] * images.shape[0])
@@ -131,7 +133,7 @@ def run_extraction(bb, probe: ProbeRegistry, images: torch.Tensor | None, cfg: E
         raise DiffprobeError(
             f"the {cfg.process} made {len(cache.timesteps)} UNet calls; saved steps {calls} need more"
         )
-    return [timesteps[s] for s in range(len(calls))]
+    return [timesteps[s] for s in range(len(calls))], generated
 
 
 def extract_descriptors(bb, probe: ProbeRegistry, net, images: torch.Tensor, cfg: ExtractionConfig,

@@ -8,7 +8,7 @@ Saved as a directory: aggregator.safetensors, aggregator.json (network shape) an
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,7 @@ from diffprobe.heads.hyperfeatures.extract import (
     extract_features,
     image_generator,
     layer_names,
+    run_extraction,
 )
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig, read_config, resize
 from diffprobe.io import save_json
@@ -146,3 +147,26 @@ def pruned_describers(model: HyperfeatureModel, bb, probe, seed: int = 0) -> dic
         "pruned_bottleneck": single_map_describer(
             bb, probe, model.extraction, name, call, size, project=lambda f: model.net.project(layer, f), seed=seed),
     }
+
+
+def generated_pair(bb, probe, prompts: list[str], model: HyperfeatureModel | None = None, raw_layer: str = RAW_LAYER,
+                   num_steps: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic images and descriptors from their own generation: ((B, D, h, w), images (B, 3, H, W) in [0, 1]).
+
+    With a model: its saved steps mirrored into generation order, so inversion-trained weights apply with
+    the timesteps flipped (the paper's transfer). Without: raw_layer at the last, least noisy call.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if model is not None:
+        model.check_backbone(probe)
+        agg = model.net.stream()
+        _, images = run_extraction(bb, probe, None, replace(model.extraction, process="generation"), agg.add,
+                                   layers=model.net.config.layers, prompts=prompts, generator=gen)
+        return agg.result(), images
+    if raw_layer not in probe.sites:
+        raise DiffprobeError(f"raw layer {raw_layer!r} is not a site of this model")
+    one = ExtractionConfig(layers=[raw_layer], process="generation", num_steps=num_steps, saved_steps=[0])
+    held: dict[str, torch.Tensor] = {}
+    _, images = run_extraction(bb, probe, None, one, lambda s, f: held.update(f), layers=[raw_layer],
+                               prompts=prompts, generator=gen)
+    return resize(held[raw_layer].float(), images.shape[-1] // bb.vae_factor), images
