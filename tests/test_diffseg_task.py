@@ -148,3 +148,19 @@ def test_diffseg_eval_matches_direct_metrics_and_resumes(tmp_path):
     assert resumed["results"] == full["results"]
     with pytest.raises(DiffprobeError, match="other settings"):
         diffseg_eval.run(OmegaConf.merge(cfg, {"resume": str(tmp_path / "part"), "tau": 0.5}), tmp_path / "x")
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / "diffprobe/assets/mini/model_index.json").is_file(),
+                    reason="diffprobe-mini weights not built yet")
+def test_pipeline_on_diffprobe_mini_uses_its_own_resolutions():
+    from diffprobe.backbones import load_backbone
+    from diffprobe.data.world import demo_scene
+    from diffprobe.mini import packaged_path
+
+    bb = load_backbone({"name": "mini", "tiny": None, "path": str(packaged_path()), "repo_id": None})
+    pipe = DiffSegPipeline(bb, DiffSegSettings(tau=0.002, merge="reference"))
+    x = image_to_tensor(Image.fromarray(demo_scene(0).image), pipe.size, crop="none")
+    maps = pipe.self_attention(x)
+    assert sorted(maps) == [(4, 4), (8, 8), (16, 16)]  # latent 32 x 32, attention at divisors 2, 4, 8
+    res = pipe.segment(x, (64, 64))
+    assert res.labels.shape == (64, 64) and res.num_segments >= 1
