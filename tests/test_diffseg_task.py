@@ -22,15 +22,6 @@ from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU run far faster without intra-op threads fighting other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_cfg(task: str, **overrides):
     base = OmegaConf.create({"model": {"name": "tiny_sd15", "tiny": "sd15", "path": None, "repo_id": None},
                              "device": "cpu", "dtype": "float32", "seed": 0, "image": None, "data": None})
