@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +180,11 @@ def _mixing_figure(model: HyperfeatureModel, out_dir: Path) -> None:
     })
 
 
+def _safe(name: str) -> str:
+    """A file-name-safe version of a pair name (SPair names contain ':')."""
+    return re.sub(r"[^\w.-]", "_", name)
+
+
 def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Describe], size: int,
               out_dir: Path) -> dict:
     seed = run_config(cfg).seed
@@ -190,7 +196,7 @@ def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Des
         log.info("%s: %s", name, ev.summary())
         for pair, row in list(zip(pairs, ev.rows))[: p.plot_pairs]:
             plot_matches(load_image(pair.source), load_image(pair.target), pair.source_points,
-                         np.asarray(row["predicted"]), out_dir / "pairs" / f"{name}_{pair.name}.png",
+                         np.asarray(row["predicted"]), out_dir / "pairs" / f"{name}_{_safe(pair.name)}.png",
                          correct=np.asarray(row["correct_img"]),
                          title=f"{name}: {pair.name}, PCK@{p.alpha:g}_img {row[f'pck@{p.alpha:g}_img']:.2f}")
     return {"pairs": desc, "pooling": "per point over all pairs (per_image: mean of per-pair PCK)",
