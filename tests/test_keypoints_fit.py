@@ -1,7 +1,5 @@
 """A short fit and a prediction on a tiny random SD 1.5-structured model."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
