@@ -4,8 +4,8 @@ For latents of 32x32 and 64x64 (256 and 512 px images) it times, in one process 
   bare   -- the UNet forward with no hooks;
   cross  -- capturing all 16 cross-attention probability maps (heads averaged);
   all    -- capturing all 32 attention maps, 64x64 self-attention included (heads averaged);
-and reports each as a ratio to bare, with the bytes the cache holds and the peak RSS of a fresh process making
-one call in that mode, above the RSS of the loaded UNet (about 3.3 GiB), so peaks do not mix.
+and reports each as a ratio of process CPU time to bare (robust to other jobs on a shared machine), with the
+bytes the cache holds and the peak RSS during one call in a fresh process, above the RSS of the loaded UNet.
 
     python benchmarks/capture_overhead.py [--sizes 32 64] [--reps 3] [--threads N]
 """
@@ -18,6 +18,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 MODES = {"bare": None, "cross": "*.attn2.hook_probs", "all": "*.hook_probs"}
@@ -59,35 +60,61 @@ def _call(unet, probe, mode: str, latents, context) -> int:
         return sum(cache[n].numel() * cache[n].element_size() for n in cache.names)
 
 
+class _PeakSampler:
+    """Samples this process's RSS every millisecond in a thread; `peak` is the largest seen while running."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss_mib(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mib())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
 def peak_memory(mode: str, size: int, threads: int) -> dict:
-    """Peak RSS of a fresh process that builds the UNet and makes one call in `mode`, and that peak minus the
-    RSS just before the call (the forward's own working memory plus what the capture holds)."""
+    """Peak RSS while one call in `mode` runs, above the RSS just before it (forward working memory plus
+    what the capture holds), in a fresh process so earlier calls leave nothing behind."""
     import torch
 
     unet, probe, context = _setup(threads)
     latents = torch.randn(1, 4, size, size)
     before = _rss_mib()
-    held = _call(unet, probe, mode, latents, context)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"held_mib": held / 2**20, "peak_rss_mib": peak, "peak_above_model_mib": peak - before}
+    with _PeakSampler() as sampler:
+        held = _call(unet, probe, mode, latents, context)
+    return {"held_mib": held / 2**20, "peak_above_model_mib": sampler.peak - before}
 
 
 def timings(sizes: list[int], reps: int, threads: int) -> dict:
-    """Median seconds per call for each (size, mode); modes interleaved within each repetition."""
+    """Median CPU seconds and wall seconds per call for each (size, mode); modes interleaved per repetition.
+
+    CPU time of this process is the ratio's basis: other jobs on a shared machine slow the wall clock of
+    every mode, not the work a call does.
+    """
     import torch
 
     unet, probe, context = _setup(threads)
-    times = {(s, m): [] for s in sizes for m in MODES}
+    cpu = {(s, m): [] for s in sizes for m in MODES}
+    wall = {(s, m): [] for s in sizes for m in MODES}
     for size in sizes:
         latents = torch.randn(1, 4, size, size)
         _call(unet, probe, "all", latents, context)  # warm-up
         for _ in range(reps):
             for mode in MODES:
-                start = time.perf_counter()
+                c0, w0 = time.process_time(), time.perf_counter()
                 _call(unet, probe, mode, latents, context)
-                times[(size, mode)].append(time.perf_counter() - start)
+                cpu[(size, mode)].append(time.process_time() - c0)
+                wall[(size, mode)].append(time.perf_counter() - w0)
             print(f"  rep done at {size}x{size}", file=sys.stderr)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in cpu}
 
 
 def main() -> None:
@@ -108,15 +135,16 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             memory[(size, mode)] = json.loads(out.strip().splitlines()[-1])
     print(f"SD 1.5 UNet architecture, random weights, CPU, {args.threads} thread(s), "
-          f"median of {args.reps} interleaved calls\n")
-    print("| latent | capture | seconds / call | ratio to bare | cache holds (MiB) | peak RSS above the loaded UNet (MiB) |")
-    print("|---|---|---|---|---|---|")
+          f"median of {args.reps} interleaved calls; ratios of process CPU time\n")
+    print("| latent | capture | CPU s / call | wall s / call | ratio to bare | cache holds (MiB) | "
+          "peak RSS above the loaded UNet (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
-        bare = seconds[(size, "bare")]
+        bare = seconds[(size, "bare")][0]
         for mode in MODES:
-            mem = memory[(size, mode)]
-            print(f"| {size}x{size} | {mode} | {seconds[(size, mode)]:.2f} | {seconds[(size, mode)] / bare:.3f} | "
-                  f"{mem['held_mib']:.1f} | {mem['peak_above_model_mib']:.0f} |")
+            mem, (c, w) = memory[(size, mode)], seconds[(size, mode)]
+            print(f"| {size}x{size} | {mode} | {c:.2f} | {w:.2f} | {c / bare:.3f} | {mem['held_mib']:.1f} | "
+                  f"{mem['peak_above_model_mib']:.0f} |")
 
 
 if __name__ == "__main__":
