@@ -190,9 +190,16 @@ HOW_TO_GET_WEIGHTS = (
 
 
 def resolve_model_path(path: str | None, repo_id: str | None) -> Path:
-    """The local directory of a model: `path` if given, else the HF cache snapshot of `repo_id`, offline."""
+    """The local directory of a model: `path` if given, else the HF cache snapshot of `repo_id`, offline.
+
+    A relative `path` that does not exist from the working directory is tried relative to the directory that
+    holds the installed `diffprobe` package, so `diffprobe/assets/mini` works from anywhere.
+    """
     if path:
         p = Path(path).expanduser()
+        if not p.is_absolute() and not p.exists():  # package data such as diffprobe/assets/mini, from any cwd
+            installed = Path(__file__).resolve().parent.parent / p
+            p = installed if installed.exists() else p
         if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
             raise DiffprobeError(
                 f"model path {p} is not a diffusers model directory (no model_index.json or unet/config.json there). "

@@ -102,7 +102,15 @@ def test_probe_cli_writes_outputs_and_errors_cleanly(tmp_path):
         (["image=/no/such.png"], "image path not found"),
         ([f"image={tmp_path}", "sites=[nothing*]"], "matches no capture site"),
         ([f"image={tmp_path / 'scene.png'}", "model=sd15", "model.path=/no/weights"], "not a diffusers model directory"),
-        ([], "needs an image"),
     ]:
         res = _cli("task=probe", *args, f"hydra.run.dir={tmp_path / 'err'}", cwd=tmp_path)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_without_an_image_a_world_scene_is_used(tmp_path):
+    out = tmp_path / "run"
+    res = _cli("task=probe", "model=tiny_sd15", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert Image.open(out / "demo_scene.png").size == (256, 256)
+    assert (out / "demo_scene.txt").read_text().strip()  # the scene's caption
+    assert (out / "demo_scene" / "captures.safetensors").is_file()

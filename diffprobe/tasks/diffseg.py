@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from diffprobe.config import load_configured_backbone, run_config, typed
-from diffprobe.data.images import center_square, image_to_tensor, list_images, load_image
+from diffprobe.data.images import center_square, image_to_tensor, load_image
+from diffprobe.data.inputs import input_images
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.diffseg.semantics import vote_words
 from diffprobe.io import save_json
@@ -60,9 +61,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     run_cfg = run_config(cfg)
     if params.crop not in ("center", "none"):
         raise DiffprobeError(f"crop must be center or none, not {params.crop!r}")
-    if not cfg.get("image"):
-        raise DiffprobeError("task=diffseg needs an image: image=PATH (a file or a folder of images)")
-    files = list_images(cfg.image)
+    files = input_images(cfg.get("image"), out_dir)
     head_params(params)  # fail on bad head keys before loading a model
     pipeline = DiffSegPipeline(load_configured_backbone(cfg), params, seed=run_cfg.seed)
     summary = {}

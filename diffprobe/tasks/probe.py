@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from diffprobe.config import load_configured_backbone, run_config, typed
-from diffprobe.data.images import image_to_tensor, list_images, load_image
+from diffprobe.data.images import image_to_tensor, load_image
+from diffprobe.data.inputs import input_images
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import ProbeRegistry, Reduce
 from diffprobe.io import save_figure, save_json, save_tensors
@@ -63,9 +64,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     run_cfg = run_config(cfg)
     if params.heads not in ("mean", "sum", "none"):
         raise DiffprobeError(f"heads must be mean, sum or none, not {params.heads!r}")
-    if not cfg.get("image"):
-        raise DiffprobeError("task=probe needs an image: image=PATH (a file or a folder of images)")
-    files = list_images(cfg.image)
+    files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)
     probe = ProbeRegistry(bb.unet)
     try:
