@@ -109,3 +109,19 @@ def test_generate_runs_cfg_batch_and_is_deterministic():
     img2, _ = generate(bb, ["a cat"], num_steps=3, generator=torch.Generator().manual_seed(0))
     assert batches == [2, 2, 2] and cache[cache.names[0]].shape[0] == 1
     assert img1.shape == (1, 3, 64, 64) and torch.equal(img1, img2) and 0 <= img1.min() and img1.max() <= 1
+
+
+def test_loads_from_the_hugging_face_cache_offline(tmp_path, monkeypatch):
+    """A repo in the HF cache layout (models--org--name/snapshots/<rev>, refs/main) loads by repo_id alone."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-sd"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    save_backbone(tiny_backbone("sd15", seed=5), repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    bb = load_backbone(ModelConfig(name="cached", repo_id="someone/tiny-sd"))
+    ref = tiny_backbone("sd15", seed=5)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(encode_images(bb, x), encode_images(ref, x))
