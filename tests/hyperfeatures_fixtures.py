@@ -1,26 +1,14 @@
-"""Shared by the hyperfeatures tests: planted correspondence pairs, one tiny model, a one-thread torch scope."""
+"""Shared by the hyperfeatures tests: planted correspondence pairs and one tiny model."""
 
 import functools
 import json
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from diffprobe.data.pairs_json import CorrespondencePair
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Run a module's tiny-model work on one thread: on a shared CPU, thread oversubscription makes
-    these tests several times slower. Restores the previous setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=1)

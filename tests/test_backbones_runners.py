@@ -73,6 +73,7 @@ def test_ddim_inversion_timesteps_and_saved_steps():
     lat, cond = torch.randn(1, 4, 8, 8), encode_prompt(bb, [""])
     with probe.capture("mid_block.hook_out", reduce=Reduce(steps=[0, 4, 9])) as cache:
         z = ddim_inversion(bb, lat, cond, num_steps=50)
+    assert z.shape == lat.shape and torch.isfinite(z).all()
     assert cache.timesteps == [-1.0] + [float(t) for t in range(0, 961, 20)]
     assert cache.kept_steps == [0, 4, 9] and cache["mid_block.hook_out"].shape[0] == 3
 

@@ -4,7 +4,7 @@ import gc
 
 import pytest
 import torch
-from hyperfeatures_fixtures import one_thread, tiny_sd15  # noqa: F401 (fixture)
+from hyperfeatures_fixtures import tiny_sd15
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.extract import (
@@ -19,7 +19,7 @@ LAYERS = "up_blocks.*.resnets.*.hook_residual"
 
 
 @pytest.fixture(scope="module")
-def model(one_thread):
+def model():
     return tiny_sd15()
 
 

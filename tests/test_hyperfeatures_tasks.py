@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hyperfeatures_fixtures import cub_tree, one_thread, planted_pairs, spair_tree  # noqa: F401 (fixture)
+from hyperfeatures_fixtures import cub_tree, planted_pairs, spair_tree  # noqa: F401 (fixture)
 from omegaconf import OmegaConf
 
 from diffprobe.errors import DiffprobeError
@@ -27,7 +27,7 @@ def compose(task: str, data: str | None = None, **overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, one_thread):
+def trained(tmp_path_factory):
     from diffprobe.tasks import hyperfeatures
 
     root = tmp_path_factory.mktemp("pairs")

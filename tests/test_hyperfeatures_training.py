@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hyperfeatures_fixtures import SIZE, one_thread, planted_pairs, tiny_sd15  # noqa: F401 (fixture)
+from hyperfeatures_fixtures import SIZE, planted_pairs, tiny_sd15
 
 from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs
 from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, layer_names
@@ -11,7 +11,7 @@ from diffprobe.heads.hyperfeatures.network import AggregationNetwork, Aggregator
 from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, descriptor_fn, pair_order, train
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, one_thread):
+def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     bb, probe = tiny_sd15()
     ex = ExtractionConfig(num_steps=2, save_every=1, image_size=SIZE)

@@ -17,15 +17,7 @@ from diffprobe.hooks import ProbeRegistry
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)        # the tiny model is far faster on one thread when cores are shared
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def setup(one_thread, tmp_path_factory):
+def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)
     items = []
@@ -126,7 +118,7 @@ def test_predict_batched_equals_unbatched_and_reads_points(setup):
 
 
 @pytest.mark.parametrize("structure", ["sd21", "sdxl"])
-def test_maps_and_gradients_on_other_structures(one_thread, structure):
+def test_maps_and_gradients_on_other_structures(structure):
     bb = tiny_backbone(structure)
     probe = ProbeRegistry(bb.unet)
     spec = MapSpec(tuple(default_sites(probe)), res=8)

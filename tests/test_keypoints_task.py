@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -20,14 +19,6 @@ from diffprobe.tasks.keypoints_eval import collect
 CONF = Path(__file__).resolve().parent.parent / "conf"
 SMALL = dict(num_tokens=8, top_k=2, candidates=4, steps=2, batch_size=1, feature_upsample_res=16, num_indices=2,
              preview=1, augmentations=2, predict_batch=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_cfg(data=None, **overrides):
