@@ -33,13 +33,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     images: int = 16000
-    vae_steps: int = 1500
+    vae_steps: int = 900
     vae_batch: int = 16
     vae_crop: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 2600
-    batch: int = 32
-    lr: float = 5e-4
+    unet_steps: int = 2000
+    batch: int = 16
+    lr: float = 6e-4
     warmup: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
