@@ -61,6 +61,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     run_cfg = run_config(cfg)
     if params.crop not in ("center", "none"):
         raise DiffprobeError(f"crop must be center or none, not {params.crop!r}")
+    if params.tau is None:  # the model's own threshold: KL distances between maps scale with the model
+        params.tau = cfg.model.get("diffseg_tau") or 0.9
     files = input_images(cfg.get("image"), out_dir)
     head_params(params)  # fail on bad head keys before loading a model
     pipeline = DiffSegPipeline(load_configured_backbone(cfg), params, seed=run_cfg.seed)
