@@ -92,39 +92,13 @@ def _freeze(backbone: Backbone) -> Backbone:
 # -- tiny random models ------------------------------------------------------------------------------------
 
 
-def _byte_chars() -> list[str]:
-    """CLIP's byte-to-unicode table: the 256 characters byte-level BPE uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, extra = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
 def word_tokenizer(words: list[str] = (), max_length: int = 77):
-    """A CLIPTokenizer built offline: byte-level characters plus each of `words` as one token.
-
-    Each word gets a chain of merges that assembles it left to right, so it encodes to a single id.
-    """
+    """A CLIPTokenizer built offline: byte-level characters plus each of `words` as one token."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_chars()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            if (current, piece) not in merges:
-                merges.append((current, piece))
-            current += piece
-            vocab.setdefault(current, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
+    from diffprobe.mini.tokenizer import build_vocab
+
+    vocab, merges = build_vocab(list(words))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
