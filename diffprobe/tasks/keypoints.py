@@ -39,34 +39,36 @@ MODES = ("fit", "predict", "eval")
 
 @dataclass
 class KeypointsTaskConfig:
+    """The flat user keys of conf/task/keypoints.yaml; the head's settings default to the head's own."""
+
     mode: str = "fit"
     embeddings: str | None = None
     resume: str | None = None
-    num_tokens: int = 500
-    top_k: int = 10
-    candidates: int = 25
-    steps: int = 500
-    batch_size: int = 4
-    lr: float = 5e-3
-    sigma: float = 2.0
-    localisation_weight: float = 100.0
-    equivariance_weight: float = 1000.0
-    masked_equivariance: bool = False
-    degrees: float = 15.0
-    scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
-    translate: float = 0.25
-    num_indices: int = 100
-    checkpoint_every: int = 50
+    num_tokens: int = FitConfig.num_tokens
+    top_k: int = FitConfig.top_k
+    candidates: int = FitConfig.candidates
+    steps: int = FitConfig.steps
+    batch_size: int = FitConfig.batch_size
+    lr: float = FitConfig.lr
+    sigma: float = FitConfig.sigma
+    localisation_weight: float = FitConfig.localisation_weight
+    equivariance_weight: float = FitConfig.equivariance_weight
+    masked_equivariance: bool = FitConfig.masked_equivariance
+    degrees: float = AffineRange.degrees
+    scale: list[float] = field(default_factory=lambda: list(AffineRange.scale))
+    translate: float = AffineRange.translate
+    num_indices: int = FitConfig.num_indices
+    checkpoint_every: int = FitConfig.checkpoint_every
     sites: list[str] | None = None
     feature_upsample_res: int = 128
     timestep: int = 0
     add_noise: bool = True
     image_size: int | None = None
     crop: str = "center"
-    augmentations: int = 10
-    predict_batch: int = 10
-    readout: str = "argmax"
-    soft_radius: float = 6.0
+    augmentations: int = PredictConfig.augmentations
+    predict_batch: int = PredictConfig.batch_size
+    readout: str = PredictConfig.readout
+    soft_radius: float = PredictConfig.soft_radius
     preview: int = 4
     eval_train: int | None = None
     eval_test: int | None = None
