@@ -14,7 +14,7 @@ from diffprobe.mini.dataset import to_unit, tokenize
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
 from diffprobe.mini.train import TrainConfig, denoising_loss, train_mini, vae_loss
 
-TINY = models.MiniArch(vae_channels=(8, 16), unet_channels=(16, 16, 32, 32), unet_heads=2, text_dim=32,
+TINY = models.MiniArch(vae_channels=(8, 16), unet_channels=(16, 16, 32, 32), unet_head_dim=8, text_dim=32,
                        text_layers=1, text_heads=2)
 
 
@@ -84,9 +84,13 @@ def test_resumed_training_equals_uninterrupted_and_exports_a_loadable_pipeline(t
     lb = json.loads((tmp_path / "pipe_b" / "losses.json").read_text())
     assert len(la["unet"]) == len(lb["unet"]) == 4 and resumed["unet_steps_done"] == 4
     np.testing.assert_allclose(la["unet"], lb["unet"], rtol=1e-5)
+    np.testing.assert_allclose(la["unet token grounding"], lb["unet token grounding"], rtol=1e-5)
     np.testing.assert_allclose(la["vae"], lb["vae"], rtol=1e-5)
     bb = load_backbone({"name": "mini", "path": str(tmp_path / "pipe_b")})
     assert bb.vae_factor == 2 and bb.sample_size == 64 and bb.max_tokens == 24
     assert bb.latent_scale == pytest.approx(full["scaling_factor"]) and bb.latent_scale != 1.0
+    with pytest.raises(DiffprobeError, match="does not fit"):  # another architecture in the same work_dir
+        train_mini(TrainConfig(**{**cfg, "unet_steps": 5}), tmp_path / "b", tmp_path / "pipe_c",
+                   arch=models.MiniArch(**{**TINY.to_dict(), "unet_channels": (16, 32, 32, 32)}))
     for name in ("loss_curve.png", "training_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"):
         assert (tmp_path / "pipe_b" / name).is_file()
