@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from diffprobe.errors import DiffprobeError
 from diffprobe.io import load_tensors, save_tensors
 
 
 def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-                    step: int, losses: list[float], ema: dict[str, torch.Tensor] | None = None) -> None:
+                    step: int, losses: dict[str, list[float]], ema: dict[str, torch.Tensor] | None = None) -> None:
     """One file: "<module>.<param>" weights, "ema.<key>", "opt.<i>.<state>", metadata {step, losses}."""
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in (ema or {}).items()})
@@ -22,19 +23,30 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-                    ema: dict[str, torch.Tensor] | None = None) -> tuple[int, list[float]]:
-    """Restore what save_checkpoint wrote into the given objects; returns (step, losses)."""
+                    ema: dict[str, torch.Tensor] | None = None) -> tuple[int, dict[str, list[float]]]:
+    """Restore what save_checkpoint wrote into the given objects; returns (step, {loss name: values}).
+
+    A checkpoint of another architecture or an older layout raises DiffprobeError naming the file.
+    """
     tensors, meta = load_tensors(path)
-    for name, m in modules.items():
-        prefix = f"{name}."
-        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    if ema is not None:
-        for k in ema:
-            ema[k].copy_(tensors[f"ema.{k}"])
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    return int(meta["step"]), json.loads(meta["losses"])
+    losses = json.loads(meta.get("losses", "null"))
+    try:
+        if not isinstance(losses, dict):
+            raise ValueError("it predates per-loss histories")
+        for name, m in modules.items():
+            prefix = f"{name}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if ema is not None:
+            for k in ema:
+                ema[k].copy_(tensors[f"ema.{k}"])
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    except (RuntimeError, KeyError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise DiffprobeError(f"checkpoint {path} does not fit this training run ({reason}); use another "
+                             "train_mini.work_dir or delete it") from None
+    return int(meta["step"]), losses

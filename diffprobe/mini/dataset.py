@@ -1,8 +1,10 @@
-"""The training set of diffprobe-mini: rendered world scenes and token ids, cached once as safetensors."""
+"""The training set of diffprobe-mini: rendered world scenes, token ids and grounding regions, cached once
+as safetensors."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,24 @@ from tqdm import tqdm
 
 from diffprobe.data.world import render_scene, scene_seed
 from diffprobe.io import load_tensors, save_tensors
+from diffprobe.mini.grounding import scene_regions
 
 log = logging.getLogger(__name__)
+FORMAT = "2"  # cache layout version: 2 added regions and token_regions
+
+
+@dataclass
+class TrainingSet:
+    """images (N, 3, H, W) uint8; ids (N, T) int64; regions (N, H, W) uint8 and token_regions (N, T)
+    uint8 as in diffprobe.mini.grounding."""
+
+    images: torch.Tensor
+    ids: torch.Tensor
+    regions: torch.Tensor
+    token_regions: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -21,24 +39,27 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def training_set(path: Path, n: int, size: int, tokenizer, base_seed: int = 0,
-                 split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 3, H, W) uint8, ids (N, T) int64) of the first `n` scenes of `split`, cached at `path`."""
+def training_set(path: Path, n: int, size: int, tokenizer, base_seed: int = 0, split: str = "train") -> TrainingSet:
+    """The first `n` scenes of `split` at `size` px, cached at `path`."""
     if path.is_file():
         tensors, meta = load_tensors(path)
-        if int(meta.get("n", -1)) == n and int(meta.get("size", -1)) == size:
-            return tensors["images"], tensors["ids"]
+        if (meta.get("n"), meta.get("size"), meta.get("format")) == (str(n), str(size), FORMAT):
+            return TrainingSet(**tensors)
         log.info("cached training set at %s has other settings; rendering again", path)
+    T = tokenizer.model_max_length
     images = np.zeros((n, size, size, 3), np.uint8)
+    regions = np.zeros((n, size, size), np.uint8)
+    token_regions = np.zeros((n, T), np.uint8)
     captions = []
     for i in tqdm(range(n), desc="render world", leave=False):
         scene = render_scene(scene_seed(split, i, base_seed), size)
         images[i] = scene.image
+        regions[i], token_regions[i] = scene_regions(scene, T)
         captions.append(scene.caption)
-    imgs = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    ids = tokenize(tokenizer, captions)
-    save_tensors(path, {"images": imgs, "ids": ids}, metadata={"n": str(n), "size": str(size)})
-    return imgs, ids
+    data = TrainingSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), tokenize(tokenizer, captions),
+                       torch.from_numpy(regions), torch.from_numpy(token_regions))
+    save_tensors(path, vars(data), metadata={"n": str(n), "size": str(size), "format": FORMAT})
+    return data
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Train diffprobe-mini on the world: VAE first, then UNet and text encoder jointly on cached latents.
+"""Train diffprobe-mini on the world: VAE first, then UNet and text encoder jointly on cached latents,
+with the epsilon loss and, weighted by `token_grounding`, the token loss of diffprobe.mini.grounding on
+cross-attention captured through diffprobe.hooks.
 
 Every phase checkpoints to `work_dir` every `checkpoint_every` steps and resumes from there when run
 again with the same `work_dir`. Batches, noise and timesteps are drawn from generators seeded by
@@ -21,9 +23,10 @@ from tqdm import tqdm
 from diffprobe.data.world import vocabulary
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import load_tensors, save_tensors
-from diffprobe.mini import models
+from diffprobe.hooks import ProbeRegistry, Reduce
+from diffprobe.mini import grounding, models
 from diffprobe.mini.checkpoint import load_checkpoint, save_checkpoint
-from diffprobe.mini.dataset import to_unit, tokenize, training_set
+from diffprobe.mini.dataset import TrainingSet, to_unit, tokenize, training_set
 from diffprobe.mini.export import export_pipeline
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
 
@@ -32,20 +35,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    images: int = 16000
-    vae_steps: int = 900
-    vae_batch: int = 16
+    images: int = 32000
+    vae_steps: int = 2000
+    vae_batch: int = 32
     vae_crop: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 2000
-    batch: int = 16
-    lr: float = 6e-4
-    warmup: int = 100
+    unet_steps: int = 5500
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
     caption_dropout: float = 0.1
-    ema_decay: float = 0.998
-    checkpoint_every: int = 100
+    token_grounding: float = 0.1  # weight of the cross-attention token loss (0: denoising only)
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
     max_minutes: float | None = None  # stop the UNet phase after this long (this invocation) and export
-    threads: int = 1
+    threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
     seed: int = 0
     samples: int = 8
 
@@ -57,10 +61,14 @@ class TrainConfig:
             raise DiffprobeError(f"unknown train_mini key(s) {sorted(unknown)}; known: {sorted(known)}")
         cfg = cls(**values)
         for name in ("images", "vae_steps", "vae_batch", "unet_steps", "batch", "checkpoint_every", "threads"):
+            if name == "threads" and cfg.threads is None:
+                continue
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
                 raise DiffprobeError(f"train_mini.{name} must be a positive integer, got {getattr(cfg, name)!r}")
         if not 0 <= cfg.caption_dropout < 1 or not 0 <= cfg.ema_decay < 1:
             raise DiffprobeError("train_mini.caption_dropout and train_mini.ema_decay must lie in [0, 1)")
+        if cfg.token_grounding < 0:
+            raise DiffprobeError("train_mini.token_grounding must be >= 0")
         if cfg.lr <= 0 or cfg.vae_lr <= 0 or (cfg.max_minutes is not None and cfg.max_minutes <= 0):
             raise DiffprobeError("train_mini.lr, vae_lr and max_minutes must be positive")
         return cfg
@@ -83,26 +91,45 @@ def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: to
     return F.mse_loss(pred, noise)
 
 
+def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents: torch.Tensor, ids: torch.Tensor,
+                    noise: torch.Tensor, t: torch.Tensor, regions: torch.Tensor,
+                    token_regions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"loss": epsilon MSE, "tokens": token loss averaged over every cross-attention site}.
+
+    regions (B, H, W) and token_regions (B, T) as in diffprobe.mini.grounding; each sample's token loss
+    is weighted by alpha_bar(t), the signal fraction of its noisy input.
+    """
+    sites = [n for n, s in probe.sites.items() if s.kind == "cross_attn"]
+    with probe.capture(sites, reduce=Reduce(heads="mean"), detach=False) as cache:
+        loss = denoising_loss(unet, text_encoder, scheduler, latents, ids, noise, t)
+    weights = scheduler.alphas_cumprod.to(latents.device)[t].float()
+    tokens = torch.stack([grounding.token_loss(cache[n], grounding.region_fractions(regions, cache.grid(n)),
+                                               token_regions, weights) for n in sites]).mean()
+    return {"loss": loss, "tokens": tokens}
+
+
 def _run_phase(name: str, work_dir: Path, modules: dict, optimizer: torch.optim.Optimizer, steps: int,
-               step_fn: Callable[[int], float], every: int, ema: dict | None = None,
-               ema_decay: float = 0.0, deadline: float | None = None) -> tuple[list[float], int]:
-    """Run step_fn(step) -> loss from the last checkpoint to `steps`; returns (loss per step, steps done)."""
+               step_fn: Callable[[int], dict[str, float]], every: int, ema: dict | None = None,
+               ema_decay: float = 0.0, deadline: float | None = None) -> tuple[dict[str, list[float]], int]:
+    """Run step_fn(step) -> {loss name: value} from the last checkpoint to `steps`; returns
+    ({loss name: value per step}, steps done)."""
     ckpt = work_dir / f"{name}.ckpt.safetensors"
-    step, losses = load_checkpoint(ckpt, modules, optimizer, ema) if ckpt.is_file() else (0, [])
+    step, losses = load_checkpoint(ckpt, modules, optimizer, ema) if ckpt.is_file() else (0, {})
     params = {f"{m}.{k}": p for m, mod in modules.items() for k, p in mod.named_parameters()}
     bar = tqdm(total=steps, initial=step, desc=f"train {name}")
     while step < steps:
         if deadline is not None and time.time() > deadline:
             log.warning("%s: time limit reached at step %d of %d", name, step, steps)
             break
-        losses.append(step_fn(step))
+        for key, value in step_fn(step).items():
+            losses.setdefault(key, []).append(value)
         step += 1
         if ema is not None:
             with torch.no_grad():
                 for k, v in ema.items():
                     v.lerp_(params[k].detach(), 1.0 - min(ema_decay, (1 + step) / (10 + step)))
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        bar.set_postfix({k: f"{sum(v[-50:]) / len(v[-50:]):.4f}" for k, v in losses.items()})
         if step % every == 0:
             save_checkpoint(ckpt, modules, optimizer, step, losses, ema)
     bar.close()
@@ -110,7 +137,7 @@ def _run_phase(name: str, work_dir: Path, modules: dict, optimizer: torch.optim.
     return losses, step
 
 
-def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> tuple[list[float], int]:
+def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> tuple[dict[str, list[float]], int]:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     size = images.shape[-1]
 
@@ -123,7 +150,7 @@ def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> t
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return rec_loss.item()
+        return {"loss": rec_loss.item()}
 
     return _run_phase("vae", work_dir, {"vae": vae}, opt, cfg.vae_steps, step_fn, cfg.checkpoint_every)
 
@@ -145,13 +172,15 @@ def _encode_latents(vae, images: torch.Tensor, path: Path) -> torch.Tensor:
     return lat
 
 
-def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor,
-                empty_ids: torch.Tensor, work_dir: Path, deadline: float | None) -> tuple[list[float], int, dict]:
+def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.Tensor, data: TrainingSet,
+                empty_ids: torch.Tensor, work_dir: Path,
+                deadline: float | None) -> tuple[dict[str, list[float]], int, dict]:
     modules = {"unet": unet, "text_encoder": text_encoder}
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = {f"{m}.{k}": p.detach().clone() for m, mod in modules.items() for k, p in mod.named_parameters()}
     n_train = scheduler.config.num_train_timesteps
+    probe = ProbeRegistry(unet)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup:
@@ -159,21 +188,27 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
         frac = (step - cfg.warmup) / max(1, cfg.unet_steps - cfg.warmup)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
-    def step_fn(step: int) -> float:
+    def step_fn(step: int) -> dict[str, float]:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 500_000 + step)
         idx = torch.randint(0, len(latents), (cfg.batch,), generator=g)
-        lat, tok = latents[idx], ids[idx].clone()
-        tok[torch.rand(cfg.batch, generator=g) < cfg.caption_dropout] = empty_ids
+        lat, tok, tok_regions = latents[idx], data.ids[idx].clone(), data.token_regions[idx].clone()
+        dropped = torch.rand(cfg.batch, generator=g) < cfg.caption_dropout
+        tok[dropped], tok_regions[dropped] = empty_ids, 0
         noise = torch.randn(lat.shape, generator=g)
         t = torch.randint(0, n_train, (cfg.batch,), generator=g)
-        loss = denoising_loss(unet, text_encoder, scheduler, lat, tok, noise, t)
+        if cfg.token_grounding > 0:
+            parts = grounded_losses(unet, text_encoder, scheduler, probe, lat, tok, noise, t, data.regions[idx],
+                                    tok_regions)
+        else:
+            parts = {"loss": denoising_loss(unet, text_encoder, scheduler, lat, tok, noise, t)}
+        total = parts["loss"] + cfg.token_grounding * parts.get("tokens", 0.0)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        return loss.item()
+        return {k: v.item() for k, v in parts.items()}
 
     losses, done = _run_phase("unet", work_dir, modules, opt, cfg.unet_steps, step_fn, cfg.checkpoint_every,
                               ema, cfg.ema_decay, deadline)
@@ -183,30 +218,47 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
 def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
                arch: models.MiniArch = models.MiniArch()) -> dict:
     """Train all parts and export a diffusers pipeline (EMA weights) with config, curves and samples."""
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     start = time.time()
     deadline = start + 60 * cfg.max_minutes if cfg.max_minutes else None
     work_dir.mkdir(parents=True, exist_ok=True)
     words = vocabulary()
     tokenizer = load_tokenizer(write_tokenizer(work_dir / "tokenizer", words, arch.max_tokens))
-    images, ids = training_set(work_dir / "data.safetensors", cfg.images, arch.image_size, tokenizer, cfg.seed)
+    minutes: dict[str, float] = {}
+    clock = time.time()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        minutes[phase] = round((time.time() - clock) / 60, 2)
+        clock = time.time()
+
+    data = training_set(work_dir / "data.safetensors", cfg.images, arch.image_size, tokenizer, cfg.seed)
+    lap("render")
     torch.manual_seed(cfg.seed)
     vae, unet = models.build_vae(arch), models.build_unet(arch)
     text_encoder, scheduler = models.build_text_encoder(arch, words), models.build_scheduler()
-    vae_losses, vae_done = _train_vae(cfg, vae, images, work_dir)
-    latents = _encode_latents(vae, images, work_dir / "latents.safetensors")
-    unet_losses, unet_done, ema = _train_unet(cfg, unet, text_encoder, scheduler, latents, ids,
+    vae_losses, vae_done = _train_vae(cfg, vae, data.images, work_dir)
+    lap("vae")
+    latents = _encode_latents(vae, data.images, work_dir / "latents.safetensors")
+    lap("encode")
+    unet_losses, unet_done, ema = _train_unet(cfg, unet, text_encoder, scheduler, latents, data,
                                               tokenize(tokenizer, [""])[0], work_dir, deadline)
+    lap("unet")
     with torch.no_grad():
         for m, mod in {"unet": unet, "text_encoder": text_encoder}.items():
             for k, p in mod.named_parameters():
                 p.copy_(ema[f"{m}.{k}"])
     record = {"train": asdict(cfg), "arch": arch.to_dict(), "vae_steps_done": vae_done,
               "unet_steps_done": unet_done, "minutes_this_run": round((time.time() - start) / 60, 2),
-              "torch_threads": cfg.threads, "scaling_factor": vae.config.scaling_factor,
+              "minutes_by_phase_this_run": minutes,
+              "torch_threads": torch.get_num_threads(), "scaling_factor": vae.config.scaling_factor,
               "parameters": {"unet": models.count_parameters(unet), "vae": models.count_parameters(vae),
                              "text_encoder": models.count_parameters(text_encoder)}}
-    export_pipeline(export_to, vae, text_encoder, tokenizer, unet, scheduler, record,
-                    {"vae": vae_losses, "unet": unet_losses}, n_samples=cfg.samples, seed=cfg.seed)
+    curves = {"vae": vae_losses["loss"], "unet": unet_losses["loss"]}
+    if "tokens" in unet_losses:
+        curves["unet token grounding"] = unet_losses["tokens"]
+    export_pipeline(export_to, vae, text_encoder, tokenizer, unet, scheduler, record, curves,
+                    n_samples=cfg.samples, seed=cfg.seed)
     return {"pipeline": str(export_to), **record,
-            "final_unet_loss": sum(unet_losses[-100:]) / max(1, len(unet_losses[-100:]))}
+            **{f"final_{k.replace(' ', '_')}_loss": sum(v[-100:]) / max(1, len(v[-100:])) for k, v in curves.items()}}

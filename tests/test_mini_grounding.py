@@ -1,0 +1,91 @@
+"""Grounding regions of world scenes and the token loss, on planted attention whose answer is known."""
+
+import numpy as np
+import torch
+
+from diffprobe.data.world import render_scene, scene_seed, vocabulary
+from diffprobe.data.world.vocab import CLASS_ID
+from diffprobe.hooks import ProbeRegistry
+from diffprobe.mini import grounding, models
+from diffprobe.mini.dataset import tokenize
+from diffprobe.mini.grounding import BOTTOM, TOP, region_fractions, scene_regions, token_loss, token_shares
+from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
+from diffprobe.mini.train import grounded_losses
+
+
+def test_scene_regions_name_what_the_caption_words_name():
+    for i in range(20):
+        scene = render_scene(scene_seed("train", i))
+        regions, tokens = scene_regions(scene, 24)
+        words = scene.caption.split()
+        assert ((regions > 0) & (regions <= 3)).sum() == (scene.instance > 0).sum()
+        assert (regions[scene.instance > 0] == scene.instance[scene.instance > 0]).all()
+        assert (regions[scene.classes == CLASS_ID[scene.stuff[0]]] == TOP).all()
+        assert (regions[scene.classes == CLASS_ID[scene.stuff[1]]] == BOTTOM).all()
+        assert set(np.unique(regions)) <= {1, 2, 3, TOP, BOTTOM}
+        for pos in np.nonzero(tokens)[0]:
+            word, region = words[pos - 1], tokens[pos]
+            if region == TOP:
+                assert word == scene.stuff[0]
+            elif region == BOTTOM:
+                assert word == scene.stuff[1]
+            else:
+                obj = scene.objects[region - 1]
+                assert word in (obj.colour, obj.category) and (regions == region).any()
+        assert (tokens > 0).sum() == 2 * len(scene.objects) + 2  # colour + category per object, two stuff words
+
+
+def test_region_fractions_are_cell_coverage():
+    regions = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    regions[0, :2, :2] = 1       # all of cell (0, 0) of a 2 x 2 grid
+    regions[0, 2:, 2:3] = TOP    # half of cell (1, 1)
+    regions[0, 2:, 3:] = BOTTOM  # the other half
+    f = region_fractions(regions, (2, 2))
+    assert f.shape == (1, grounding.NUM_REGIONS, 4)
+    assert f[0, 1].tolist() == [1, 0, 0, 0] and f[0, TOP].tolist() == [0, 0, 0, 0.5]
+    assert f[0, BOTTOM].tolist() == [0, 0, 0, 0.5] and f[0, 0].tolist() == [0, 1, 1, 0]
+    assert torch.allclose(f.sum(1), torch.ones(1, 4))
+
+
+def test_token_share_and_loss_on_planted_attention():
+    q, t = 4, 3
+    fractions = torch.zeros(1, grounding.NUM_REGIONS, q)
+    fractions[0, 1] = torch.tensor([1.0, 1.0, 0.0, 0.0])   # object 1 covers the first two cells
+    fractions[0, 0] = 1 - fractions[0, 1]
+    probs = torch.zeros(1, q, t)
+    probs[0, :, 0] = 1.0                                   # token 0 (BOS) takes what the others leave
+    probs[0, :2, 1], probs[0, :2, 0] = 0.5, 0.5            # token 1: all its mass inside object 1
+    probs[0, :, 2] = 0.25                                  # token 2: spread evenly over the cells
+    probs[0, :, 0] -= probs[0, :, 2]
+    regions = torch.tensor([[0, 1, 1]])
+    share = token_shares(probs, fractions, regions)
+    assert torch.allclose(share, torch.tensor([[0.0, 1.0, 0.5]]))  # ungrounded BOS counts 0
+    loss = token_loss(probs, fractions, regions, torch.tensor([1.0]))
+    assert torch.isclose(loss, torch.tensor((0.0 + 0.5) / 2))
+    assert torch.isclose(token_loss(probs, fractions, regions, torch.tensor([0.2])), 0.2 * loss)
+
+
+def test_grounded_step_lowers_the_token_loss_through_captured_attention(tmp_path):
+    arch = models.MiniArch(vae_channels=(8, 16), unet_channels=(16, 16, 32, 32), unet_head_dim=8, text_dim=32,
+                           text_layers=1, text_heads=2)
+    torch.manual_seed(0)
+    unet, text = models.build_unet(arch), models.build_text_encoder(arch, vocabulary())
+    sched = models.build_scheduler()
+    tok = load_tokenizer(write_tokenizer(tmp_path, vocabulary(), 24))
+    scenes = [render_scene(scene_seed("train", i)) for i in range(4)]
+    ids = tokenize(tok, [s.caption for s in scenes])
+    regions, tokens = zip(*(scene_regions(s, 24) for s in scenes))
+    regions, tokens = torch.from_numpy(np.stack(regions)), torch.from_numpy(np.stack(tokens))
+    lat, t = torch.randn(4, 4, 32, 32), torch.tensor([10, 50, 100, 200])
+    noise = torch.randn_like(lat)
+    probe = ProbeRegistry(unet)
+    opt = torch.optim.Adam(list(unet.parameters()) + list(text.parameters()), lr=3e-3)
+    first = None
+    for _ in range(8):
+        parts = grounded_losses(unet, text, sched, probe, lat, ids, noise, t, regions, tokens)
+        first = first if first is not None else parts["tokens"].item()
+        opt.zero_grad()
+        parts["tokens"].backward()
+        opt.step()
+    assert parts["tokens"].item() < first
+    assert not any(h for m in unet.modules() for h in m._forward_hooks.values())  # capture cleaned up
