@@ -1,6 +1,7 @@
 """Attention quality of diffprobe-mini on the world's test split, against an untrained control.
 
-    python benchmarks/mini_quality.py [--model DIR] [--n 64] [--timesteps 100 300] [--noised] [--json out.json]
+    python benchmarks/mini_quality.py [--model DIR] [--also NAME=DIR ...] [--n 64] [--timesteps 100 300]
+                                      [--noised] [--json out.json]
 
 For each model and timestep: one UNet call per image (clean latent, only the timestep embedding says
 t, as DiffSeg does; with --noised also the latent noised to t) conditioned on the scene's caption;
@@ -10,7 +11,8 @@ per attention resolution and "all" (every resolution upsampled to the image and 
   cat peak    fraction of objects whose category word's cross-attention peak lies inside the object
   col peak    the same for the colour word
   chance      mean object area / image area (where a random peak lands)
-The control has the same architecture, untrained UNet and text encoder, and the trained VAE.
+The control has the same architecture, untrained UNet and text encoder, and the trained VAE; --also adds
+other trained pipelines (e.g. an ablation trained without the grounding loss) as rows of the same table.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def _peaks(row, probs: torch.Tensor, grid, scenes, bb) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="diffusers directory (default: the packaged diffprobe-mini)")
+    ap.add_argument("--also", nargs="*", default=[], metavar="NAME=DIR", help="more pipelines to score")
     ap.add_argument("--n", type=int, default=64, help="test-split scenes")
     ap.add_argument("--timesteps", type=int, nargs="+", default=[100, 300])
     ap.add_argument("--noised", action="store_true", help="also rows with the latent noised to t (seed 0)")
@@ -112,7 +115,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.time()
     bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path())})
-    models = {"trained": bb, "untrained": untrained_control(bb)}
+    models = {"trained": bb}
+    for spec in args.also:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            ap.error(f"--also takes NAME=DIR, got {spec!r}")
+        models[name] = load_backbone({"name": "mini", "path": path})
+    models["untrained"] = untrained_control(bb)
     scenes = [render_scene(scene_seed("test", i), bb.sample_size) for i in range(args.n)]
     chance = float(np.mean([o.area / s.instance.size for s in scenes for o in s.objects]))
     n_obj = sum(len(s.objects) for s in scenes)
@@ -128,6 +137,11 @@ def main() -> None:
             for res, r in per_res.items():
                 cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("self/unif", "cat peak", "col peak")]
                 print(f"| {m} | {t} | {res} | " + " | ".join(cells) + " |")
+    print("\nbest setting per model (targets: self/unif >= 5, cat peak >= 0.70):")
+    for m, per_t in results.items():
+        best = {k: max(((r[k], f"t={t}, {res}") for t, per_res in per_t.items() for res, r in per_res.items()
+                        if k in r), default=(float("nan"), "-")) for k in ("self/unif", "cat peak", "col peak")}
+        print(f"- {m}: " + "; ".join(f"{k} {v:.2f} ({where})" for k, (v, where) in best.items()))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wall {time.time() - start:.1f} s, peak RSS {peak_mb:.0f} MB")
     if args.json:
