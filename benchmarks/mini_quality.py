@@ -22,7 +22,6 @@ import json
 import resource
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -30,76 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffprobe.backbones import Backbone, load_backbone  # noqa: E402
+from diffprobe.backbones import load_backbone  # noqa: E402
 from diffprobe.data.world import render_scene, scene_seed  # noqa: E402
-from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce  # noqa: E402
 from diffprobe.mini import packaged_path  # noqa: E402
-from diffprobe.mini.quality import grid_masks, own_object_ratios, peak_in_object  # noqa: E402
-from diffprobe.runners import encode_images, encode_prompt, unet_step  # noqa: E402
-
-
-def untrained_control(bb: Backbone, seed: int = 0) -> Backbone:
-    """Same architecture, freshly initialised UNet and text encoder, the trained VAE and tokenizer."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(bb.unet.config).eval().requires_grad_(False)
-    text = CLIPTextModel(bb.text_encoder.config).eval().requires_grad_(False)
-    return Backbone(unet=unet, vae=bb.vae, text_encoder=text, tokenizer=bb.tokenizer, scheduler=bb.scheduler,
-                    kind=bb.kind, name="untrained")
-
-
-def token_positions(bb: Backbone, scene) -> list[tuple[int, int]]:
-    """(category token, colour token) per object; checks each caption word is one token after BOS."""
-    ids = bb.tokenizer(scene.caption).input_ids
-    words = scene.caption.split()
-    out = []
-    for obj, w in zip(scene.objects, scene.words):
-        for key in ("category", "colour"):
-            expect = bb.tokenizer.convert_tokens_to_ids(words[w[key]] + "</w>")
-            assert ids[w[key] + 1] == expect, f"word {words[w[key]]!r} is not one token"
-        out.append((w["category"] + 1, w["colour"] + 1))
-    return out
-
-
-@torch.no_grad()
-def evaluate(bb: Backbone, scenes, timestep: int, noised: bool) -> dict[str, dict[str, float]]:
-    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    latents = encode_images(bb, images)
-    cond = encode_prompt(bb, [s.caption for s in scenes])
-    probe = ProbeRegistry(bb.unet)
-    with probe.capture("*.attn[12].hook_probs", reduce=Reduce(heads="mean"), layout=BatchLayout(cfg=False)) as cache:
-        unet_step(bb, latents, timestep, cond, noise="random" if noised else None,
-                  generator=torch.Generator().manual_seed(0))
-    groups: dict[tuple[str, tuple[int, int]], list[torch.Tensor]] = defaultdict(list)
-    for name in cache.names:
-        groups[(probe.sites[name].kind, cache.grid(name))].append(cache[name])
-    size = scenes[0].image.shape[:2]
-    rows: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    all_maps = []
-    for (kind, grid), tensors in sorted(groups.items(), key=lambda kv: -kv[0][1][0]):
-        probs = torch.stack(tensors).mean(0)  # (B, Q, K)
-        row = rows[f"{grid[0]}x{grid[1]}"]
-        if kind == "self_attn":
-            for b, s in enumerate(scenes):
-                ids = [o.instance for o in s.objects]
-                row["self/unif"] += own_object_ratios(probs[b], grid_masks(s.instance, ids, grid))
-        else:
-            all_maps.append(torch.nn.functional.interpolate(
-                probs.transpose(1, 2).reshape(len(scenes), -1, *grid), size=size, mode="bilinear",
-                align_corners=False).flatten(2).transpose(1, 2))
-            _peaks(row, probs, grid, scenes, bb)
-    _peaks(rows["all"], torch.stack(all_maps).mean(0), size, scenes, bb)
-    return {res: {k: float(np.mean(v)) for k, v in r.items()} for res, r in rows.items()}
-
-
-def _peaks(row, probs: torch.Tensor, grid, scenes, bb) -> None:
-    for b, s in enumerate(scenes):
-        for obj, (cat_tok, col_tok) in zip(s.objects, token_positions(bb, s)):
-            mask = s.instance == obj.instance
-            row["cat peak"].append(peak_in_object(probs[b, :, cat_tok], grid, mask))
-            row["col peak"].append(peak_in_object(probs[b, :, col_tok], grid, mask))
+from diffprobe.mini.quality import score_attention, untrained_control  # noqa: E402
 
 
 def main() -> None:
@@ -126,7 +59,7 @@ def main() -> None:
     chance = float(np.mean([o.area / s.instance.size for s in scenes for o in s.objects]))
     n_obj = sum(len(s.objects) for s in scenes)
     settings = [(t, False) for t in args.timesteps] + ([(t, True) for t in args.timesteps] if args.noised else [])
-    results = {m: {f"{t}{' noised' if nz else ''}": evaluate(b, scenes, t, nz) for t, nz in settings}
+    results = {m: {f"{t}{' noised' if nz else ''}": score_attention(b, scenes, t, nz) for t, nz in settings}
                for m, b in models.items()}
     print(f"diffprobe-mini attention quality: {args.n} world test scenes, {n_obj} objects, "
           f"chance of a peak in the object {chance:.3f}; torch threads {args.threads}")

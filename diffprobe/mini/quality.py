@@ -5,13 +5,22 @@
   1.0 = no grouping; K / |o| = all mass on the own object.
 - peak_in_object: cross-attention localisation. The map of a word's token, upsampled bilinearly to the
   image, has its maximum inside the named object.
+
+`score_attention` computes both for a backbone on world scenes (benchmarks/mini_quality.py, the tests).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from diffprobe.backbones import Backbone
+from diffprobe.data.world import Scene
+from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
+from diffprobe.runners import encode_images, encode_prompt, unet_step
 
 
 def grid_masks(instance: np.ndarray, ids: list[int], grid: tuple[int, int]) -> torch.Tensor:
@@ -47,3 +56,71 @@ def peak_in_object(token_map: torch.Tensor, grid: tuple[int, int], mask: np.ndar
                        align_corners=False)[0, 0]
     y, x = divmod(int(up.argmax()), mask.shape[1])
     return bool(mask[y, x])
+
+
+def token_positions(bb: Backbone, scene: Scene) -> list[tuple[int, int]]:
+    """(category token, colour token) per object; checks each caption word is one token after BOS."""
+    ids = bb.tokenizer(scene.caption).input_ids
+    words = scene.caption.split()
+    out = []
+    for obj, w in zip(scene.objects, scene.words):
+        for key in ("category", "colour"):
+            expect = bb.tokenizer.convert_tokens_to_ids(words[w[key]] + "</w>")
+            if ids[w[key] + 1] != expect:
+                raise ValueError(f"caption word {words[w[key]]!r} is not one token of this tokenizer")
+        out.append((w["category"] + 1, w["colour"] + 1))
+    return out
+
+
+@torch.no_grad()
+def score_attention(bb: Backbone, scenes: list[Scene], timestep: int, noised: bool) -> dict[str, dict[str, float]]:
+    """{grid "16x16" | ... | "all": {"self/unif", "cat peak", "col peak": mean}} of one UNet call per scene
+    at `timestep` (clean latent, or noised to t with seed 0), conditioned on its caption; heads averaged,
+    sites of one grid averaged; "all" averages every grid's cross-attention upsampled to the image."""
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    latents = encode_images(bb, images)
+    cond = encode_prompt(bb, [s.caption for s in scenes])
+    probe = ProbeRegistry(bb.unet)
+    with probe.capture("*.attn[12].hook_probs", reduce=Reduce(heads="mean"), layout=BatchLayout(cfg=False)) as cache:
+        unet_step(bb, latents, timestep, cond, noise="random" if noised else None,
+                  generator=torch.Generator().manual_seed(0))
+    groups: dict[tuple[str, tuple[int, int]], list[torch.Tensor]] = defaultdict(list)
+    for name in cache.names:
+        groups[(probe.sites[name].kind, cache.grid(name))].append(cache[name])
+    size = scenes[0].image.shape[:2]
+    rows: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    all_maps = []
+    for (kind, grid), tensors in sorted(groups.items(), key=lambda kv: -kv[0][1][0]):
+        probs = torch.stack(tensors).mean(0)  # (B, Q, K)
+        row = rows[f"{grid[0]}x{grid[1]}"]
+        if kind == "self_attn":
+            for b, s in enumerate(scenes):
+                ids = [o.instance for o in s.objects]
+                row["self/unif"] += own_object_ratios(probs[b], grid_masks(s.instance, ids, grid))
+        else:
+            all_maps.append(F.interpolate(
+                probs.transpose(1, 2).reshape(len(scenes), -1, *grid), size=size, mode="bilinear",
+                align_corners=False).flatten(2).transpose(1, 2))
+            _peaks(row, probs, grid, scenes, bb)
+    _peaks(rows["all"], torch.stack(all_maps).mean(0), size, scenes, bb)
+    return {res: {k: float(np.mean(v)) for k, v in r.items()} for res, r in rows.items()}
+
+
+def _peaks(row, probs: torch.Tensor, grid, scenes, bb) -> None:
+    for b, s in enumerate(scenes):
+        for obj, (cat_tok, col_tok) in zip(s.objects, token_positions(bb, s)):
+            mask = s.instance == obj.instance
+            row["cat peak"].append(peak_in_object(probs[b, :, cat_tok], grid, mask))
+            row["col peak"].append(peak_in_object(probs[b, :, col_tok], grid, mask))
+
+
+def untrained_control(bb: Backbone, seed: int = 0) -> Backbone:
+    """Same architecture, freshly initialised UNet and text encoder, the trained VAE and tokenizer."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(bb.unet.config).eval().requires_grad_(False)
+    text = CLIPTextModel(bb.text_encoder.config).eval().requires_grad_(False)
+    return Backbone(unet=unet, vae=bb.vae, text_encoder=text, tokenizer=bb.tokenizer, scheduler=bb.scheduler,
+                    kind=bb.kind, name="untrained")
