@@ -35,7 +35,7 @@ STATE = "eval_state"
 
 @dataclass
 class DiffSegEvalConfig(DiffSegSettings):
-    tau: Any = None  # null: the dataset's value (data.diffseg_tau; reference 1.1 COCO-Stuff-27, 0.9 Cityscapes)
+    tau: Any = None  # null: the model's model.diffseg_tau if it has one, else the dataset's data.diffseg_tau
     limit: Any = None  # evaluate the first `limit` images only
     checkpoint_every: int = 25
     resume: Any = None  # an earlier output folder of this task to continue
@@ -102,8 +102,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         raise DiffprobeError("task=diffseg_eval needs a dataset: data=coco_stuff27 data.root=PATH (or data=cityscapes)")
     data = typed(cfg.data, DataConfig, "data")
     dataset = open_dataset(data)
-    if params.tau is None:
-        params.tau = data.diffseg_tau if data.diffseg_tau is not None else 0.9
+    if params.tau is None:  # a model calibrated apart from SD (mini) brings its own; else the paper's per dataset
+        params.tau = next((v for v in (cfg.model.get("diffseg_tau"), data.diffseg_tau) if v is not None), 0.9)
     head_params(params)  # fail on bad head keys before loading a model
     count = len(dataset) if params.limit is None else min(int(params.limit), len(dataset))
     meters = {"per_image": PerImageHungarian(dataset.num_classes), "dataset": DatasetHungarian(dataset.num_classes),
