@@ -6,7 +6,8 @@
 2. fits keypoints (task=keypoints mode=fit) on the unsupervised split;
 3. evaluates (mode=eval: regressor on MAFL train, inter-ocular error on MAFL test) the fitted
    embeddings and a baseline: the untrained initial embeddings with tokens chosen by the same vote;
-4. prints a table. Each step is skipped when its output exists (rerun to resume).
+4. prints a table, with the error of predicting the training faces' mean landmarks for every test
+   face as the no-information baseline. Each step is skipped when its output exists (rerun to resume).
 The world's faces are 64 px; maps are 32 x 32 (sigma 1 px, the reference's 2 px at 128 scaled).
 """
 
@@ -51,6 +52,18 @@ def baseline(data: Path, out: Path, seed: int = 0) -> Path:
     return save_model(out / "keypoints", KeypointModel(emb, indices, config, counts))
 
 
+def mean_landmarks_error(run: Path) -> float:
+    """Inter-ocular error % of predicting every test face's landmarks as the training faces' mean (no image)."""
+    from diffprobe.eval.landmarks import inter_ocular_error
+    from diffprobe.io import load_tensors
+
+    train, _ = load_tensors(run / "eval_train.safetensors")
+    test, _ = load_tensors(run / "eval_test.safetensors")
+    mean = train["gt"].numpy().mean(axis=0, keepdims=True)
+    gt = test["gt"].numpy()
+    return inter_ocular_error(mean.repeat(len(gt), axis=0), gt)["inter_ocular_error_percent"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -83,6 +96,9 @@ def main() -> None:
         label = "untrained (initial) + vote" if name == "baseline" else f"fitted, {args.steps} Adam steps"
         print(f"| {label} | {m['num_keypoints']} | {m['num_train']} | {m['num_test']} | "
               f"{m['inter_ocular_error_percent']:.2f} |")
+    m = rows[-1][1]
+    print(f"| none: mean training landmarks | - | {m['num_train']} | {m['num_test']} | "
+          f"{mean_landmarks_error(out / 'eval_fit'):.2f} |")
 
 
 if __name__ == "__main__":
