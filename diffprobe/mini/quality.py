@@ -63,7 +63,7 @@ def token_positions(bb: Backbone, scene: Scene) -> list[tuple[int, int]]:
     ids = bb.tokenizer(scene.caption).input_ids
     words = scene.caption.split()
     out = []
-    for obj, w in zip(scene.objects, scene.words):
+    for w in scene.words:
         for key in ("category", "colour"):
             expect = bb.tokenizer.convert_tokens_to_ids(words[w[key]] + "</w>")
             if ids[w[key] + 1] != expect:
@@ -88,6 +88,7 @@ def score_attention(bb: Backbone, scenes: list[Scene], timestep: int, noised: bo
     for name in cache.names:
         groups[(probe.sites[name].kind, cache.grid(name))].append(cache[name])
     size = scenes[0].image.shape[:2]
+    tokens = [token_positions(bb, s) for s in scenes]
     rows: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     all_maps = []
     for (kind, grid), tensors in sorted(groups.items(), key=lambda kv: -kv[0][1][0]):
@@ -101,14 +102,14 @@ def score_attention(bb: Backbone, scenes: list[Scene], timestep: int, noised: bo
             all_maps.append(F.interpolate(
                 probs.transpose(1, 2).reshape(len(scenes), -1, *grid), size=size, mode="bilinear",
                 align_corners=False).flatten(2).transpose(1, 2))
-            _peaks(row, probs, grid, scenes, bb)
-    _peaks(rows["all"], torch.stack(all_maps).mean(0), size, scenes, bb)
+            _peaks(row, probs, grid, scenes, tokens)
+    _peaks(rows["all"], torch.stack(all_maps).mean(0), size, scenes, tokens)
     return {res: {k: float(np.mean(v)) for k, v in r.items()} for res, r in rows.items()}
 
 
-def _peaks(row, probs: torch.Tensor, grid, scenes, bb) -> None:
+def _peaks(row, probs: torch.Tensor, grid, scenes, tokens: list[list[tuple[int, int]]]) -> None:
     for b, s in enumerate(scenes):
-        for obj, (cat_tok, col_tok) in zip(s.objects, token_positions(bb, s)):
+        for obj, (cat_tok, col_tok) in zip(s.objects, tokens[b]):
             mask = s.instance == obj.instance
             row["cat peak"].append(peak_in_object(probs[b, :, cat_tok], grid, mask))
             row["col peak"].append(peak_in_object(probs[b, :, col_tok], grid, mask))
