@@ -17,7 +17,7 @@ from diffprobe.data.labelled_images import center_crop_label
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.segmentation import PerImageHungarian
 from diffprobe.tasks import diffseg, diffseg_eval
-from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings
+from diffprobe.tasks.diffseg_pipeline import DEFAULT_TAU, DiffSegPipeline, DiffSegSettings, default_tau
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -186,3 +186,11 @@ def test_diffseg_eval_on_world_scenes_with_mini_beats_fixed_label_maps(tmp_path)
             meter.update(label, make(*label.shape))
         assert mini["miou"] > meter.result()["miou"] + 0.03, name
     assert 2 <= report["segments_per_image"] <= 8
+
+
+def test_default_tau_prefers_the_models_calibration_then_the_datasets_then_the_reference():
+    mini, sd = OmegaConf.create({"diffseg_tau": 0.2}), OmegaConf.create({"diffseg_tau": None})
+    assert default_tau(mini, 1.1) == 0.2
+    assert default_tau(sd, 1.1) == 1.1
+    assert default_tau(sd) == DEFAULT_TAU == 0.9
+    assert default_tau(OmegaConf.create({})) == 0.9  # a model config without the key

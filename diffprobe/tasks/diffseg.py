@@ -21,7 +21,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.heads.diffseg.semantics import vote_words
 from diffprobe.io import save_json
 from diffprobe.tasks.diffseg_outputs import label_dtype, write_outputs
-from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings, head_params
+from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings, default_tau, head_params
 
 
 @dataclass
@@ -61,8 +61,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     run_cfg = run_config(cfg)
     if params.crop not in ("center", "none"):
         raise DiffprobeError(f"crop must be center or none, not {params.crop!r}")
-    if params.tau is None:  # the model's own threshold: KL distances between maps scale with the model
-        params.tau = cfg.model.get("diffseg_tau") or 0.9
+    if params.tau is None:
+        params.tau = default_tau(cfg.model)
     files = input_images(cfg.get("image"), out_dir)
     head_params(params)  # fail on bad head keys before loading a model
     pipeline = DiffSegPipeline(load_configured_backbone(cfg), params, seed=run_cfg.seed)

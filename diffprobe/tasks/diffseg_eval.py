@@ -27,7 +27,7 @@ from diffprobe.data.labelled_images import center_crop_label
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.segmentation import DatasetHungarian, PerImageHungarian, SegmentCount
 from diffprobe.io import atomic_path, load_tensors, save_json, save_tensors
-from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings, head_params
+from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings, default_tau, head_params
 
 log = logging.getLogger(__name__)
 STATE = "eval_state"
@@ -102,8 +102,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         raise DiffprobeError("task=diffseg_eval needs a dataset: data=coco_stuff27 data.root=PATH (or data=cityscapes)")
     data = typed(cfg.data, DataConfig, "data")
     dataset = open_dataset(data)
-    if params.tau is None:  # a model calibrated apart from SD (mini) brings its own; else the paper's per dataset
-        params.tau = next((v for v in (cfg.model.get("diffseg_tau"), data.diffseg_tau) if v is not None), 0.9)
+    if params.tau is None:
+        params.tau = default_tau(cfg.model, data.diffseg_tau)
     head_params(params)  # fail on bad head keys before loading a model
     count = len(dataset) if params.limit is None else min(int(params.limit), len(dataset))
     meters = {"per_image": PerImageHungarian(dataset.num_classes), "dataset": DatasetHungarian(dataset.num_classes),

@@ -19,6 +19,7 @@ from diffprobe.hooks import ProbeRegistry, Reduce
 from diffprobe.runners import encode_images, encode_prompt, unet_step
 
 log = logging.getLogger(__name__)
+DEFAULT_TAU = 0.9  # the reference's merge threshold, when neither the model nor the dataset sets one
 
 
 @dataclass
@@ -28,13 +29,19 @@ class DiffSegSettings:
     timestep: int = 300
     add_noise: bool = False
     prompt: str = ""
-    tau: Any = 0.9
+    tau: Any = DEFAULT_TAU
     iterations: int = 3
     anchors: int = 16
     merge: str = "leaders"
     weights: Any = None
     refine: bool = False
     image_size: int | None = None
+
+
+def default_tau(model_cfg, dataset_tau: float | None = None) -> float:
+    """tau for a task that leaves it null: the model's calibrated model.diffseg_tau (KL distances between
+    maps scale with the model; mini has one), else the dataset's (the paper's per dataset), else 0.9."""
+    return next((v for v in (model_cfg.get("diffseg_tau"), dataset_tau) if v is not None), DEFAULT_TAU)
 
 
 def head_params(settings: DiffSegSettings) -> DiffSegParams:
