@@ -88,12 +88,13 @@ def test_aggregation_custom_weights_and_errors():
         aggregate({4: maps[4], 3: torch.ones(9, 9) / 9})  # 3 does not divide 4
 
 
-@pytest.mark.parametrize("merge", ["leaders", "components", "reference"])
+@pytest.mark.parametrize("merge,fp16_kl", [("leaders", None), ("components", None), ("reference", False),
+                                           ("reference", None)])
 @pytest.mark.parametrize("refine", [False, True])
-def test_planted_segmentation_is_recovered(merge, refine):
+def test_planted_segmentation_is_recovered(merge, fp16_kl, refine):
     seg = block_segmentation(16)
     maps = {s: planted_attention(seg, s, layers=2, noise=0.05, seed=s) for s in (16, 8, 4)}
-    params = DiffSegParams(tau=0.9, iterations=3, anchors=8, merge=merge, refine=refine)
+    params = DiffSegParams(tau=0.9, iterations=3, anchors=8, merge=merge, fp16_kl=fp16_kl, refine=refine)
     res = segment(maps, size=(16, 16), params=params)
     assert res.labels.shape == (16, 16)
     assert res.num_segments == 5

@@ -1,5 +1,7 @@
 """Merging modes of the DiffSeg head on hand-made proposals where the reference's order matters."""
 
+import numpy as np
+import pytest
 import torch
 
 from diffprobe.heads.diffseg.distance import symmetric_kl
@@ -97,16 +99,58 @@ def test_kmeans_refinement_moves_to_cluster_means_and_drops_empty():
                                                  mean(pts[2].tolist(), pts[3].tolist())]))
 
 
-def test_reference_mode_matches_the_literal_reference_algorithm():
+@pytest.mark.parametrize("fp16", [False, True])
+def test_reference_mode_matches_the_literal_reference_algorithm(fp16):
     from diffprobe.heads.diffseg import DiffSegParams, segment
     from diffprobe.heads.diffseg.literal import straightforward
     from diffprobe.heads.diffseg.planted import planted_attention, voronoi_segmentation
 
     seg = voronoi_segmentation(16, regions=9, seed=1)
-    maps = {(s, s): planted_attention(seg, s, layers=2, noise=0.8, seed=s) for s in (16, 8, 4, 2)}
-    literal = straightforward(maps, 16, tau=1.1, points=8, chunk=16, out_px=40)
-    fast = segment(maps, size=(40, 40), params=DiffSegParams(tau=1.1, anchors=8, merge="reference")).labels
+    maps = {(s, s): planted_attention(seg, s, layers=2, noise=0.8, floor=1e-6, seed=s) for s in (16, 8, 4, 2)}
+    literal = straightforward(maps, 16, tau=1.1, points=8, chunk=16, out_px=40, fp16=fp16)
+    res = segment(maps, size=(40, 40), params=DiffSegParams(tau=1.1, anchors=8, merge="reference", fp16_kl=fp16))
     assert len(torch.unique(literal)) > 3
     # same partition, and same label order (both number proposals in the reference's order)
     _, literal_compact = torch.unique(literal, return_inverse=True)
-    assert torch.equal(literal_compact, fast)
+    assert torch.equal(literal_compact, res.labels)
+    # the planted floor (1e-6 spread over the map) falls below float16's smallest subnormal in most maps:
+    # in the reference's numerics their anchors are close to nothing and vanish
+    assert res.counts[0] < 64 if fp16 else res.counts[0] == 64
+
+
+def numpy_fp16_kl(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The reference's iteration-0 KL written independently in numpy float16: (n, D) x (m, D) -> (n, m)."""
+    x16, y16 = x.astype(np.float16)[:, None, :], y.astype(np.float16)[None, :, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quotient = np.log(x16) - np.log(y16)
+        kl_1 = (x16 * quotient).sum(-1, dtype=np.float32) / 2
+        kl_2 = -(y16 * quotient).sum(-1, dtype=np.float32) / 2
+    return kl_1 + kl_2
+
+
+def test_fp16_distances_match_an_independent_float16_computation():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 256, generator=gen, dtype=torch.float64)
+    logits[::3, :20] -= 40.0  # every third map has probabilities far below float16's smallest value
+    maps = logits.softmax(dim=1)
+    ours = symmetric_kl(maps[:10], maps, eps=0.0, fp16=True).numpy()
+    theirs = numpy_fp16_kl(maps[:10].numpy(), maps.numpy())
+    nan = np.isnan(theirs)
+    assert nan.any() and not nan.all()
+    assert np.array_equal(np.isnan(ours), nan)  # exactly the pairs where either map holds a float16 zero
+    np.testing.assert_allclose(ours[~nan], theirs[~nan], rtol=2e-2, atol=2e-2)
+    # in float32 with the epsilon no distance is NaN
+    assert np.isfinite(symmetric_kl(maps[:10].float(), maps.float()).numpy()).all()
+
+
+def test_reference_numerics_drop_anchors_whose_map_holds_a_float16_zero():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    logits[5, :3] = -60.0  # map 5 is below float16's range at three pixels
+    maps = logits.softmax(dim=1)
+    anchors = torch.arange(16)
+    props = initial_proposals(maps, anchors, tau=0.3, fp16=True)
+    assert torch.isnan(props[5]).all() and torch.isfinite(props[torch.arange(16) != 5]).all()
+    merged = merge_reference(props, tau=0.3, eps=0.0)
+    assert torch.isfinite(merged).all() and len(merged) <= 15  # the NaN proposal formed no group
+    assert torch.isfinite(initial_proposals(maps, anchors, tau=0.3)).all()  # the float32 path keeps it

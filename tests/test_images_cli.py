@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffprobe.__main__ import rewrite_data_paths
@@ -114,3 +115,18 @@ def test_without_an_image_a_world_scene_is_used(tmp_path):
     assert Image.open(out / "demo_scene.png").size == (256, 256)
     assert (out / "demo_scene.txt").read_text().strip()  # the scene's caption
     assert (out / "demo_scene" / "captures.safetensors").is_file()
+
+
+def test_resize_filters_follow_the_references():
+    # a horizontal ramp 0, 100, 200, 255 halved: tf.image.resize (DiffSeg's loader) samples at half-pixel
+    # centres without antialiasing, so each output pixel averages its two source pixels exactly
+    ramp = np.repeat(np.repeat(np.array([[0, 100, 200, 255]], np.uint8), 2, axis=0)[..., None], 3, axis=2)
+    img = Image.fromarray(ramp)
+    tf_like = image_to_tensor(img, (2, 2), crop="none", resize="bilinear_tf")
+    torch.testing.assert_close(tf_like[0, 0, 0], torch.tensor([50.0, 227.5]) / 127.5 - 1.0)
+    pil = image_to_tensor(img, (2, 2), crop="none", resize="bilinear")
+    expected = np.asarray(img.resize((2, 2), Image.BILINEAR), np.float32)[0, :, 0] / 127.5 - 1.0
+    torch.testing.assert_close(pil[0, 0, 0], torch.from_numpy(expected))
+    assert not torch.allclose(pil, tf_like)  # PIL's bilinear filter widens when shrinking (antialiasing)
+    with pytest.raises(DiffprobeError, match="resize must be one of"):
+        image_to_tensor(img, 2, resize="lanczos")

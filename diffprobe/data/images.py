@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffprobe.errors import DiffprobeError
@@ -69,11 +70,26 @@ def center_square(width: int, height: int) -> tuple[int, int, int]:
     return (width - side) // 2, (height - side) // 2, side
 
 
-def image_to_tensor(img: Image.Image, size: int | tuple[int, int], crop: str = "center") -> torch.Tensor:
+# Resize filters: the references' own. "bilinear" and "bicubic" are PIL's (antialiased when shrinking; the
+# StableKeypoints and Diffusion Hyperfeatures loaders use PIL bilinear); "bilinear_tf" is tf.image.resize's
+# default (bilinear, half-pixel centres, no antialiasing, float output: DiffSeg's loader), computed with
+# F.interpolate(mode="bilinear", align_corners=False).
+RESIZE_FILTERS = ("bilinear", "bicubic", "bilinear_tf")
+
+
+def check_resize(name: str) -> str:
+    if name not in RESIZE_FILTERS:
+        raise DiffprobeError(f"resize must be one of {', '.join(RESIZE_FILTERS)}, not {name!r}")
+    return name
+
+
+def image_to_tensor(img: Image.Image, size: int | tuple[int, int], crop: str = "center",
+                    resize: str = "bicubic") -> torch.Tensor:
     """RGB PIL image -> (1, 3, H, W) float tensor in [-1, 1].
 
     crop="center": centre-crop to a square (see center_square), then resize to size x size;
     crop="none": resize the whole image to `size` ((H, W) or a side), aspect not kept.
+    resize: one of RESIZE_FILTERS.
     """
     if crop == "center":
         left, top, side = center_square(*img.size)
@@ -81,6 +97,11 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int], crop: str = "
     elif crop != "none":
         raise ValueError(f"crop must be 'center' or 'none', not {crop!r}")
     h, w = (size, size) if isinstance(size, int) else size
-    img = img.resize((w, h), Image.BICUBIC)
+    if check_resize(resize) == "bilinear_tf":
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)[None]
+        if arr.shape[-2:] != (h, w):
+            arr = F.interpolate(arr, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+        return arr / 127.5 - 1.0
+    img = img.resize((w, h), Image.BILINEAR if resize == "bilinear" else Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
     return (arr / 127.5 - 1.0).unsqueeze(0)

@@ -41,7 +41,7 @@ def analysed_box(width: int, height: int, crop: str) -> tuple[int, int, int, int
 def segment_file(pipeline: DiffSegPipeline, path: Path, out_dir: Path, cfg: DiffSegTaskConfig) -> dict:
     image = load_image(path)
     left, top, bw, bh = analysed_box(image.width, image.height, cfg.crop)
-    x = image_to_tensor(image.crop((left, top, left + bw, top + bh)), pipeline.size, crop="none")
+    x = image_to_tensor(image.crop((left, top, left + bw, top + bh)), pipeline.size, crop="none", resize=cfg.resize)
     result = pipeline.segment(x, (bh, bw))
     k = result.num_segments
     dtype, outside = label_dtype(k)

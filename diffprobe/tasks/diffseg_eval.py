@@ -114,7 +114,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     size = pipeline.size
     for i in tqdm(range(start, count), desc=f"diffseg_eval {data.name}", initial=start, total=count):
         image, label = dataset.load(i)
-        result = pipeline.segment(image_to_tensor(image, size, crop="center"), (size, size))
+        result = pipeline.segment(image_to_tensor(image, size, crop="center", resize=params.resize), (size, size))
         label = center_crop_label(label, size)
         for meter in meters.values():
             meter.update(label, result.labels.numpy())
@@ -123,7 +123,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     results = [meters["per_image"].result(), meters["dataset"].result()]
     segments = meters["segments"].result()["segments_per_image"]
     title = (f"DiffSeg on {data.name} ({count} images, model {cfg.model.name}, tau {params.tau}, "
-             f"merge {params.merge}, refine {params.refine}, {size} px; {segments:.1f} segments per image)")
+             f"merge {params.merge}{', float16 KL' if pipeline.params.reference_numerics else ''}, refine {params.refine}, {size} px; {segments:.1f} segments per image)")
     table = format_table(title, results)
     print(table)
     report = {"title": title, "class_names": list(dataset.class_names), "results": results,

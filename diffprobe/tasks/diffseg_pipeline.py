@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from diffprobe.data.images import check_resize
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.diffseg import DiffSegParams, SegmentationResult, segment
 from diffprobe.heads.diffseg.semantics import word_maps
@@ -32,10 +33,12 @@ class DiffSegSettings:
     tau: Any = DEFAULT_TAU
     iterations: int = 3
     anchors: int = 16
-    merge: str = "leaders"
+    merge: str = "reference"
+    fp16_kl: bool | None = None
     weights: Any = None
     refine: bool = False
     image_size: int | None = None
+    resize: str = "bilinear_tf"
 
 
 def default_tau(model_cfg, dataset_tau: float | None = None) -> float:
@@ -49,8 +52,9 @@ def head_params(settings: DiffSegSettings) -> DiffSegParams:
     tau = settings.tau if isinstance(settings.tau, (int, float, str)) else list(settings.tau)
     weights = settings.weights if settings.weights is None or isinstance(settings.weights, str) else list(
         settings.weights)
+    check_resize(settings.resize)
     return DiffSegParams(tau=tau, iterations=settings.iterations, anchors=settings.anchors, merge=settings.merge,
-                         weights=weights, refine=settings.refine)
+                         fp16_kl=settings.fp16_kl, weights=weights, refine=settings.refine)
 
 
 def token_groups(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:

@@ -12,7 +12,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.diffseg.distance import symmetric_kl
+from diffprobe.heads.diffseg.distance import DEFAULT_EPS, symmetric_kl
 
 MERGE_MODES = ("leaders", "components", "reference")
 
@@ -35,17 +35,27 @@ def anchor_indices(grid: tuple[int, int], points: int) -> torch.Tensor:
     return (rows[:, None] * grid[1] + cols[None, :]).reshape(-1)
 
 
-def initial_proposals(maps: torch.Tensor, anchors: torch.Tensor, tau: float, chunk: int = 1024) -> torch.Tensor:
-    """Iteration 0: for each anchor map, the mean of all maps closer than tau to it, (len(anchors), D)."""
-    close = (symmetric_kl(maps[anchors], maps, chunk=chunk) < tau).to(maps.dtype)
-    # Every anchor is at distance 0 from itself, so no row is empty.
+def initial_proposals(maps: torch.Tensor, anchors: torch.Tensor, tau: float, chunk: int = 1024,
+                      fp16: bool = False) -> torch.Tensor:
+    """Iteration 0: for each anchor map, the mean of all maps closer than tau to it, (len(anchors), D).
+
+    fp16=False: distances in the maps' dtype with probabilities clamped at 1e-12; every anchor is at
+    distance 0 from itself, so no row is empty. fp16=True (the reference): distances of the maps
+    rounded to float16, no clamp; an anchor whose map holds a zero there is close to nothing and its
+    proposal is 0/0 = NaN, as in the reference (merge_reference drops it at iteration 1).
+    """
+    dist = symmetric_kl(maps[anchors], maps, eps=0.0 if fp16 else DEFAULT_EPS, chunk=chunk, fp16=fp16)
+    close = (dist < tau).to(maps.dtype)
     return (close @ maps) / close.sum(dim=1, keepdim=True)
 
 
-def merge_reference(proposals: torch.Tensor, tau: float) -> torch.Tensor:
+def merge_reference(proposals: torch.Tensor, tau: float, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """The reference's greedy pass: in index order, each proposal not yet consumed is averaged with
-    every proposal closer than tau, consumed ones included; the result depends on the order."""
-    close = (symmetric_kl(proposals) < tau).cpu().numpy()
+    every proposal closer than tau, consumed ones included; the result depends on the order.
+
+    A proposal close to nothing, itself included (a NaN map, or with eps=0 a map holding a zero),
+    forms no group, as the reference's `if kl_bin.sum() > 0`. Returns (k, D), k possibly 0."""
+    close = (symmetric_kl(proposals, eps=eps) < tau).cpu().numpy()
     consumed: set[int] = set()
     merged = []
     for i in range(len(proposals)):
@@ -54,8 +64,9 @@ def merge_reference(proposals: torch.Tensor, tau: float) -> torch.Tensor:
         members = np.flatnonzero(close[i])
         consumed.add(i)
         consumed.update(members.tolist())
-        merged.append(proposals[torch.from_numpy(members)].mean(dim=0))
-    return torch.stack(merged)
+        if len(members):
+            merged.append(proposals[torch.from_numpy(members)].mean(dim=0))
+    return torch.stack(merged) if merged else proposals[:0]
 
 
 def merge_components(proposals: torch.Tensor, tau: float) -> torch.Tensor:
@@ -92,14 +103,14 @@ def merge_leaders(proposals: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.stack(merged)
 
 
-def merge(proposals: torch.Tensor, tau: float, mode: str = "leaders") -> torch.Tensor:
-    """One merging iteration (iterations 1..N-1) in the given mode."""
+def merge(proposals: torch.Tensor, tau: float, mode: str = "reference", eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """One merging iteration (iterations 1..N-1) in the given mode (eps: the reference's clamp, 0 = none)."""
     if mode == "leaders":
         return merge_leaders(proposals, tau)
     if mode == "components":
         return merge_components(proposals, tau)
     if mode == "reference":
-        return merge_reference(proposals, tau)
+        return merge_reference(proposals, tau, eps)
     raise DiffprobeError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
 
 

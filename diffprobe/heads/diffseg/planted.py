@@ -31,9 +31,11 @@ def voronoi_segmentation(side: int, regions: int, seed: int = 0) -> torch.Tensor
 
 
 def planted_attention(seg: torch.Tensor, side: int, layers: int = 1, noise: float = 0.0,
-                      floor: float = 1e-6, seed: int = 0) -> torch.Tensor:
+                      floor: float = 1e-4, seed: int = 0) -> torch.Tensor:
     """(layers, side^2, side^2) float32: each query of `seg` nearest-resized to side x side attends
-    uniformly to its own region, plus `floor` and optional multiplicative noise in [1, 1 + noise]."""
+    uniformly to its own region, plus `floor` and optional multiplicative noise in [1, 1 + noise].
+    The default floor keeps every probability above float16's smallest value (the reference numerics
+    of DiffSeg's iteration 0 turn smaller ones into zeros); 1e-6 puts the background below it."""
     small = F.interpolate(seg[None, None].float(), size=(side, side), mode="nearest")[0, 0].long().reshape(-1)
     out = ((small[:, None] == small[None, :]).float() + floor).expand(layers, -1, -1).clone()
     if noise:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -11,7 +12,10 @@ import torch.nn.functional as F
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.diffseg.aggregate import Grid, aggregate
+from diffprobe.heads.diffseg.distance import DEFAULT_EPS
 from diffprobe.heads.diffseg.merge import MERGE_MODES, anchor_indices, initial_proposals, kmeans_refine, merge
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,15 +24,19 @@ class DiffSegParams:
 
     tau: merge threshold on the symmetric KL, one value or one per iteration (ref 1.1 on
       COCO-Stuff-27, 0.9 on Cityscapes and demos). iterations: N >= 2 (ref 3). anchors: M, the
-      anchor grid is M x M (ref 16). merge: "leaders" (order-independent, default), "components"
-      (order-independent, transitive) or "reference" (the reference's greedy, order-dependent pass). weights: aggregation weights per
+      anchor grid is M x M (ref 16). merge: "reference" (the reference's greedy, order-dependent
+      pass, default), "leaders" (order-independent) or "components" (order-independent,
+      transitive); the last two are diffprobe's own. fp16_kl: the reference's numerics (iteration 0
+      on maps rounded to float16, no epsilon in any KL: maps holding a zero are never close to
+      anything); None = on with merge="reference" only. weights: aggregation weights per
       resolution (None: proportional to resolution). refine: k-means refinement (ref: off).
     """
 
     tau: float | Sequence[float] = 0.9
     iterations: int = 3
     anchors: int = 16
-    merge: str = "leaders"
+    merge: str = "reference"
+    fp16_kl: bool | None = None
     weights: Sequence[float] | Mapping | None = None
     refine: bool = False
     refine_iters: int = 30
@@ -45,6 +53,13 @@ class DiffSegParams:
             raise DiffprobeError(f"merge must be one of {MERGE_MODES}, got {self.merge!r}")
         if self.anchors < 1:
             raise DiffprobeError(f"anchors must be >= 1, got {self.anchors}")
+        if self.fp16_kl and self.merge != "reference":
+            raise DiffprobeError(f"fp16_kl (the reference's float16 numerics) needs merge=reference, not {self.merge}")
+
+    @property
+    def reference_numerics(self) -> bool:
+        """True when the KL distances follow the reference's float16 / no-epsilon numerics."""
+        return self.merge == "reference" if self.fp16_kl is None else bool(self.fp16_kl)
 
     def taus(self) -> list[float]:
         try:
@@ -113,11 +128,16 @@ def segment(maps_by_grid: Mapping, size: tuple[int, int] | None = None,
     maps, grid = aggregate(maps_by_grid, params.weights, dtype=params.dtype)
     size = tuple(size) if size is not None else (8 * grid[0], 8 * grid[1])
     taus = params.taus()
-    proposals = initial_proposals(maps, anchor_indices(grid, params.anchors), taus[0], chunk=params.chunk)
-    counts = [proposals.shape[0]]
+    fp16 = params.reference_numerics
+    proposals = initial_proposals(maps, anchor_indices(grid, params.anchors), taus[0], chunk=params.chunk, fp16=fp16)
+    counts = [int(proposals.isfinite().all(dim=1).sum())]
     for tau in taus[1:]:
-        proposals = merge(proposals, tau, params.merge)
+        proposals = merge(proposals, tau, params.merge, eps=0.0 if fp16 else DEFAULT_EPS)
         counts.append(proposals.shape[0])
+    if proposals.shape[0] == 0:  # the reference fails here; one segment keeps a dataset run going
+        log.warning("every DiffSeg proposal held a float16 zero and vanished (reference numerics); the image "
+                    "is one segment. fp16_kl=false uses float32 distances with an epsilon instead")
+        proposals = maps.mean(dim=0, keepdim=True)
     if params.refine:
         proposals = kmeans_refine(maps, proposals, params.refine_iters)
         counts.append(proposals.shape[0])

@@ -1,0 +1,57 @@
+"""The label maps a skeptic tries before any model: one segment, top/bottom halves, k-means on pixel colour.
+
+Each returns an (H, W) int64 map of segment ids, scored like any prediction (diffprobe.eval.segmentation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffprobe.errors import DiffprobeError
+
+
+def one_segment(height: int, width: int) -> np.ndarray:
+    """Every pixel in segment 0."""
+    return np.zeros((height, width), np.int64)
+
+
+def top_bottom(height: int, width: int) -> np.ndarray:
+    """Segment 0 above the middle row, 1 below (the sky/ground prior of outdoor scenes)."""
+    return np.repeat((np.arange(height)[:, None] >= height // 2).astype(np.int64), width, axis=1)
+
+
+def colour_kmeans(image: np.ndarray, k: int, seed: int = 0, restarts: int = 3, iterations: int = 50) -> np.ndarray:
+    """Lloyd's k-means on the RGB values of image (H, W, 3), k-means++ starts, the best of `restarts` runs
+    by inertia; returns (H, W) int64 cluster ids. Deterministic for a seed."""
+    if k < 1:
+        raise DiffprobeError(f"k-means needs k >= 1, got {k}")
+    x = np.asarray(image, np.float64).reshape(-1, image.shape[-1])
+    rng = np.random.default_rng(seed)
+    best, best_inertia = None, np.inf
+    for _ in range(restarts):
+        centres = _kmeans_pp(x, min(k, len(x)), rng)
+        for _ in range(iterations):
+            d = ((x[:, None, :] - centres[None]) ** 2).sum(-1)  # (N, k)
+            assign = d.argmin(1)
+            new = np.stack([x[assign == c].mean(0) if np.any(assign == c) else centres[c]
+                            for c in range(len(centres))])
+            if np.allclose(new, centres):
+                break
+            centres = new
+        inertia = d[np.arange(len(x)), assign].sum()
+        if inertia < best_inertia:
+            best, best_inertia = assign, inertia
+    return best.reshape(image.shape[:2]).astype(np.int64)
+
+
+def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k starting centres (k, C): the first uniform, each next with probability proportional to the
+    squared distance to the nearest chosen one."""
+    centres = [x[rng.integers(len(x))]]
+    d = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = d.sum()
+        idx = rng.integers(len(x)) if total <= 0 else rng.choice(len(x), p=d / total)
+        centres.append(x[idx])
+        d = np.minimum(d, ((x - x[idx]) ** 2).sum(1))
+    return np.stack(centres)
