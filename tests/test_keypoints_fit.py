@@ -131,3 +131,51 @@ def test_maps_and_gradients_on_other_structures(structure):
     assert emb.grad[:2].abs().sum() > 0
     with pytest.raises(DiffprobeError, match="another model"):
         attention_maps(bb, probe, spec, torch.zeros(1, 3, 64, 64), torch.randn(6, bb.context_dim + 1))
+
+
+def test_localisation_is_on_the_original_images_maps_and_views_are_black_outside(setup, monkeypatch):
+    # planted maps: x's maps are exact peak-1 Gaussians (localisation 0), T(x)'s are flat; the reference
+    # takes the localisation loss on x's maps (optimize.py: sharpening_loss(attn_map[top_embedding_indices]))
+    import diffprobe.heads.keypoints.fit as fit_module
+    from diffprobe.heads.keypoints.losses import localisation_loss
+    from diffprobe.heads.keypoints.targets import gaussian_maps
+
+    bb, probe, spec, images = setup
+    seen = {}
+    centres = torch.randint(2, 14, (8, 2), generator=torch.Generator().manual_seed(0)) + 0.5  # pixel centres
+    sharp = gaussian_maps(centres, (16, 16), 2.0)
+    flat = torch.full((8, 16, 16), 0.125)
+
+    def planted(bb_, probe_, spec_, pair, embeddings, generator=None, tokens=None):
+        seen["pair"] = pair
+        return torch.stack([sharp, flat]) + 0 * embeddings.sum()
+
+    monkeypatch.setattr(fit_module, "attention_maps", planted)
+    cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, affine=AffineRange(0.0, (1.0, 1.0), 0.4))
+    emb = torch.zeros(8, bb.context_dim, requires_grad=True)
+    white = torch.ones(1, 3, 64, 64)
+    _, parts = fit_module.iteration_loss(bb, probe, spec, cfg, white, emb, torch.Generator().manual_seed(3))
+    assert parts["localisation"] == pytest.approx(0.0, abs=1e-12)
+    assert localisation_loss(flat[:2], 2.0) > 0.01          # T(x)'s maps would have given a large loss
+    view = seen["pair"][1]                                  # a pure translation of a white image
+    assert view.min() == -1.0 and view.max() == 1.0         # out-of-view pixels black, not mid-grey (0)
+    assert (view.abs() < 0.5).float().mean() < 0.05          # grey only where the edge is interpolated
+
+
+def test_prediction_views_are_black_outside(setup, monkeypatch):
+    import diffprobe.heads.keypoints.predict as predict_module
+    from diffprobe.heads.keypoints.state import KeypointModel
+
+    bb, probe, spec, _ = setup
+    views = []
+
+    def planted(bb_, probe_, spec_, images, embeddings, generator=None, tokens=None):
+        views.append(images)
+        return torch.full((images.shape[0], len(tokens), 16, 16), 0.5)
+
+    monkeypatch.setattr(predict_module, "attention_maps", planted)
+    model = KeypointModel(torch.zeros(8, bb.context_dim), torch.tensor([1, 3]))
+    cfg = PredictConfig(augmentations=3, batch_size=3, affine=AffineRange(0.0, (1.0, 1.0), 0.4))
+    ensemble_maps(bb, probe, spec, model, torch.ones(1, 3, 64, 64), cfg, torch.Generator().manual_seed(1))
+    corners = torch.cat(views)[..., [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners.min(dim=-1).values == -1.0).all()       # every shifted view has black where it left the image

@@ -39,10 +39,33 @@ def test_kl_matches_hand_computation_with_softmax_over_raw_values():
         idx = int(maps[n].argmax())
         cy, cx = idx // 6 + 0.5, idx % 6 + 0.5
         yy, xx = torch.meshgrid(torch.arange(5) + 0.5, torch.arange(6) + 0.5, indexing="ij")
-        p = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 1.5**2)).flatten()
+        p = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 1.5**2)).flatten() + 1e-5  # the reference's epsilon
         p = p / p.sum()
         q = torch.exp(maps[n].flatten()) / torch.exp(maps[n].flatten()).sum()
         assert torch.isclose(kl[n], (p * (p / q).log()).sum(), atol=1e-5)
+
+
+def reference_kl(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The KL of StableKeypoints' find_top_k_gaussian (ptp_utils.py, num_subjects=1) rewritten independently:
+    argmax as (row, col) + 0.5, gaussian_circle on an ij grid + 0.5, +1e-5, KL to the softmax; (b,)."""
+    b, h, w = maps.shape
+    idx = maps.view(b, -1).argmax(-1)
+    pos = torch.stack([idx // w, idx % w], -1).double() + 0.5          # (b, 2) row, col
+    grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).double() + 0.5
+    dist = (grid[None, ..., 1] - pos[:, None, None, 1]) ** 2 + (grid[None, ..., 0] - pos[:, None, None, 0]) ** 2
+    target = torch.exp(-dist / (2.0 * sigma**2)).reshape(b, -1) + 1e-5
+    target /= target.sum(-1, keepdim=True)
+    soft = torch.softmax(maps.view(b, -1) + 1e-5, dim=-1)
+    return (target * (target.log() - soft.log())).sum(-1)
+
+
+def test_candidates_equal_the_references_ranking():
+    gen = torch.Generator().manual_seed(0)
+    blobs = gaussian_maps(torch.rand(40, 2, generator=gen) * 100 + 14, (128, 128), 2.0)
+    maps = blobs * torch.rand(40, 1, 1, generator=gen) + torch.rand(40, 128, 128, generator=gen) * 0.3
+    expected = reference_kl(maps.double(), 2.0)
+    torch.testing.assert_close(kl_to_gaussian(maps.double(), sigma=2.0), expected, rtol=1e-9, atol=1e-9)
+    assert rank_candidates(maps, 25, sigma=2.0).tolist() == torch.argsort(expected)[:25].tolist()
 
 
 def test_fps_starts_with_the_farthest_pair():

@@ -132,3 +132,22 @@ def test_cli_reports_errors_without_traceback(tmp_path):
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 2
     assert "needs embeddings=PATH" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_celeba_follows_the_reference_protocol(tmp_path):
+    # data=celeba: fit and vote on MAFL training.txt (not every non-test image), faces squashed to the square
+    from diffprobe.data.world import render_scene, scene_seed
+    from diffprobe.data.world.export import write_celeba
+
+    faces = [render_scene(scene_seed("train", i), first="face", max_objects=1) for i in range(5)]
+    root = write_celeba(tmp_path / "celeba", faces[:3], faces[3:])
+    (root / "MAFL" / "training.txt").write_text("000001.jpg\n000002.jpg\n")  # 000003 is in neither MAFL list
+    data = OmegaConf.merge(OmegaConf.load(CONF / "data" / "celeba.yaml"), {"root": str(root)})
+    keypoints.run(make_cfg(data, **SMALL), tmp_path / "fit")
+    config = load_model(tmp_path / "fit" / "keypoints.safetensors").config
+    assert config["num_images"] == 2 and config["crop"] == "none" and config["resize"] == "bilinear"
+    # squashed: landmark x is divided by the width and y by the height
+    item = LandmarkItem(write_images(tmp_path / "wide", 1, size=(80, 64))[0], keypoints=np.array([[40.0, 16.0]]))
+    images = ImageSet([item], 32, crop="none")
+    gt, _ = images.landmarks(0, images.load(0)[1])
+    np.testing.assert_allclose(gt, [[0.5, 0.25]])

@@ -68,3 +68,10 @@ def test_bad_input(tmp_path):
     (tmp_path / "list_landmarks_align_celeba.txt").write_text("1\nheader\n000001.jpg 1 2 3\n")
     with pytest.raises(DiffprobeError, match="list_landmarks_align_celeba.txt:3"):
         CelebaDataset(tmp_path)
+
+
+def test_aligned_reads_the_png_release_when_present(tmp_path):
+    make_celeba(tmp_path, anno_dirs=True)
+    (tmp_path / "Img" / "img_align_celeba_png").mkdir()
+    ds = CelebaDataset(tmp_path, "mafl_test")
+    assert ds[0].name == "000004.jpg" and ds[0].path == tmp_path / "Img" / "img_align_celeba_png" / "000004.png"

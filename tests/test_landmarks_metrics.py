@@ -49,6 +49,13 @@ def test_cub_taichi_h36m_and_deepfashion():
     vis = np.array([[True, True, False]])
     assert visible_error(pred, gt, vis)["mean_l2"] == pytest.approx((0.05 + 0.1) / 2)
     assert summed_l2(pred, gt, vis)["summed_l2_at_256px"] == pytest.approx((0.05 + 0.1) * 256)
+    # two images with 2 and 1 visible points: the reference averages per image first, then over images
+    gt2, pred2 = np.concatenate([gt, gt]), np.concatenate([pred, gt + np.array([0.3, 0.4])])
+    vis2 = np.array([[True, True, False], [False, True, False]])
+    res = visible_error(pred2, gt2, vis2)
+    assert res["mean_l2"] == pytest.approx(((0.05 + 0.1) / 2 + 0.5) / 2)
+    assert res["mean_l2_pooled"] == pytest.approx((0.05 + 0.1 + 0.5) / 3)
+    assert res["num_images"] == 2 and res["num_points"] == 3
     mirrored = gt[:, [2, 1, 0]]
     res = swap_invariant_l2(mirrored, gt, swap=[(0, 2)])
     assert res["swap_invariant_l2_x128"] == pytest.approx(0.0)

@@ -1,6 +1,7 @@
 """CelebA / MAFL reader for the standard release layout (files at the root or in Anno/, Eval/, Img/).
 
-    img_align_celeba/000001.jpg ...          aligned faces (variant "aligned")
+    img_align_celeba/000001.jpg ...          aligned faces (variant "aligned"); img_align_celeba_png/000001.png,
+                                             the lossless release the reference reads, is used when present
     img_celeba/000001.jpg ...                in-the-wild images (variant "wild")
     list_landmarks_align_celeba.txt          count line, header line, "<name> x1 y1 ... x5 y5" (aligned)
     list_landmarks_celeba.txt                same for the wild images
@@ -70,7 +71,8 @@ class CelebaDataset:
             raise DiffprobeError(f"CelebA: variant must be one of {tuple(VARIANTS)}, got {variant!r}")
         self.root, self.split, self.variant = Path(root), split, variant
         folder, landmark_file = VARIANTS[variant]
-        images = _find(self.root, folder)
+        png = _find(self.root, folder + "_png", required=False) if variant == "aligned" else None
+        images = png or _find(self.root, folder)
         lm_path = _find(self.root, landmark_file)
         landmarks = _named_rows(lm_path, 10, skip=2)
         names = sorted(landmarks)
@@ -85,7 +87,8 @@ class CelebaDataset:
                 box = np.asarray(boxes[n], np.float64)
                 if not self._face_covers(images / n, box, min_face_fraction):
                     continue
-            self.records.append(CelebaRecord(n, images / n, np.asarray(landmarks[n], np.float64).reshape(5, 2), box))
+            path = images / (Path(n).stem + ".png" if png else n)
+            self.records.append(CelebaRecord(n, path, np.asarray(landmarks[n], np.float64).reshape(5, 2), box))
 
     def _split_names(self, split: str, names: list[str]) -> set[str]:
         if split == "all":

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from diffprobe.config import load_configured_backbone, run_config, typed
-from diffprobe.data.images import list_images
+from diffprobe.data.images import check_resize, list_images
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange
 from diffprobe.heads.keypoints.fit import FitConfig, fit
@@ -64,7 +64,8 @@ class KeypointsTaskConfig:
     timestep: int = 0
     add_noise: bool = True
     image_size: int | None = None
-    crop: str = "center"
+    crop: str | None = None  # null: the dataset's protocol (data.crop: celeba none, cub/folders center)
+    resize: str = "bilinear"
     augmentations: int = PredictConfig.augmentations
     predict_batch: int = PredictConfig.batch_size
     readout: str = PredictConfig.readout
@@ -76,8 +77,9 @@ class KeypointsTaskConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise DiffprobeError(f"keypoints mode must be one of {MODES}, got {self.mode!r}")
-        if self.crop not in ("center", "none"):
+        if self.crop not in (None, "center", "none"):
             raise DiffprobeError(f"crop must be center or none, not {self.crop!r}")
+        check_resize(self.resize)
         if len(self.scale) != 2:
             raise DiffprobeError(f"scale is a [low, high] range, got {self.scale}")
         if self.feature_upsample_res < 1 or (self.image_size is not None and self.image_size < 8):
@@ -107,6 +109,10 @@ class Context:
     spec: MapSpec
     image_size: int
     crop: str
+    resize: str
+
+    def images(self, items: list[LandmarkItem]) -> ImageSet:
+        return ImageSet(items, self.image_size, self.crop, self.resize)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -128,8 +134,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     train = split_items(cfg.get("data"), "train")[: params.eval_train]
     test = split_items(cfg.get("data"), "test")[: params.eval_test]
     metrics = evaluate(lambda item_set, i: _predict_item(ctx, model, predict_cfg, item_set, i),
-                       ImageSet(train, ctx.image_size, ctx.crop), ImageSet(test, ctx.image_size, ctx.crop),
-                       cfg.data.name, out_dir, resume=params.resume)
+                       ctx.images(train), ctx.images(test), cfg.data.name, out_dir, resume=params.resume)
     return metrics
 
 
@@ -140,13 +145,15 @@ def _context(cfg: DictConfig, params: KeypointsTaskConfig, model: KeypointModel 
     if model is None:
         spec = MapSpec(tuple(resolve_sites(probe, params.sites)), params.feature_upsample_res, params.timestep,
                        params.add_noise)
-        return Context(bb, probe, spec, params.image_size or bb.sample_size, params.crop)
+        data_crop = cfg.data.get("crop") if cfg.get("data") is not None else None
+        return Context(bb, probe, spec, params.image_size or bb.sample_size, params.crop or data_crop or "center",
+                       params.resize)
     spec = MapSpec.from_dict(model.config.get("maps", {}))
     missing = [s for s in spec.sites if s not in probe.sites]
     if missing:
         raise DiffprobeError(f"these keypoints were fit on another model (site {missing[0]} does not exist here)")
     return Context(bb, probe, spec, int(model.config.get("image_size", bb.sample_size)),
-                   str(model.config.get("crop", "center")))
+                   str(model.config.get("crop", "center")), str(model.config.get("resize", "bicubic")))
 
 
 def _predict_item(ctx: Context, model: KeypointModel, cfg: PredictConfig, images: ImageSet, i: int):
@@ -158,7 +165,7 @@ def _predict_item(ctx: Context, model: KeypointModel, cfg: PredictConfig, images
 
 def run_fit(ctx: Context, fit_cfg: FitConfig, predict_cfg: PredictConfig, items: list[LandmarkItem],
             out_dir: Path, resume: str | None, preview: int, cfg: DictConfig) -> dict:
-    images = ImageSet(items, ctx.image_size, ctx.crop)
+    images = ctx.images(items)
     log.info("fitting %d keypoint embeddings on %d images", fit_cfg.num_tokens, len(images))
     extra = {"model": str(cfg.model.get("name")), "context_dim": ctx.bb.context_dim,
              "sites": site_summary(ctx.probe, list(ctx.spec.sites)), "num_images": len(images)}
@@ -166,7 +173,7 @@ def run_fit(ctx: Context, fit_cfg: FitConfig, predict_cfg: PredictConfig, items:
                  on_checkpoint=lambda history: save_loss_curve(out_dir / "loss_curve.png", history))
     path = save_model(out_dir / "keypoints", result.model)
     save_loss_curve(out_dir / "loss_curve.png", result.history)
-    shown = ImageSet(items[:preview], ctx.image_size, ctx.crop)
+    shown = ctx.images(items[:preview])
     for i in range(len(shown)):
         _write_item(ctx, result.model, predict_cfg, shown, i, out_dir / "preview")
     summary = {"embeddings": str(path), "indices": result.model.indices.tolist(), "counts": result.model.counts,
@@ -186,7 +193,7 @@ def _write_item(ctx: Context, model: KeypointModel, cfg: PredictConfig, images: 
 
 
 def run_predict(ctx: Context, model: KeypointModel, cfg: PredictConfig, files: list[Path], out_dir: Path) -> dict:
-    images = ImageSet([LandmarkItem(p) for p in files], ctx.image_size, ctx.crop)
+    images = ctx.images([LandmarkItem(p) for p in files])
     summary = {}
     for i in tqdm(range(len(images)), desc="keypoints", disable=len(images) < 2):
         record = _write_item(ctx, model, cfg, images, i, out_dir)

@@ -74,6 +74,12 @@ def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
+def warp_image(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """warp() for images x (B, 3, H, W) in [-1, 1] with out-of-view pixels black (-1), as the reference
+    warps its images in [0, 1] before scaling them to [-1, 1]."""
+    return warp((x + 1) * 0.5, theta) * 2 - 1
+
+
 def unwarp(y: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Bring y = warp(x, theta) back to x's frame (B, C, H, W); regions that left the view are zero."""
     return warp(y, invert_affine(theta))

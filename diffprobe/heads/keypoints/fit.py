@@ -1,9 +1,10 @@
 """Fit keypoint embeddings (StableKeypoints) and choose the final K tokens by frequency.
 
-One iteration: an image x and a random affine T; maps of x and T(x) in one batched UNet call;
-candidates = the `candidates` tokens whose maps of x are closest (KL) to a Gaussian; the K tokens
-spread out by farthest point sampling over their argmax locations in T(x)'s maps; loss =
-localisation_weight * localisation(maps of T(x)) + equivariance_weight * equivariance(x, T(x)).
+One iteration: an image x and a random affine T (out-of-view pixels black); maps of x and T(x) in one
+batched UNet call; candidates = the `candidates` tokens whose maps of x are closest (KL) to a Gaussian;
+the K tokens spread out by farthest point sampling over their argmax locations in T(x)'s maps; loss =
+localisation_weight * localisation(maps of x) + equivariance_weight * equivariance(x, T(x)), both on
+the K tokens (the reference: `sharpening_loss(attn_map[top_embedding_indices])` on x's maps).
 Gradients accumulate over `batch_size` iterations per Adam step.
 """
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from diffprobe.backbones import Backbone
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, warp
+from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, warp_image
 from diffprobe.heads.keypoints.image_sets import ImageSet
 from diffprobe.heads.keypoints.losses import equivariance_loss, localisation_loss
 from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
@@ -89,11 +90,11 @@ def iteration_loss(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitCo
                    embeddings: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Weighted loss of one image (1, 3, S, S) and one random transform; also its parts as floats."""
     theta = sample_affine(1, cfg.affine, generator=gen)
-    pair = torch.cat([image, warp(image, theta)])
+    pair = torch.cat([image, warp_image(image, theta)])
     maps = attention_maps(bb, probe, spec, pair, embeddings, generator=gen)      # (2, N, R, R)
     candidates = rank_candidates(maps[0], cfg.candidates, cfg.sigma)
     chosen = spread_tokens(maps[1], candidates, cfg.top_k)
-    loc = localisation_loss(maps[1, chosen], cfg.sigma)
+    loc = localisation_loss(maps[0, chosen], cfg.sigma)
     eq = equivariance_loss(maps[0, chosen], maps[1, chosen], theta, masked=cfg.masked_equivariance)
     loss = cfg.localisation_weight * loc + cfg.equivariance_weight * eq
     return loss, {"loss": loss.item(), "localisation": loc.item(), "equivariance": eq.item()}
@@ -172,5 +173,6 @@ def fit(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitConfig, image
     """Fit embeddings, then choose the keypoint tokens; the returned model holds both and the config."""
     embeddings, history = fit_embeddings(bb, probe, spec, cfg, images, out_dir, resume, progress, on_checkpoint)
     indices, counts = choose_keypoints(bb, probe, spec, cfg, images, embeddings, progress)
-    config = {**config_dict(cfg, spec), "image_size": images.size, "crop": images.crop, **(extra_config or {})}
+    config = {**config_dict(cfg, spec), "image_size": images.size, "crop": images.crop, "resize": images.resize,
+              **(extra_config or {})}
     return FitResult(KeypointModel(embeddings, indices, config, counts), history)

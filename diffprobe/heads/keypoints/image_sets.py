@@ -43,10 +43,11 @@ class LandmarkItem:
 
 
 class ImageSet:
-    """Items turned into (1, 3, S, S) tensors in [-1, 1] with their Frames."""
+    """Items turned into (1, 3, S, S) tensors in [-1, 1] with their Frames; resize: a filter of
+    diffprobe.data.images.RESIZE_FILTERS (the reference: PIL bilinear)."""
 
-    def __init__(self, items: list[LandmarkItem], size: int, crop: str = "center"):
-        self.items, self.size, self.crop = list(items), int(size), crop
+    def __init__(self, items: list[LandmarkItem], size: int, crop: str = "center", resize: str = "bilinear"):
+        self.items, self.size, self.crop, self.resize = list(items), int(size), crop, resize
 
     def __len__(self) -> int:
         return len(self.items)
@@ -66,7 +67,7 @@ class ImageSet:
             frame = Frame((ox + left, oy + top), (self.size / side, self.size / side))
         else:
             frame = Frame((ox, oy), (self.size / w, self.size / h))
-        return image_to_tensor(img, self.size, crop=self.crop), frame, size
+        return image_to_tensor(img, self.size, crop=self.crop, resize=self.resize), frame, size
 
     def tensor(self, i: int) -> torch.Tensor:
         return self.load(i)[0]

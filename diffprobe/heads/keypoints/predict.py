@@ -1,6 +1,6 @@
 """Keypoints of new images with test-time ensembling over random affine transforms.
 
-For each image: n transforms T_i (training ranges); the maps of T_i(x) for the K keypoint tokens, in
+For each image: n transforms T_i (training ranges, out-of-view pixels black); the maps of T_i(x) for the K keypoint tokens, in
 batched UNet calls; each upsampled bilinearly to the image side S and brought back by T_i^-1 with a
 ones-mask; ensemble = sum(maps) / sum(masks) (0 where no transform saw the pixel). Points are the
 argmax pixel centres or a windowed soft-argmax, confidence the ensemble's peak value.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from diffprobe.backbones import Backbone
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, unwarp, warp
+from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, unwarp, warp_image
 from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
 from diffprobe.heads.keypoints.state import KeypointModel
 from diffprobe.heads.keypoints.targets import argmax_points, peak_values, soft_argmax_points
@@ -66,7 +66,7 @@ def ensemble_maps(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, model: Keyp
     seen = torch.zeros(1, *size)
     for start in range(0, len(thetas), cfg.batch_size):
         theta = thetas[start : start + cfg.batch_size]
-        views = warp(image.expand(len(theta), -1, -1, -1), theta)
+        views = warp_image(image.expand(len(theta), -1, -1, -1), theta)
         maps = attention_maps(bb, probe, spec, views, model.embeddings, generator=generator, tokens=model.indices)
         maps = F.interpolate(maps.cpu(), size=size, mode="bilinear", align_corners=False)
         total += unwarp(maps, theta).sum(0)

@@ -12,16 +12,18 @@ import torch
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.targets import argmax_points, gaussian_maps
 
+TARGET_EPS = 1e-5  # added to every target pixel before normalising (the reference's find_top_k_gaussian)
+
 
 def kl_to_gaussian(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """KL(target || softmax(map)) per token: (N, H, W) -> (N,).
 
-    target: an isotropic Gaussian of std `sigma` px at the map's argmax, normalised to sum 1; the map
-    becomes a distribution by a softmax over its raw values (as the reference code does, not by
-    dividing by its sum).
+    target: an isotropic Gaussian of std `sigma` px at the map's argmax, plus TARGET_EPS everywhere,
+    normalised to sum 1; the map becomes a distribution by a softmax over its raw values (as the
+    reference code does, not by dividing by its sum).
     """
     n, h, w = maps.shape
-    target = gaussian_maps(argmax_points(maps), (h, w), sigma).flatten(1)
+    target = gaussian_maps(argmax_points(maps), (h, w), sigma).flatten(1) + TARGET_EPS
     target = target / target.sum(dim=1, keepdim=True)
     log_q = torch.log_softmax(maps.flatten(1), dim=1)
     return (torch.special.xlogy(target, target) - target * log_q).sum(dim=1)
