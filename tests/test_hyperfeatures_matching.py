@@ -12,9 +12,12 @@ from diffprobe.heads.hyperfeatures.matching import DescriptorField, match_points
 
 
 def test_to_grid_rounds_and_clips():
-    pts = torch.tensor([[0.0, 0.0], [511.0, 511.0], [600.0, -5.0], [263.0, 7.9]])
+    # the reference: round(clip(p * 64 / W, 0, 63)) with np.round's halves to even: 263 -> 32.875 -> 33,
+    # 20 -> 2.5 -> 2, 28 -> 3.5 -> 4; a non-square image scales each axis by its own side
+    pts = torch.tensor([[0.0, 0.0], [511.0, 511.0], [600.0, -5.0], [263.0, 7.9], [20.0, 28.0]])
     cells = to_grid(pts, (512, 512), 64)
-    assert cells.tolist() == [[0, 0], [63, 63], [63, 0], [32, 1]]
+    assert cells.tolist() == [[0, 0], [63, 63], [63, 0], [33, 1], [2, 4]]
+    assert to_grid(torch.tensor([[100.0, 100.0]]), (200, 400), 64).tolist() == [[16, 32]]
 
 
 def test_loss_matches_hand_computation_and_is_symmetric():

@@ -6,7 +6,7 @@ import torch
 
 from diffprobe.architectures import build_unet
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig, resize
+from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig, Bottleneck, resize
 from diffprobe.hooks import ProbeRegistry
 
 
@@ -87,3 +87,13 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
         AggregationNetwork.load(tmp_path / "bad")
     with pytest.raises(DiffprobeError, match="no aggregator.json"):
         AggregationNetwork.load(tmp_path / "nothing")
+
+
+def test_bottleneck_convolutions_use_the_references_msra_fill():
+    # detectron2's c2_msra_fill: Kaiming normal with fan_out, ReLU gain: std = sqrt(2 / (out_channels * k * k))
+    torch.manual_seed(0)
+    block = Bottleneck(640, 96, 384)
+    for conv, fan_out in ((block.conv1[0], 96), (block.conv2[0], 96 * 9), (block.conv3[0], 384),
+                          (block.shortcut[0], 384)):
+        assert conv.bias is None
+        assert conv.weight.std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.05)

@@ -30,10 +30,11 @@ def test_training_lowers_loss_and_raises_pck(setup, tmp_path):
     pairs, source, new_net = setup
     net = new_net()
     before = evaluate_pairs(descriptor_fn(net, source), pairs, SIZE).summary()
-    history = train(net, source, pairs, pairs, TrainConfig(steps=24, val_every=12), tmp_path / "ck", progress=False)
+    # the reference's c2_msra_fill start needs about twice the steps of PyTorch's default init here
+    history = train(net, source, pairs, pairs, TrainConfig(steps=48, val_every=24), tmp_path / "ck", progress=False)
     loss = [v for _, v in history["loss"]]
     assert np.mean(loss[-6:]) < np.mean(loss[:6]) - 1.0
-    assert [r[0] for r in history["val"]] == [12, 24]
+    assert [r[0] for r in history["val"]] == [24, 48]
     after = history["val"][-1][1]
     assert before["pck@0.1_img_per_point"] <= 0.2 and after >= 0.8
     assert history["val"][-1][2] is not None  # the planted pairs have boxes: PCK@0.1_bbox reported too

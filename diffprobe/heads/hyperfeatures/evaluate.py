@@ -23,11 +23,12 @@ Describe = Callable[[Path], tuple[torch.Tensor, tuple[int, int]]]
 
 
 def prepare_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(1, 3, size, size) in [-1, 1], resized without crop, and the original (H, W)."""
+    """(1, 3, size, size) in [-1, 1], resized without crop with PIL bilinear (the reference's
+    process_image), and the original (H, W)."""
     from diffprobe.data.images import image_to_tensor, load_image
 
     pil = load_image(path)
-    return image_to_tensor(pil, size=size, crop="none"), (pil.height, pil.width)
+    return image_to_tensor(pil, size=size, crop="none", resize="bilinear"), (pil.height, pil.width)
 
 
 def to_load(points: np.ndarray, hw: tuple[int, int], size: int) -> torch.Tensor:

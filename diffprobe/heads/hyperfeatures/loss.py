@@ -9,12 +9,12 @@ from diffprobe.errors import DiffprobeError
 
 
 def to_grid(points: torch.Tensor, image_hw: tuple[int, int], grid: int) -> torch.Tensor:
-    """(N, 2) (x, y) pixels of an image of size (H, W) -> (N, 2) long cells of a grid x grid map,
-    rounded and clipped (pixel centres at integer coordinates)."""
+    """(N, 2) (x, y) pixels of an image of size (H, W) -> (N, 2) long cells of a grid x grid map, as the
+    reference (rescale_points, then points_to_idxs): round(clip(p * grid / W, 0, grid - 1)), rounding
+    halves to even as np.round does."""
     h, w = image_hw
     scale = torch.tensor([grid / w, grid / h], dtype=torch.float64)
-    cells = torch.floor((points.double() + 0.5) * scale)
-    return cells.clamp(0, grid - 1).long()
+    return torch.round((torch.as_tensor(points).double() * scale).clamp(0, grid - 1)).long()
 
 
 def correspondence_loss(

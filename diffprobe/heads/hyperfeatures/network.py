@@ -60,7 +60,8 @@ def _groups(channels: int, max_groups: int) -> int:
 
 class Bottleneck(nn.Module):
     """1x1 conv-GN-ReLU, 3x3 conv-GN-ReLU, 1x1 conv-GN, plus a (1x1 conv + GN) shortcut when widths
-    differ; residual add; ReLU. Convs without bias. (B, C_in, H, W) -> (B, C_out, H, W)."""
+    differ; residual add; ReLU. Convs without bias, initialised as the reference's detectron2 block
+    (`c2_msra_fill`: Kaiming normal, fan out, ReLU gain). (B, C_in, H, W) -> (B, C_out, H, W)."""
 
     def __init__(self, c_in: int, c_mid: int, c_out: int, max_groups: int = 32):
         super().__init__()
@@ -70,6 +71,9 @@ class Bottleneck(nn.Module):
 
         self.conv1, self.conv2, self.conv3 = conv_gn(c_in, c_mid, 1), conv_gn(c_mid, c_mid, 3), conv_gn(c_mid, c_out, 1)
         self.shortcut = conv_gn(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))

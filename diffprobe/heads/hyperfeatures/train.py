@@ -18,7 +18,7 @@ import torch
 
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs, prepare_image, to_load
+from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs, prepare_image
 from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_features, image_generator
 from diffprobe.heads.hyperfeatures.loss import correspondence_loss, to_grid
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork
@@ -146,8 +146,8 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
     for step in bar:
         pair = train_pairs[pair_order(len(train_pairs), step, cfg.seed)]
         (fa, hw_a), (fb, hw_b) = source(pair.source), source(pair.target)
-        cells_a = to_grid(to_load(pair.source_points, hw_a, size), (size, size), grid)
-        cells_b = to_grid(to_load(pair.target_points, hw_b, size), (size, size), grid)
+        cells_a = to_grid(pair.source_points, hw_a, grid)  # original pixels straight to cells (reference)
+        cells_b = to_grid(pair.target_points, hw_b, grid)
         loss = correspondence_loss(net(fa)[0], net(fb)[0], cells_a, cells_b, cfg.temperature)
         opt.zero_grad()
         loss.backward()
