@@ -63,6 +63,29 @@ def test_probs_equal_diffusers_scores(setup):
         torch.testing.assert_close(cache[name].sum(-1), torch.ones(expected.shape[:-1]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 5e-3)])
+def test_probs_equal_diffusers_scores_in_the_models_dtype(dtype, atol):
+    # the capture recomputes in fp32 from the module's own q and k; diffusers' scores in fp16/bf16 carry
+    # that dtype's rounding (measured on this model: 4e-8 fp32, 2e-4 fp16, 2e-3 bf16 at most)
+    bb = tiny_backbone("sd15", dtype=dtype)
+    probe = ProbeRegistry(bb.unet)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cond = encode_prompt(bb, ["a cat", "a dog"])
+    names = probe.select("*.hook_probs")
+    modules = [bb.unet.get_submodule(probe.sites[n].module) for n in names]
+    with probe.capture(names, reduce=Reduce(heads="none")) as cache:
+        inputs = _inputs_of(modules, lambda: unet_call(bb, latents, 50, cond))
+    worst = 0.0
+    for name, attn, (hidden, context) in zip(names, modules, inputs):
+        source = context if probe.sites[name].kind == "cross_attn" else hidden
+        q, k = attn.head_to_batch_dim(attn.to_q(hidden)), attn.head_to_batch_dim(attn.to_k(source))
+        expected = attn.get_attention_scores(q, k).view(hidden.shape[0], attn.heads, q.shape[1], k.shape[1])
+        assert cache[name].dtype == torch.float32
+        worst = max(worst, (cache[name] - expected.float()).abs().max().item())
+    assert worst <= atol
+    assert dtype == torch.float32 or worst > 1e-6  # the low-precision scores really do differ
+
+
 def test_head_reductions_agree(setup):
     bb, probe, latents, cond = setup
     name = probe.select("*.attn2.hook_probs")[0]
