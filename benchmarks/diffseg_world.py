@@ -1,13 +1,15 @@
 """DiffSeg on the procedural world with diffprobe-mini: tau chosen on the val split, reported on test, beside
 the baselines a skeptic tries first, all in one run on the same scenes.
 
-    python benchmarks/diffseg_world.py [--n 200] [--model DIR] [--json out.json]
+    python benchmarks/diffseg_world.py [--n 200] [--model DIR] [--json out.json] [--resize-check 256]
 
 Every scene's self-attention is captured once (one UNet call: clean latent, t=300, empty prompt), then the
 head runs for each merge mode and tau. Labels are the world's exact class maps as COCO-Stuff-27 classes
 (the mapping `task=world world.format=coco_stuff` writes); scores use per-image Hungarian matching (the
 DiffSeg reference's protocol). Baselines: one segment, top/bottom halves, and k-means on pixel colour with
 k = the number of classes present in the image (told the true count: a strong baseline on these scenes).
+--resize-check SIZE also renders the test scenes at SIZE px and segments them at the chosen tau after each
+resize filter (the model sees its own sample size), to measure what the filter changes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffprobe.backbones import load_backbone  # noqa: E402
 from diffprobe.data.coco_stuff import CocoStuff27  # noqa: E402
-from diffprobe.data.images import image_to_tensor  # noqa: E402
+from diffprobe.data.images import RESIZE_FILTERS, image_to_tensor  # noqa: E402
 from diffprobe.data.world import render_scene, scene_seed  # noqa: E402
 from diffprobe.data.world.export import coco_fine_labels  # noqa: E402
 from diffprobe.eval.segmentation import PerImageHungarian  # noqa: E402
@@ -45,13 +47,13 @@ MODES = {  # name: DiffSegParams overrides
 }
 
 
-def scene_data(split: str, n: int, pipe: DiffSegPipeline) -> list[dict]:
-    """Per scene: the captured maps, the image and its COCO-Stuff-27 label map."""
+def scene_data(split: str, n: int, pipe: DiffSegPipeline, size: int = 64, resize: str = "bilinear_tf") -> list[dict]:
+    """Per scene: the captured maps, the image and its COCO-Stuff-27 label map (scenes rendered at `size`)."""
     lut = CocoStuff27.lut
     out = []
     for i in range(n):
-        scene = render_scene(scene_seed(split, i))
-        x = image_to_tensor(Image.fromarray(scene.image), pipe.size, crop="none", resize="bilinear_tf")
+        scene = render_scene(scene_seed(split, i), size)
+        x = image_to_tensor(Image.fromarray(scene.image), pipe.size, crop="none", resize=resize)
         out.append({"maps": pipe.self_attention(x), "image": scene.image,
                     "label": lut[coco_fine_labels(scene)].astype(np.int64)})
     return out
@@ -106,6 +108,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="diffusers directory (default: the packaged diffprobe-mini)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--resize-check", type=int, default=None, metavar="SIZE")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start, load = time.time(), os.getloadavg()[0]
@@ -135,10 +138,21 @@ def main() -> None:
         print(f"| baseline: {name} | {fmt(row)} |")
     for name, row in test.items():
         print(f"| {name} | {fmt(row)} |")
+    resized = {}
+    if args.resize_check:
+        tau = chosen["reference (float16 KL, default)"]
+        for name in RESIZE_FILTERS:
+            resized[name] = diffseg_scores(scene_data("test", args.n, pipe, args.resize_check, name),
+                                           DiffSegParams(tau=tau))
+        print(f"\nTest scenes rendered at {args.resize_check} px, resized to {pipe.size} px for the model, "
+              f"DiffSeg reference at tau {tau}, labels at {args.resize_check} px:\n")
+        print("| resize filter | segments per image | pixel accuracy (%) | mIoU (%) |\n|---|---|---|---|")
+        for name, row in resized.items():
+            print(f"| {name} | {fmt(row)} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"n": args.n, "sweep_val": sweep, "chosen_tau": chosen, "test": test,
-                                               "baselines": baselines, "seconds": time.time() - start,
-                                               "load_at_start": load}, indent=2))
+                                               "baselines": baselines, "resize_check": resized,
+                                               "seconds": time.time() - start, "load_at_start": load}, indent=2))
 
 
 if __name__ == "__main__":
