@@ -1,7 +1,9 @@
 """`python -m diffprobe task=NAME ...`: the Hydra entry, the only place Hydra is imported at run time.
 
-It runs `diffprobe.tasks.NAME.run(cfg, out_dir)` with out_dir = Hydra's run directory. A DiffprobeError (bad
-input, missing weights, incompatible saved state) ends with one line on stderr and exit code 2.
+It runs `diffprobe.tasks.NAME.run(cfg, out_dir)` with out_dir = Hydra's run directory. The configs are the
+package diffprobe.conf (the repository's conf/). Configuration mistakes (an unknown task, model, dataset or
+key) and DiffprobeError (bad input, missing weights, incompatible saved state) end with one line on stderr
+and exit code 2; `--help` lists the tasks.
 """
 
 from __future__ import annotations
@@ -11,19 +13,14 @@ import logging
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from diffprobe.cli import config_error, help_text, rewrite_data_paths
+
+CONFIG_MODULE = "diffprobe.conf"
 
 
-def rewrite_data_paths(argv: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
-    """Turn `data=SOME/PATH` (not a config under conf/data/) into `data=folder data.root=SOME/PATH`."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if key == "data" and sep and value and not (conf_dir / "data" / f"{value}.yaml").is_file():
-            out += ["data=folder", f"data.root={value}"]
-        else:
-            out.append(arg)
-    return out
+def _fail(message: str) -> None:
+    print(f"diffprobe: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _run(cfg) -> None:
@@ -37,8 +34,7 @@ def _run(cfg) -> None:
         module = importlib.import_module(f"diffprobe.tasks.{task}")
         module.run(cfg, out_dir)
     except DiffprobeError as exc:
-        print(f"diffprobe: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(exc))
     except KeyboardInterrupt:
         print(f"diffprobe: interrupted; what was written is in {out_dir}", file=sys.stderr)
         sys.exit(130)
@@ -46,11 +42,48 @@ def _run(cfg) -> None:
     print(f"diffprobe: outputs in {out_dir}")
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """Compose the configuration once before Hydra runs it, so a mistake is one line and exit code 2
+    instead of Hydra's multi-line report and exit code 1."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        try:
+            compose("config", overrides=overrides, return_hydra_config=True)
+        except HydraException as exc:
+            choices = [o for o in overrides if o.split("=", 1)[0] in ("task", "model", "data")]
+            task = next((o.split("=", 1)[1] for o in choices if o.startswith("task=")), "probe")
+            try:
+                cfg = compose("config", overrides=choices)
+                keys = [k for k in _dotted_keys(OmegaConf.to_container(cfg))]
+            except HydraException:
+                keys = []
+            _fail(config_error(str(exc), keys, task, getattr(exc, "override", None)))
+
+
+def _dotted_keys(node: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        out.append(name)
+        if isinstance(value, dict):
+            out += _dotted_keys(value, name + ".")
+    return out
+
+
 def main() -> None:
     import hydra
 
-    sys.argv = [sys.argv[0]] + rewrite_data_paths(sys.argv[1:])
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_run)()
+    argv = rewrite_data_paths(sys.argv[1:])
+    if any(a in ("--help", "-h") for a in argv):
+        print(help_text())
+        return
+    if not any(a.startswith("-") for a in argv):  # Hydra flags (--cfg, -m, ...) go to Hydra as they are
+        check_overrides(argv)
+    sys.argv = [sys.argv[0]] + argv
+    hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(_run)()
 
 
 if __name__ == "__main__":

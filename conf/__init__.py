@@ -1,0 +1,1 @@
+"""diffprobe's Hydra configs, installed as the package diffprobe.conf (read as pkg://diffprobe.conf)."""
