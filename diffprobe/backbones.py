@@ -7,6 +7,7 @@ configs, never hard-coded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,6 +84,25 @@ class Backbone:
         return self
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence transformers' and diffusers' loading chatter (progress bars, dtype notices) inside the block,
+    restoring their settings after: it is not the user's business and it buries diffprobe's own messages."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (tlog, dlog)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, verbosity, bar in saved:
+            lib.set_verbosity(verbosity)
+            (lib.enable_progress_bar if bar else lib.disable_progress_bar)()
+
+
 def _freeze(backbone: Backbone) -> Backbone:
     for module in backbone.parts().values():
         module.eval().requires_grad_(False)
@@ -157,7 +177,7 @@ def save_backbone(backbone: Backbone, path: str | os.PathLike) -> Path:
 
 
 HOW_TO_GET_WEIGHTS = (
-    "To provide the weights, download them once on a machine with network access, e.g. `huggingface-cli download {repo}` (it fills the "
+    "To provide the weights, download them once on a machine with network access, e.g. `hf download {repo}` (it fills the "
     "Hugging Face cache, which diffprobe reads offline), or point `model.path=` at a local directory in diffusers "
     "layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, safetensors weights)."
 )
@@ -209,6 +229,11 @@ def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype 
 
     `tiny` set (e.g. "sd15") builds a tiny random model of that structure instead of loading weights.
     """
+    with quiet_libraries():
+        return _load_backbone(model_cfg, device, dtype)
+
+
+def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Backbone:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 

@@ -1,4 +1,5 @@
-"""Whole-or-nothing file output: every writer goes through a temporary file and an atomic rename."""
+"""Whole-or-nothing file output: every writer goes through a temporary file and an atomic rename, and the
+file ends up with the permissions the user's umask gives a new file (mkstemp alone would make it 0600)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,17 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def new_file_mode() -> int:
+    """0666 minus the process umask: the mode open() gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it."""
+    """Yield a temporary path beside `path`; on success give it the umask's mode and rename it onto `path`,
+    on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
@@ -22,6 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, new_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

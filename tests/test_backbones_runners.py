@@ -35,7 +35,7 @@ def test_missing_and_pickled_weights_give_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(DiffprobeError, match="not a diffusers model directory.*model.path="):
         load_backbone(ModelConfig(name="x", path=str(tmp_path / "nowhere"), repo_id="org/model"))
-    with pytest.raises(DiffprobeError, match="org/model.*not in the Hugging Face cache.*huggingface-cli download org/model"):
+    with pytest.raises(DiffprobeError, match="org/model.*not in the Hugging Face cache.*`hf download org/model`"):
         load_backbone(ModelConfig(name="x", repo_id="org/model"))
     bb = tiny_backbone("sd15")
     save_backbone(bb, tmp_path / "pipe")

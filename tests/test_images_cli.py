@@ -77,6 +77,21 @@ def test_atomic_writers_leave_nothing_on_failure(tmp_path):
         load_tensors(tmp_path / "bad.safetensors")
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    import torch
+
+    from diffprobe.io import save_tensors
+
+    old = os.umask(umask)
+    try:
+        written = [save_json(tmp_path / "a.json", {"x": 1}), save_tensors(tmp_path / "w.safetensors",
+                                                                          {"w": torch.zeros(2)})]
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in written] == [mode, mode]
+
+
 def _cli(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "diffprobe", *args], cwd=cwd, capture_output=True, text=True,

@@ -151,3 +151,31 @@ def test_celeba_follows_the_reference_protocol(tmp_path):
     images = ImageSet([item], 32, crop="none")
     gt, _ = images.landmarks(0, images.load(0)[1])
     np.testing.assert_allclose(gt, [[0.5, 0.25]])
+
+
+def test_damaged_keypoints_files_are_named_precisely(tmp_path):
+    import shutil
+
+    import torch
+
+    from diffprobe.heads.keypoints.state import KeypointModel, save_model
+    from diffprobe.io import save_tensors
+
+    good = save_model(tmp_path / "kp", KeypointModel(torch.zeros(5, 4), torch.tensor([1, 3]), {"maps": {}}))
+    floats = tmp_path / "floats"
+    floats.mkdir()
+    save_tensors(floats / "kp.safetensors", {"embeddings": torch.zeros(5, 4), "indices": torch.tensor([1.0, 3.0])},
+                 metadata={"format": "diffprobe.keypoints/1"})
+    shutil.copy(good.with_suffix(".json"), floats / "kp.json")
+    with pytest.raises(DiffprobeError, match="indices must be integers, got torch.float32"):
+        load_model(floats / "kp.safetensors")
+    far = tmp_path / "far"
+    far.mkdir()
+    save_model(far / "kp", KeypointModel(torch.zeros(5, 4), torch.tensor([1, 3]), {"maps": {}}))
+    tensors = {"embeddings": torch.zeros(5, 4), "indices": torch.tensor([1, 9])}
+    save_tensors(far / "kp.safetensors", tensors, metadata={"format": "diffprobe.keypoints/1"})
+    with pytest.raises(DiffprobeError, match="index 9 is outside the 5 embeddings"):
+        load_model(far / "kp.safetensors")
+    good.with_suffix(".json").unlink()
+    with pytest.raises(DiffprobeError, match="kp.json is missing"):
+        load_model(good)

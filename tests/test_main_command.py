@@ -15,6 +15,7 @@ def test_readme_main_command_segments_a_world_scene_from_any_directory(tmp_path)
     res = subprocess.run([sys.executable, "-m", "diffprobe", "task=diffseg", f"hydra.run.dir={out}"],
                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
+    assert "Loading weights" not in res.stderr and "%|" not in res.stderr  # no library progress bars
     summary = json.loads((out / "summary.json").read_text())
     (record,) = summary.values()
     assert 2 <= record["num_segments"] <= 30  # the mini model's threshold splits the scene, not into noise

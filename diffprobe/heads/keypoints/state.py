@@ -57,17 +57,24 @@ def load_model(path: str | Path) -> KeypointModel:
     tensors, meta = load_tensors(tensors_path)
     if meta.get("format") != FORMAT or "embeddings" not in tensors or "indices" not in tensors:
         raise DiffprobeError(f"{tensors_path} is not a keypoints file written by diffprobe (format {FORMAT})")
-    config, counts = {}, []
-    if meta_path.is_file():
-        try:
-            info = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DiffprobeError(f"{meta_path} is not valid JSON ({exc})") from None
-        config, counts = info.get("config", {}), info.get("counts", [])
+    if not meta_path.is_file():
+        raise DiffprobeError(f"{meta_path} is missing: it holds the map settings of {tensors_path.name}; keep the "
+                             f"two files a fit writes ({tensors_path.stem}.safetensors and .json) together")
+    try:
+        info = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DiffprobeError(f"{meta_path} is not valid JSON ({exc})") from None
+    config, counts = info.get("config", {}), info.get("counts", [])
     emb, idx = tensors["embeddings"], tensors["indices"]
-    if emb.ndim != 2 or idx.ndim != 1 or (idx.numel() and (idx.min() < 0 or idx.max() >= emb.shape[0])):
-        raise DiffprobeError(f"{tensors_path}: inconsistent shapes (embeddings {tuple(emb.shape)}, indices {tuple(idx.shape)})")
-    return KeypointModel(emb, idx, config, counts)
+    if emb.ndim != 2 or idx.ndim != 1:
+        raise DiffprobeError(f"{tensors_path}: embeddings must be (N, D) and indices (K,), got "
+                             f"{tuple(emb.shape)} and {tuple(idx.shape)}")
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise DiffprobeError(f"{tensors_path}: keypoint indices must be integers, got {idx.dtype}")
+    bad = [int(i) for i in idx if not 0 <= int(i) < emb.shape[0]]
+    if bad:
+        raise DiffprobeError(f"{tensors_path}: keypoint index {bad[0]} is outside the {emb.shape[0]} embeddings")
+    return KeypointModel(emb, idx.long(), config, counts)
 
 
 def save_checkpoint(path: str | Path, embeddings: torch.Tensor, optimizer: torch.optim.Adam, info: dict) -> Path:
