@@ -36,7 +36,8 @@ from diffprobe.eval.segmentation import PerImageHungarian  # noqa: E402
 from diffprobe.eval.segmentation_baselines import colour_kmeans, one_segment, top_bottom  # noqa: E402
 from diffprobe.heads.diffseg import DiffSegParams, segment  # noqa: E402
 from diffprobe.mini import packaged_path  # noqa: E402
-from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings  # noqa: E402
+from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings  # noqa: E402
+from diffprobe.runner import run_plans  # noqa: E402
 
 TAUS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.7, 0.9, 1.1)
 MODES = {  # name: DiffSegParams overrides
@@ -47,15 +48,16 @@ MODES = {  # name: DiffSegParams overrides
 }
 
 
-def scene_data(split: str, n: int, pipe: DiffSegPipeline, size: int = 64, resize: str = "bilinear_tf") -> list[dict]:
+def scene_data(split: str, n: int, bb, head: DiffSegHead, size: int = 64, resize: str = "bilinear_tf") -> list[dict]:
     """Per scene: the captured maps, the image and its COCO-Stuff-27 label map (scenes rendered at `size`)."""
     lut = CocoStuff27.lut
     out = []
+    plan = head.plan(bb.probe.sites)
     for i in range(n):
         scene = render_scene(scene_seed(split, i), size)
-        x = image_to_tensor(Image.fromarray(scene.image), pipe.size, crop="none", resize=resize)
-        out.append({"maps": pipe.self_attention(x), "image": scene.image,
-                    "label": lut[coco_fine_labels(scene)].astype(np.int64)})
+        x = image_to_tensor(Image.fromarray(scene.image), head.size, crop="none", resize=resize)
+        (view,) = run_plans(bb, [plan], [x])
+        out.append({"maps": head.maps(view), "image": scene.image, "label": lut[coco_fine_labels(scene)].astype(np.int64)})
     return out
 
 
@@ -113,8 +115,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start, load = time.time(), os.getloadavg()[0]
     bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path())})
-    pipe = DiffSegPipeline(bb, DiffSegSettings())
-    data = {split: scene_data(split, args.n, pipe) for split in ("val", "test")}
+    head = DiffSegHead(DiffSegSettings(tau=0.2), bb.sample_size)
+    data = {split: scene_data(split, args.n, bb, head) for split in ("val", "test")}
     sweep = {mode: {tau: diffseg_scores(data["val"], DiffSegParams(tau=tau, **kw)) for tau in TAUS}
              for mode, kw in MODES.items()}
     chosen = {mode: max(TAUS, key=lambda t: rows[t]["miou"]) for mode, rows in sweep.items()}
@@ -142,9 +144,9 @@ def main() -> None:
     if args.resize_check:
         tau = chosen["reference (float16 KL, default)"]
         for name in RESIZE_FILTERS:
-            resized[name] = diffseg_scores(scene_data("test", args.n, pipe, args.resize_check, name),
+            resized[name] = diffseg_scores(scene_data("test", args.n, bb, head, args.resize_check, name),
                                            DiffSegParams(tau=tau))
-        print(f"\nTest scenes rendered at {args.resize_check} px, resized to {pipe.size} px for the model, "
+        print(f"\nTest scenes rendered at {args.resize_check} px, resized to {head.size} px for the model, "
               f"DiffSeg reference at tau {tau}, labels at {args.resize_check} px:\n")
         print("| resize filter | segments per image | pixel accuracy (%) | mIoU (%) |\n|---|---|---|---|")
         for name, row in resized.items():

@@ -76,22 +76,20 @@ def run_one(S: int, mode: str, size: int) -> dict:
     torch.set_num_threads(1)
     from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_descriptors, extract_features
     from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
-    from diffprobe.hooks import ProbeRegistry
 
     bb = _backbone(size)
-    probe = ProbeRegistry(bb.unet)
     ex = ExtractionConfig(num_steps=S, save_every=1, image_size=size, sample_latent=False)
-    model = HyperfeatureModel.build(probe, ex, output_size=size // 8)
+    model = HyperfeatureModel.build(bb.probe.sites, ex, output_size=size // 8)
     x = torch.rand(1, 3, size, size) * 2 - 1
     held = 0
     start_rss = _rss_mb()
     t0 = time.perf_counter()
     with PeakRSS() as rss, torch.no_grad():
         if mode == "stream":
-            desc = extract_descriptors(bb, probe, model.net, x, ex)
+            desc = extract_descriptors(bb, model.net, x, ex)
             held = desc.numel() * desc.element_size()
         else:
-            feats = extract_features(bb, probe, x, ex, layers=model.net.config.layers)
+            feats = extract_features(bb, x, ex, layers=model.net.config.layers)
             held = sum(f.numel() * f.element_size() for step in feats for f in step.values())
             desc = model.net(feats)
     seconds = time.perf_counter() - t0

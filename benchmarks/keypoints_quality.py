@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COMMON = ["model=mini", "sigma=1.0", "feature_upsample_res=32", "augmentations=3", "predict_batch=1"]
+COMMON = ["model=mini", "keypoints.fit.sigma=1.0", "keypoints.upsample_queries=32", "keypoints.predict.augmentations=3",
+          "keypoints.predict.batch_size=1"]
 
 
 def cli(*args: str) -> None:
@@ -36,18 +37,16 @@ def baseline(data: Path, out: Path, seed: int = 0) -> Path:
     from diffprobe.heads.keypoints.image_sets import ImageSet
     from diffprobe.heads.keypoints.maps import MapSpec, default_sites
     from diffprobe.heads.keypoints.state import KeypointModel, save_model
-    from diffprobe.hooks import ProbeRegistry
     from diffprobe.tasks.keypoints_data import split_items
 
     torch.set_num_threads(1)
     bb = load_backbone({"name": "mini", "path": str(REPO / "diffprobe" / "assets" / "mini")})
-    probe = ProbeRegistry(bb.unet)
-    spec = MapSpec(tuple(default_sites(probe)), res=32)
+    spec = MapSpec(tuple(default_sites(bb.probe.sites)), res=32)
     cfg = FitConfig(sigma=1.0, seed=seed)
     images = ImageSet(split_items({"name": "celeba", "root": str(data), "fit_split": "unsupervised"}, "fit"),
                       bb.sample_size)
     emb = initial_embeddings(cfg, bb.context_dim)
-    indices, counts = choose_keypoints(bb, probe, spec, cfg, images, emb)
+    indices, counts = choose_keypoints(bb, spec, cfg, images, emb)
     config = {**config_dict(cfg, spec), "image_size": images.size, "crop": images.crop, "model": "mini"}
     return save_model(out / "keypoints", KeypointModel(emb, indices, config, counts))
 
@@ -57,10 +56,10 @@ def mean_landmarks_error(run: Path) -> float:
     from diffprobe.eval.landmarks import inter_ocular_error
     from diffprobe.io import load_tensors
 
-    train, _ = load_tensors(run / "eval_train.safetensors")
-    test, _ = load_tensors(run / "eval_test.safetensors")
-    mean = train["gt"].numpy().mean(axis=0, keepdims=True)
-    gt = test["gt"].numpy()
+    train, _ = load_tensors(run / "eval_train_state.safetensors")
+    test, _ = load_tensors(run / "eval_test_state.safetensors")
+    mean = train["rows.gt"].numpy().mean(axis=0, keepdims=True)
+    gt = test["rows.gt"].numpy()
     return inter_ocular_error(mean.repeat(len(gt), axis=0), gt)["inter_ocular_error_percent"]
 
 
@@ -80,7 +79,8 @@ def main() -> None:
                        cwd=REPO, check=True)
     data_args = ["data=celeba", f"data.root={data}"]
     if not (out / "fit" / "keypoints.safetensors").is_file():
-        cli("mode=fit", *data_args, f"steps={args.steps}", f"lr={args.lr}", f"hydra.run.dir={out / 'fit'}")
+        cli("mode=fit", *data_args, f"keypoints.fit.steps={args.steps}", f"keypoints.fit.lr={args.lr}",
+            f"hydra.run.dir={out / 'fit'}")
     if not (out / "baseline" / "keypoints.safetensors").is_file():
         baseline(data, out / "baseline")
     rows = []
@@ -88,7 +88,7 @@ def main() -> None:
         run = out / f"eval_{name}"
         if not (run / "metrics.json").is_file():
             cli("mode=eval", *data_args, f"embeddings={out / name / 'keypoints.safetensors'}",
-                f"eval_train={args.eval_train}", f"resume={run}", f"hydra.run.dir={run}")
+                f"keypoints.eval.train={args.eval_train}", f"resume={run}", f"hydra.run.dir={run}")
         rows.append((name, json.loads((run / "metrics.json").read_text())))
     print("\n| embeddings | K | regressor train images | test images | inter-ocular error % |")
     print("|---|---|---|---|---|")

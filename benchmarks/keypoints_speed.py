@@ -40,12 +40,10 @@ def case(model: str, what: str, iterations: int) -> dict:
     from diffprobe.heads.keypoints.maps import MapSpec, default_sites
     from diffprobe.heads.keypoints.predict import PredictConfig, ensemble_maps
     from diffprobe.heads.keypoints.state import KeypointModel
-    from diffprobe.hooks import ProbeRegistry
 
     torch.set_num_threads(1)
     bb = backbone(model)
-    probe = ProbeRegistry(bb.unet)
-    spec = MapSpec(tuple(default_sites(probe)), res=128)
+    spec = MapSpec(tuple(default_sites(bb.probe.sites)), res=128)
     size = 64 if model == "tiny" else 512
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cfg = FitConfig()
@@ -55,7 +53,7 @@ def case(model: str, what: str, iterations: int) -> dict:
         times = []
         for i in range(iterations + 1):                  # the first iteration is a warm-up
             t0 = time.perf_counter()
-            loss, _ = iteration_loss(bb, probe, spec, cfg, image, emb, torch.Generator().manual_seed(i))
+            loss, _ = iteration_loss(bb, spec, cfg, image, emb, torch.Generator().manual_seed(i))
             loss.backward()
             times.append(time.perf_counter() - t0)
         sec = sum(times[1:]) / iterations
@@ -64,10 +62,10 @@ def case(model: str, what: str, iterations: int) -> dict:
         model_state = KeypointModel(emb, torch.arange(10))
         batch = 10 if what == "predict_batched" else 1
         pcfg = PredictConfig(augmentations=10, batch_size=batch)
-        ensemble_maps(bb, probe, spec, model_state, image, PredictConfig(augmentations=2, batch_size=2))  # warm-up
+        ensemble_maps(bb, spec, model_state, image, PredictConfig(augmentations=2, batch_size=2))  # warm-up
         t0 = time.perf_counter()
         for _ in range(iterations):
-            ensemble_maps(bb, probe, spec, model_state, image, pcfg, torch.Generator().manual_seed(0))
+            ensemble_maps(bb, spec, model_state, image, pcfg, torch.Generator().manual_seed(0))
         out = {"sec_per_image": (time.perf_counter() - t0) / iterations}
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out

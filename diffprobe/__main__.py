@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from diffprobe.cli import config_error, help_text, rewrite_data_paths
+from diffprobe.cli import TOP_LEVEL, config_error, help_text, namespace_overrides, rewrite_data_paths
 
 CONFIG_MODULE = "diffprobe.conf"
 
@@ -42,25 +42,32 @@ def _run(cfg) -> None:
     print(f"diffprobe: outputs in {out_dir}")
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Compose the configuration once before Hydra runs it, so a mistake is one line and exit code 2
-    instead of Hydra's multi-line report and exit code 1."""
+def prepare_overrides(overrides: list[str]) -> list[str]:
+    """Compose the configuration before Hydra runs it: bare task keys get their namespace (tau=0.3 ->
+    diffseg.tau=0.3), and a mistake is one line and exit code 2 instead of Hydra's report and exit code 1."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
+    from diffprobe.errors import DiffprobeError
+
+    choices = [o for o in overrides if o.split("=", 1)[0] in ("task", "model", "data")]
+    task = next((o.split("=", 1)[1] for o in choices if o.startswith("task=")), "probe")
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         try:
-            compose("config", overrides=overrides, return_hydra_config=True)
+            base = OmegaConf.to_container(compose("config", overrides=choices))
         except HydraException as exc:
-            choices = [o for o in overrides if o.split("=", 1)[0] in ("task", "model", "data")]
-            task = next((o.split("=", 1)[1] for o in choices if o.startswith("task=")), "probe")
-            try:
-                cfg = compose("config", overrides=choices)
-                keys = [k for k in _dotted_keys(OmegaConf.to_container(cfg))]
-            except HydraException:
-                keys = []
-            _fail(config_error(str(exc), keys, task, getattr(exc, "override", None)))
+            _fail(config_error(str(exc), [], task, getattr(exc, "override", None)))
+        keys = {ns: _dotted_keys(v) for ns, v in base.items() if isinstance(v, dict) and ns not in TOP_LEVEL}
+        try:
+            overrides = namespace_overrides(overrides, keys, task)
+            compose("config", overrides=overrides, return_hydra_config=True)
+        except DiffprobeError as exc:
+            _fail(str(exc))
+        except HydraException as exc:
+            known = [f"{ns}.{k}" for ns, ks in keys.items() for k in ks] + list(base)
+            _fail(config_error(str(exc), known, task, getattr(exc, "override", None)))
+    return overrides
 
 
 def _dotted_keys(node: dict, prefix: str = "") -> list[str]:
@@ -73,6 +80,26 @@ def _dotted_keys(node: dict, prefix: str = "") -> list[str]:
     return out
 
 
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+               "-cd", "--info", "-i", "--experimental-rerun")
+
+
+def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the key=value overrides)."""
+    flags, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in VALUE_FLAGS and i + 1 < len(argv) and "=" not in argv[i + 1]:
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
 def main() -> None:
     import hydra
 
@@ -80,9 +107,10 @@ def main() -> None:
     if any(a in ("--help", "-h") for a in argv):
         print(help_text())
         return
-    if not any(a.startswith("-") for a in argv):  # Hydra flags (--cfg, -m, ...) go to Hydra as they are
-        check_overrides(argv)
-    sys.argv = [sys.argv[0]] + argv
+    flags, overrides = split_flags(argv)
+    if not any(f in ("-m", "--multirun") for f in flags):  # sweeps (a=1,2) are Hydra's to expand
+        overrides = prepare_overrides(overrides)
+    sys.argv = [sys.argv[0]] + flags + overrides
     hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(_run)()
 
 

@@ -80,12 +80,3 @@ def build_unet(structure: str, tiny: bool = False, device: str = "cpu"):
 
     with torch.device(device):
         return UNet2DConditionModel(**unet_config(structure, tiny))
-
-
-def kind_of_unet_config(config) -> str:
-    """"sdxl", "sd2", "sd1" or "custom" from a UNet config's structure (added conditioning, projections, blocks)."""
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if list(config.get("down_block_types", [])) != _SD1_BLOCKS["down_block_types"]:
-        return "custom"
-    return "sd2" if config.get("use_linear_projection") else "sd1"

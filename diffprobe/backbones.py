@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from diffprobe.architectures import KINDS, TINY_TEXT_CONFIG, TINY_VAE_CONFIG, kind_of_unet_config, unet_config
+from diffprobe.architectures import KINDS, TINY_TEXT_CONFIG, TINY_VAE_CONFIG, unet_config
 from diffprobe.errors import DiffprobeError
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,33 @@ class Backbone:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any
-    kind: str  # "sd1" | "sd2" | "sdxl" | "custom"
+    kind: str  # the model family: a backend name of diffprobe.backends ("sd1", "sd2", "sdxl", "custom")
     name: str = "custom"
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+
+    @property
+    def family(self):
+        """The diffprobe.backends entry of this model family (conditioning, sites, attention)."""
+        from diffprobe.backends import backend_named
+
+        return backend_named(self.kind)
+
+    @property
+    def probe(self):
+        """The model's capture registry (built once; captures remove their hooks, so it is shared)."""
+        from diffprobe.hooks import ProbeRegistry
+
+        if getattr(self, "_probe", None) is None or self._probe.model is not self.unet:
+            self._probe = ProbeRegistry(self.unet, self.family)
+        return self._probe
+
+    def check_image_size(self, size: int) -> int:
+        """`size` if the model can take size x size images (a multiple of VAE factor x deepest divisor)."""
+        deepest = self.vae_factor * max(s.divisor for s in self.probe.sites.values())
+        if size < deepest or size % deepest:
+            raise DiffprobeError(f"image_size must be a positive multiple of {deepest} for this model, not {size}")
+        return size
 
     @property
     def device(self) -> torch.device:
@@ -158,21 +181,8 @@ def tiny_backbone(structure: str = "sd15", seed: int = 0, device: str = "cpu", d
 
 def save_backbone(backbone: Backbone, path: str | os.PathLike) -> Path:
     """Write `backbone` as a diffusers pipeline directory (model_index.json + one folder per part, safetensors)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     path = Path(path)
-    if backbone.kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=backbone.vae, text_encoder=backbone.text_encoder, text_encoder_2=backbone.text_encoder_2,
-            tokenizer=backbone.tokenizer, tokenizer_2=backbone.tokenizer_2, unet=backbone.unet,
-            scheduler=backbone.scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
-            scheduler=backbone.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    pipe.save_pretrained(path, safe_serialization=True)
+    backbone.family.pipeline(backbone).save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -251,7 +261,9 @@ def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Bac
         scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError) as exc:
         raise DiffprobeError(f"cannot load the tokenizer or scheduler from {root}: {str(exc).splitlines()[0]}") from None
-    kind = kind_of_unet_config(unet.config)
+    from diffprobe.backends import backend_for
+
+    kind = backend_for(unet).name
     extra = {}
     if "text_encoder_2" in index or kind == "sdxl":
         extra["text_encoder_2"] = _load_part(CLIPTextModelWithProjection, root, "text_encoder_2", torch_dtype)

@@ -8,6 +8,10 @@ import re
 from importlib import resources
 
 GROUPS = ("task", "model", "data")
+TOP_LEVEL = ("task", "model", "data", "device", "dtype", "seed", "image", "hydra")
+# keys of earlier releases that now have another name (under the task's namespace)
+RENAMED = {"add_noise": "noise", "feature_upsample_res": "upsample_queries", "predict_batch": "predict.batch_size",
+           "eval_train": "eval.train", "eval_test": "eval.test"}
 
 
 def config_options(group: str) -> list[str]:
@@ -36,6 +40,32 @@ def rewrite_data_paths(argv: list[str]) -> list[str]:
             out += ["data=folder", f"data.root={value}"]
         else:
             out.append(arg)
+    return out
+
+
+def namespace_overrides(argv: list[str], keys: dict[str, list[str]], task: str) -> list[str]:
+    """Give bare `key=value` arguments their namespace: `tau=0.3` with task=diffseg is `diffseg.tau=0.3`.
+
+    keys: namespace -> its dotted keys in the composed configuration of the task. A bare key found in
+    exactly one place is rewritten; one found in several is an error naming them; a renamed key of an
+    earlier release is an error naming the new one; anything else is left to Hydra.
+    """
+    from diffprobe.errors import DiffprobeError
+
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or "." in key or key in TOP_LEVEL or not key[:1].isalpha():
+            out.append(arg)
+            continue
+        if key in RENAMED:
+            new = RENAMED[key]
+            where = next((ns for ns, ks in keys.items() if new in ks), task)
+            raise DiffprobeError(f"{key} is now {where}.{new}: write {where}.{new}={value}")
+        hits = [f"{ns}.{k}" for ns, ks in keys.items() for k in ks if k == key or k.endswith("." + key)]
+        if len(hits) > 1:
+            raise DiffprobeError(f"{key} is ambiguous for task={task}: write one of {', '.join(hits)}")
+        out.append(f"{hits[0]}={value}" if hits else arg)
     return out
 
 
@@ -74,7 +104,11 @@ def config_error(message: str, known_keys: list[str] | None = None, task: str | 
                                                                                  message)
     if unknown:
         key = unknown.group(1)
-        hint = difflib.get_close_matches(key, known_keys or [], n=1)
+        known = known_keys or []
+        hint = difflib.get_close_matches(key, known, n=1)
+        if not hint:  # a bare key: compare it with the last part of every dotted key
+            last = {k.rsplit(".", 1)[-1]: k for k in known}
+            hint = [last[m] for m in difflib.get_close_matches(key, list(last), n=1)]
         maybe = f" (did you mean {hint[0]}?)" if hint else ""
         where = f" for task={task}" if task else ""
         return (f"unknown key {key!r}{where}{maybe}; list the keys with: python -m diffprobe "

@@ -43,6 +43,12 @@ def typed(node: Any, schema: type[T], what: str) -> T:
     return OmegaConf.to_object(merged)
 
 
+def section(cfg: DictConfig, name: str, schema: type[T]) -> T:
+    """The typed `name.*` section of the configuration (an empty one when absent)."""
+    node = cfg.get(name)
+    return typed(node if node is not None else {}, schema, name)
+
+
 def run_config(cfg: DictConfig) -> RunConfig:
     run = typed(cfg, RunConfig, "run")
     if run.dtype not in ("float32", "float16", "bfloat16"):

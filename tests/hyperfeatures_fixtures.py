@@ -16,10 +16,9 @@ def tiny_sd15():
     """One frozen tiny SD 1.5-structured backbone and its registry for all hyperfeatures test modules
     (captures remove their hooks, so sharing it is safe)."""
     from diffprobe.backbones import tiny_backbone
-    from diffprobe.hooks import ProbeRegistry
 
     bb = tiny_backbone("sd15", seed=0)
-    return bb, ProbeRegistry(bb.unet)
+    return bb, bb.probe
 
 
 def planted_pairs(root, n=3, seed=0):

@@ -9,7 +9,7 @@ from diffprobe.backbones import load_backbone, save_backbone, tiny_backbone, wor
 from diffprobe.config import ModelConfig
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
-from diffprobe.runners import (
+from diffprobe.drives import (
     encode_images, encode_prompt, generate, ddim_inversion, inversion_timesteps, unet_call, unet_step,
 )
 

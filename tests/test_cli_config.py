@@ -16,8 +16,10 @@ def run(*args, cwd):
 @pytest.mark.parametrize("args,expected", [
     (["task=segment"], "unknown task 'segment'"),
     (["model=sd16"], "unknown model 'sd16'"),
-    (["task=diffseg", "tua=0.3"], "unknown key 'tua' for task=diffseg (did you mean tau?)"),
-    (["task=diffseg", "tau=["], "cannot read 'tau=['"),
+    (["task=diffseg", "tua=0.3"], "unknown key 'tua' for task=diffseg (did you mean diffseg.tau?)"),
+    (["task=keypoints", "batch_size=2"], "ambiguous"),
+    (["task=keypoints", "feature_upsample_res=64"], "keypoints.upsample_queries"),
+    (["task=diffseg", "tau=["], "cannot read 'diffseg.tau=['"),
 ])
 def test_config_mistakes_are_one_line_with_exit_code_2(tmp_path, args, expected):
     res = run(*args, cwd=tmp_path)

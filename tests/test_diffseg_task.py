@@ -10,23 +10,24 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from config_helpers import make_cfg
+
 from diffprobe.backbones import tiny_backbone
 from diffprobe.data.coco_stuff import CocoStuff27
-from diffprobe.data.images import image_to_tensor
 from diffprobe.data.labelled_images import center_crop_label
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.segmentation import PerImageHungarian
+from diffprobe.heads.diffseg.head import DEFAULT_TAU, DiffSegHead, DiffSegSettings, default_tau
+from diffprobe.runner import Item, run_heads, run_plans
 from diffprobe.tasks import diffseg, diffseg_eval
-from diffprobe.tasks.diffseg_pipeline import DEFAULT_TAU, DiffSegPipeline, DiffSegSettings, default_tau
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def make_cfg(task: str, **overrides):
-    base = OmegaConf.create({"model": {"name": "tiny_sd15", "tiny": "sd15", "path": None, "repo_id": None},
-                             "device": "cpu", "dtype": "float32", "seed": 0, "image": None, "data": None})
-    task_cfg = OmegaConf.load(CONF / "task" / f"{task}.yaml")
-    return OmegaConf.merge(base, task_cfg, OmegaConf.create(overrides))
+def self_attention(bb, head, x):
+    """{query grid: (L, Q, Q)} the head reads from one pass on image x (1, 3, S, S)."""
+    (view,) = run_plans(bb, [head.plan(bb.probe.sites)], [x])
+    return head.maps(view)
 
 
 def write_image(path, w, h):
@@ -39,20 +40,23 @@ def write_image(path, w, h):
 
 
 def test_pipeline_groups_self_attention_by_divisor():
-    pipe = DiffSegPipeline(tiny_backbone("sd15"), DiffSegSettings(anchors=4))
-    maps = pipe.self_attention(torch.zeros(1, 3, 64, 64))
+    bb = tiny_backbone("sd15")
+    maps = self_attention(bb, DiffSegHead(DiffSegSettings(anchors=4, tau=0.9), 64), torch.zeros(1, 3, 64, 64))
     assert {g: tuple(m.shape) for g, m in maps.items()} == {
         (8, 8): (5, 64, 64), (4, 4): (5, 16, 16), (2, 2): (5, 4, 4), (1, 1): (1, 1, 1)}
     for m in maps.values():
         torch.testing.assert_close(m.sum(dim=-1), torch.ones(m.shape[:-1]))
 
 
-def test_pipeline_takes_the_resolutions_sdxl_has():
-    pipe = DiffSegPipeline(tiny_backbone("sdxl"), DiffSegSettings())
-    assert pipe.params.anchors == 4  # clamped to the finest grid's side (64 px / 8 / divisor 2)
-    maps = pipe.self_attention(torch.zeros(1, 3, 64, 64))
+def test_pipeline_takes_the_resolutions_sdxl_has(caplog):
+    bb = tiny_backbone("sdxl")
+    head = DiffSegHead(DiffSegSettings(tau=0.9), 64)
+    maps = self_attention(bb, head, torch.zeros(1, 3, 64, 64))
     assert {g: tuple(m.shape) for g, m in maps.items()} == {(4, 4): (10, 16, 16), (2, 2): (60, 4, 4)}
-    assert pipe.segment(torch.zeros(1, 3, 64, 64), (20, 30)).labels.shape == (20, 30)
+    image = Image.new("RGB", (64, 64))
+    (result,) = run_heads(bb, [head], Item("x", image, {"output_size": (20, 30)}))
+    assert result.labels.shape == (20, 30)
+    assert "using 4" in caplog.text  # anchors clamped to the finest grid's side (64 px / 8 / divisor 2)
 
 
 def test_diffseg_task_writes_labels_at_original_size(tmp_path):
@@ -62,7 +66,7 @@ def test_diffseg_task_writes_labels_at_original_size(tmp_path):
     write_image(images / "tall.jpg", 30, 70)
     cfg = make_cfg("diffseg", image=str(images), tau=0.02, anchors=8)
     summary = diffseg.run(cfg, tmp_path / "out")
-    assert len(summary) == 2
+    assert len(summary["images"]) == 2 and summary["skipped"] == {}
     for stem, (w, h) in {"wide": (90, 50), "tall": (30, 70)}.items():
         folder = tmp_path / "out" / stem
         labels = np.asarray(Image.open(folder / "labels.png"))
@@ -118,14 +122,14 @@ def test_diffseg_eval_matches_direct_metrics_and_resumes(tmp_path):
     assert [r["matching"] for r in full["results"]] == ["per_image", "dataset"]
     assert (tmp_path / "full" / "metrics.md").read_text().startswith("DiffSeg on coco_stuff27 (3 images")
 
-    # the same numbers computed directly from the pipeline and the metric
+    # the same numbers computed directly from the head and the metric
     ds = CocoStuff27(tmp_path / "coco", list_file=list_file)
-    pipe = DiffSegPipeline(tiny_backbone("sd15"), DiffSegSettings(anchors=8, tau=0.05))
+    bb, head = tiny_backbone("sd15"), DiffSegHead(DiffSegSettings(anchors=8, tau=0.05), 64)
     meter = PerImageHungarian(27)
     for i in range(len(ds)):
         image, label = ds.load(i)
-        pred = pipe.segment(image_to_tensor(image, 64, crop="center"), (64, 64)).labels.numpy()
-        meter.update(center_crop_label(label, 64), pred)
+        (result,) = run_heads(bb, [head], Item(str(i), image, {"output_size": (64, 64)}))
+        meter.update(center_crop_label(label, 64), result.labels.numpy())
     assert meter.result() == full["results"][0]
 
     # interrupted at the third image (missing file), then resumed: same numbers as the full run
@@ -133,12 +137,14 @@ def test_diffseg_eval_matches_direct_metrics_and_resumes(tmp_path):
     missing.rename(missing.with_suffix(".bak"))
     with pytest.raises(DiffprobeError, match="image not found"):
         diffseg_eval.run(cfg, tmp_path / "part")
-    assert json.loads((tmp_path / "part" / "eval_state.json").read_text())["next"] == 2
+    assert json.loads((tmp_path / "part" / "eval_state.json").read_text())["done"] == 2
     missing.with_suffix(".bak").rename(missing)
-    resumed = diffseg_eval.run(OmegaConf.merge(cfg, {"resume": str(tmp_path / "part")}), tmp_path / "rest")
+    resumed = diffseg_eval.run(OmegaConf.merge(cfg, {"diffseg_eval": {"resume": str(tmp_path / "part")}}),
+                               tmp_path / "rest")
     assert resumed["results"] == full["results"]
     with pytest.raises(DiffprobeError, match="other settings"):
-        diffseg_eval.run(OmegaConf.merge(cfg, {"resume": str(tmp_path / "part"), "tau": 0.5}), tmp_path / "x")
+        diffseg_eval.run(OmegaConf.merge(cfg, {"diffseg_eval": {"resume": str(tmp_path / "part")},
+                                               "diffseg": {"tau": 0.5}}), tmp_path / "x")
 
 
 @pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / "diffprobe/assets/mini/model_index.json").is_file(),
@@ -149,11 +155,11 @@ def test_pipeline_on_diffprobe_mini_uses_its_own_resolutions():
     from diffprobe.mini import packaged_path
 
     bb = load_backbone({"name": "mini", "tiny": None, "path": str(packaged_path()), "repo_id": None})
-    pipe = DiffSegPipeline(bb, DiffSegSettings(tau=0.002, merge="reference"))
-    x = image_to_tensor(Image.fromarray(demo_scene(0).image), pipe.size, crop="none")
-    maps = pipe.self_attention(x)
+    head = DiffSegHead(DiffSegSettings(tau=0.002, merge="reference"), bb.sample_size)
+    item = Item("demo", Image.fromarray(demo_scene(0).image), {"output_size": (64, 64)})
+    maps = self_attention(bb, head, head.inputs(item))
     assert sorted(maps) == [(4, 4), (8, 8), (16, 16)]  # latent 32 x 32, attention at divisors 2, 4, 8
-    res = pipe.segment(x, (64, 64))
+    (res,) = run_heads(bb, [head], item)
     assert res.labels.shape == (64, 64) and res.num_segments >= 1
 
 

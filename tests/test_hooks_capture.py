@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from diffprobe.backbones import tiny_backbone
 from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
-from diffprobe.runners import Conditioning, encode_prompt, unet_call
+from diffprobe.drives import Conditioning, encode_prompt, unet_call
 
 SITE_SELF = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.hook_probs"
 

@@ -51,7 +51,7 @@ def test_sdxl_structure_facts():
 def test_order_matches_real_execution():
     """Site.order equals the order in which hooks actually fire in a forward pass (tiny SDXL and SD 1.5)."""
     from diffprobe.backbones import tiny_backbone
-    from diffprobe.runners import encode_prompt, unet_call
+    from diffprobe.drives import encode_prompt, unet_call
 
     for structure in ("sd15", "sdxl"):
         bb = tiny_backbone(structure)

@@ -72,7 +72,7 @@ def test_consumer_gets_each_saved_step_once_with_its_timestep(model):
     cfg = ExtractionConfig(num_steps=5, save_every=2, image_size=64)  # calls t=-1,0,200,400,600 -> keep 0,2,4
     got = []
     x = torch.rand(1, 3, 64, 64) * 2 - 1
-    ts, generated = run_extraction(bb, probe, x, cfg, lambda s, f: got.append((s, sorted(f))))
+    ts, generated = run_extraction(bb, x, cfg, lambda s, f: got.append((s, sorted(f))))
     assert generated is None
     assert [s for s, _ in got] == [0, 1, 2]
     assert ts == [-1.0, 200.0, 600.0]
@@ -97,7 +97,7 @@ def _held_bytes(root) -> int:
     return total
 
 
-def _peak_held(bb, probe, cfg, consume, state):
+def _peak_held(bb, cfg, consume, state):
     """Largest number of tensor bytes the consumer's state holds after any saved step."""
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     peaks = []
@@ -106,7 +106,7 @@ def _peak_held(bb, probe, cfg, consume, state):
         consume(s, feats)
         peaks.append(_held_bytes(state))
 
-    run_extraction(bb, probe, x, cfg, measured)
+    run_extraction(bb, x, cfg, measured)
     return max(peaks)
 
 
@@ -122,9 +122,9 @@ def test_streaming_memory_does_not_grow_with_saved_steps_but_holding_does(model)
                                                              output_size=16, projection_dim=32))
         with torch.no_grad():
             agg = net.stream()
-            peaks["stream", S] = _peak_held(bb, probe, cfg, agg.add, agg)
+            peaks["stream", S] = _peak_held(bb, cfg, agg.add, agg)
         held = []
-        peaks["hold", S] = _peak_held(bb, probe, cfg, lambda s, f: held.append(f), held)
+        peaks["hold", S] = _peak_held(bb, cfg, lambda s, f: held.append(f), held)
     # streaming holds one (1, D, H, H) running sum plus the (L, S) softmax weights (12 * S floats)
     assert peaks["stream", 1] - 12 * 1 * 4 == peaks["stream", 4] - 12 * 4 * 4 == 32 * 16 * 16 * 4
     assert peaks["hold", 4] == 4 * peaks["hold", 1]
@@ -139,8 +139,8 @@ def test_descriptors_and_features_agree(model):
                                                          output_size=16, projection_dim=32))
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        streamed = extract_descriptors(bb, probe, net, x, cfg)
-        held = net(extract_features(bb, probe, x, cfg, layers=names))
+        streamed = extract_descriptors(bb, net, x, cfg)
+        held = net(extract_features(bb, x, cfg, layers=names))
     assert streamed.shape == (1, 32, 16, 16)
     torch.testing.assert_close(streamed, held)
 
@@ -149,10 +149,10 @@ def test_generation_steps_are_mirrored_into_noise_order_and_keep_the_cond_half(m
     bb, probe = model
     cfg = ExtractionConfig(process="generation", num_steps=4, save_every=2, image_size=64)  # inversion calls 0, 1, 3
     got = {}
-    ts, images = run_extraction(bb, probe, None, cfg, lambda s, f: got.setdefault(s, f), prompts=["a cat", "a dog"])
+    ts, images = run_extraction(bb, None, cfg, lambda s, f: got.setdefault(s, f), prompts=["a cat", "a dog"])
     assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
     # generation calls run 4 -> 1 in noise; inversion calls [0, 1, 3] mirror to generation calls [3, 2, 0]
     assert ts == sorted(ts) and len(ts) == 3
     assert all(f.shape[0] == 2 for f in got[0].values())  # the [uncond; cond] batch of 4 keeps the cond half
     with pytest.raises(DiffprobeError, match="prompts"):
-        run_extraction(bb, probe, None, cfg, lambda s, f: None)
+        run_extraction(bb, None, cfg, lambda s, f: None)

@@ -14,16 +14,9 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def compose(task: str, data: str | None = None, **overrides):
-    parts = [OmegaConf.load(CONF / "config.yaml"), {"model": OmegaConf.load(CONF / "model" / "tiny_sd15.yaml")},
-             OmegaConf.load(CONF / "task" / f"{task}.yaml")]
-    if data:
-        parts.append({"data": OmegaConf.load(CONF / "data" / f"{data}.yaml")})
-    cfg = OmegaConf.merge(*parts)
-    cfg.pop("defaults", None)
-    cfg.pop("hydra", None)
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    return cfg
+    from config_helpers import make_cfg
+
+    return make_cfg(task, data=OmegaConf.load(CONF / "data" / f"{data}.yaml") if data else None, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     bb, probe = tiny_sd15()
     ex = ExtractionConfig(num_steps=2, save_every=1, image_size=SIZE)
-    names = layer_names(probe, ex.layers)
-    source = FeatureSource(bb, probe, ex, names)
+    names = layer_names(probe.sites, ex.layers)
+    source = FeatureSource(bb, ex, names)
     sites = [probe.sites[n] for n in names]
 
     def new_net():

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
         items.append(LandmarkItem(root / f"{i}.png"))
     bb = tiny_backbone("sd15")
     probe = ProbeRegistry(bb.unet)
-    spec = MapSpec(tuple(default_sites(probe)), res=16)
+    spec = MapSpec(tuple(default_sites(probe.sites)), res=16)
     return bb, probe, spec, ImageSet(items, 64)
 
 
@@ -45,7 +45,7 @@ def test_short_fit_lowers_the_loss(setup):
     one = ImageSet(images.items[:1], 64)
     cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=8, batch_size=1, lr=0.05,
                     affine=AffineRange(0.0, (1.0, 1.0), 0.0))
-    _, history = fit_embeddings(bb, probe, MapSpec(spec.sites, spec.res, noise=False), cfg, one, progress=False)
+    _, history = fit_embeddings(bb, MapSpec(spec.sites, spec.res, noise=False), cfg, one, progress=False)
     loss = [row["loss"] for row in history]
     assert loss[-1] < 0.97 * loss[0]
     assert all(b < a for a, b in zip(loss, loss[1:]))
@@ -55,7 +55,7 @@ def test_fit_writes_a_loadable_model(setup, tmp_path):
     bb, probe, spec, images = setup
     cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=3, batch_size=2, lr=0.02, num_indices=3,
                     checkpoint_every=2)
-    res = fit(bb, probe, spec, cfg, images, out_dir=tmp_path, progress=False)
+    res = fit(bb, spec, cfg, images, out_dir=tmp_path, progress=False)
     assert [row["step"] for row in res.history] == [1, 2, 3]
     assert all(np.isfinite(row["loss"]) and row["loss"] > 0 for row in res.history)
     assert res.model.embeddings.shape == (8, bb.context_dim)
@@ -75,19 +75,19 @@ def test_fit_writes_a_loadable_model(setup, tmp_path):
 def test_resume_continues_exactly(setup, tmp_path):
     bb, probe, spec, images = setup
     cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=2, lr=0.02, checkpoint_every=2)
-    full, _ = fit_embeddings(bb, probe, spec, cfg, images, progress=False)
+    full, _ = fit_embeddings(bb, spec, cfg, images, progress=False)
 
     def interrupt(history):
         if len(history) == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit_embeddings(bb, probe, spec, cfg, images, out_dir=tmp_path, progress=False, on_checkpoint=interrupt)
-    resumed, history = fit_embeddings(bb, probe, spec, cfg, images, resume=tmp_path, progress=False)
+        fit_embeddings(bb, spec, cfg, images, out_dir=tmp_path, progress=False, on_checkpoint=interrupt)
+    resumed, history = fit_embeddings(bb, spec, cfg, images, resume=tmp_path, progress=False)
     assert [row["step"] for row in history] == [1, 2, 3, 4]
     torch.testing.assert_close(resumed, full)
     with pytest.raises(DiffprobeError, match="num_tokens"):
-        fit_embeddings(bb, probe, spec, FitConfig(num_tokens=9, top_k=2, candidates=4, steps=4), images,
+        fit_embeddings(bb, spec, FitConfig(num_tokens=9, top_k=2, candidates=4, steps=4), images,
                        resume=tmp_path, progress=False)
 
 
@@ -100,16 +100,16 @@ def test_predict_batched_equals_unbatched_and_reads_points(setup):
     image = images.tensor(0)
     spec0 = MapSpec(spec.sites, spec.res, noise=False)      # deterministic UNet input for the comparison
     cfg = PredictConfig(augmentations=4, batch_size=4, affine=AffineRange(10, (0.9, 1.0), 0.1))
-    batched = ensemble_maps(bb, probe, spec0, model, image, cfg, torch.Generator().manual_seed(0))
-    single = ensemble_maps(bb, probe, spec0, model, image, PredictConfig(4, cfg.affine, batch_size=1),
+    batched = ensemble_maps(bb, spec0, model, image, cfg, torch.Generator().manual_seed(0))
+    single = ensemble_maps(bb, spec0, model, image, PredictConfig(4, cfg.affine, batch_size=1),
                            torch.Generator().manual_seed(0))
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
     with torch.no_grad():                               # selecting tokens early == indexing all maps
-        full = attention_maps(bb, probe, spec0, image, model.embeddings)
-        some = attention_maps(bb, probe, spec0, image, model.embeddings, tokens=model.indices)
+        full = attention_maps(bb, spec0, image, model.embeddings)
+        some = attention_maps(bb, spec0, image, model.embeddings, tokens=model.indices)
     torch.testing.assert_close(some, full[:, model.indices])
     torch.testing.assert_close(full.sum(1), torch.ones(1, 16, 16))      # a softmax over all 8 tokens
-    pred = predict_image(bb, probe, spec0, model, image, cfg)
+    pred = predict_image(bb, spec0, model, image, cfg)
     assert pred.points.shape == (3, 2) and pred.maps.shape == (3, 64, 64)
     assert ((pred.points > 0) & (pred.points < 64)).all()
     for k in range(3):                                   # argmax read-out: the peak of each ensembled map
@@ -121,16 +121,16 @@ def test_predict_batched_equals_unbatched_and_reads_points(setup):
 def test_maps_and_gradients_on_other_structures(structure):
     bb = tiny_backbone(structure)
     probe = ProbeRegistry(bb.unet)
-    spec = MapSpec(tuple(default_sites(probe)), res=8)
+    spec = MapSpec(tuple(default_sites(probe.sites)), res=8)
     assert len(spec.sites) == 4 and all(probe.sites[s].direction == "up" for s in spec.sites)
     emb = torch.randn(6, bb.context_dim, requires_grad=True)
-    maps = attention_maps(bb, probe, spec, torch.zeros(1, 3, 64, 64), emb)
+    maps = attention_maps(bb, spec, torch.zeros(1, 3, 64, 64), emb)
     assert maps.shape == (1, 6, 8, 8)
     torch.testing.assert_close(maps.sum(1), torch.ones(1, 8, 8))
     maps[:, :2].sum().backward()
     assert emb.grad[:2].abs().sum() > 0
     with pytest.raises(DiffprobeError, match="another model"):
-        attention_maps(bb, probe, spec, torch.zeros(1, 3, 64, 64), torch.randn(6, bb.context_dim + 1))
+        attention_maps(bb, spec, torch.zeros(1, 3, 64, 64), torch.randn(6, bb.context_dim + 1))
 
 
 def test_localisation_is_on_the_original_images_maps_and_views_are_black_outside(setup, monkeypatch):
@@ -146,7 +146,7 @@ def test_localisation_is_on_the_original_images_maps_and_views_are_black_outside
     sharp = gaussian_maps(centres, (16, 16), 2.0)
     flat = torch.full((8, 16, 16), 0.125)
 
-    def planted(bb_, probe_, spec_, pair, embeddings, generator=None, tokens=None):
+    def planted(bb_, spec_, pair, embeddings, generator=None, tokens=None):
         seen["pair"] = pair
         return torch.stack([sharp, flat]) + 0 * embeddings.sum()
 
@@ -154,7 +154,7 @@ def test_localisation_is_on_the_original_images_maps_and_views_are_black_outside
     cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, affine=AffineRange(0.0, (1.0, 1.0), 0.4))
     emb = torch.zeros(8, bb.context_dim, requires_grad=True)
     white = torch.ones(1, 3, 64, 64)
-    _, parts = fit_module.iteration_loss(bb, probe, spec, cfg, white, emb, torch.Generator().manual_seed(3))
+    _, parts = fit_module.iteration_loss(bb, spec, cfg, white, emb, torch.Generator().manual_seed(3))
     assert parts["localisation"] == pytest.approx(0.0, abs=1e-12)
     assert localisation_loss(flat[:2], 2.0) > 0.01          # T(x)'s maps would have given a large loss
     view = seen["pair"][1]                                  # a pure translation of a white image
@@ -169,13 +169,13 @@ def test_prediction_views_are_black_outside(setup, monkeypatch):
     bb, probe, spec, _ = setup
     views = []
 
-    def planted(bb_, probe_, spec_, images, embeddings, generator=None, tokens=None):
+    def planted(bb_, spec_, images, embeddings, generator=None, tokens=None):
         views.append(images)
         return torch.full((images.shape[0], len(tokens), 16, 16), 0.5)
 
     monkeypatch.setattr(predict_module, "attention_maps", planted)
     model = KeypointModel(torch.zeros(8, bb.context_dim), torch.tensor([1, 3]))
     cfg = PredictConfig(augmentations=3, batch_size=3, affine=AffineRange(0.0, (1.0, 1.0), 0.4))
-    ensemble_maps(bb, probe, spec, model, torch.ones(1, 3, 64, 64), cfg, torch.Generator().manual_seed(1))
+    ensemble_maps(bb, spec, model, torch.ones(1, 3, 64, 64), cfg, torch.Generator().manual_seed(1))
     corners = torch.cat(views)[..., [0, 0, -1, -1], [0, -1, 0, -1]]
     assert (corners.min(dim=-1).values == -1.0).all()       # every shifted view has black where it left the image

@@ -10,6 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+import config_helpers
+
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
 from diffprobe.heads.keypoints.state import load_model
@@ -17,14 +19,12 @@ from diffprobe.tasks import keypoints
 from diffprobe.tasks.keypoints_eval import collect
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-SMALL = dict(num_tokens=8, top_k=2, candidates=4, steps=2, batch_size=1, feature_upsample_res=16, num_indices=2,
-             preview=1, augmentations=2, predict_batch=2)
+SMALL = {"num_tokens": 8, "top_k": 2, "candidates": 4, "steps": 2, "fit.batch_size": 1, "upsample_queries": 16,
+         "num_indices": 2, "preview": 1, "augmentations": 2, "predict.batch_size": 2}
 
 
 def make_cfg(data=None, **overrides):
-    base = OmegaConf.create({"model": {"name": "tiny_sd15", "tiny": "sd15", "path": None, "repo_id": None},
-                             "device": "cpu", "dtype": "float32", "seed": 0, "image": None, "data": data})
-    return OmegaConf.merge(base, OmegaConf.load(CONF / "task" / "keypoints.yaml"), OmegaConf.create(overrides))
+    return config_helpers.make_cfg("keypoints", data=data, **overrides)
 
 
 def write_images(folder: Path, n: int, size=(80, 64)) -> list[Path]:
@@ -70,7 +70,8 @@ def test_predict_gives_original_pixel_coordinates(fitted, tmp_path):
         assert p["x"] == pytest.approx(px + 8) and p["y"] == pytest.approx(py)
         assert 0 < p["confidence"] <= 1
     assert Image.open(tmp_path / "img1" / "overlay.png").size == (80, 64)
-    keypoints.run(OmegaConf.merge(cfg, {"readout": "soft_argmax", "soft_radius": 3.0}), tmp_path / "soft")
+    keypoints.run(OmegaConf.merge(cfg, {"keypoints": {"predict": {"readout": "soft_argmax", "soft_radius": 3.0}}}),
+                  tmp_path / "soft")
     soft = json.loads((tmp_path / "soft" / "img1" / "keypoints.json").read_text())
     for a, b in zip(rec["points"], soft["points"]):     # a centroid inside the window around the maximum
         assert np.hypot(a["x"] - b["x"], a["y"] - b["y"]) <= 3.0 and a["confidence"] == b["confidence"]

@@ -12,7 +12,7 @@ from diffprobe.data.world import demo_scene, render_scene, scene_seed
 from diffprobe.hooks import ProbeRegistry
 from diffprobe.mini import PACKAGED, packaged_path
 from diffprobe.mini.quality import score_attention, untrained_control
-from diffprobe.runners import decode_latents, encode_images, encode_prompt, generate
+from diffprobe.drives import decode_latents, encode_images, encode_prompt, generate
 
 pytestmark = pytest.mark.skipif(not (PACKAGED / "model_index.json").is_file(), reason="weights not built yet")
 

@@ -6,7 +6,7 @@ import torch
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.pck import (
-    PCKAccumulator,
+    PCKCounts,
     pck,
     threshold_bbox_max_side,
     threshold_image_max_side,
@@ -64,15 +64,22 @@ def test_per_point_pooling_differs_from_mean_per_image_and_ignores_invisible():
 
 
 def test_accumulator_pools_images_with_different_point_counts():
-    acc = PCKAccumulator()
-    acc.add(pck(np.zeros((1, 2)), np.zeros((1, 2)), threshold_pixels(1)))  # 1/1
-    acc.add(pck(np.full((3, 2), 5.0), np.zeros((3, 2)), threshold_pixels(1)))  # 0/3
+    acc = PCKCounts(2)
+    acc.update(0, pck(np.zeros((1, 2)), np.zeros((1, 2)), threshold_pixels(1)))  # 1/1
+    acc.update(1, pck(np.full((3, 2), 5.0), np.zeros((3, 2)), threshold_pixels(1)))  # 0/3
     res = acc.result()
-    assert res.correct.shape == (2, 3)
-    assert res.per_point == pytest.approx(1 / 4)
-    assert res.mean_per_image == pytest.approx(0.5)
+    assert res["num_points"] == 4 and res["num_images"] == 2
+    assert res["pck@1px_per_point"] == pytest.approx(1 / 4)
+    assert res["pck@1px_per_image"] == pytest.approx(0.5)
     with pytest.raises(DiffprobeError, match="cannot pool"):
-        acc.add(pck(np.zeros((1, 2)), np.zeros((1, 2)), threshold_image_max_side(10, 10)))
+        acc.update(0, pck(np.zeros((1, 2)), np.zeros((1, 2)), threshold_image_max_side(10, 10)))
+    # shards: the states of two halves add up to the whole
+    first, second = PCKCounts(2), PCKCounts(2)
+    first.update(0, pck(np.zeros((1, 2)), np.zeros((1, 2)), threshold_pixels(1)))
+    second.update(1, pck(np.full((3, 2), 5.0), np.zeros((3, 2)), threshold_pixels(1)))
+    both = PCKCounts(2)
+    both.load_state({k: first.state()[k] + second.state()[k] for k in first.state()}, name="1px")
+    assert both.result() == res
 
 
 def test_bad_inputs_are_one_line_errors():

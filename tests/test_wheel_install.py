@@ -57,7 +57,7 @@ def test_wheel_carries_configs_and_weights(wheel_env):
     res = run(py, ["-m", "diffprobe", "task=diffseg", f"hydra.run.dir={out}"], root)
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert [v["num_segments"] >= 2 for v in summary.values()] == [True]
+    assert [v["num_segments"] >= 2 for v in summary["images"].values()] == [True]
     assert (out / "demo_scene" / "figure.png").is_file()
 
 

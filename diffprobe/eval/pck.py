@@ -164,32 +164,35 @@ def pck(pred, gt, threshold: Threshold, visible=None) -> PCKResult:
     return PCKResult(correct=correct, valid=vis.copy(), distances=dist, thresholds=thr, name=threshold.name)
 
 
-@dataclass
-class PCKAccumulator:
-    """Pools PCK over images whose point counts differ (e.g. SPair pairs): add results, then `result()`."""
+class PCKCounts:
+    """PCK pooled over the images of a dataset as per-image counts (their states add up over shards).
 
-    _parts: list[PCKResult] = field(default_factory=list)
+    update(i, result) records image i from a one-image PCKResult; result() gives the pooled numbers:
+    per point (all valid points), per image (mean of each image's PCK), counts and the threshold name.
+    """
 
-    def add(self, result: PCKResult) -> None:
-        if self._parts and result.name != self._parts[0].name:
-            raise DiffprobeError(f"cannot pool PCK@{result.name} with PCK@{self._parts[0].name}")
-        self._parts.append(result)
+    def __init__(self, n: int):
+        self.correct, self.valid = np.zeros(n), np.zeros(n)
+        self.name: str | None = None
 
-    def __len__(self) -> int:
-        return len(self._parts)
+    def update(self, i: int, result: PCKResult) -> None:
+        if self.name is not None and result.name != self.name:
+            raise DiffprobeError(f"cannot pool PCK@{result.name} with PCK@{self.name}")
+        self.name = result.name
+        self.correct[i], self.valid[i] = result.correct.sum(), result.valid.sum()
 
-    def result(self) -> PCKResult:
-        """All added images as one PCKResult, padded to the largest point count with invalid points."""
-        if not self._parts:
-            raise DiffprobeError("no PCK results were added")
-        n = max(r.correct.shape[1] for r in self._parts)
+    def state(self) -> dict[str, np.ndarray]:
+        return {"correct": self.correct, "valid": self.valid}
 
-        def cat(attr: str, fill) -> np.ndarray:
-            return np.concatenate(
-                [np.pad(getattr(r, attr), ((0, 0), (0, n - r.correct.shape[1])), constant_values=fill) for r in self._parts]
-            )
+    def load_state(self, state: dict[str, np.ndarray], name: str | None = None) -> None:
+        self.correct, self.valid = (np.asarray(state[k], np.float64).copy() for k in ("correct", "valid"))
+        self.name = name or self.name
 
-        return PCKResult(
-            correct=cat("correct", False), valid=cat("valid", False), distances=cat("distances", np.nan),
-            thresholds=cat("thresholds", np.nan), name=self._parts[0].name,
-        )
+    def result(self) -> dict:
+        """{"pck@<name>_per_point", "pck@<name>_per_image", "num_points", "num_images"} (NaN when empty)."""
+        seen = self.valid > 0
+        n = self.valid.sum()
+        return {f"pck@{self.name}_per_point": float(self.correct.sum() / n) if n else float("nan"),
+                f"pck@{self.name}_per_image": float((self.correct[seen] / self.valid[seen]).mean())
+                if seen.any() else float("nan"),
+                "num_points": int(n), "num_images": int(seen.sum())}

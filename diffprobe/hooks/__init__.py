@@ -1,15 +1,20 @@
-"""diffprobe.hooks: named capture sites of diffusers UNets and a scoped capture of what they compute.
+"""diffprobe.hooks: named capture sites of diffusion denoisers and a scoped capture of what they compute.
 
-Depends on torch and diffusers only; import it alone in other research code::
+Depends on torch and diffusers only (diffprobe.backends says, per model family, how sites are enumerated
+and attention is recomputed); import it alone in other research code::
 
-    from diffprobe.hooks import ProbeRegistry, Reduce, BatchLayout
+    from diffprobe.hooks import ProbeRegistry, Reduce, BatchLayout, Need
     probe = ProbeRegistry(unet)
     with probe.capture("up_blocks.*.attn2.hook_probs", reduce=Reduce(heads="mean")) as cache:
         unet(latents, t, encoder_hidden_states=context)
 """
 
-from diffprobe.hooks.cache import ActivationCache, BatchLayout, Reduce
-from diffprobe.hooks.registry import ProbeRegistry, StopForward
-from diffprobe.hooks.sites import Site
+from diffprobe.hooks.cache import ActivationCache
+from diffprobe.hooks.capture import StopForward
+from diffprobe.hooks.errors import SiteNotFound, UnsupportedAttention
+from diffprobe.hooks.needs import BatchLayout, Need, Reduce
+from diffprobe.hooks.registry import ProbeRegistry
+from diffprobe.hooks.sites import Selection, Site, SiteKind
 
-__all__ = ["ActivationCache", "BatchLayout", "ProbeRegistry", "Reduce", "Site", "StopForward"]
+__all__ = ["ActivationCache", "BatchLayout", "Need", "ProbeRegistry", "Reduce", "Selection", "Site", "SiteKind",
+           "SiteNotFound", "StopForward", "UnsupportedAttention"]

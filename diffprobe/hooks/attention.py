@@ -1,8 +1,9 @@
-"""Recompute attention probabilities softmax(Q K^T * scale) of a diffusers `Attention` module from its inputs.
+"""Attention probabilities softmax(Q K^T * scale) from queries and keys, chunked over queries.
 
-The model's own forward keeps its fast kernel (SDPA, xformers); these functions run in a forward hook on the
-selected modules only, in fp32, chunked over queries, with heads reduced chunk by chunk so the full
-(B, heads, N, K) tensor never exists unless asked for.
+The model's own forward keeps its fast kernel (SDPA, xformers); a capture recomputes the probabilities
+of the selected modules only, in fp32, a query chunk at a time, with heads reduced chunk by chunk so the
+full (B, heads, N, K) tensor never exists unless asked for. How q and k come out of a module is the model
+family's business (diffprobe.backends); the arithmetic here is shared.
 """
 
 from __future__ import annotations
@@ -18,21 +19,8 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 1 << 22
 
 
-def check_supported(attn: torch.nn.Module, name: str) -> None:
-    """Raise ValueError when `attn` applies a norm or projection the recomputation does not reproduce."""
-    unsupported = [
-        flag for flag in ("norm_q", "norm_k", "norm_cross", "group_norm", "spatial_norm", "add_k_proj")
-        if getattr(attn, flag, None) is not None
-    ]
-    if unsupported:
-        raise ValueError(
-            f"cannot capture {name}: its Attention uses {', '.join(unsupported)}, which probability capture "
-            "does not reproduce"
-        )
-
-
 def query_grid(num_queries: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
-    """(h, w) with h * w == num_queries and the aspect ratio of the UNet input latent (square if unknown)."""
+    """(h, w) with h * w == num_queries and the aspect ratio of the model's input latent (square if unknown)."""
     if latent_hw is None:
         h = math.isqrt(num_queries)
     else:
@@ -50,9 +38,10 @@ def upsample_tokens(hidden: torch.Tensor, grid: tuple[int, int], size: tuple[int
     return x.flatten(2).transpose(1, 2)
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, n, heads * d) -> (B, heads, n, d)."""
     b, n, inner = x.shape
-    return x.view(b, n, heads, inner // heads).transpose(1, 2)  # (B, heads, n, d)
+    return x.view(b, n, heads, inner // heads).transpose(1, 2)
 
 
 def _chunk_probs(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, heads: str) -> torch.Tensor:
@@ -68,30 +57,19 @@ def _chunk_probs(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, 
     return probs  # "none" or one head already selected: (B, h, n, K)
 
 
-def attention_probs(
-    attn: torch.nn.Module,
-    hidden: torch.Tensor,
-    context: torch.Tensor | None,
-    mask: torch.Tensor | None = None,
-    heads: str | int = "mean",
-    grad: bool = False,
-) -> torch.Tensor:
-    """softmax(Q K^T * scale) of `attn` for hidden (B, N, C) and context (B, T, Cc) (None: self-attention).
+def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None, heads: str | int = "mean",
+                  grad: bool = False) -> torch.Tensor:
+    """softmax(q k^T + bias) for q (B, h, N, d) already scaled, k (B, h, K, d), bias broadcastable to
+    (B, h, N, K) or None; computed in fp32.
 
-    Returns (B, N, K) for heads "mean"/"sum", (B, heads, N, K) for "none", (B, N, K) for an int head index.
+    Returns (B, N, K) for heads "mean"/"sum", (B, h, N, K) for "none", (B, N, K) for an int head index.
     With `grad`, each chunk is checkpointed so the graph holds only the inputs, not the probabilities.
     """
-    source = hidden if context is None else context
-    q = attn.to_q(hidden).float() * attn.scale
-    k = attn.to_k(source).float()
-    q, k = _split_heads(q, attn.heads), _split_heads(k, attn.heads)
-    bias = None
-    if mask is not None:
-        bias = attn.prepare_attention_mask(mask, k.shape[2], hidden.shape[0]).float()
-        bias = bias.view(hidden.shape[0], attn.heads, *bias.shape[1:])
+    q, k = q.float(), k.float()
+    bias = None if bias is None else bias.float()
     if isinstance(heads, int):
         q, k = q[:, heads : heads + 1], k[:, heads : heads + 1]
-        bias = None if bias is None else bias[:, heads : heads + 1]
+        bias = None if bias is None or bias.shape[1] == 1 else bias[:, heads : heads + 1]
     k_t = k.transpose(-1, -2)
     b, h, n, _ = q.shape
     num_keys = k.shape[2]

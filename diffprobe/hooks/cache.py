@@ -1,66 +1,14 @@
-"""What a capture keeps: reduction options, the batch layout, and the cache of captured tensors."""
+"""The cache of captured tensors, keyed by site name."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class Reduce:
-    """Reductions applied at capture time.
-
-    heads: "mean" | "sum" | "none" (keep a heads axis) | int (one head) -- attention sites only.
-    steps: "last" (keep the latest UNet call) | "mean" (running mean over calls) | "all" (keep every call) |
-        a sequence of step indices to keep (step = index of the UNet call within the capture).
-    """
-
-    heads: str | int = "mean"
-    steps: str | Sequence[int] = "last"
-
-    def __post_init__(self):
-        if not (isinstance(self.heads, int) or self.heads in ("mean", "sum", "none")):
-            raise ValueError(f"Reduce.heads must be 'mean', 'sum', 'none' or a head index, not {self.heads!r}")
-        if isinstance(self.steps, str) and self.steps not in ("last", "mean", "all"):
-            raise ValueError(f"Reduce.steps must be 'last', 'mean', 'all' or a list of step indices, not {self.steps!r}")
-
-    @property
-    def stacks_steps(self) -> bool:
-        """True when cache[name] has a leading step axis."""
-        return not isinstance(self.steps, str) or self.steps == "all"
-
-    def keeps(self, step: int) -> bool:
-        return isinstance(self.steps, str) or step in self.steps
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How the UNet batch is laid out, so a capture can keep one half of a classifier-free-guidance batch.
-
-    cfg: the batch is [uncond; cond] (or [cond; uncond] when uncond_first is False), two equal halves.
-    keep: "cond" | "uncond" | "both" -- which part of a CFG batch is captured (ignored without cfg).
-    """
-
-    cfg: bool = False
-    uncond_first: bool = True
-    keep: str = "cond"
-
-    def __post_init__(self):
-        if self.keep not in ("cond", "uncond", "both"):
-            raise ValueError(f"BatchLayout.keep must be 'cond', 'uncond' or 'both', not {self.keep!r}")
-
-    def rows(self, batch: int) -> slice:
-        """The slice of a batch of size `batch` that is kept."""
-        if not self.cfg or self.keep == "both":
-            return slice(None)
-        if batch % 2:
-            raise ValueError(f"BatchLayout(cfg=True) needs an even batch, got {batch}")
-        first_half = (self.keep == "uncond") == self.uncond_first
-        half = batch // 2
-        return slice(0, half) if first_half else slice(half, batch)
+from diffprobe.hooks.needs import Reduce
 
 
 @dataclass
@@ -85,9 +33,31 @@ class ActivationCache:
         self.reduce = reduce
         self.sites = sites
         self.timesteps: list[float] = []
+        self.current: dict[str, torch.Tensor] = {}  # the tensors of the latest model call (for on_step)
         self._entries: dict[str, _Entry] = {}
         self._grids: dict[str, tuple[int, int]] = {}
         self._key_grids: dict[str, tuple[int, int]] = {}
+
+    @classmethod
+    def from_tensors(cls, sites: Mapping, tensors: Mapping[str, torch.Tensor],
+                     grids: Mapping[str, tuple[int, int]] | None = None, timesteps: Sequence[float] = (0.0,),
+                     reduce: Reduce = Reduce()) -> "ActivationCache":
+        """A cache holding given tensors, as a capture would have stored them: for testing a head without
+        a model. sites: name -> Site (those of `tensors` are kept); grids: query grid per name (default:
+        square from the query count for attention, the map's own size for features)."""
+        from diffprobe.hooks.attention import query_grid
+
+        cache = cls(reduce, {n: sites[n] for n in tensors})
+        cache.timesteps = list(timesteps)
+        for name, value in tensors.items():
+            site = sites[name]
+            grid = (grids or {}).get(name)
+            if grid is None:
+                grid = query_grid(value.shape[-2], None) if site.is_attention else tuple(value.shape[-2:])
+            steps = value if reduce.stacks_steps else [value]
+            for step, v in enumerate(steps):
+                cache._put(name, step, v, grid=grid, key_grid=grid if site.kind == "self_attn" else None)
+        return cache
 
     # -- filled by the capture ---------------------------------------------------------------
     def _put(self, name: str, step: int, value: torch.Tensor, grid=None, key_grid=None) -> None:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from diffprobe.backbones import Backbone
 from diffprobe.data.world import Scene
-from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
-from diffprobe.runners import encode_images, encode_prompt, unet_step
+from diffprobe.hooks import BatchLayout, Reduce
+from diffprobe.drives import encode_images, encode_prompt, unet_step
 
 
 def grid_masks(instance: np.ndarray, ids: list[int], grid: tuple[int, int]) -> torch.Tensor:
@@ -80,7 +80,7 @@ def score_attention(bb: Backbone, scenes: list[Scene], timestep: int, noised: bo
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     latents = encode_images(bb, images)
     cond = encode_prompt(bb, [s.caption for s in scenes])
-    probe = ProbeRegistry(bb.unet)
+    probe = bb.probe
     with probe.capture("*.attn[12].hook_probs", reduce=Reduce(heads="mean"), layout=BatchLayout(cfg=False)) as cache:
         unet_step(bb, latents, timestep, cond, noise="random" if noised else None,
                   generator=torch.Generator().manual_seed(0))

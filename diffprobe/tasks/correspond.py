@@ -31,7 +31,6 @@ from diffprobe.data.pairs_json import points_array
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.pck import pck, threshold_image_max_side
 from diffprobe.heads.hyperfeatures.evaluate import from_load, to_load
-from diffprobe.heads.hyperfeatures.extract import check_image_size
 from diffprobe.heads.hyperfeatures.figures import plot_matches
 from diffprobe.heads.hyperfeatures.matching import METHODS, DescriptorField, match_points, salient_grid
 from diffprobe.heads.hyperfeatures.model import (
@@ -41,7 +40,6 @@ from diffprobe.heads.hyperfeatures.model import (
     generated_pair,
     raw_layer_describer,
 )
-from diffprobe.hooks import ProbeRegistry
 from diffprobe.io import save_json, save_png
 
 
@@ -77,8 +75,9 @@ def _points(value, what: str) -> np.ndarray | None:
 
 
 def _params(cfg: DictConfig) -> tuple[CorrespondParams, np.ndarray | None, np.ndarray | None]:
-    raw = {k: cfg.get(k) for k in ("points", "target_points")}
-    node = {k: v for k, v in cfg.items() if k not in raw}
+    keys = cfg.get("correspond") or {}
+    raw = {k: keys.get(k) for k in ("points", "target_points")}
+    node = {k: v for k, v in keys.items() if k not in raw}
     p = typed(node, CorrespondParams, "correspond")
     synthetic = bool(p.source_prompt or p.target_prompt)
     if synthetic and not (p.source_prompt and p.target_prompt) or not synthetic and not (p.source and p.target):
@@ -99,21 +98,21 @@ def _params(cfg: DictConfig) -> tuple[CorrespondParams, np.ndarray | None, np.nd
     return p, src_pts, tgt_pts
 
 
-def _real_pair(p: CorrespondParams, bb, probe, model, seed: int):
+def _real_pair(p: CorrespondParams, bb, model, seed: int):
     """Descriptors of the two image files: (src, tgt) each ((D, h, w), original (H, W)), load size, description."""
     if model is not None:
-        describe, size = hyperfeature_describer(model, bb, probe, seed=seed), model.extraction.image_size
+        describe, size = hyperfeature_describer(model, bb, seed=seed), model.extraction.image_size
         used = {"descriptor": "hyperfeatures", "weights": p.weights}
     else:
-        size = check_image_size(bb, probe, p.image_size or bb.sample_size)
-        describe = raw_layer_describer(bb, probe, p.raw_layer, size, seed=seed)
+        size = bb.check_image_size(int(p.image_size or bb.sample_size))
+        describe = raw_layer_describer(bb, p.raw_layer, size, seed=seed)
         used = {"descriptor": "raw layer (no weights given)", "layer": p.raw_layer, "step": "t=-1 (clean)"}
     return describe(Path(p.source)), describe(Path(p.target)), size, used
 
 
-def _generated_pair(p: CorrespondParams, bb, probe, model, seed: int, out_dir: Path):
+def _generated_pair(p: CorrespondParams, bb, model, seed: int, out_dir: Path):
     """Generate both images (written as source.png / target.png) with their generation features."""
-    desc, images = generated_pair(bb, probe, [p.source_prompt, p.target_prompt], model, p.raw_layer, p.num_steps, seed)
+    desc, images = generated_pair(bb, [p.source_prompt, p.target_prompt], model, p.raw_layer, p.num_steps, seed)
     size = images.shape[-1]
     pil = [Image.fromarray((im.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)) for im in images]
     for name, im in zip(("source", "target"), pil):
@@ -130,7 +129,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if not synthetic:
         src_img, tgt_img = load_image(p.source), load_image(p.target)  # fail on bad paths before loading a model
     bb = load_configured_backbone(cfg)
-    probe = ProbeRegistry(bb.unet)
     seed = run_config(cfg).seed
     model = None
     if p.weights:
@@ -138,9 +136,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         model.net.to(bb.device)
     if synthetic:
         (src_desc, src_hw), (tgt_desc, tgt_hw), size, used, (src_img, tgt_img) = _generated_pair(
-            p, bb, probe, model, seed, out_dir)
+            p, bb, model, seed, out_dir)
     else:
-        (src_desc, src_hw), (tgt_desc, tgt_hw), size, used = _real_pair(p, bb, probe, model, seed)
+        (src_desc, src_hw), (tgt_desc, tgt_hw), size, used = _real_pair(p, bb, model, seed)
     if src_pts is None:
         load_pts = salient_grid(src_desc, (size, size), p.grid)
         src_pts = from_load(load_pts, src_hw, size)

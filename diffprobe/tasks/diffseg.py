@@ -7,68 +7,71 @@ overlay.png, segments.json (per-segment area, bbox, centroid, word) and figure.p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from diffprobe.config import load_configured_backbone, run_config, typed
-from diffprobe.data.images import center_square, image_to_tensor, load_image
+from diffprobe.config import load_configured_backbone, run_config, section
 from diffprobe.data.inputs import input_images
-from diffprobe.errors import DiffprobeError
+from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead, default_tau, token_groups
 from diffprobe.heads.diffseg.semantics import vote_words
-from diffprobe.io import save_json
+from diffprobe.runner import Item, run_heads
 from diffprobe.tasks.diffseg_outputs import label_dtype, write_outputs
-from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings, default_tau, head_params
+from diffprobe.tasks.image_runs import process_images
 
 
 @dataclass
-class DiffSegTaskConfig(DiffSegSettings):
-    crop: str = "center"  # center: segment the centre square (reference); none: the whole image, squashed
-    labels: list[str] | None = field(default=None)  # words to name the segments with (cross-attention vote)
+class DiffSegTaskSettings(DiffSegSettings):
+    labels: list[str] | None = None  # words to name the segments with (cross-attention vote)
 
 
-def analysed_box(width: int, height: int, crop: str) -> tuple[int, int, int, int]:
-    """(left, top, box width, box height) of the part of the image that is segmented."""
-    if crop == "center":
-        left, top, side = center_square(width, height)
-        return left, top, side, side
-    return 0, 0, width, height
+def settings_of(cfg: DictConfig, dataset_tau: float | None = None) -> DiffSegTaskSettings:
+    """The diffseg.* keys, tau resolved (the model's, else the dataset's, else 0.9), validated."""
+    settings = section(cfg, "diffseg", DiffSegTaskSettings)
+    if settings.tau is None:
+        settings.tau = default_tau(cfg.model, dataset_tau)
+    settings.params()  # fail on bad head keys before loading a model
+    return settings
 
 
-def segment_file(pipeline: DiffSegPipeline, path: Path, out_dir: Path, cfg: DiffSegTaskConfig) -> dict:
-    image = load_image(path)
-    left, top, bw, bh = analysed_box(image.width, image.height, cfg.crop)
-    x = image_to_tensor(image.crop((left, top, left + bw, top + bh)), pipeline.size, crop="none", resize=cfg.resize)
-    result = pipeline.segment(x, (bh, bw))
+def heads_for(bb, settings: DiffSegTaskSettings) -> list:
+    """The DiffSeg head, and the word-maps head when labels are given (their pass is shared)."""
+    size = bb.check_image_size(int(settings.image_size or bb.sample_size))
+    heads = [DiffSegHead(settings, size)]
+    if settings.labels:
+        words = list(settings.labels)
+        heads.append(WordMapsHead(words, token_groups(bb.tokenizer, ", ".join(words), words), settings, size))
+    return heads
+
+
+def segment_image(bb, heads: list, settings: DiffSegTaskSettings, path: Path, image, out_dir: Path,
+                  seed: int) -> dict:
+    import torch
+
+    item = Item(str(path), image)
+    results = run_heads(bb, heads, item, generator=torch.Generator().manual_seed(seed))
+    result = results[0]
+    left, top, bw, bh = heads[0].box(image)
     k = result.num_segments
     dtype, outside = label_dtype(k)
     labels = np.full((image.height, image.width), outside, dtype=dtype)
     labels[top:top + bh, left:left + bw] = result.labels.numpy()
     words = None
-    if cfg.labels:
-        votes = vote_words(result.labels, pipeline.word_maps(x, list(cfg.labels), (bh, bw)))
-        words = [cfg.labels[v] for v in votes]
+    if settings.labels:
+        words = [settings.labels[v] for v in vote_words(result.labels, results[1])]
     info = {"image": str(path), "size": [image.height, image.width], "analysed_box": [left, top, bw, bh],
-            "proposal_counts": result.counts, "settings": asdict(cfg)}
-    return write_outputs(out_dir, path.name, image, labels, k, info, words)
+            "proposal_counts": result.counts, "settings": asdict(settings)}
+    record = write_outputs(out_dir / path.stem, path.name, image, labels, k, info, words)
+    return {"dir": str(out_dir / path.stem), "num_segments": record["num_segments"]}
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    params = typed(cfg, DiffSegTaskConfig, "diffseg")
-    run_cfg = run_config(cfg)
-    if params.crop not in ("center", "none"):
-        raise DiffprobeError(f"crop must be center or none, not {params.crop!r}")
-    if params.tau is None:
-        params.tau = default_tau(cfg.model)
+    settings = settings_of(cfg)
+    seed = run_config(cfg).seed
     files = input_images(cfg.get("image"), out_dir)
-    head_params(params)  # fail on bad head keys before loading a model
-    pipeline = DiffSegPipeline(load_configured_backbone(cfg), params, seed=run_cfg.seed)
-    summary = {}
-    for path in tqdm(files, desc="diffseg", disable=len(files) < 2):
-        record = segment_file(pipeline, path, out_dir / path.stem, params)
-        summary[str(path)] = {"dir": str(out_dir / path.stem), "num_segments": record["num_segments"]}
-    save_json(out_dir / "summary.json", summary)
-    return summary
+    bb = load_configured_backbone(cfg)
+    heads = heads_for(bb, settings)
+    return process_images(files, lambda path, image: segment_image(bb, heads, settings, path, image, out_dir, seed),
+                          out_dir, "diffseg")

@@ -1,43 +1,41 @@
-"""task=diffseg_eval: DiffSeg on COCO-Stuff-27 or Cityscapes-27, pixel accuracy and mIoU.
+"""task=diffseg_eval: DiffSeg on COCO-Stuff-27 or Cityscapes, pixel accuracy and mIoU.
 
 Both matching protocols are reported and named (see diffprobe.eval.segmentation): "per_image" is the
 DiffSeg reference's; "dataset" is PiCIE/STEGO's. Images and labels are centre-cropped to a square and
 resized to image_size (labels by nearest neighbour), as the reference does. The run checkpoints its
-accumulators every `checkpoint_every` images (eval_state.safetensors + eval_state.json in the output
-folder); `resume=OLD_OUTPUT_DIR` continues an interrupted run with the same settings.
+metrics every `checkpoint_every` images and `checkpoint_minutes` (eval_state.safetensors + eval_state.json);
+rerunning in the same folder (hydra.run.dir=) or `resume=OLD_OUTPUT_DIR` continues with the same settings.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from diffprobe.config import load_configured_backbone, run_config, typed
+from diffprobe.config import load_configured_backbone, run_config, section, typed
 from diffprobe.data.cityscapes import Cityscapes27
 from diffprobe.data.coco_stuff import CocoStuff27
-from diffprobe.data.images import image_to_tensor
 from diffprobe.data.labelled_images import center_crop_label
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.segmentation import DatasetHungarian, PerImageHungarian, SegmentCount
-from diffprobe.io import atomic_path, load_tensors, save_json, save_tensors
-from diffprobe.tasks.diffseg_pipeline import DiffSegPipeline, DiffSegSettings, default_tau, head_params
+from diffprobe.io import atomic_path, save_json
+from diffprobe.items import run_items
+from diffprobe.runner import Item, run_heads
+from diffprobe.tasks.diffseg import heads_for, settings_of
 
 log = logging.getLogger(__name__)
-STATE = "eval_state"
 
 
 @dataclass
-class DiffSegEvalConfig(DiffSegSettings):
-    tau: Any = None  # null: the model's model.diffseg_tau if it has one, else the dataset's data.diffseg_tau
+class EvalSettings:
     limit: Any = None  # evaluate the first `limit` images only
     checkpoint_every: int = 25
+    checkpoint_minutes: float = 5.0
     resume: Any = None  # an earlier output folder of this task to continue
 
 
@@ -67,63 +65,42 @@ def format_table(title: str, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _fingerprint(cfg: DictConfig, params: DiffSegEvalConfig, data: DataConfig, count: int) -> dict:
-    keep = {k: v for k, v in asdict(params).items() if k not in ("resume", "checkpoint_every")}
-    return {"model": cfg.model.name, "data": data.name, "root": str(data.root), "images": count, "settings": keep}
-
-
-def _restore(resume: str, fingerprint: dict, meters: dict) -> int:
-    """Load the accumulators of an earlier run; returns the index of the next image."""
-    folder = Path(resume)
-    info_path = folder / f"{STATE}.json"
-    if not info_path.is_file():
-        raise DiffprobeError(f"resume: no {STATE}.json in {folder}")
-    info = json.loads(info_path.read_text())
-    if info["fingerprint"] != fingerprint:
-        raise DiffprobeError(f"resume: {folder} was run with other settings ({info['fingerprint']})")
-    tensors, _ = load_tensors(folder / f"{STATE}.safetensors")
-    for key, meter in meters.items():
-        meter.load_state({k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith(key + ".")})
-    return int(info["next"])
-
-
-def _checkpoint(out_dir: Path, fingerprint: dict, meters: dict, next_index: int) -> None:
-    import torch
-
-    tensors = {f"{key}.{k}": torch.from_numpy(np.asarray(v, dtype=np.float64)) for key, m in meters.items()
-               for k, v in m.state().items()}
-    save_tensors(out_dir / f"{STATE}.safetensors", tensors)
-    save_json(out_dir / f"{STATE}.json", {"fingerprint": fingerprint, "next": next_index})
-
-
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    params = typed(cfg, DiffSegEvalConfig, "diffseg_eval")
+    ev = section(cfg, "diffseg_eval", EvalSettings)
     if cfg.get("data") is None:
         raise DiffprobeError("task=diffseg_eval needs a dataset: data=coco_stuff27 data.root=PATH (or data=cityscapes)")
     data = typed(cfg.data, DataConfig, "data")
     dataset = open_dataset(data)
-    if params.tau is None:
-        params.tau = default_tau(cfg.model, data.diffseg_tau)
-    head_params(params)  # fail on bad head keys before loading a model
-    count = len(dataset) if params.limit is None else min(int(params.limit), len(dataset))
+    settings = settings_of(cfg, data.diffseg_tau)
+    count = len(dataset) if ev.limit is None else min(int(ev.limit), len(dataset))
     meters = {"per_image": PerImageHungarian(dataset.num_classes), "dataset": DatasetHungarian(dataset.num_classes),
               "segments": SegmentCount()}
-    fingerprint = _fingerprint(cfg, params, data, count)
-    start = _restore(params.resume, fingerprint, meters) if params.resume else 0
-    pipeline = DiffSegPipeline(load_configured_backbone(cfg), params, seed=run_config(cfg).seed)
-    size = pipeline.size
-    for i in tqdm(range(start, count), desc=f"diffseg_eval {data.name}", initial=start, total=count):
+    keep = {k: v for k, v in asdict(settings).items() if k != "labels"}
+    fingerprint = {"model": cfg.model.name, "data": data.name, "root": str(data.root), "images": count,
+                   "diffseg": keep}
+    bb = load_configured_backbone(cfg)
+    heads = heads_for(bb, settings)[:1]
+    size = heads[0].size
+    seed = run_config(cfg).seed
+
+    def process(i: int):
         image, label = dataset.load(i)
-        result = pipeline.segment(image_to_tensor(image, size, crop="center", resize=params.resize), (size, size))
-        label = center_crop_label(label, size)
-        for meter in meters.values():
-            meter.update(label, result.labels.numpy())
-        if (i + 1) % params.checkpoint_every == 0 or i + 1 == count:
-            _checkpoint(out_dir, fingerprint, meters, i + 1)
+        item = Item(str(i), image, {"output_size": (size, size)})
+        (result,) = run_heads(bb, heads, item, generator=torch.Generator().manual_seed(seed))
+        label, pred = center_crop_label(label, size), result.labels.numpy()
+        def commit() -> None:
+            for meter in meters.values():
+                meter.update(label, pred)
+
+        return commit
+
+    run_items(count, process, meters, out_dir, fingerprint, resume=ev.resume, checkpoint_every=ev.checkpoint_every,
+              checkpoint_minutes=ev.checkpoint_minutes, desc=f"diffseg_eval {data.name}")
     results = [meters["per_image"].result(), meters["dataset"].result()]
     segments = meters["segments"].result()["segments_per_image"]
-    title = (f"DiffSeg on {data.name} ({count} images, model {cfg.model.name}, tau {params.tau}, "
-             f"merge {params.merge}{', float16 KL' if pipeline.params.reference_numerics else ''}, refine {params.refine}, {size} px; {segments:.1f} segments per image)")
+    numerics = ", float16 KL" if heads[0].params.reference_numerics else ""
+    title = (f"DiffSeg on {data.name} ({count} images, model {cfg.model.name}, tau {settings.tau}, "
+             f"merge {settings.merge}{numerics}, refine {settings.refine}, {size} px; {segments:.1f} segments per image)")
     table = format_table(title, results)
     print(table)
     report = {"title": title, "class_names": list(dataset.class_names), "results": results,

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, typed
+from diffprobe.config import load_configured_backbone, run_config, section
 from diffprobe.data.images import load_image
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.hyperfeatures.evaluate import Describe, evaluate_pairs
-from diffprobe.heads.hyperfeatures.extract import DEFAULT_LAYERS, ExtractionConfig, check_image_size
+from diffprobe.heads.hyperfeatures.evaluate import Describe, PairPCK, evaluate_pairs, match_pair
+from diffprobe.heads.hyperfeatures.extract import DEFAULT_LAYERS, ExtractionConfig
 from diffprobe.heads.hyperfeatures.figures import plot_matches, plot_mixing_weights, plot_training_curves
 from diffprobe.heads.hyperfeatures.matching import METHODS
 from diffprobe.heads.hyperfeatures.model import (
@@ -37,8 +37,8 @@ from diffprobe.heads.hyperfeatures.model import (
     raw_layer_describer,
 )
 from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, descriptor_fn, train
-from diffprobe.hooks import ProbeRegistry
 from diffprobe.io import save_json, save_png, save_tensors
+from diffprobe.items import run_items
 
 log = logging.getLogger(__name__)
 MODES = ("train", "eval", "ablate", "extract", "baseline")
@@ -63,6 +63,7 @@ class HyperfeaturesParams:
     weight_decay: float = 0.0
     temperature: float = 0.07
     val_every: int = 1000
+    checkpoint_minutes: float = 5.0
     val_pairs: int = 360
     split: str = "test"  # eval/ablate split
     alpha: float = 0.1
@@ -73,7 +74,7 @@ class HyperfeaturesParams:
 
 
 def _params(cfg: DictConfig) -> HyperfeaturesParams:
-    p = typed(cfg, HyperfeaturesParams, "hyperfeatures")
+    p = section(cfg, "hyperfeatures", HyperfeaturesParams)
     if p.mode not in MODES:
         raise DiffprobeError(f"mode must be one of {MODES}, got {p.mode!r}")
     if p.method not in METHODS:
@@ -125,21 +126,21 @@ def load_pairs(data: DictConfig | None, split: str, seed: int) -> tuple[list[Cor
     raise DiffprobeError(f"task=hyperfeatures reads data=spair, data=cub or data=pairs, not data={name}")
 
 
-def _extraction(p: HyperfeaturesParams, bb, probe) -> ExtractionConfig:
-    size = check_image_size(bb, probe, p.image_size or bb.sample_size)
+def _extraction(p: HyperfeaturesParams, bb) -> ExtractionConfig:
+    size = bb.check_image_size(int(p.image_size or bb.sample_size))
     layers = p.layers[0] if len(p.layers) == 1 else list(p.layers)
     return ExtractionConfig(layers=layers, process=p.process, num_steps=p.num_steps, save_every=p.save_every,
                             saved_steps=p.saved_steps, prompt=p.prompt, image_size=size)
 
 
-def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, probe, out_dir: Path) -> dict:
+def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, out_dir: Path) -> dict:
     seed = run_config(cfg).seed
-    extraction = _extraction(p, bb, probe)
+    extraction = _extraction(p, bb)
     output_size = p.output_size or extraction.image_size // bb.vae_factor
-    from diffprobe.runners import inversion_timesteps
+    from diffprobe.drives import inversion_timesteps
 
     calls = inversion_timesteps(bb, extraction.num_steps)
-    model = HyperfeatureModel.build(probe, extraction, output_size, p.projection_dim, seed=seed,
+    model = HyperfeatureModel.build(bb.probe.sites, extraction, output_size, p.projection_dim, seed=seed,
                                     step_labels=[float(calls[c]) for c in extraction.saved_calls()])
     model.net.to(bb.device)
     train_pairs, train_desc = load_pairs(cfg.get("data"), "train", seed)
@@ -152,9 +153,9 @@ def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, probe, out_dir: Path) ->
         keep = sorted(np.random.default_rng(seed).permutation(len(val_pairs))[: p.val_pairs])
         val_pairs = [val_pairs[i] for i in keep]
         val_desc += f", {p.val_pairs} of them drawn with seed {seed}"
-    source = FeatureSource(bb, probe, extraction, model.net.config.layers, capacity=p.feature_store, seed=seed)
+    source = FeatureSource(bb, extraction, model.net.config.layers, capacity=p.feature_store, seed=seed)
     tcfg = TrainConfig(steps=p.train_steps, lr=p.lr, weight_decay=p.weight_decay, temperature=p.temperature,
-                       val_every=p.val_every, alpha=p.alpha, seed=seed)
+                       val_every=p.val_every, alpha=p.alpha, seed=seed, checkpoint_minutes=p.checkpoint_minutes)
     model.save_extraction(out_dir / "checkpoint")  # so a checkpoint directory also loads as a model
     history = train(model.net, source, train_pairs, val_pairs, tcfg, out_dir / "checkpoint",
                     resume=Path(p.resume) if p.resume else None)
@@ -187,14 +188,26 @@ def _safe(name: str) -> str:
 
 def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Describe], size: int,
               out_dir: Path) -> dict:
+    """PCK of every describer over the pairs through the item loop (checkpointed, resumable, shardable);
+    match figures of the first plot_pairs pairs."""
     seed = run_config(cfg).seed
     pairs, desc = load_pairs(cfg.get("data"), p.split, seed)
     results = {}
     for name, describe in describers.items():
-        ev = evaluate_pairs(describe, pairs, size, p.alpha, p.method, progress=True)
-        results[name] = (ev.summary(), ev.rows)
-        log.info("%s: %s", name, ev.summary())
-        for pair, row in list(zip(pairs, ev.rows))[: p.plot_pairs]:
+        metric = PairPCK(len(pairs), p.alpha, p.method)
+
+        def process(i: int, describe=describe, metric=metric):
+            pred, info = match_pair(describe, pairs[i], size, p.method)
+            return lambda: metric.update(i, pairs[i], pred, info["target_hw"], info["mutual"])
+
+        fingerprint = {"descriptor": name, "weights": p.weights, "pairs": desc, "alpha": p.alpha, "method": p.method,
+                       "model": cfg.model.name, "image_size": size, "seed": seed}
+        state = run_items(len(pairs), process, {"pck": metric}, out_dir, fingerprint, name=f"eval_{name}",
+                          desc=f"evaluate {name}", checkpoint_minutes=p.checkpoint_minutes)
+        rows = [state.records[i] for i in sorted(state.records)]
+        results[name] = (metric.result(), rows)
+        log.info("%s: %s", name, metric.result())
+        for pair, row in list(zip(pairs, rows))[: p.plot_pairs]:
             plot_matches(load_image(pair.source), load_image(pair.target), pair.source_points,
                          np.asarray(row["predicted"]), out_dir / "pairs" / f"{name}_{_safe(pair.name)}.png",
                          correct=np.asarray(row["correct_img"]),
@@ -203,12 +216,12 @@ def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Des
             "results": results}
 
 
-def _extract(p: HyperfeaturesParams, cfg: DictConfig, model: HyperfeatureModel, bb, probe, out_dir: Path) -> dict:
+def _extract(p: HyperfeaturesParams, cfg: DictConfig, model: HyperfeatureModel, bb, out_dir: Path) -> dict:
     from diffprobe.data.images import list_images
 
     if not cfg.get("image"):
         raise DiffprobeError("mode=extract needs image=PATH (a file or a folder of images)")
-    describe = hyperfeature_describer(model, bb, probe, seed=run_config(cfg).seed)
+    describe = hyperfeature_describer(model, bb, seed=run_config(cfg).seed)
     written = []
     for path in list_images(cfg.image):
         desc, hw = describe(path)
@@ -234,12 +247,12 @@ def pca_rgb(desc: torch.Tensor) -> np.ndarray:
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     p = _params(cfg)
     bb = load_configured_backbone(cfg)
-    probe = ProbeRegistry(bb.unet)
     if p.mode == "train":
-        return _train(p, cfg, bb, probe, out_dir)
+        return _train(p, cfg, bb, out_dir)
+    seed = run_config(cfg).seed
     if p.mode == "baseline":
-        size = check_image_size(bb, probe, p.image_size or bb.sample_size)
-        describers = {"raw_layer": raw_layer_describer(bb, probe, p.raw_layer, size, seed=run_config(cfg).seed)}
+        size = bb.check_image_size(int(p.image_size or bb.sample_size))
+        describers = {"raw_layer": raw_layer_describer(bb, p.raw_layer, size, seed=seed)}
         res = _evaluate(p, cfg, describers, size, out_dir)
         out = {"mode": "baseline", "layer": p.raw_layer, "step": "t=-1 (clean)", "pairs": res["pairs"],
                "pooling": res["pooling"], "raw_layer": res["results"]["raw_layer"][0]}
@@ -247,15 +260,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         save_json(out_dir / "metrics.json", out)
         return out
     model = HyperfeatureModel.load(p.weights)
-    model.check_backbone(probe)
+    model.check_backbone(bb.probe.sites)
     model.net.to(bb.device)
     if p.mode == "extract":
-        out = _extract(p, cfg, model, bb, probe, out_dir)
+        out = _extract(p, cfg, model, bb, out_dir)
     else:
-        seed = run_config(cfg).seed
-        describers = {"hyperfeatures": hyperfeature_describer(model, bb, probe, seed=seed)}
+        describers = {"hyperfeatures": hyperfeature_describer(model, bb, seed=seed)}
         if p.mode == "ablate":
-            describers.update(pruned_describers(model, bb, probe, seed=seed))
+            describers.update(pruned_describers(model, bb, seed=seed))
             _mixing_figure(model, out_dir)
         res = _evaluate(p, cfg, describers, model.extraction.image_size, out_dir)
         out = {"mode": p.mode, "weights": p.weights, "pairs": res["pairs"], "pooling": res["pooling"],

@@ -11,39 +11,44 @@ mode=eval embeddings=... data=celeba|cub data.root=PATH
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from diffprobe.config import load_configured_backbone, run_config, typed
-from diffprobe.data.images import check_resize, list_images
+from diffprobe.config import load_configured_backbone, run_config, section
+from diffprobe.data.images import list_images
 from diffprobe.errors import DiffprobeError
+from diffprobe.heads.call import CROPS
 from diffprobe.heads.keypoints.affine import AffineRange
 from diffprobe.heads.keypoints.fit import FitConfig, fit
 from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
 from diffprobe.heads.keypoints.maps import MapSpec, resolve_sites, site_summary
 from diffprobe.heads.keypoints.predict import PredictConfig, predict_image
 from diffprobe.heads.keypoints.state import KeypointModel, load_model, save_model
-from diffprobe.hooks import ProbeRegistry
+from diffprobe.data.images import check_resize
 from diffprobe.io import save_json
 from diffprobe.tasks.keypoints_data import split_items
 from diffprobe.tasks.keypoints_eval import evaluate
 from diffprobe.tasks.keypoints_outputs import save_loss_curve, write_prediction
+from diffprobe.tasks.image_runs import process_images
 
 log = logging.getLogger(__name__)
 MODES = ("fit", "predict", "eval")
 
 
 @dataclass
-class KeypointsTaskConfig:
-    """The flat user keys of conf/task/keypoints.yaml; the head's settings default to the head's own."""
+class AffineKeys:
+    degrees: float = AffineRange.degrees
+    scale: list[float] = field(default_factory=lambda: list(AffineRange.scale))
+    translate: float = AffineRange.translate
 
-    mode: str = "fit"
-    embeddings: str | None = None
-    resume: str | None = None
+
+@dataclass
+class FitKeys:
+    """keypoints.fit.*: FitConfig's fields (their defaults are the head's)."""
+
     num_tokens: int = FitConfig.num_tokens
     top_k: int = FitConfig.top_k
     candidates: int = FitConfig.candidates
@@ -54,58 +59,76 @@ class KeypointsTaskConfig:
     localisation_weight: float = FitConfig.localisation_weight
     equivariance_weight: float = FitConfig.equivariance_weight
     masked_equivariance: bool = FitConfig.masked_equivariance
-    degrees: float = AffineRange.degrees
-    scale: list[float] = field(default_factory=lambda: list(AffineRange.scale))
-    translate: float = AffineRange.translate
     num_indices: int = FitConfig.num_indices
+    select_batch: int = FitConfig.select_batch
     checkpoint_every: int = FitConfig.checkpoint_every
+    checkpoint_minutes: float = FitConfig.checkpoint_minutes
+
+
+@dataclass
+class PredictKeys:
+    augmentations: int = PredictConfig.augmentations
+    batch_size: int = PredictConfig.batch_size
+    readout: str = PredictConfig.readout
+    soft_radius: float = PredictConfig.soft_radius
+
+
+@dataclass
+class EvalKeys:
+    train: int | None = None
+    test: int | None = None
+
+
+@dataclass
+class KeypointsSettings:
+    """The keypoints.* keys (conf/head/keypoints.yaml, conf/task/keypoints.yaml)."""
+
+    mode: str = "fit"
+    embeddings: str | None = None
+    resume: str | None = None
+    preview: int = 4
     sites: list[str] | None = None
-    feature_upsample_res: int = 128
+    upsample_queries: int = 128
     timestep: int = 0
-    add_noise: bool = True
+    noise: bool = True
     image_size: int | None = None
     crop: str | None = None  # null: the dataset's protocol (data.crop: celeba none, cub/folders center)
     resize: str = "bilinear"
-    augmentations: int = PredictConfig.augmentations
-    predict_batch: int = PredictConfig.batch_size
-    readout: str = PredictConfig.readout
-    soft_radius: float = PredictConfig.soft_radius
-    preview: int = 4
-    eval_train: int | None = None
-    eval_test: int | None = None
+    fit: FitKeys = field(default_factory=FitKeys)
+    affine: AffineKeys = field(default_factory=AffineKeys)
+    predict: PredictKeys = field(default_factory=PredictKeys)
+    eval: EvalKeys = field(default_factory=EvalKeys)
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise DiffprobeError(f"keypoints mode must be one of {MODES}, got {self.mode!r}")
-        if self.crop not in (None, "center", "none"):
+        if self.crop not in (None, *CROPS):
             raise DiffprobeError(f"crop must be center or none, not {self.crop!r}")
         check_resize(self.resize)
-        if len(self.scale) != 2:
-            raise DiffprobeError(f"scale is a [low, high] range, got {self.scale}")
-        if self.feature_upsample_res < 1 or (self.image_size is not None and self.image_size < 8):
-            raise DiffprobeError("feature_upsample_res must be >= 1 and image_size >= 8")
+        if len(self.affine.scale) != 2:
+            raise DiffprobeError(f"keypoints.affine.scale is a [low, high] range, got {self.affine.scale}")
+        if self.upsample_queries < 1 or (self.image_size is not None and self.image_size < 8):
+            raise DiffprobeError("upsample_queries must be >= 1 and image_size >= 8")
         if self.mode != "fit" and not self.embeddings:
             raise DiffprobeError(f"mode={self.mode} needs embeddings=PATH (keypoints.safetensors written by mode=fit)")
 
     @property
-    def affine(self) -> AffineRange:
-        return AffineRange(self.degrees, (float(self.scale[0]), float(self.scale[1])), self.translate)
+    def affine_range(self) -> AffineRange:
+        a = self.affine
+        return AffineRange(a.degrees, (float(a.scale[0]), float(a.scale[1])), a.translate)
 
     def fit_config(self, seed: int) -> FitConfig:
-        return FitConfig(self.num_tokens, self.top_k, self.candidates, self.steps, self.batch_size, self.lr,
-                         self.sigma, self.localisation_weight, self.equivariance_weight, self.masked_equivariance,
-                         self.affine, self.num_indices, self.batch_size, self.checkpoint_every, seed)
+        return FitConfig(**asdict(self.fit), affine=self.affine_range, seed=seed)
 
     def predict_config(self, seed: int) -> PredictConfig:
-        return PredictConfig(self.augmentations, self.affine, self.predict_batch, self.readout, self.soft_radius, seed)
+        return PredictConfig(affine=self.affine_range, seed=seed, **asdict(self.predict))
 
 
 @dataclass
 class Context:
-    """What every mode needs: the backbone, its registry, the map settings and the image geometry."""
+    """What every mode needs: the backbone, the map settings and the image geometry."""
 
     bb: object
-    probe: ProbeRegistry
     spec: MapSpec
     image_size: int
     crop: str
@@ -116,7 +139,7 @@ class Context:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    params = typed(cfg, KeypointsTaskConfig, "keypoints")
+    params = section(cfg, "keypoints", KeypointsSettings)
     params.validate()
     seed = run_config(cfg).seed
     predict_cfg = params.predict_config(seed)
@@ -131,35 +154,36 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         if not cfg.get("image"):
             raise DiffprobeError("mode=predict needs image=PATH (a file or a folder of images)")
         return run_predict(ctx, model, predict_cfg, list_images(cfg.image), out_dir)
-    train = split_items(cfg.get("data"), "train")[: params.eval_train]
-    test = split_items(cfg.get("data"), "test")[: params.eval_test]
-    metrics = evaluate(lambda item_set, i: _predict_item(ctx, model, predict_cfg, item_set, i),
-                       ctx.images(train), ctx.images(test), cfg.data.name, out_dir, resume=params.resume)
-    return metrics
+    train = split_items(cfg.get("data"), "train")[: params.eval.train]
+    test = split_items(cfg.get("data"), "test")[: params.eval.test]
+    fingerprint = {"embeddings": str(Path(params.embeddings).resolve()), "data": dict(cfg.data),
+                   "predict": asdict(params.predict), "affine": asdict(params.affine), "seed": seed}
+    return evaluate(lambda item_set, i: _predict_item(ctx, model, predict_cfg, item_set, i),
+                    ctx.images(train), ctx.images(test), cfg.data.name, out_dir, fingerprint, resume=params.resume)
 
 
-def _context(cfg: DictConfig, params: KeypointsTaskConfig, model: KeypointModel | None) -> Context:
+def _context(cfg: DictConfig, params: KeypointsSettings, model: KeypointModel | None) -> Context:
     torch.manual_seed(run_config(cfg).seed)
     bb = load_configured_backbone(cfg)
-    probe = ProbeRegistry(bb.unet)
+    sites = bb.probe.sites
     if model is None:
-        spec = MapSpec(tuple(resolve_sites(probe, params.sites)), params.feature_upsample_res, params.timestep,
-                       params.add_noise)
+        spec = MapSpec(tuple(resolve_sites(sites, params.sites)), params.upsample_queries, params.timestep,
+                       params.noise)
         data_crop = cfg.data.get("crop") if cfg.get("data") is not None else None
-        return Context(bb, probe, spec, params.image_size or bb.sample_size, params.crop or data_crop or "center",
-                       params.resize)
+        size = bb.check_image_size(int(params.image_size or bb.sample_size))
+        return Context(bb, spec, size, params.crop or data_crop or "center", params.resize)
     spec = MapSpec.from_dict(model.config.get("maps", {}))
-    missing = [s for s in spec.sites if s not in probe.sites]
+    missing = [s for s in spec.sites if s not in sites]
     if missing:
         raise DiffprobeError(f"these keypoints were fit on another model (site {missing[0]} does not exist here)")
-    return Context(bb, probe, spec, int(model.config.get("image_size", bb.sample_size)),
+    return Context(bb, spec, int(model.config.get("image_size", bb.sample_size)),
                    str(model.config.get("crop", "center")), str(model.config.get("resize", "bicubic")))
 
 
 def _predict_item(ctx: Context, model: KeypointModel, cfg: PredictConfig, images: ImageSet, i: int):
     """(points (K, 2) in processed pixels, confidence (K,), Frame, original size) of item i."""
     tensor, frame, size = images.load(i)
-    pred = predict_image(ctx.bb, ctx.probe, ctx.spec, model, tensor, cfg)
+    pred = predict_image(ctx.bb, ctx.spec, model, tensor, cfg)
     return pred.points.numpy(), pred.confidence.numpy(), frame, size
 
 
@@ -168,8 +192,8 @@ def run_fit(ctx: Context, fit_cfg: FitConfig, predict_cfg: PredictConfig, items:
     images = ctx.images(items)
     log.info("fitting %d keypoint embeddings on %d images", fit_cfg.num_tokens, len(images))
     extra = {"model": str(cfg.model.get("name")), "context_dim": ctx.bb.context_dim,
-             "sites": site_summary(ctx.probe, list(ctx.spec.sites)), "num_images": len(images)}
-    result = fit(ctx.bb, ctx.probe, ctx.spec, fit_cfg, images, out_dir=out_dir, resume=resume, extra_config=extra,
+             "sites": site_summary(ctx.bb.probe.sites, list(ctx.spec.sites)), "num_images": len(images)}
+    result = fit(ctx.bb, ctx.spec, fit_cfg, images, out_dir=out_dir, resume=resume, extra_config=extra,
                  on_checkpoint=lambda history: save_loss_curve(out_dir / "loss_curve.png", history))
     path = save_model(out_dir / "keypoints", result.model)
     save_loss_curve(out_dir / "loss_curve.png", result.history)
@@ -193,10 +217,8 @@ def _write_item(ctx: Context, model: KeypointModel, cfg: PredictConfig, images: 
 
 
 def run_predict(ctx: Context, model: KeypointModel, cfg: PredictConfig, files: list[Path], out_dir: Path) -> dict:
-    images = ctx.images([LandmarkItem(p) for p in files])
-    summary = {}
-    for i in tqdm(range(len(images)), desc="keypoints", disable=len(images) < 2):
-        record = _write_item(ctx, model, cfg, images, i, out_dir)
-        summary[str(files[i])] = {"dir": str(out_dir / files[i].stem), "points": record["points"]}
-    save_json(out_dir / "summary.json", summary)
-    return summary
+    def one(path: Path, image) -> dict:
+        record = _write_item(ctx, model, cfg, ctx.images([LandmarkItem(path)]), 0, out_dir)
+        return {"dir": str(out_dir / path.stem), "points": record["points"]}
+
+    return process_images(files, one, out_dir, "keypoints")

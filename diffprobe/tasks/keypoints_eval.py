@@ -1,7 +1,8 @@
 """mode=eval of task=keypoints: found points on the train and test splits, regressor, dataset metric.
 
-Found points of each split are checkpointed to out_dir/eval_<split>.safetensors every CHECKPOINT_EVERY
-images; resume=<earlier run dir> continues from there.
+The found points of each split are kept as item rows (diffprobe.items) and checkpointed to
+out_dir/eval_<split>_state.* every 25 images and every few minutes; rerunning in the same folder or
+resume=<earlier run dir> continues with the same settings.
 """
 
 from __future__ import annotations
@@ -12,45 +13,40 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.landmarks import apply_regressor, fit_regressor, inter_ocular_error, visible_error
 from diffprobe.heads.keypoints.image_sets import ImageSet
-from diffprobe.io import load_tensors, save_json, save_tensors
+from diffprobe.io import save_json, save_tensors
+from diffprobe.items import IndexedRows, run_items
 
 log = logging.getLogger(__name__)
-CHECKPOINT_EVERY = 25
 
 
-def collect(predict: Callable, images: ImageSet, split: str, out_dir: Path, resume: str | None):
+def collect(predict: Callable, images: ImageSet, split: str, out_dir: Path, resume: str | None,
+            fingerprint: dict | None = None):
     """(found (N, K, 2), ground truth (N, L, 2), visible (N, L)) in [0, 1] of the processed image."""
     if len(images) == 0:
         raise DiffprobeError(f"the {split} split is empty")
-    found, gt, vis = [], [], []
-    name = f"eval_{split}.safetensors"
-    if resume and (Path(resume) / name).is_file():
-        saved, _ = load_tensors(Path(resume) / name)
-        found, gt, vis = ([t.numpy() for t in saved[k]] for k in ("found", "gt", "visible"))
-        log.info("resuming %s split at image %d", split, len(found))
-    for i in tqdm(range(len(found), len(images)), desc=f"keypoints eval ({split})", initial=len(found),
-                  total=len(images)):
+    rows = IndexedRows(len(images))
+
+    def process(i: int):
         points, _, frame, _ = predict(images, i)
-        g, v = images.landmarks(i, frame)
-        found.append(points / images.size)
-        gt.append(g)
-        vis.append(v)
-        if (i + 1) % CHECKPOINT_EVERY == 0 or i + 1 == len(images):
-            save_tensors(out_dir / name, {"found": torch.tensor(np.stack(found)), "gt": torch.tensor(np.stack(gt)),
-                                          "visible": torch.tensor(np.stack(vis))})
-    return np.stack(found), np.stack(gt), np.stack(vis)
+        gt, vis = images.landmarks(i, frame)
+        return lambda: rows.update(i, found=points / images.size, gt=gt, visible=vis)
+
+    run_items(len(images), process, {"rows": rows}, out_dir, {**(fingerprint or {}), "split": split,
+                                                               "images": len(images)},
+              name=f"eval_{split}", resume=resume, desc=f"keypoints eval ({split})")
+    r = rows.result()
+    return r["found"], r["gt"], r["visible"] > 0
 
 
 def evaluate(predict: Callable, train: ImageSet, test: ImageSet, dataset: str, out_dir: Path,
-             resume: str | None = None) -> dict:
+             fingerprint: dict | None = None, resume: str | None = None) -> dict:
     """Fit the regressor on train, report the dataset's metric on test; writes metrics.json."""
-    found_tr, gt_tr, vis_tr = collect(predict, train, "train", out_dir, resume)
-    found_te, gt_te, vis_te = collect(predict, test, "test", out_dir, resume)
+    found_tr, gt_tr, vis_tr = collect(predict, train, "train", out_dir, resume, fingerprint)
+    found_te, gt_te, vis_te = collect(predict, test, "test", out_dir, resume, fingerprint)
     W = fit_regressor(found_tr, gt_tr, vis_tr)
     pred = apply_regressor(W, found_te)
     if dataset == "celeba":

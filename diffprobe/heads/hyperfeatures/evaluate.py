@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from diffprobe.data.pairs_json import CorrespondencePair
-from diffprobe.eval.pck import PCKAccumulator, pck, threshold_bbox_max_side, threshold_image_max_side
+from diffprobe.eval.pck import PCKCounts, pck, threshold_bbox_max_side, threshold_image_max_side
 from diffprobe.heads.hyperfeatures.matching import DescriptorField, match_points
 
 # describe(path) -> (descriptor map (D, h, w), original image (H, W))
@@ -44,27 +44,60 @@ def from_load(points: torch.Tensor, hw: tuple[int, int], size: int) -> np.ndarra
     return ((points.float() + 0.5) * torch.tensor([w / size, h / size]) - 0.5).numpy()
 
 
+class PairPCK:
+    """PCK of matched pairs against the target image size (_img) and object box (_bbox), kept as per-pair
+    counts (diffprobe.eval.pck.PCKCounts), so states add up over shards and resumed runs.
+    update(i, pair, pred) scores pair i and returns its JSON row; summary() gives the pooled numbers
+    (_bbox over the pairs that have a target box: see num_points_bbox)."""
+
+    def __init__(self, n: int, alpha: float, method: str):
+        self.alpha, self.method = alpha, method
+        self.img, self.bbox = PCKCounts(n), PCKCounts(n)
+        self.img.name, self.bbox.name = f"{alpha:g}_img", f"{alpha:g}_bbox"
+
+    def update(self, i: int, pair: CorrespondencePair, pred: np.ndarray, target_hw, mutual) -> dict:
+        h, w = target_hw
+        r_img = pck(pred, pair.target_points, threshold_image_max_side(h, w, self.alpha))
+        self.img.update(i, r_img)
+        row = {"pair": pair.name, "category": pair.category, "num_points": r_img.num_points,
+               f"pck@{r_img.name}": r_img.per_point, "predicted": pred.round(2).tolist(),
+               "correct_img": r_img.correct[0].tolist(), "mutual_fraction": float(mutual.float().mean())}
+        if pair.target_bbox is not None:
+            r_box = pck(pred, pair.target_points, threshold_bbox_max_side(pair.target_bbox, self.alpha))
+            self.bbox.update(i, r_box)
+            row[f"pck@{r_box.name}"] = r_box.per_point
+        return row
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"{tag}.{k}": v for tag, c in (("img", self.img), ("bbox", self.bbox)) for k, v in c.state().items()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        for tag, counts in (("img", self.img), ("bbox", self.bbox)):
+            counts.load_state({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(tag + ".")})
+
+    def result(self) -> dict:
+        """{"pck@0.1_img_per_point": ..., "pck@0.1_img_per_image": ..., "pck@0.1_bbox_...": ..., counts}.
+        _img: radius alpha * max(h, w) of the target image; _bbox: alpha * longer side of the target box."""
+        out = {"alpha": self.alpha, "method": self.method, "num_pairs": int((self.img.valid > 0).sum())}
+        for tag, counts in (("img", self.img), ("bbox", self.bbox)):
+            if counts.valid.any():
+                r = counts.result()
+                out.update({k: v for k, v in r.items() if k.startswith("pck@")})
+                out[f"num_points_{tag}"] = r["num_points"]
+        return out
+
+    summary = result
+
+
 @dataclass
 class PairEvaluation:
-    """PCK pooled per point over all pairs (and per image), against image and box size."""
+    """The scores (`metric`) and per-pair rows of an in-memory evaluation (validation while training)."""
 
-    alpha: float
-    method: str
-    img: PCKAccumulator = field(default_factory=PCKAccumulator)
-    bbox: PCKAccumulator = field(default_factory=PCKAccumulator)
+    metric: PairPCK
     rows: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
-        """{"pck@0.1_img_per_point": ..., "pck@0.1_img_per_image": ..., "pck@0.1_bbox_...": ..., counts}.
-        _img: radius alpha * max(h, w) of the target image; _bbox: alpha * longer side of the target box
-        (pairs without a box are left out of the _bbox numbers: see num_points_bbox)."""
-        out = {"alpha": self.alpha, "method": self.method, "num_pairs": len(self.rows)}
-        for tag, acc in (("img", self.img), ("bbox", self.bbox)):
-            if len(acc):
-                s = acc.result().summary()
-                out.update({k: v for k, v in s.items() if k.startswith("pck@")})
-                out[f"num_points_{tag}"] = s["num_points"]
-        return out
+        return self.metric.result()
 
 
 def match_pair(describe: Describe, pair: CorrespondencePair, size: int, method: str = "nn") -> tuple[np.ndarray, dict]:
@@ -79,24 +112,14 @@ def match_pair(describe: Describe, pair: CorrespondencePair, size: int, method: 
 
 def evaluate_pairs(describe: Describe, pairs: list[CorrespondencePair], size: int, alpha: float = 0.1,
                    method: str = "nn", progress: bool = False) -> PairEvaluation:
-    """Match every pair and pool PCK@alpha_img (and _bbox where the pair has a target box).
+    """Match every pair and pool PCK@alpha_img (and _bbox where the pair has a target box), in memory.
 
     Every source point counts (method "mutual" records the fraction of cycle-consistent matches
     per pair but does not drop the others from PCK)."""
     from tqdm.auto import tqdm
 
-    ev = PairEvaluation(alpha=alpha, method=method)
-    for pair in tqdm(pairs, desc="evaluate", disable=not progress, leave=False):
+    ev = PairEvaluation(PairPCK(len(pairs), alpha, method))
+    for i, pair in enumerate(tqdm(pairs, desc="evaluate", disable=not progress, leave=False)):
         pred, info = match_pair(describe, pair, size, method)
-        h, w = info["target_hw"]
-        r_img = pck(pred, pair.target_points, threshold_image_max_side(h, w, alpha))
-        ev.img.add(r_img)
-        row = {"pair": pair.name, "category": pair.category, "num_points": r_img.num_points,
-               f"pck@{r_img.name}": r_img.per_point, "predicted": pred.round(2).tolist(),
-               "correct_img": r_img.correct[0].tolist(), "mutual_fraction": float(info["mutual"].float().mean())}
-        if pair.target_bbox is not None:
-            r_box = pck(pred, pair.target_points, threshold_bbox_max_side(pair.target_bbox, alpha))
-            ev.bbox.add(r_box)
-            row[f"pck@{r_box.name}"] = r_box.per_point
-        ev.rows.append(row)
+        ev.rows.append(ev.metric.update(i, pair, pred, info["target_hw"], info["mutual"]))
     return ev

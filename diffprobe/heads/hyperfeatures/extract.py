@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
+from diffprobe.drives import Drive
 from diffprobe.errors import DiffprobeError
-from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
+from diffprobe.hooks import Need, Reduce, Site
+from diffprobe.hooks.sites import select_sites
+from diffprobe.runner import Head, Plan, View, run_plans
 
 DEFAULT_LAYERS = "up_blocks.*.resnets.*.hook_residual"
 PROCESSES = ("inversion", "one_step", "generation")
@@ -68,83 +71,93 @@ class ExtractionConfig:
         return len(self.saved_calls())
 
 
-def check_image_size(bb, probe: ProbeRegistry, size: int) -> int:
-    """`size` if the UNet can take a size x size image (a multiple of VAE factor x deepest divisor)."""
-    deepest = bb.vae_factor * max(s.divisor for s in probe.sites.values())
-    if size % deepest:
-        raise DiffprobeError(f"image_size must be a multiple of {deepest} for this model, not {size}")
-    return size
-
-
 def image_generator(seed: int, key: str) -> torch.Generator:
     """A generator for the VAE posterior sample of one image, seeded from (seed, key), so the same image
     gets the same latent in training, evaluation and a resumed run."""
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
 
 
-def layer_names(probe: ProbeRegistry, layers) -> list[str]:
+def layer_names(sites: Mapping[str, Site], layers) -> list[str]:
     """Resolve the layer selection to feature-site names (execution order); only resnet/block sites."""
-    try:
-        names = probe.select(layers)
-    except KeyError as exc:
-        raise DiffprobeError(f"hyperfeatures layers: {exc.args[0]}") from None
-    bad = [n for n in names if probe.sites[n].kind not in ("resnet", "block")]
+    names = select_sites(sites, layers)
+    bad = [n for n in names if sites[n].kind not in ("resnet", "block")]
     if bad:
         raise DiffprobeError(f"hyperfeatures layers must be feature sites (hook_residual/hook_out), not {bad[0]}")
     return names
 
 
-def run_extraction(bb, probe: ProbeRegistry, images: torch.Tensor | None, cfg: ExtractionConfig, consume: Consumer,
+class FeatureHead(Head):
+    """Residual features over the saved steps of the configured process, handed to `consume(position,
+    {layer: (B, C, h, w)})` as each denoiser call ends (streaming: one step held at a time).
+
+    Inversion: the images of the item; generation: one image per prompt (its saved calls mirrored into
+    noise order, the cond half of the CFG batch kept). finish: the timestep of each saved position.
+    """
+
+    name = "hyperfeatures"
+
+    def __init__(self, cfg: ExtractionConfig, consume: Consumer, layers: list[str] | None = None,
+                 prompts: list[str] | None = None):
+        self.cfg, self.consume, self.layers, self.prompts = cfg, consume, layers, prompts
+        calls = cfg.saved_calls()
+        if cfg.process == "generation":
+            if not prompts:
+                raise DiffprobeError("hyperfeatures generation needs prompts")
+            self.position = {cfg.num_steps - 1 - c: s for s, c in enumerate(calls)}  # generation: noisy -> clean
+        else:
+            self.position = {c: s for s, c in enumerate(calls)}
+        self.timesteps: dict[int, float] = {}
+
+    def plan(self, sites: Mapping[str, Site]) -> Plan:
+        self.layers = self.layers or layer_names(sites, self.cfg.layers)
+        process = "generation" if self.cfg.process == "generation" else "inversion"
+        drive = Drive(process, num_steps=self.cfg.num_steps, guidance=self.cfg.guidance,
+                      sample_latent=self.cfg.sample_latent)
+        prompt = tuple(self.prompts) if process == "generation" else self.cfg.prompt
+        size = (self.cfg.image_size, self.cfg.image_size)
+        return Plan(drive, (Need(tuple(self.layers), Reduce(steps="last")),), prompt=prompt, size=size)
+
+    def inputs(self, item) -> torch.Tensor | None:
+        return item
+
+    def on_call(self, call: int, t: float, view: View) -> None:
+        if call in self.position:
+            self.timesteps[self.position[call]] = t
+            self.consume(self.position[call], {n: view[n] for n in self.layers})
+
+    def finish(self, view: View, item) -> list[float]:
+        if len(self.timesteps) != len(self.position):
+            raise DiffprobeError(f"the {self.cfg.process} made {len(view.timesteps)} denoiser calls; saved steps "
+                                 f"{self.cfg.saved_calls()} need more")
+        return [self.timesteps[s] for s in range(len(self.position))]
+
+
+def run_extraction(bb, images: torch.Tensor | None, cfg: ExtractionConfig, consume: Consumer,
                    layers: list[str] | None = None, prompts: list[str] | None = None,
                    generator: torch.Generator | None = None) -> tuple[list[float], torch.Tensor | None]:
     """Run the configured process and call consume(position, {layer: (B, C, h, w)}) once per saved step.
 
     images: (B, 3, H, W) in [-1, 1] (ignored for generation, which needs `prompts`). Returns the
     timestep of each saved position (noise order) and, for generation, the generated images
-    (B, 3, H, W) in [0, 1] (else None). The UNet runs without gradients.
+    (B, 3, H, W) in [0, 1] (else None). The denoiser runs without gradients.
     """
-    from diffprobe.runners import ddim_inversion, encode_images, encode_prompt, generate
-
-    names = layers or layer_names(probe, cfg.layers)
-    calls = cfg.saved_calls()
-    if cfg.process == "generation":
-        position = {cfg.num_steps - 1 - c: s for s, c in enumerate(calls)}  # generation runs noisy -> clean
-    else:
-        position = {c: s for s, c in enumerate(calls)}
-    timesteps: dict[int, float] = {}
-    generated = None
-
-    def on_step(step: int, t: float, tensors: dict[str, torch.Tensor]) -> None:
-        if step in position:
-            timesteps[position[step]] = t
-            consume(position[step], {n: tensors[n] for n in names})
-
-    layout = BatchLayout(cfg=cfg.process == "generation", keep="cond")
-    with torch.no_grad(), probe.capture(names, reduce=Reduce(steps="last"), layout=layout, on_step=on_step) as cache:
-        if cfg.process == "generation":
-            if not prompts:
-                raise DiffprobeError("hyperfeatures generation needs prompts")
-            generated, _ = generate(bb, prompts, guidance=cfg.guidance, num_steps=cfg.num_steps, generator=generator)
-        else:
-            lat = encode_images(bb, images.to(bb.device, bb.dtype), sample=cfg.sample_latent, generator=generator)
-            cond = encode_prompt(bb, [cfg.prompt] * images.shape[0])
-            ddim_inversion(bb, lat, cond, num_steps=cfg.num_steps)
-    if len(timesteps) != len(calls):
-        raise DiffprobeError(
-            f"the {cfg.process} made {len(cache.timesteps)} UNet calls; saved steps {calls} need more"
-        )
-    return [timesteps[s] for s in range(len(calls))], generated
+    head = FeatureHead(cfg, consume, layers, prompts)
+    plan = head.plan(bb.probe.sites)
+    x = None if cfg.process == "generation" else images
+    with torch.no_grad():
+        (view,) = run_plans(bb, [plan], [x], generator, on_call=[head.on_call])
+    return head.finish(view, x), view.images
 
 
-def extract_descriptors(bb, probe: ProbeRegistry, net, images: torch.Tensor, cfg: ExtractionConfig,
+def extract_descriptors(bb, net, images: torch.Tensor, cfg: ExtractionConfig,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Hyperfeature descriptors (B, D, H, H), streaming each saved step through the aggregator."""
     agg = net.stream()
-    run_extraction(bb, probe, images, cfg, agg.add, layers=net.config.layers, generator=generator)
+    run_extraction(bb, images, cfg, agg.add, layers=net.config.layers, generator=generator)
     return agg.result()
 
 
-def extract_features(bb, probe: ProbeRegistry, images: torch.Tensor, cfg: ExtractionConfig,
+def extract_features(bb, images: torch.Tensor, cfg: ExtractionConfig,
                      layers: list[str] | None = None, dtype: torch.dtype | None = None,
                      generator: torch.Generator | None = None) -> list[dict[str, torch.Tensor]]:
     """All raw maps, held: steps[position][layer] = (B, C, h, w), optionally cast to `dtype`
@@ -154,5 +167,5 @@ def extract_features(bb, probe: ProbeRegistry, images: torch.Tensor, cfg: Extrac
     def keep(pos: int, feats: dict[str, torch.Tensor]) -> None:
         steps[pos] = {n: f.to(dtype) if dtype is not None else f for n, f in feats.items()}
 
-    run_extraction(bb, probe, images, cfg, keep, layers=layers, generator=generator)
+    run_extraction(bb, images, cfg, keep, layers=layers, generator=generator)
     return [steps[s] for s in sorted(steps)]

@@ -37,13 +37,13 @@ class HyperfeatureModel:
     extraction: ExtractionConfig
 
     @classmethod
-    def build(cls, probe, extraction: ExtractionConfig, output_size: int, projection_dim: int = 384,
+    def build(cls, sites, extraction: ExtractionConfig, output_size: int, projection_dim: int = 384,
               seed: int = 0, step_labels: list[float] | None = None) -> "HyperfeatureModel":
         """A fresh network for the extraction's layers (channels from the registry) and saved steps;
         step_labels: the timestep of each saved step (for figures)."""
-        names = layer_names(probe, extraction.layers)
+        names = layer_names(sites, extraction.layers)
         torch.manual_seed(seed)
-        cfg = AggregatorConfig.from_sites([probe.sites[n] for n in names], extraction.num_saved,
+        cfg = AggregatorConfig.from_sites([sites[n] for n in names], extraction.num_saved,
                                           output_size=output_size, projection_dim=projection_dim,
                                           step_labels=list(step_labels or []))
         return cls(AggregationNetwork(cfg), extraction)
@@ -66,10 +66,10 @@ class HyperfeatureModel:
             raise DiffprobeError(f"{d}: {extraction.num_saved} saved steps but the aggregator has {net.config.num_steps}")
         return cls(net, extraction)
 
-    def check_backbone(self, probe) -> None:
+    def check_backbone(self, sites) -> None:
         """The backbone must have the layers and channel counts the network was built for."""
         for name, ch in zip(self.net.config.layers, self.net.config.channels):
-            site = probe.sites.get(name)
+            site = sites.get(name)
             if site is None or site.channels != ch:
                 got = "missing" if site is None else f"{site.channels} channels"
                 raise DiffprobeError(f"aggregator layer {name} ({ch} channels) does not fit this model ({got}): "
@@ -98,20 +98,20 @@ def cached(fn: Callable[[Path], tuple[torch.Tensor, tuple[int, int]]], capacity:
     return describe
 
 
-def hyperfeature_describer(model: HyperfeatureModel, bb, probe, seed: int = 0) -> Describe:
+def hyperfeature_describer(model: HyperfeatureModel, bb, seed: int = 0) -> Describe:
     """path -> ((D, H, H) hyperfeatures, original (H, W)); every saved step streamed through the network."""
-    model.check_backbone(probe)
+    model.check_backbone(bb.probe.sites)
 
     def describe(path: Path):
         x, hw = prepare_image(path, model.extraction.image_size)
         with torch.no_grad():
-            d = extract_descriptors(bb, probe, model.net, x, model.extraction, generator=image_generator(seed, str(path)))
+            d = extract_descriptors(bb, model.net, x, model.extraction, generator=image_generator(seed, str(path)))
         return d[0], hw
 
     return cached(describe)
 
 
-def single_map_describer(bb, probe, extraction: ExtractionConfig, layer: str, call: int, output_size: int,
+def single_map_describer(bb, extraction: ExtractionConfig, layer: str, call: int, output_size: int,
                          project: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> Describe:
     """path -> one layer at one inversion call, resized to output_size (raw), or through `project`."""
     one = ExtractionConfig(**{**asdict(extraction), "layers": [layer], "saved_steps": [call]})
@@ -119,23 +119,23 @@ def single_map_describer(bb, probe, extraction: ExtractionConfig, layer: str, ca
     def describe(path: Path):
         x, hw = prepare_image(path, one.image_size)
         with torch.no_grad():
-            feat = extract_features(bb, probe, x, one, layers=[layer], generator=image_generator(seed, str(path)))[0][layer]
+            feat = extract_features(bb, x, one, layers=[layer], generator=image_generator(seed, str(path)))[0][layer]
             d = project(feat) if project is not None else resize(feat.float(), output_size)
         return d[0], hw
 
     return cached(describe)
 
 
-def raw_layer_describer(bb, probe, layer: str, image_size: int, seed: int = 0) -> Describe:
+def raw_layer_describer(bb, layer: str, image_size: int, seed: int = 0) -> Describe:
     """One raw layer at the clean t=-1 step at latent resolution (the paper's SD-Layer-4 baseline for
     layer up_blocks.1.resnets.0); no training needed."""
-    if layer not in probe.sites:
+    if layer not in bb.probe.sites:
         raise DiffprobeError(f"raw layer {layer!r} is not a site of this model")
     one = ExtractionConfig(layers=[layer], process="one_step", image_size=image_size)
-    return single_map_describer(bb, probe, one, layer, 0, image_size // bb.vae_factor, seed=seed)
+    return single_map_describer(bb, one, layer, 0, image_size // bb.vae_factor, seed=seed)
 
 
-def pruned_describers(model: HyperfeatureModel, bb, probe, seed: int = 0) -> dict[str, Describe]:
+def pruned_describers(model: HyperfeatureModel, bb, seed: int = 0) -> dict[str, Describe]:
     """The pruned ablation: the top-weighted (layer, step) alone, raw ("pruned_raw", SD-Layer-Pruned)
     and through its trained bottleneck ("pruned_bottleneck", Ours-Pruned)."""
     layer, step, _ = model.top_layer_step()
@@ -143,13 +143,13 @@ def pruned_describers(model: HyperfeatureModel, bb, probe, seed: int = 0) -> dic
     call = model.extraction.saved_calls()[step]
     size = model.net.config.output_size
     return {
-        "pruned_raw": single_map_describer(bb, probe, model.extraction, name, call, size, seed=seed),
+        "pruned_raw": single_map_describer(bb, model.extraction, name, call, size, seed=seed),
         "pruned_bottleneck": single_map_describer(
-            bb, probe, model.extraction, name, call, size, project=lambda f: model.net.project(layer, f), seed=seed),
+            bb, model.extraction, name, call, size, project=lambda f: model.net.project(layer, f), seed=seed),
     }
 
 
-def generated_pair(bb, probe, prompts: list[str], model: HyperfeatureModel | None = None, raw_layer: str = RAW_LAYER,
+def generated_pair(bb, prompts: list[str], model: HyperfeatureModel | None = None, raw_layer: str = RAW_LAYER,
                    num_steps: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic images and descriptors from their own generation: ((B, D, h, w), images (B, 3, H, W) in [0, 1]).
 
@@ -158,15 +158,15 @@ def generated_pair(bb, probe, prompts: list[str], model: HyperfeatureModel | Non
     """
     gen = torch.Generator().manual_seed(seed)
     if model is not None:
-        model.check_backbone(probe)
+        model.check_backbone(bb.probe.sites)
         agg = model.net.stream()
-        _, images = run_extraction(bb, probe, None, replace(model.extraction, process="generation"), agg.add,
+        _, images = run_extraction(bb, None, replace(model.extraction, process="generation"), agg.add,
                                    layers=model.net.config.layers, prompts=prompts, generator=gen)
         return agg.result(), images
-    if raw_layer not in probe.sites:
+    if raw_layer not in bb.probe.sites:
         raise DiffprobeError(f"raw layer {raw_layer!r} is not a site of this model")
     one = ExtractionConfig(layers=[raw_layer], process="generation", num_steps=num_steps, saved_steps=[0])
     held: dict[str, torch.Tensor] = {}
-    _, images = run_extraction(bb, probe, None, one, lambda s, f: held.update(f), layers=[raw_layer],
+    _, images = run_extraction(bb, None, one, lambda s, f: held.update(f), layers=[raw_layer],
                                prompts=prompts, generator=gen)
     return resize(held[raw_layer].float(), images.shape[-1] // bb.vae_factor), images

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,9 +37,9 @@ class FeatureSource:
     of each image is seeded from (seed, path), so a resumed run sees the same features.
     """
 
-    def __init__(self, bb, probe, extraction: ExtractionConfig, layers: list[str], capacity: int = 16,
+    def __init__(self, bb, extraction: ExtractionConfig, layers: list[str], capacity: int = 16,
                  store_dtype: torch.dtype | None = torch.float16, seed: int = 0):
-        self.bb, self.probe, self.extraction, self.layers = bb, probe, extraction, layers
+        self.bb, self.extraction, self.layers = bb, extraction, layers
         self.capacity, self.store_dtype, self.seed = capacity, store_dtype, seed
         self._store: OrderedDict[str, tuple[Features, tuple[int, int]]] = OrderedDict()
         self.extractions = 0
@@ -49,7 +50,7 @@ class FeatureSource:
             self._store.move_to_end(key)
             return self._store[key]
         x, hw = prepare_image(Path(path), self.extraction.image_size)
-        feats = extract_features(self.bb, self.probe, x, self.extraction, layers=self.layers,
+        feats = extract_features(self.bb, x, self.extraction, layers=self.layers,
                                  dtype=self.store_dtype, generator=image_generator(self.seed, key))
         self.extractions += 1
         if self.capacity > 0:
@@ -70,10 +71,13 @@ class TrainConfig:
     val_every: int = 1000
     alpha: float = 0.1
     seed: int = 0
+    checkpoint_minutes: float = 5.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.val_every < 1 or not self.lr > 0 or not self.temperature > 0:
             raise DiffprobeError("training needs steps >= 1, val_every >= 1, lr > 0 and temperature > 0")
+        if not self.checkpoint_minutes > 0:
+            raise DiffprobeError("checkpoint_minutes must be positive")
 
 
 def pair_order(num_pairs: int, step: int, seed: int) -> int:
@@ -127,10 +131,13 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
           resume: Path | None = None, progress: bool = True) -> dict:
     """Train `net` in place; returns the history {"loss": [[step, loss]], "val": [[step, pck_img, pck_bbox]]}.
 
-    Validation (PCK@alpha, per point pooled over val_pairs) and a checkpoint every cfg.val_every
-    steps and at the end. `resume`: a checkpoint directory to continue from.
+    Validation (PCK@alpha, per point pooled over val_pairs) and a checkpoint every cfg.val_every steps and
+    at the end; a checkpoint also every cfg.checkpoint_minutes and on Ctrl-C. `resume`: a checkpoint
+    directory to continue from; without it, a checkpoint already in `checkpoint_dir` is continued.
     """
     from tqdm.auto import tqdm
+
+    from diffprobe.items import deferred_interrupt, differing_keys
 
     if not train_pairs:
         raise DiffprobeError("no training pairs")
@@ -138,29 +145,48 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
     grid = net.config.output_size
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "history": {"loss": [], "val": []}, "train_config": asdict(cfg)}
+    if resume is None and (Path(checkpoint_dir) / "state.json").is_file():
+        resume = Path(checkpoint_dir)
     if resume is not None:
         state = load_checkpoint(resume, net, opt)
+        schedule = ("steps", "val_every", "checkpoint_minutes")  # may change between runs: training continues
+        keys = [k for k in differing_keys(state.get("train_config", {}), asdict(cfg)) if k not in schedule]
+        if keys:
+            raise DiffprobeError(f"the checkpoint in {resume} was trained with other settings ({', '.join(keys)}); "
+                                 "use another output folder or the same settings")
         log.info("resumed from %s at step %d", resume, state["step"])
     history = state["history"]
     bar = tqdm(range(state["step"], cfg.steps), desc="train hyperfeatures", disable=not progress)
-    for step in bar:
-        pair = train_pairs[pair_order(len(train_pairs), step, cfg.seed)]
-        (fa, hw_a), (fb, hw_b) = source(pair.source), source(pair.target)
-        cells_a = to_grid(pair.source_points, hw_a, grid)  # original pixels straight to cells (reference)
-        cells_b = to_grid(pair.target_points, hw_b, grid)
-        loss = correspondence_loss(net(fa)[0], net(fb)[0], cells_a, cells_b, cfg.temperature)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history["loss"].append([step + 1, loss.item()])
-        bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
-        if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
-            if val_pairs:
-                ev = evaluate_pairs(descriptor_fn(net, source), val_pairs, size, cfg.alpha)
-                s = ev.summary()
-                history["val"].append([step + 1, s.get(f"pck@{cfg.alpha:g}_img_per_point"),
-                                       s.get(f"pck@{cfg.alpha:g}_bbox_per_point")])
-                log.info("step %d: val %s", step + 1, s)
-            state["step"] = step + 1
+    last_save = time.time()
+    try:
+        for step in bar:
+            pair = train_pairs[pair_order(len(train_pairs), step, cfg.seed)]
+            (fa, hw_a), (fb, hw_b) = source(pair.source), source(pair.target)
+            cells_a = to_grid(pair.source_points, hw_a, grid)  # original pixels straight to cells (reference)
+            cells_b = to_grid(pair.target_points, hw_b, grid)
+            loss = correspondence_loss(net(fa)[0], net(fb)[0], cells_a, cells_b, cfg.temperature)
+            opt.zero_grad()
+            loss.backward()
+            with deferred_interrupt():
+                opt.step()
+                history["loss"].append([step + 1, loss.item()])
+                state["step"] = step + 1
+            bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
+            if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
+                if val_pairs:
+                    ev = evaluate_pairs(descriptor_fn(net, source), val_pairs, size, cfg.alpha)
+                    s = ev.summary()
+                    history["val"].append([step + 1, s.get(f"pck@{cfg.alpha:g}_img_per_point"),
+                                           s.get(f"pck@{cfg.alpha:g}_bbox_per_point")])
+                    log.info("step %d: val %s", step + 1, s)
+                save_checkpoint(Path(checkpoint_dir), net, opt, state)
+                last_save = time.time()
+            elif time.time() - last_save >= 60 * cfg.checkpoint_minutes:
+                save_checkpoint(Path(checkpoint_dir), net, opt, state)
+                last_save = time.time()
+    except KeyboardInterrupt:
+        if state["step"] > 0:
             save_checkpoint(Path(checkpoint_dir), net, opt, state)
+            log.warning("training interrupted after step %d: rerun in the same folder to continue", state["step"])
+        raise
     return history

@@ -10,8 +10,10 @@ Gradients accumulate over `batch_size` iterations per Adam step.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,7 +21,6 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from diffprobe.backbones import Backbone
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, warp_image
 from diffprobe.heads.keypoints.image_sets import ImageSet
@@ -27,7 +28,7 @@ from diffprobe.heads.keypoints.losses import equivariance_loss, localisation_los
 from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
 from diffprobe.heads.keypoints.selection import most_frequent, rank_candidates, spread_tokens
 from diffprobe.heads.keypoints.state import KeypointModel, load_checkpoint, save_checkpoint
-from diffprobe.hooks import ProbeRegistry
+from diffprobe.items import deferred_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class FitConfig:
     num_indices: int = 100
     select_batch: int = 4
     checkpoint_every: int = 50
+    checkpoint_minutes: float = 5.0
     seed: int = 0
 
     def __post_init__(self):
@@ -60,8 +62,8 @@ class FitConfig:
         if not self.top_k <= self.candidates <= self.num_tokens:
             raise DiffprobeError(f"keypoints needs top_k <= candidates <= num_tokens, got "
                                  f"{self.top_k}, {self.candidates}, {self.num_tokens}")
-        if self.lr <= 0 or self.sigma <= 0:
-            raise DiffprobeError("keypoints lr and sigma must be positive")
+        if self.lr <= 0 or self.sigma <= 0 or self.checkpoint_minutes <= 0:
+            raise DiffprobeError("keypoints lr, sigma and checkpoint_minutes must be positive")
 
 
 @dataclass
@@ -86,12 +88,12 @@ def image_order(n: int, iteration: int, seed: int) -> int:
     return int(torch.randperm(n, generator=_generator(seed, 1, epoch))[pos])
 
 
-def iteration_loss(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitConfig, image: torch.Tensor,
-                   embeddings: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+def iteration_loss(bb, spec: MapSpec, cfg: FitConfig, image: torch.Tensor, embeddings: torch.Tensor,
+                   gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Weighted loss of one image (1, 3, S, S) and one random transform; also its parts as floats."""
     theta = sample_affine(1, cfg.affine, generator=gen)
     pair = torch.cat([image, warp_image(image, theta)])
-    maps = attention_maps(bb, probe, spec, pair, embeddings, generator=gen)      # (2, N, R, R)
+    maps = attention_maps(bb, spec, pair, embeddings, generator=gen)      # (2, N, R, R)
     candidates = rank_candidates(maps[0], cfg.candidates, cfg.sigma)
     chosen = spread_tokens(maps[1], candidates, cfg.top_k)
     loc = localisation_loss(maps[0, chosen], cfg.sigma)
@@ -100,13 +102,15 @@ def iteration_loss(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitCo
     return loss, {"loss": loss.item(), "localisation": loc.item(), "equivariance": eq.item()}
 
 
-def fit_embeddings(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitConfig, images: ImageSet,
-                   out_dir: Path | None = None, resume: str | Path | None = None, progress: bool = True,
+def fit_embeddings(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir: Path | None = None,
+                   resume: str | Path | None = None, progress: bool = True,
                    on_checkpoint: Callable[[list[dict]], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Optimise embeddings (num_tokens, D); returns them and the per-step history.
 
-    Checkpoints go to out_dir/checkpoint.{safetensors,json} every `checkpoint_every` steps and at the end;
-    `resume` (a checkpoint file or the folder holding it) continues an interrupted fit.
+    Checkpoints go to out_dir/checkpoint.{safetensors,json} every `checkpoint_every` steps, every
+    `checkpoint_minutes`, at the end and on Ctrl-C (after the last whole step). `resume` (a checkpoint
+    file or the folder holding it) continues an interrupted fit; without it, a checkpoint already in
+    out_dir (a rerun in the same folder) is continued.
     """
     if len(images) == 0:
         raise DiffprobeError("keypoints fit needs at least one image")
@@ -114,38 +118,62 @@ def fit_embeddings(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitCo
     opt = torch.optim.Adam([embeddings], lr=cfg.lr)
     history: list[dict] = []
     start = 0
+    if resume is None and out_dir is not None and (Path(out_dir) / "checkpoint.json").is_file():
+        resume = out_dir
     if resume is not None:
         info = load_checkpoint(resume, opt, embeddings)
+        saved = info.get("config", {})
+        if saved and saved != config_dict(cfg, spec):
+            from diffprobe.items import differing_keys
+
+            keys = ", ".join(differing_keys(saved, config_dict(cfg, spec))[:3])
+            raise DiffprobeError(f"the checkpoint in {resume} was made with other settings ({keys}); use another "
+                                 "output folder or the same settings")
         start, history = int(info["step"]), list(info.get("history", []))
         log.info("resuming keypoints fit at step %d of %d", start, cfg.steps)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(Path(out_dir) / "checkpoint", embeddings, opt,
+                        {"step": step, "history": history, "config": config_dict(cfg, spec)})
+        if on_checkpoint is not None:
+            on_checkpoint(history)
+
     bar = tqdm(range(start, cfg.steps), desc="keypoints fit", disable=not progress, initial=start, total=cfg.steps)
-    for step in bar:
-        opt.zero_grad(set_to_none=True)
-        parts = []
-        for j in range(cfg.batch_size):
-            it = step * cfg.batch_size + j
-            gen = _generator(cfg.seed, 2, it)
-            image = images.tensor(image_order(len(images), it, cfg.seed))
-            loss, info = iteration_loss(bb, probe, spec, cfg, image, embeddings, gen)
-            (loss / cfg.batch_size).backward()
-            parts.append(info)
-        if not all(math.isfinite(p["loss"]) for p in parts):
-            raise DiffprobeError(f"keypoints loss became non-finite at step {step}; lower lr (now {cfg.lr})")
-        opt.step()
-        row = {"step": step + 1, **{k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}}
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.4g}")
-        if out_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(Path(out_dir) / "checkpoint", embeddings, opt,
-                            {"step": step + 1, "history": history, "config": config_dict(cfg, spec)})
-            if on_checkpoint is not None:
-                on_checkpoint(history)
+    last_save, done = time.time(), start
+    try:
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            parts = []
+            for j in range(cfg.batch_size):
+                it = step * cfg.batch_size + j
+                gen = _generator(cfg.seed, 2, it)
+                image = images.tensor(image_order(len(images), it, cfg.seed))
+                loss, info = iteration_loss(bb, spec, cfg, image, embeddings, gen)
+                (loss / cfg.batch_size).backward()
+                parts.append(info)
+            if not all(math.isfinite(p["loss"]) for p in parts):
+                raise DiffprobeError(f"keypoints loss became non-finite at step {step}; lower lr (now {cfg.lr})")
+            with deferred_interrupt():
+                opt.step()
+                history.append({"step": step + 1, **{k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}})
+                done = step + 1
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
+            due = done % cfg.checkpoint_every == 0 or time.time() - last_save >= 60 * cfg.checkpoint_minutes
+            if out_dir is not None and (due or done == cfg.steps):
+                checkpoint(done)
+                last_save = time.time()
+    except KeyboardInterrupt:
+        if out_dir is not None and done > start:
+            checkpoint(done)
+            log.warning("keypoints fit interrupted after step %d: rerun with hydra.run.dir=%s to continue",
+                        done, out_dir)
+        raise
     return embeddings.detach(), history
 
 
 @torch.no_grad()
-def choose_keypoints(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitConfig, images: ImageSet,
-                     embeddings: torch.Tensor, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+def choose_keypoints(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, embeddings: torch.Tensor,
+                     progress: bool = True) -> tuple[torch.Tensor, list[int]]:
     """The top_k tokens chosen most often over `num_indices` images (candidates then FPS on each image's
     own maps); returns (indices (K,), their counts)."""
     n = min(cfg.num_indices, len(images))
@@ -153,7 +181,7 @@ def choose_keypoints(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: Fit
     chosen = []
     for start in tqdm(range(0, n, cfg.select_batch), desc="choose keypoints", disable=not progress):
         batch = order[start : start + cfg.select_batch]
-        maps = attention_maps(bb, probe, spec, images.batch(batch), embeddings, generator=_generator(cfg.seed, 4, start))
+        maps = attention_maps(bb, spec, images.batch(batch), embeddings, generator=_generator(cfg.seed, 4, start))
         for m in maps:
             chosen.append(spread_tokens(m, rank_candidates(m, cfg.candidates, cfg.sigma), cfg.top_k))
     indices = most_frequent(chosen, cfg.top_k)
@@ -163,16 +191,17 @@ def choose_keypoints(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: Fit
 
 
 def config_dict(cfg: FitConfig, spec: MapSpec) -> dict:
-    """JSON-friendly record of the fit and map settings."""
-    return {"fit": asdict(cfg), "maps": asdict(spec)}
+    """JSON-friendly record of the fit and map settings (checkpoint timing left out: it does not change results)."""
+    fit = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "checkpoint_minutes")}
+    return json.loads(json.dumps({"fit": fit, "maps": asdict(spec)}))
 
 
-def fit(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, cfg: FitConfig, images: ImageSet,
-        out_dir: Path | None = None, resume: str | Path | None = None, progress: bool = True,
-        extra_config: dict | None = None, on_checkpoint=None) -> FitResult:
+def fit(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir: Path | None = None,
+        resume: str | Path | None = None, progress: bool = True, extra_config: dict | None = None,
+        on_checkpoint=None) -> FitResult:
     """Fit embeddings, then choose the keypoint tokens; the returned model holds both and the config."""
-    embeddings, history = fit_embeddings(bb, probe, spec, cfg, images, out_dir, resume, progress, on_checkpoint)
-    indices, counts = choose_keypoints(bb, probe, spec, cfg, images, embeddings, progress)
+    embeddings, history = fit_embeddings(bb, spec, cfg, images, out_dir, resume, progress, on_checkpoint)
+    indices, counts = choose_keypoints(bb, spec, cfg, images, embeddings, progress)
     config = {**config_dict(cfg, spec), "image_size": images.size, "crop": images.crop, "resize": images.resize,
               **(extra_config or {})}
     return FitResult(KeypointModel(embeddings, indices, config, counts), history)

@@ -1,4 +1,4 @@
-"""Cross-attention maps of learned embeddings, read through diffprobe.hooks (never by patching the UNet).
+"""Cross-attention maps of learned embeddings, read through the runner (never by patching the UNet).
 
 The embeddings (N, D) go straight in as the cross-attention context (the text encoder is bypassed);
 the maps of the configured sites are captured with queries upsampled bicubically to `res` and
@@ -8,13 +8,15 @@ averaged over heads and sites: (B, N, res, res), each pixel a softmax over the N
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
-from diffprobe.backbones import Backbone
+from diffprobe.drives import Drive
 from diffprobe.errors import DiffprobeError
-from diffprobe.hooks import ProbeRegistry, Reduce, Site
-from diffprobe.runners import Conditioning, encode_images, unet_step
+from diffprobe.hooks import Need, Reduce, Site
+from diffprobe.hooks.sites import select_sites
+from diffprobe.runner import Head, Plan, View, run_plans
 
 # The reference layers: the first four cross-attention calls of the up path at 1/4 and 1/2 of the
 # latent side (SD 1.5: up_blocks[1].attentions[0..2] at 16x16 and up_blocks[2].attentions[0] at 32x32).
@@ -41,74 +43,70 @@ class MapSpec:
             raise DiffprobeError(f"keypoints model config has no valid map settings ({exc})") from None
 
 
-def default_sites(probe: ProbeRegistry) -> list[str]:
+def default_sites(sites: Mapping[str, Site]) -> list[str]:
     """The first four up-path cross-attention sites at divisors 2 or 4, in execution order.
 
     Falls back to the first four up-path cross-attention sites when fewer qualify.
     """
-    up = [n for n, s in probe.sites.items() if s.kind == "cross_attn" and s.direction == "up"]
-    preferred = [n for n in up if probe.sites[n].divisor in DEFAULT_DIVISORS]
+    up = [n for n, s in sites.items() if s.kind == "cross_attn" and s.direction == "up"]
+    preferred = [n for n in up if sites[n].divisor in DEFAULT_DIVISORS]
     chosen = (preferred if len(preferred) >= DEFAULT_NUM_SITES else up)[:DEFAULT_NUM_SITES]
     if not chosen:
-        raise DiffprobeError("this UNet has no cross-attention sites in its up path; set keypoints sites explicitly")
+        raise DiffprobeError("this model has no cross-attention sites in its up path; set keypoints sites explicitly")
     return chosen
 
 
-def resolve_sites(probe: ProbeRegistry, sites) -> list[str]:
+def resolve_sites(sites: Mapping[str, Site], selection) -> list[str]:
     """Registry names for a config value: None / "auto" (per-backbone default) or names/globs."""
-    if sites is None or sites == "auto":
-        return default_sites(probe)
-    try:
-        names = probe.select(list(sites) if not isinstance(sites, str) else sites)
-    except KeyError as exc:
-        raise DiffprobeError(f"keypoints sites: {exc.args[0]}") from None
-    wrong = [n for n in names if probe.sites[n].kind != "cross_attn"]
+    if selection is None or selection == "auto":
+        return default_sites(sites)
+    names = select_sites(sites, list(selection) if not isinstance(selection, str) else selection)
+    wrong = [n for n in names if sites[n].kind != "cross_attn"]
     if wrong:
         raise DiffprobeError(f"keypoints sites must be cross-attention probabilities, not {wrong[0]}")
     return names
 
 
-def context_for(bb: Backbone, embeddings: torch.Tensor, batch: int, image_size: int) -> Conditioning:
-    """Embeddings (N, D) as the context of a batch; SDXL also gets zero pooled text and size time ids."""
-    if embeddings.shape[-1] != bb.context_dim:
-        raise DiffprobeError(f"embeddings have width {embeddings.shape[-1]} but the model's cross-attention "
-                             f"expects {bb.context_dim}; they were learned on another model")
-    context = embeddings.to(bb.device, bb.dtype).unsqueeze(0).expand(batch, -1, -1)
-    added = None
-    if bb.kind == "sdxl":
-        pooled = bb.unet.config.projection_class_embeddings_input_dim - 6 * bb.unet.config.addition_time_embed_dim
-        s = float(image_size)
-        added = {"text_embeds": torch.zeros(batch, pooled, device=bb.device, dtype=bb.dtype),
-                 "time_ids": torch.tensor([[s, s, 0.0, 0.0, s, s]], device=bb.device, dtype=bb.dtype).expand(batch, 6)}
-    return Conditioning(context, added)
+class KeypointMapsHead(Head):
+    """StableKeypoints' maps: one call at spec.timestep with `embeddings` (N, D) as the context; finish
+    gives (B, N, res, res) averaged over heads and sites (only `tokens` (T,) -> (B, T, res, res)); with
+    `grad` the maps keep the graph to the embeddings."""
+
+    name = "keypoint_maps"
+
+    def __init__(self, spec: MapSpec, embeddings: torch.Tensor, image_size: int, tokens: torch.Tensor | None = None,
+                 grad: bool = False):
+        self.spec, self.embeddings, self.size, self.tokens, self.grad = spec, embeddings, image_size, tokens, grad
+
+    def plan(self, sites: Mapping[str, Site]) -> Plan:
+        need = Need(self.spec.sites, Reduce(heads="mean"), upsample_queries=self.spec.res, grad=self.grad)
+        drive = Drive("one_step", timestep=self.spec.timestep, noise=self.spec.noise)
+        return Plan(drive, (need,), context=self.embeddings, size=(self.size, self.size))
+
+    def finish(self, view: View, item=None) -> torch.Tensor:
+        total = None
+        for name in self.spec.sites:
+            probs = view[name] if self.tokens is None else view[name][..., self.tokens]  # (B, res*res, T)
+            total = probs if total is None else total + probs
+        maps = (total / len(self.spec.sites)).transpose(1, 2)
+        return maps.reshape(*maps.shape[:2], *view.grid(self.spec.sites[0])).float()
 
 
-def attention_maps(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, images: torch.Tensor,
-                   embeddings: torch.Tensor, generator: torch.Generator | None = None,
-                   tokens: torch.Tensor | None = None) -> torch.Tensor:
+def attention_maps(bb, spec: MapSpec, images: torch.Tensor, embeddings: torch.Tensor,
+                   generator: torch.Generator | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Maps (B, N, res, res) for images (B, 3, S, S) in [-1, 1]; only `tokens` (T,) -> (B, T, res, res).
 
     The softmax is always over all N tokens; selecting tokens early saves memory when predicting.
     Gradients reach `embeddings` when grad mode is on (the capture keeps the graph then).
     """
-    latents = encode_images(bb, images)
-    cond = context_for(bb, embeddings, images.shape[0], images.shape[-1])
-    grad = torch.is_grad_enabled()
-    with probe.capture(list(spec.sites), reduce=Reduce(heads="mean"), detach=not grad,
-                       upsample_queries=spec.res, early_exit=True) as cache:
-        unet_step(bb, latents, spec.timestep, cond, noise="random" if spec.noise else None, generator=generator)
-    total = None
-    for name in spec.sites:
-        probs = cache[name] if tokens is None else cache[name][..., tokens]          # (B, res*res, T)
-        total = probs if total is None else total + probs
-    maps = (total / len(spec.sites)).transpose(1, 2)
-    return maps.reshape(*maps.shape[:2], *cache.grid(spec.sites[0])).float()
+    if embeddings.shape[-1] != bb.context_dim:
+        raise DiffprobeError(f"embeddings have width {embeddings.shape[-1]} but the model's cross-attention "
+                             f"expects {bb.context_dim}; they were learned on another model")
+    head = KeypointMapsHead(spec, embeddings, images.shape[-1], tokens, grad=torch.is_grad_enabled())
+    (view,) = run_plans(bb, [head.plan(bb.probe.sites)], [images], generator)
+    return head.finish(view)
 
 
-def site_summary(probe: ProbeRegistry, names: list[str]) -> list[dict]:
+def site_summary(sites: Mapping[str, Site], names: list[str]) -> list[dict]:
     """JSON-friendly description of the chosen sites (name, divisor, heads)."""
-    out = []
-    for n in names:
-        s: Site = probe.sites[n]
-        out.append({"name": n, "divisor": s.divisor, "heads": s.heads})
-    return out
+    return [{"name": n, "divisor": sites[n].divisor, "heads": sites[n].heads} for n in names]

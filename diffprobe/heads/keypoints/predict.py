@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from diffprobe.backbones import Backbone
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, unwarp, warp_image
 from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
 from diffprobe.heads.keypoints.state import KeypointModel
 from diffprobe.heads.keypoints.targets import argmax_points, peak_values, soft_argmax_points
-from diffprobe.hooks import ProbeRegistry
 
 READOUTS = ("argmax", "soft_argmax")
 
@@ -53,8 +51,8 @@ class Prediction:
 
 
 @torch.no_grad()
-def ensemble_maps(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, model: KeypointModel, image: torch.Tensor,
-                  cfg: PredictConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def ensemble_maps(bb, spec: MapSpec, model: KeypointModel, image: torch.Tensor, cfg: PredictConfig,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Ensembled maps (K, S, S) of the keypoint tokens for one image (1, 3, S, S)."""
     size = image.shape[-2:]
     if cfg.augmentations == 1:
@@ -67,7 +65,7 @@ def ensemble_maps(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, model: Keyp
     for start in range(0, len(thetas), cfg.batch_size):
         theta = thetas[start : start + cfg.batch_size]
         views = warp_image(image.expand(len(theta), -1, -1, -1), theta)
-        maps = attention_maps(bb, probe, spec, views, model.embeddings, generator=generator, tokens=model.indices)
+        maps = attention_maps(bb, spec, views, model.embeddings, generator=generator, tokens=model.indices)
         maps = F.interpolate(maps.cpu(), size=size, mode="bilinear", align_corners=False)
         total += unwarp(maps, theta).sum(0)
         seen += unwarp(torch.ones(len(theta), 1, *size), theta).sum(0)
@@ -80,10 +78,9 @@ def read_points(maps: torch.Tensor, cfg: PredictConfig) -> tuple[torch.Tensor, t
     return pts, peak_values(maps)
 
 
-def predict_image(bb: Backbone, probe: ProbeRegistry, spec: MapSpec, model: KeypointModel, image: torch.Tensor,
-                  cfg: PredictConfig) -> Prediction:
+def predict_image(bb, spec: MapSpec, model: KeypointModel, image: torch.Tensor, cfg: PredictConfig) -> Prediction:
     """Keypoints of one image (1, 3, S, S) in [-1, 1]."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    maps = ensemble_maps(bb, probe, spec, model, image, cfg, gen)
+    maps = ensemble_maps(bb, spec, model, image, cfg, gen)
     points, confidence = read_points(maps, cfg)
     return Prediction(points, confidence, maps)

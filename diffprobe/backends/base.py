@@ -1,0 +1,118 @@
+"""What a model family must say about itself (`Backend`), the registry of families, and Conditioning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffprobe.errors import DiffprobeError
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on.
+
+    context: (B, T, D) cross-attention input (text encoder states, or learned embeddings fed straight in).
+    added: extra conditioning the family needs (SDXL: {"text_embeds": (B, P), "time_ids": (B, 6)}), else None.
+    """
+
+    context: torch.Tensor
+    added: dict | None = field(default=None)
+
+    def expand(self, batch: int) -> "Conditioning":
+        """Broadcast a batch-1 conditioning to `batch` rows (other sizes must match)."""
+        if self.context.shape[0] == batch:
+            return self
+        if self.context.shape[0] != 1:
+            raise ValueError(f"conditioning batch {self.context.shape[0]} does not match latent batch {batch}")
+        added = None if self.added is None else {k: v.expand(batch, *v.shape[1:]) for k, v in self.added.items()}
+        return Conditioning(self.context.expand(batch, *self.context.shape[1:]), added)
+
+    def repeat(self, n: int) -> "Conditioning":
+        """Each row repeated n times in place (row r -> rows r*n .. r*n + n - 1)."""
+        added = None if self.added is None else {k: v.repeat_interleave(n, 0) for k, v in self.added.items()}
+        return Conditioning(self.context.repeat_interleave(n, 0), added)
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        added = None
+        if parts[0].added is not None:
+            added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added}
+        return Conditioning(torch.cat([p.context for p in parts]), added)
+
+
+class Backend:
+    """Per-family facts. Subclasses override what differs; `name` identifies the family ("sd1", "sdxl", ...)."""
+
+    name = "base"
+
+    def matches(self, model: nn.Module) -> bool:
+        """True when this backend describes the denoiser `model`."""
+        raise NotImplementedError
+
+    def sites(self, model: nn.Module) -> dict:
+        """All capture sites of `model` in execution order, name -> diffprobe.hooks.Site (no forward run)."""
+        raise NotImplementedError
+
+    def check_attention(self, module: nn.Module, name: str) -> None:
+        """Raise diffprobe.hooks.errors.UnsupportedAttention when `module`'s probabilities cannot be recomputed."""
+        raise NotImplementedError
+
+    def attention_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(hidden (B, N, C), context (B, T, Cc) or None, mask or None) from an attention module's call."""
+        raise NotImplementedError
+
+    def attention_qk(self, module: nn.Module, hidden: torch.Tensor, context: torch.Tensor | None,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q (B, h, N, d) scaled, k (B, h, K, d), additive bias broadcastable to (B, h, N, K) or None)."""
+        raise NotImplementedError
+
+    def feature_module(self, model: nn.Module, site) -> nn.Module:
+        """The module whose forward output is the feature site's tensor."""
+        raise NotImplementedError
+
+    def encode_prompt(self, bb: Any, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+        """Text conditioning of `prompts` ("" = unconditional) for images of `size` (H, W) pixels."""
+        raise NotImplementedError
+
+    def context_conditioning(self, bb: Any, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
+        """A learned context (T, D) fed straight to cross-attention, as `batch` rows (keypoints)."""
+        raise NotImplementedError
+
+    def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One denoiser call: the predicted noise for `latents` at timestep `t`."""
+        raise NotImplementedError
+
+    def pipeline(self, bb: Any) -> Any:
+        """A diffusers pipeline holding bb's parts (for saving in diffusers layout)."""
+        raise NotImplementedError
+
+
+BACKENDS: list[Backend] = []
+
+
+def register(backend: Backend) -> Backend:
+    """Add a family to the table (families registered earlier are tried first)."""
+    if any(b.name == backend.name for b in BACKENDS):
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    BACKENDS.append(backend)
+    return backend
+
+
+def backend_for(model: nn.Module) -> Backend:
+    """The registered backend that describes `model`; a DiffprobeError naming the class when none does."""
+    for backend in BACKENDS:
+        if backend.matches(model):
+            return backend
+    names = ", ".join(b.name for b in BACKENDS)
+    raise DiffprobeError(f"no diffprobe backend describes a {type(model).__name__} (known families: {names})")
+
+
+def backend_named(name: str) -> Backend:
+    for backend in BACKENDS:
+        if backend.name == name:
+            return backend
+    raise DiffprobeError(f"unknown model family {name!r}; known: {', '.join(b.name for b in BACKENDS)}")

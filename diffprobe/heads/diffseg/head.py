@@ -1,0 +1,145 @@
+"""The DiffSeg head on the runner: one denoiser call at t=300 (clean latent, empty prompt: the reference),
+the self-attention of every resolution averaged over heads, then `segment`. Optional words name the
+segments through a second head, `WordMapsHead`, whose pass the runner shares (its own rows of the batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+import torch
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.call import CallSettings, model_input
+from diffprobe.heads.diffseg.segment import DiffSegParams, SegmentationResult, segment
+from diffprobe.heads.diffseg.semantics import word_maps
+from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid
+from diffprobe.hooks import Need, Reduce
+from diffprobe.runner import Head, Item, Plan, View
+
+log = logging.getLogger(__name__)
+DEFAULT_TAU = 0.9  # the reference's merge threshold, when neither the model nor the dataset sets one
+
+
+@dataclass
+class DiffSegSettings(CallSettings):
+    """The head's keys (conf/head/diffseg.yaml): the call (reference: t=300, clean latent, empty prompt,
+    centre square, tf.image.resize) and the head's parameters (DiffSegParams)."""
+
+    timestep: int = 300
+    resize: str = "bilinear_tf"
+    tau: Any = None
+    iterations: int = 3
+    anchors: int = 16
+    merge: str = "reference"
+    fp16_kl: bool | None = None
+    weights: Any = None
+    refine: bool = False
+
+    def params(self) -> DiffSegParams:
+        """The head's parameters (validated: DiffprobeError on bad values); tau must be resolved first."""
+        self.validate()
+        if self.tau is None:
+            raise DiffprobeError("DiffSeg needs tau (default_tau resolves the model's or the dataset's)")
+        tau = self.tau if isinstance(self.tau, (int, float, str)) else list(self.tau)
+        weights = self.weights if self.weights is None or isinstance(self.weights, str) else list(self.weights)
+        return DiffSegParams(tau=tau, iterations=self.iterations, anchors=self.anchors, merge=self.merge,
+                             fp16_kl=self.fp16_kl, weights=weights, refine=self.refine)
+
+
+def default_tau(model_cfg, dataset_tau: float | None = None) -> float:
+    """tau for a run that leaves it null: the model's calibrated model.diffseg_tau (KL distances between
+    maps scale with the model; mini has one), else the dataset's (the paper's per dataset), else 0.9."""
+    return next((v for v in (model_cfg.get("diffseg_tau"), dataset_tau) if v is not None), DEFAULT_TAU)
+
+
+def output_size(item: Item, crop: str) -> tuple[int, int]:
+    """(H, W) the labels are made at: item.data["output_size"] if the task sets it, else the analysed box."""
+    if "output_size" in item.data:
+        return tuple(item.data["output_size"])
+    from diffprobe.heads.call import analysed_box
+
+    _, _, bw, bh = analysed_box(item.image.width, item.image.height, crop)
+    return bh, bw
+
+
+class DiffSegHead(Head):
+    """DiffSeg: `plan` asks for every self-attention site (heads averaged); `finish` segments.
+
+    item: an Item whose image is a PIL image; labels come at item.data["output_size"] or the analysed box.
+    """
+
+    name = "diffseg"
+
+    def __init__(self, settings: DiffSegSettings, image_size: int):
+        self.settings, self.size = settings, int(image_size)
+        self.params = settings.params()
+        self.groups: dict[int, list[str]] = {}
+
+    def plan(self, sites: Mapping) -> Plan:
+        self.groups = attention_groups(sites, "self_attn")
+        names = tuple(n for group in self.groups.values() for n in group)
+        return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt)
+
+    def inputs(self, item: Item) -> torch.Tensor:
+        return model_input(item.image, self.size, self.settings.crop, self.settings.resize)[0]
+
+    def box(self, image) -> tuple[int, int, int, int]:
+        """(left, top, width, height) of the part of a PIL image that is segmented."""
+        from diffprobe.heads.call import analysed_box
+
+        return analysed_box(image.width, image.height, self.settings.crop)
+
+    def maps(self, view: View) -> dict[tuple[int, int], torch.Tensor]:
+        """{query grid (h, w): (L, Q, Q)} head-averaged self-attention of the view's first image."""
+        return maps_by_grid(view, self.groups)
+
+    def finish(self, view: View, item: Item) -> SegmentationResult:
+        maps = self.maps(view)
+        finest = max(h for h, _ in maps)
+        params = self.params
+        if params.anchors > finest:
+            log.warning("anchors=%d is more than the %d positions per side of the finest attention grid; using %d",
+                        params.anchors, finest, finest)
+            params = params.replace(anchors=finest)
+        return segment(maps, size=output_size(item, self.settings.crop), params=params)
+
+
+def token_groups(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
+    """Positions of each word's tokens in the tokenised `prompt` (first occurrence)."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    groups = []
+    for word in words:
+        sub = tokenizer(word, add_special_tokens=False).input_ids
+        starts = [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
+        if not starts:
+            raise DiffprobeError(f"word {word!r} is not found in the tokenised prompt {prompt!r} (too many words?)")
+        groups.append(list(range(starts[0], starts[0] + len(sub))))
+    return groups
+
+
+class WordMapsHead(Head):
+    """Cross-attention maps of words (DiffSeg's semantic labels): one call on the prompt "w1, w2, ...",
+    each word's tokens summed, resolutions aggregated with DiffSeg's weights -> (n_words, H, W)."""
+
+    name = "words"
+
+    def __init__(self, words: list[str], groups: list[list[int]], settings: DiffSegSettings, image_size: int):
+        self.words, self.token_groups = list(words), groups
+        self.settings = replace(settings, prompt=", ".join(words))
+        self.size, self.weights = int(image_size), settings.params().weights
+        self.groups: dict[int, list[str]] = {}
+
+    def plan(self, sites: Mapping) -> Plan:
+        self.groups = attention_groups(sites, "cross_attn")
+        names = tuple(n for group in self.groups.values() for n in group)
+        return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt)
+
+    def inputs(self, item: Item) -> torch.Tensor:
+        return model_input(item.image, self.size, self.settings.crop, self.settings.resize)[0]
+
+    def finish(self, view: View, item: Item) -> torch.Tensor:
+        return word_maps(maps_by_grid(view, self.groups), self.token_groups,
+                         output_size(item, self.settings.crop), self.weights)

@@ -1,0 +1,200 @@
+"""The one loop over the items of a dataset: progress, checkpoints by count and by time, resume, shards.
+
+Metrics keep their whole state as a dict of arrays that add up (`update`, `state`, `load_state`, `result`):
+per-image counts summed, per-item rows filled in an (N, ...) array with a mask. So a resumed run continues
+exactly, and shards of a run are reduced by adding their states.
+
+    run_items(len(dataset), process, metrics, out_dir, fingerprint, checkpoint_every=25)
+
+The state goes to out_dir/<name>_state.safetensors (+ .json holding the settings fingerprint and what is
+done). Rerunning in the same folder resumes; `resume=DIR` continues another folder's run with the same
+settings. A different fingerprint is refused with the keys that differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.io import load_tensors, save_json, save_tensors
+
+log = logging.getLogger(__name__)
+
+
+class Metric(Protocol):
+    """A metric whose state is a dict of arrays that add up over items (and over shards)."""
+
+    def state(self) -> dict[str, np.ndarray]: ...
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None: ...
+
+    def result(self) -> dict: ...
+
+
+class IndexedRows:
+    """Per-item arrays kept in an (N, *shape) array with a `filled` mask: rows of a dataset (found points,
+    ground truth, ...) whose states add up over shards. update(i, name=array, ...); each array is
+    allocated at its first row."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.arrays: dict[str, np.ndarray] = {}
+        self.filled = np.zeros(n, np.float64)
+
+    def update(self, i: int, **rows) -> None:
+        for k, v in rows.items():
+            v = np.asarray(v, np.float64)
+            if k not in self.arrays:
+                self.arrays[k] = np.zeros((self.n, *v.shape), np.float64)
+            self.arrays[k][i] = v
+        self.filled[i] = 1.0
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {**self.arrays, "filled": self.filled}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.arrays = {k: np.asarray(v, np.float64).copy() for k, v in state.items() if k != "filled"}
+        self.filled = np.asarray(state["filled"], np.float64).copy()
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The filled rows of every array, in item order."""
+        keep = self.filled > 0
+        return {k: v[keep] for k, v in self.arrays.items()}
+
+
+def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
+    """Refuse to continue a run made with other settings, naming the keys that differ."""
+    keys = differing_keys(json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(current, default=str)))
+    if keys:
+        shown = ", ".join(f"{k} ({_get(saved, k)!r} there, {_get(current, k)!r} now)" for k in keys[:3])
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        raise DiffprobeError(f"{where} holds a run with other settings: {shown}{more}; use another output "
+                             "folder, or the same settings to continue it")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+class ItemState:
+    """What a run over items has done: the metrics' arrays and a done mask, saved as safetensors + JSON."""
+
+    def __init__(self, out_dir: Path, name: str, n: int, metrics: dict[str, Metric], fingerprint: dict):
+        self.out_dir, self.name, self.metrics, self.fingerprint = Path(out_dir), name, metrics, fingerprint
+        self.done = np.zeros(n, bool)
+        self.records: dict[int, object] = {}  # JSON rows per item (a commit's return value), if any
+
+    def paths(self, folder: Path) -> tuple[Path, Path]:
+        return folder / f"{self.name}_state.safetensors", folder / f"{self.name}_state.json"
+
+    def save(self) -> None:
+        tensors = {f"{key}.{k}": torch.from_numpy(np.asarray(v, np.float64)) for key, m in self.metrics.items()
+                   for k, v in m.state().items()}
+        tensors["done"] = torch.from_numpy(self.done.astype(np.float64))
+        tensors_path, info_path = self.paths(self.out_dir)
+        save_tensors(tensors_path, tensors)
+        save_json(info_path, {"fingerprint": self.fingerprint, "done": int(self.done.sum()), "items": len(self.done),
+                               "records": {str(i): r for i, r in sorted(self.records.items())}})
+
+    def restore(self, folder: Path) -> bool:
+        """Load a state from `folder` if it holds one (checking its fingerprint); True when loaded."""
+        tensors_path, info_path = self.paths(folder)
+        if not info_path.is_file():
+            return False
+        try:
+            info = json.loads(info_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DiffprobeError(f"{info_path} is not valid JSON ({exc}); delete it to start over") from None
+        check_fingerprint(info.get("fingerprint", {}), self.fingerprint, folder)
+        tensors, _ = load_tensors(tensors_path)
+        if tensors["done"].numel() != len(self.done):
+            raise DiffprobeError(f"{folder} holds a run over {tensors['done'].numel()} items, this one has "
+                                 f"{len(self.done)}")
+        for key, metric in self.metrics.items():
+            metric.load_state({k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith(key + ".")})
+        self.done = tensors["done"].numpy() > 0
+        self.records = {int(i): r for i, r in info.get("records", {}).items()}
+        return True
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C inside the block is delivered when the block ends, so a state update is never half made."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def run_items(n: int, process: Callable[[int], Callable[[], None]], metrics: dict[str, Metric], out_dir: Path,
+              fingerprint: dict, name: str = "eval", resume: str | Path | None = None, checkpoint_every: int = 25,
+              checkpoint_minutes: float = 5.0, desc: str = "items", shard: tuple[int, int] = (0, 1)) -> ItemState:
+    """For every item i of this shard not yet done, process(i) computes and returns a commit() that applies
+    its updates to `metrics` (run with Ctrl-C deferred, so an update is whole) and may return a JSON row
+    for the item (kept in state.records); the state is checkpointed every `checkpoint_every` items and
+    every `checkpoint_minutes`, at the end and on Ctrl-C.
+
+    Resumes from out_dir (a rerun in the same folder) or from `resume`. shard=(rank, world): this process
+    takes items i with i % world == rank. Returns the final state.
+    """
+    rank, world = shard
+    state = ItemState(out_dir, name, n, metrics, fingerprint)
+    if resume and not Path(resume).is_dir():
+        raise DiffprobeError(f"resume: {resume} is not a folder of an earlier run")
+    for folder in ([Path(resume)] if resume else []) + [Path(out_dir)]:
+        if state.restore(folder):
+            log.info("resuming %s from %s: %d of %d items done", name, folder, int(state.done.sum()), n)
+            break
+    mine = [i for i in range(rank, n, world)]
+    todo = [i for i in mine if not state.done[i]]
+    last, since = time.time(), 0
+    bar = tqdm(todo, desc=desc, initial=len(mine) - len(todo), total=len(mine), disable=len(mine) < 2)
+    try:
+        for i in bar:
+            commit = process(i)
+            with deferred_interrupt():
+                record = commit()
+                if record is not None:
+                    state.records[i] = record
+                state.done[i] = True
+            since += 1
+            if since >= checkpoint_every or time.time() - last >= 60 * checkpoint_minutes:
+                state.save()
+                last, since = time.time(), 0
+    except BaseException:  # Ctrl-C or a failing item: keep what is done
+        state.save()
+        raise
+    state.save()
+    return state

@@ -1,0 +1,264 @@
+"""Heads declare, one runner captures.
+
+A head states a `Plan` from site metadata alone (how the denoiser is driven, which sites with which
+reductions, its conditioning), may consume each denoiser call as it happens (`on_call`), and turns its
+`View` of the capture into a result with pure tensor code (`finish`). The runner owns the registry and the
+denoiser calls: plans whose drives are equal share one pass; plans that also share their input images and
+conditioning share their batch rows (so a site two heads want is computed once); every other plan gets its
+own rows of the same batch; the union of all needs is captured once, with early exit when nothing needs the
+model's output.
+
+    views = run_plans(bb, [head_a.plan(bb.probe.sites), head_b.plan(bb.probe.sites)], [x, x])
+    results = run_heads(bb, [head_a, head_b], item)          # the same, from the heads themselves
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from diffprobe.backends import Conditioning
+from diffprobe.drives import Drive, encode_images, encode_prompt, run_drive
+from diffprobe.errors import DiffprobeError
+from diffprobe.hooks import ActivationCache, Need, Site
+
+
+@dataclass
+class Item:
+    """One unit of a run: `key` a stable id (a file path, a dataset index), `image` the PIL image (None for
+    generation), `data` whatever the task passes along (ground truth, the wanted output size, ...)."""
+
+    key: str
+    image: Any = None
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """What a head asks of one pass.
+
+    drive: how the denoiser is driven (equal drives share calls). needs: what to capture (their `rows` are
+    set by the runner). prompt: the text conditioning of every row, or a tuple of one prompt per row (a
+    generation drive makes one image per prompt); context: a learned (T, D) context fed straight to
+    cross-attention instead (keypoints). size: image (H, W) for generation drives and size-aware
+    conditioning (default: the model's sample size).
+    """
+
+    drive: Drive
+    needs: tuple[Need, ...]
+    prompt: str | tuple[str, ...] = ""
+    context: torch.Tensor | None = None
+    size: tuple[int, int] | None = None
+
+    def conditioning_key(self) -> tuple:
+        return ("context", id(self.context)) if self.context is not None else ("prompt", self.prompt)
+
+
+class View:
+    """One plan's part of a pass: the caches of its needs, its rows only.
+
+    view[name] -> the captured tensor (B, ...) of a site; view.maps / grid / key_grid / stack as
+    ActivationCache; view.timesteps; view.images: the generated images (B, 3, H, W) of a generation drive.
+    During `on_call`, view[name] is that call's tensor.
+    """
+
+    def __init__(self, caches: Sequence[ActivationCache], images: torch.Tensor | None = None, current: bool = False):
+        self.caches, self.images, self.current = list(caches), images, current
+
+    @classmethod
+    def from_tensors(cls, sites: Mapping[str, Site], tensors: Mapping[str, torch.Tensor], **kwargs) -> "View":
+        """A view of given tensors (no model): for testing a head; kwargs as ActivationCache.from_tensors."""
+        return cls([ActivationCache.from_tensors(sites, tensors, **kwargs)])
+
+    def _cache(self, name: str) -> ActivationCache:
+        for cache in self.caches:
+            if name in cache.sites:
+                return cache
+        raise KeyError(f"{name!r} is not a site of this view")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        cache = self._cache(name)
+        return cache.current[name] if self.current else cache[name]
+
+    def __contains__(self, name: str) -> bool:
+        return any(name in c for c in self.caches)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for c in self.caches for n in c.names]
+
+    @property
+    def sites(self) -> dict[str, Site]:
+        return {n: s for c in self.caches for n, s in c.sites.items()}
+
+    @property
+    def timesteps(self) -> list[float]:
+        return self.caches[0].timesteps
+
+    def grid(self, name: str) -> tuple[int, int]:
+        return self._cache(name).grid(name)
+
+    def key_grid(self, name: str) -> tuple[int, int]:
+        return self._cache(name).key_grid(name)
+
+    def maps(self, name: str, size=None) -> torch.Tensor:
+        return self._cache(name).maps(name, size)
+
+    def stack(self, names: Sequence[str], size) -> torch.Tensor:
+        return torch.stack([self.maps(n, size) for n in names])
+
+
+class Head:
+    """Base of the heads: `plan` from site metadata, optional `on_call` streaming, `finish` from a View.
+
+    `inputs(item)` gives the (B, 3, H, W) images in [-1, 1] a head wants for an item (None for generation).
+    """
+
+    name = "head"
+
+    def plan(self, sites: Mapping[str, Site]) -> Plan:
+        raise NotImplementedError
+
+    def inputs(self, item: Any) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def on_call(self, call: int, t: float, view: View) -> None:
+        """Called after every denoiser call with that call's tensors (streaming consumers override it)."""
+
+    def finish(self, view: View, item: Any) -> Any:
+        """The head's result for `item` from its view of the pass (pure tensor code)."""
+        return view
+
+
+def _same_images(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
+def _conditioning(bb, plan: Plan, rows: int, size: tuple[int, int]) -> Conditioning:
+    if plan.context is not None:
+        return bb.family.context_conditioning(bb, plan.context, rows, size)
+    if isinstance(plan.prompt, tuple):
+        if len(plan.prompt) != rows:
+            raise DiffprobeError(f"a plan with {len(plan.prompt)} prompts has {rows} rows of images")
+        return encode_prompt(bb, list(plan.prompt), size)
+    return encode_prompt(bb, [plan.prompt], size).expand(rows)
+
+
+def _rows(plan: Plan, images: torch.Tensor | None) -> int:
+    """Batch rows of a plan: one per image, or one per prompt of a generation."""
+    if images is not None:
+        return images.shape[0]
+    return len(plan.prompt) if isinstance(plan.prompt, tuple) else 1
+
+
+def _fork(generator: torch.Generator | None) -> torch.Generator | None:
+    """A copy of `generator` in its current state: every block of a pass draws what it would draw alone."""
+    if generator is None:
+        return None
+    fork = torch.Generator(device=generator.device)
+    fork.set_state(generator.get_state())
+    return fork
+
+
+def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
+              generator: torch.Generator | None = None, on_call: Sequence | None = None,
+              progress: bool = False) -> list[View]:
+    """One pass of the denoiser for plans with equal drives; returns one View per plan.
+
+    images[i]: the (B_i, 3, H, W) images of plan i in [-1, 1] (None for generation). Plans with equal
+    images and conditioning share their rows; the others get their own rows of one batch. Latents (and
+    the noise of a noisy one-step drive) are drawn per distinct image set from a copy of `generator`, so
+    each plan sees what it would see in a pass of its own. on_call[i]: fn(call, t, View) for plan i, or None.
+    """
+    if not plans:
+        return []
+    drive = plans[0].drive
+    if any(p.drive != drive for p in plans):
+        raise DiffprobeError("run_plans needs plans with equal drives; group them first (run_heads does)")
+    size = plans[0].size or (bb.sample_size, bb.sample_size)
+    blocks: list[tuple[torch.Tensor | None, tuple, int]] = []  # (images, conditioning key, first plan)
+    block_of = []
+    for i, (plan, x) in enumerate(zip(plans, images)):
+        key = plan.conditioning_key()
+        found = next((b for b, (bx, bk, _) in enumerate(blocks) if bk == key and _same_images(bx, x)), None)
+        if found is None:
+            blocks.append((x, key, i))
+            found = len(blocks) - 1
+        block_of.append(found)
+    counts = [_rows(plans[first], x) for x, _, first in blocks]
+    starts = [sum(counts[:b]) for b in range(len(blocks))]
+    conds = [_conditioning(bb, plans[first], n, size) for (_, _, first), n in zip(blocks, counts)]
+    offset, noise = 0, None
+    if drive.process == "generation":  # batch [uncond x P; cond x P]: each plan's rows are its cond rows
+        uncond = encode_prompt(bb, [""], size).expand(sum(counts))
+        cond, latents, offset = Conditioning.cat([uncond] + conds), None, sum(counts)
+    else:
+        cond = Conditioning.cat(conds)
+        drawn = [_block_inputs(bb, drive, x, generator) for x, _, _ in blocks]
+        latents = torch.cat([d[0] for d in drawn])
+        noise = torch.cat([d[1] for d in drawn]) if drive.noise and drive.process == "one_step" else None
+        if generator is not None and drawn[0][2] is not None:  # advance as one block's draws would
+            generator.set_state(drawn[0][2].get_state())
+    needs = [[replace(n, rows=(offset + starts[b], offset + starts[b] + counts[b])) for n in p.needs]
+             for p, b in zip(plans, block_of)]
+    flat = [n for group in needs for n in group]
+    bounds = [sum(len(g) for g in needs[:i]) for i in range(len(needs) + 1)]
+    caches: list[ActivationCache] = []
+
+    def dispatch(call: int, t: float, current: list[dict]) -> None:
+        for i, fn in enumerate(on_call or []):
+            if fn is not None:
+                fn(call, t, View(caches[bounds[i]:bounds[i + 1]], current=True))
+
+    grad = any(n.grad for n in flat) and torch.is_grad_enabled()
+    generated = None  # early exit leaves the block before the drive returns
+    with torch.set_grad_enabled(grad), bb.probe.capture(flat, early_exit=drive.process == "one_step",
+                                                        on_step=dispatch if on_call else None) as captured:
+        caches[:] = captured
+        generated = run_drive(bb, drive, latents, cond, generator, size, progress, noise=noise)
+    views = []
+    for i, b in enumerate(block_of):
+        rows = None if generated is None else generated[starts[b]:starts[b] + counts[b]]
+        views.append(View(caches[bounds[i]:bounds[i + 1]], images=rows))
+    return views
+
+
+def _block_inputs(bb, drive: Drive, x: torch.Tensor, generator: torch.Generator | None):
+    """(latents, noise or None, the generator copy after its draws) of one block of images: every block
+    draws from its own copy of the generator, so each plan sees what it would see in a pass of its own."""
+    g = _fork(generator)
+    latents = encode_images(bb, x, sample=drive.sample_latent, generator=g)
+    noise = None
+    if drive.process == "one_step" and drive.noise:
+        noise = torch.randn(latents.shape, generator=g, device="cpu").to(latents.device, latents.dtype)
+    return latents, noise, g
+
+
+def group_by_drive(plans: Sequence[Plan]) -> list[list[int]]:
+    """Indices of plans grouped by equal drives, in first-seen order."""
+    groups: list[list[int]] = []
+    for i, plan in enumerate(plans):
+        for g in groups:
+            if plans[g[0]].drive == plan.drive:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def run_heads(bb, heads: Sequence[Head], item: Any, generator: torch.Generator | None = None,
+              progress: bool = False) -> list[Any]:
+    """Every head's result for one item: plans grouped by drive, one pass per group."""
+    plans = [h.plan(bb.probe.sites) for h in heads]
+    inputs = [h.inputs(item) for h in heads]
+    results: list[Any] = [None] * len(heads)
+    for group in group_by_drive(plans):
+        streams = [heads[i].on_call if type(heads[i]).on_call is not Head.on_call else None for i in group]
+        views = run_plans(bb, [plans[i] for i in group], [inputs[i] for i in group], generator,
+                          on_call=streams if any(streams) else None, progress=progress)
+        for i, view in zip(group, views):
+            results[i] = heads[i].finish(view, item)
+    return results

@@ -1,0 +1,39 @@
+"""Running a task over the user's images (a file or a folder): one record per image, and an image that
+cannot be read is skipped with a warning instead of stopping the run; the run then ends with a one-line
+error naming how many were skipped (they are listed in summary.json), after every other image is done."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from diffprobe.data.images import load_image
+from diffprobe.errors import DiffprobeError
+from diffprobe.io import save_json
+
+log = logging.getLogger(__name__)
+
+
+def process_images(files: list[Path], process: Callable[[Path, object], dict], out_dir: Path, desc: str) -> dict:
+    """process(path, PIL image) -> record for each file; writes out_dir/summary.json {"images": {path: record},
+    "skipped": {path: reason}} and returns it."""
+    records, skipped = {}, {}
+    for path in tqdm(files, desc=desc, disable=len(files) < 2):
+        try:
+            image = load_image(path)
+        except DiffprobeError as exc:
+            if len(files) == 1:
+                raise
+            log.warning("skipping %s: %s", path, exc)
+            skipped[str(path)] = str(exc)
+            continue
+        records[str(path)] = process(path, image)
+    summary = {"images": records, "skipped": skipped}
+    save_json(out_dir / "summary.json", summary)
+    if skipped:
+        raise DiffprobeError(f"{len(skipped)} of {len(files)} images could not be read and were skipped (listed in "
+                             f"{out_dir / 'summary.json'}); the others are done")
+    return summary
