@@ -13,14 +13,36 @@ from diffprobe.hooks import ProbeRegistry
 GOLDEN = Path(__file__).parent / "golden"
 
 
-@pytest.fixture(scope="module", params=["sd15", "sd21", "sdxl"])
+def _mini_unet():
+    from diffprobe.mini.models import MiniArch, build_unet as build_mini_unet
+
+    with torch.device("meta"):
+        return build_mini_unet(MiniArch())
+
+
+# every registered backend (model family): a model of it built from configs and its golden site list
+FAMILIES = {"sd1": (lambda: build_unet("sd15", device="meta"), "sites_sd15.json"),
+            "sd2": (lambda: build_unet("sd21", device="meta"), "sites_sd21.json"),
+            "sdxl": (lambda: build_unet("sdxl", device="meta"), "sites_sdxl.json"),
+            "custom": (_mini_unet, "sites_mini.json")}
+
+
+def test_every_backend_has_a_model_and_a_golden_site_list():
+    from diffprobe.backends import BACKENDS
+
+    assert {b.name for b in BACKENDS} == set(FAMILIES)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
 def real_registry(request):
-    return request.param, ProbeRegistry(build_unet(request.param, device="meta"))
+    build, golden = FAMILIES[request.param]
+    return request.param, golden, ProbeRegistry(build())
 
 
 def test_golden_site_list(real_registry):
-    structure, probe = real_registry
-    golden = json.loads((GOLDEN / f"sites_{structure}.json").read_text())
+    family, golden_file, probe = real_registry
+    assert probe.backend.name == family  # the table picks this family for this model
+    golden = json.loads((GOLDEN / golden_file).read_text())
     got = [[s.name, s.kind, s.divisor, s.heads, s.channels] for s in probe.sites.values()]
     assert got == golden
 

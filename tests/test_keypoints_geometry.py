@@ -20,7 +20,10 @@ def test_inverse_is_exact_and_ranges_hold():
     assert angle.abs().max() <= 15 + 1e-4
     assert theta[:, :, 2].abs().max() <= 0.25
     inv = invert_affine(theta)
-    full = lambda t: torch.cat([t, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(t.shape[0], 1, 3)], 1)
+
+    def full(t):
+        return torch.cat([t, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(t.shape[0], 1, 3)], 1)
+
     torch.testing.assert_close(full(inv) @ full(theta), torch.eye(3).expand(64, 3, 3), atol=1e-5, rtol=0)
 
 

@@ -82,11 +82,11 @@ class CocoStuff27(LabelledImageSet):
         root = Path(root)
         if not root.is_dir():
             raise DiffprobeError(f"COCO-Stuff-27: data.root {root} is not a folder")
-        layout = next((l for l in LAYOUTS if (root / l[0]).is_file()), None)
+        layout = next((lay for lay in LAYOUTS if (root / lay[0]).is_file()), None)
         if list_file is None and layout is None:
             raise DiffprobeError(f"COCO-Stuff-27: no {LIST_NAME} in {root} or {root / 'curated/val2017'}; copy the "
                                  "curated list shipped with the DiffSeg/PiCIE code there (see docs/diffseg.md)")
-        layout = layout or next((l for l in LAYOUTS if (root / l[1]).is_dir()), LAYOUTS[0])
+        layout = layout or next((lay for lay in LAYOUTS if (root / lay[1]).is_dir()), LAYOUTS[0])
         ids = read_id_list(Path(list_file) if list_file is not None else root / layout[0])
         images = require_dir(root / layout[1], "COCO-Stuff-27", "COCO val2017 images")
         labels = require_dir(root / layout[2], "COCO-Stuff-27", "stuffthingmaps val2017 label PNGs")

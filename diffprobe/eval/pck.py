@@ -14,7 +14,7 @@ Points are (x, y) in pixels. Arrays may be numpy or torch (CPU) tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from diffprobe.errors import DiffprobeError
