@@ -71,10 +71,10 @@ class ExtractionConfig:
         return len(self.saved_calls())
 
 
-def image_generator(seed: int, key: str) -> torch.Generator:
-    """A generator for the VAE posterior sample of one image, seeded from (seed, key), so the same image
-    gets the same latent in training, evaluation and a resumed run."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+def image_generator(seed: int, image: torch.Tensor) -> torch.Generator:
+    """A generator for the VAE posterior sample of one image, seeded from (seed, the image's pixels), so the
+    same image gets the same latent in training, evaluation and a resumed run, wherever its file lies."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(image.detach().cpu().numpy().tobytes()))
 
 
 def layer_names(sites: Mapping[str, Site], layers) -> list[str]:

@@ -105,7 +105,7 @@ def hyperfeature_describer(model: HyperfeatureModel, bb, seed: int = 0) -> Descr
     def describe(path: Path):
         x, hw = prepare_image(path, model.extraction.image_size)
         with torch.no_grad():
-            d = extract_descriptors(bb, model.net, x, model.extraction, generator=image_generator(seed, str(path)))
+            d = extract_descriptors(bb, model.net, x, model.extraction, generator=image_generator(seed, x))
         return d[0], hw
 
     return cached(describe)
@@ -119,7 +119,7 @@ def single_map_describer(bb, extraction: ExtractionConfig, layer: str, call: int
     def describe(path: Path):
         x, hw = prepare_image(path, one.image_size)
         with torch.no_grad():
-            feat = extract_features(bb, x, one, layers=[layer], generator=image_generator(seed, str(path)))[0][layer]
+            feat = extract_features(bb, x, one, layers=[layer], generator=image_generator(seed, x))[0][layer]
             d = project(feat) if project is not None else resize(feat.float(), output_size)
         return d[0], hw
 

@@ -34,7 +34,7 @@ class FeatureSource:
     """Raw maps of an image over the saved steps, extracted on first use; the last `capacity` images kept.
 
     source(path) -> (steps[position][layer] = (1, C, h, w), original (H, W)). The VAE posterior sample
-    of each image is seeded from (seed, path), so a resumed run sees the same features.
+    of each image is seeded from (seed, its pixels), so a resumed run sees the same features.
     """
 
     def __init__(self, bb, extraction: ExtractionConfig, layers: list[str], capacity: int = 16,
@@ -51,7 +51,7 @@ class FeatureSource:
             return self._store[key]
         x, hw = prepare_image(Path(path), self.extraction.image_size)
         feats = extract_features(self.bb, x, self.extraction, layers=self.layers,
-                                 dtype=self.store_dtype, generator=image_generator(self.seed, key))
+                                 dtype=self.store_dtype, generator=image_generator(self.seed, x))
         self.extractions += 1
         if self.capacity > 0:
             self._store[key] = (feats, hw)
