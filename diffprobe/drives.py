@@ -9,6 +9,8 @@ conditioning they take. Run them inside a capture (diffprobe.hooks) or through t
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,28 @@ from diffprobe.backends import Conditioning
 from diffprobe.errors import DiffprobeError
 
 PROCESSES = ("one_step", "inversion", "generation")
+log = logging.getLogger(__name__)
+_warned: set[tuple[int, str]] = set()
+
+
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """Words of `prompt` the tokenizer can only spell letter by letter (not in the model's vocabulary:
+    diffprobe-mini knows only the world's words)."""
+    out = []
+    for word in re.findall(r"[A-Za-z]{2,}", prompt):
+        if len(tokenizer(word, add_special_tokens=False).input_ids) >= len(word):
+            out.append(word)
+    return out
+
+
+def _warn_unknown_words(tokenizer, prompts: list[str]) -> None:
+    for prompt in prompts:
+        words = unknown_words(tokenizer, prompt)
+        key = (id(tokenizer), " ".join(words))
+        if words and key not in _warned:
+            _warned.add(key)
+            log.warning("prompt words %s are not in this model's vocabulary: they are split into letters",
+                        ", ".join(repr(w) for w in words))
 
 
 @torch.no_grad()
@@ -26,6 +50,7 @@ def encode_prompt(bb, prompts: list[str] | str, size: tuple[int, int] | None = N
     (SD 1.x/2.x: the text encoder's last hidden states (B, max_tokens, D); SDXL: both encoders' penultimate
     states plus pooled embeddings and time ids for images of `size` (H, W), default the model's size)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    _warn_unknown_words(bb.tokenizer, prompts)
     return bb.family.encode_prompt(bb, prompts, size or (bb.sample_size, bb.sample_size))
 
 
@@ -189,6 +214,7 @@ def run_drive(bb, drive: Drive, latents: torch.Tensor | None, cond: Conditioning
     [uncond; cond] of B prompts, images of `size`; returns the generated images (B, 3, H, W) in [0, 1].
     Gradients flow only for one_step, and only if enabled by the caller."""
     if drive.process == "one_step":
+        check_timestep(bb, drive.timestep)
         noise = (noise if noise is not None else "random") if drive.noise else None
         unet_step(bb, latents, drive.timestep, cond, noise=noise, generator=generator)
         return None

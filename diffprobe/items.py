@@ -73,6 +73,19 @@ class IndexedRows:
         return {k: v[keep] for k, v in self.arrays.items()}
 
 
+LONG_RUN_MINUTES = 10.0
+
+
+def warn_if_long(what: str, seconds_per_step: float, steps_left: int, hint: str) -> float:
+    """Log a warning (once, after the first step) when the rest of a run will take long on this device;
+    returns the estimate in minutes."""
+    minutes = seconds_per_step * steps_left / 60
+    if minutes > LONG_RUN_MINUTES:
+        log.warning("%s: about %.0f minutes to go on this device (%.1f s per step); it checkpoints as it goes "
+                    "and a rerun in the same folder continues. %s", what, minutes, seconds_per_step, hint)
+    return minutes
+
+
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts."""
     out = []

@@ -15,7 +15,7 @@ model's output.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ from diffprobe.backends import Conditioning
 from diffprobe.drives import Drive, encode_images, encode_prompt, run_drive
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import ActivationCache, Need, Site
+from diffprobe.memory import check_fits
 
 
 @dataclass
@@ -43,7 +44,8 @@ class Plan:
     set by the runner). prompt: the text conditioning of every row, or a tuple of one prompt per row (a
     generation drive makes one image per prompt); context: a learned (T, D) context fed straight to
     cross-attention instead (keypoints). size: image (H, W) for generation drives and size-aware
-    conditioning (default: the model's sample size).
+    conditioning (default: the model's sample size). work: bytes the head's own computation holds for a
+    latent of (h, w) beside the captured tensors (checked with them before the pass starts).
     """
 
     drive: Drive
@@ -51,6 +53,7 @@ class Plan:
     prompt: str | tuple[str, ...] = ""
     context: torch.Tensor | None = None
     size: tuple[int, int] | None = None
+    work: Callable[[tuple[int, int]], int] | None = None
 
     def conditioning_key(self) -> tuple:
         return ("context", id(self.context)) if self.context is not None else ("prompt", self.prompt)
@@ -190,10 +193,16 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     counts = [_rows(plans[first], x) for x, _, first in blocks]
     starts = [sum(counts[:b]) for b in range(len(blocks))]
     conds = [_conditioning(bb, plans[first], n, size) for (_, _, first), n in zip(blocks, counts)]
-    offset, noise = 0, None
-    if drive.process == "generation":  # batch [uncond x P; cond x P]: each plan's rows are its cond rows
-        uncond = encode_prompt(bb, [""], size).expand(sum(counts))
-        cond, latents, offset = Conditioning.cat([uncond] + conds), None, sum(counts)
+    pixels = blocks[0][0].shape[-2:] if blocks[0][0] is not None else size
+    latent_hw = (pixels[0] // bb.vae_factor, pixels[1] // bb.vae_factor)
+    offset = sum(counts) if drive.process == "generation" else 0  # generation: [uncond x P; cond x P]
+    needs = [[replace(n, rows=(offset + starts[b], offset + starts[b] + counts[b])) for n in p.needs]
+             for p, b in zip(plans, block_of)]
+    flat = [n for group in needs for n in group]
+    check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1])
+    latents, noise = None, None
+    if drive.process == "generation":  # each plan's rows are its cond rows
+        cond = Conditioning.cat([encode_prompt(bb, [""], size).expand(sum(counts))] + conds)
     else:
         cond = Conditioning.cat(conds)
         drawn = [_block_inputs(bb, drive, x, generator) for x, _, _ in blocks]
@@ -201,9 +210,6 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
         noise = torch.cat([d[1] for d in drawn]) if drive.noise and drive.process == "one_step" else None
         if generator is not None and drawn[0][2] is not None:  # advance as one block's draws would
             generator.set_state(drawn[0][2].get_state())
-    needs = [[replace(n, rows=(offset + starts[b], offset + starts[b] + counts[b])) for n in p.needs]
-             for p, b in zip(plans, block_of)]
-    flat = [n for group in needs for n in group]
     bounds = [sum(len(g) for g in needs[:i]) for i in range(len(needs) + 1)]
     caches: list[ActivationCache] = []
 
@@ -223,6 +229,20 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
         rows = None if generated is None else generated[starts[b]:starts[b] + counts[b]]
         views.append(View(caches[bounds[i]:bounds[i + 1]], images=rows))
     return views
+
+
+def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw: tuple[int, int], tokens: int) -> None:
+    """Refuse a pass whose captures and head computations cannot fit in memory, before it starts."""
+    drive = plans[0].drive
+    total = 0
+    for need in needs:
+        steps = need.reduce.steps
+        kept = drive.calls if steps == "all" else (len(steps) if not isinstance(steps, str) else 1)
+        total += bb.probe.bytes_per_call(need, latent_hw, need.rows[1] - need.rows[0], tokens) * (kept + 1)
+    total += sum(p.work(latent_hw) for p in plans if p.work is not None)
+    image = latent_hw[0] * bb.vae_factor, latent_hw[1] * bb.vae_factor
+    check_fits(total, f"capturing these sites at {image[0]} x {image[1]} px", "lower image_size (the model's own "
+               f"is {bb.sample_size}), capture fewer sites, or keep fewer steps")
 
 
 def _block_inputs(bb, drive: Drive, x: torch.Tensor, generator: torch.Generator | None):

@@ -58,3 +58,20 @@ def test_resume_continues_exactly(setup, tmp_path):
 def test_pair_order_is_a_permutation_per_epoch():
     order = [pair_order(5, s, seed=1) for s in range(10)]
     assert sorted(order[:5]) == sorted(order[5:]) == list(range(5))
+
+
+def test_a_rerun_in_the_same_folder_continues_and_other_settings_are_refused(setup, tmp_path):
+    from diffprobe.errors import DiffprobeError
+
+    pairs, source, new_net = setup
+    straight = new_net()
+    train(straight, source, pairs, [], TrainConfig(steps=8, val_every=4), tmp_path / "a", progress=False)
+    first = new_net()
+    train(first, source, pairs, [], TrainConfig(steps=4, val_every=4), tmp_path / "b", progress=False)
+    again = new_net()
+    history = train(again, source, pairs, [], TrainConfig(steps=8, val_every=4), tmp_path / "b", progress=False)
+    assert [s for s, _ in history["loss"]] == list(range(1, 9))
+    for k, v in straight.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, msg=k)
+    with pytest.raises(DiffprobeError, match="other settings.*lr"):
+        train(new_net(), source, pairs, [], TrainConfig(steps=9, val_every=4, lr=5e-3), tmp_path / "b", progress=False)

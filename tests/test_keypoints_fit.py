@@ -179,3 +179,38 @@ def test_prediction_views_are_black_outside(setup, monkeypatch):
     ensemble_maps(bb, spec, model, torch.ones(1, 3, 64, 64), cfg, torch.Generator().manual_seed(1))
     corners = torch.cat(views)[..., [0, 0, -1, -1], [0, -1, 0, -1]]
     assert (corners.min(dim=-1).values == -1.0).all()       # every shifted view has black where it left the image
+
+
+def test_checkpoints_by_time_and_a_rerun_in_the_same_folder_continues(setup, tmp_path, caplog):
+    bb, probe, spec, images = setup
+    every_step = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=1, lr=0.02,
+                           checkpoint_every=100, checkpoint_minutes=1e-9)  # by count: never; by time: always
+    full, _ = fit_embeddings(bb, spec, every_step, images, progress=False)
+    seen = []
+
+    def interrupt(history):
+        seen.append(len(history))
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_embeddings(bb, spec, every_step, images, out_dir=tmp_path, progress=False, on_checkpoint=interrupt)
+    assert seen[:2] == [1, 2]  # a checkpoint after every step although checkpoint_every is 100
+    caplog.set_level("INFO")
+    resumed, history = fit_embeddings(bb, spec, every_step, images, out_dir=tmp_path, progress=False)  # no resume=
+    assert "resuming keypoints fit at step 2" in caplog.text
+    assert [row["step"] for row in history] == [1, 2, 3, 4]
+    torch.testing.assert_close(resumed, full)
+    with pytest.raises(DiffprobeError, match="other settings"):
+        fit_embeddings(bb, spec, FitConfig(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=1, lr=0.05),
+                       images, out_dir=tmp_path, progress=False)
+
+
+def test_a_long_run_is_announced(caplog):
+    from diffprobe.items import warn_if_long
+
+    assert warn_if_long("keypoints fit", 8.4, 499, "hint") > 60
+    assert "about 70 minutes to go" in caplog.text and "hint" in caplog.text
+    caplog.clear()
+    warn_if_long("x", 0.1, 100, "hint")
+    assert caplog.text == ""

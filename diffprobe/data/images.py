@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffprobe.errors import DiffprobeError
+
+log = logging.getLogger(__name__)
+TINY_SIDE = 16  # images smaller than this carry almost nothing once resized to a model's size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -32,6 +36,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             img = ImageOps.exif_transpose(img)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DiffprobeError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
+    if min(img.size) < TINY_SIDE:
+        log.warning("%s is only %d x %d px: resized to the model's size it carries almost nothing", path, *img.size)
     return to_rgb(img)
 
 

@@ -4,6 +4,7 @@ so two heads of one run can want different timesteps."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,8 @@ from diffprobe.drives import Drive
 from diffprobe.errors import DiffprobeError
 
 CROPS = ("center", "none")
+WIDE = 2.0  # aspect ratio beyond which a centre crop leaves most of the image out
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,4 +54,8 @@ def model_input(image, size: int, crop: str, resize: str) -> tuple[torch.Tensor,
     """(1, 3, size, size) tensor in [-1, 1] of a PIL image as the model sees it, and the analysed box."""
     box = analysed_box(image.width, image.height, crop)
     left, top, bw, bh = box
+    if crop == "center" and max(image.width, image.height) > WIDE * min(image.width, image.height):
+        log.warning("the image is %d x %d px: only its centre square (%.0f %% of it) is analysed; crop=none "
+                    "analyses the whole image squashed to a square", image.width, image.height,
+                    100 * bw * bh / (image.width * image.height))
     return image_to_tensor(image.crop((left, top, left + bw, top + bh)), size, crop="none", resize=resize), box

@@ -18,6 +18,7 @@ correspondences.png (both images, a line per match).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from diffprobe.heads.hyperfeatures.model import (
     raw_layer_describer,
 )
 from diffprobe.io import save_json, save_png
+
+log = logging.getLogger(__name__)
 
 
 
@@ -123,11 +126,23 @@ def _generated_pair(p: CorrespondParams, bb, model, seed: int, out_dir: Path):
     return (desc[0], (size, size)), (desc[1], (size, size)), size, used, pil
 
 
+def warn_outside(points: np.ndarray | None, image, what: str) -> None:
+    """Warn when given points lie outside the image (they are clipped to its border when matched)."""
+    if points is None:
+        return
+    out = (points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] >= image.width) | (points[:, 1] >= image.height)
+    if out.any():
+        log.warning("%d of the %d %s lie outside the %d x %d image (first: %s); they are clipped to its border",
+                    int(out.sum()), len(points), what, image.width, image.height, points[out][0].tolist())
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     p, src_pts, tgt_pts = _params(cfg)
     synthetic = p.source_prompt is not None
     if not synthetic:
         src_img, tgt_img = load_image(p.source), load_image(p.target)  # fail on bad paths before loading a model
+        warn_outside(src_pts, src_img, "points")
+        warn_outside(tgt_pts, tgt_img, "target_points")
     bb = load_configured_backbone(cfg)
     seed = run_config(cfg).seed
     model = None

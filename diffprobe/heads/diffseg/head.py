@@ -81,7 +81,14 @@ class DiffSegHead(Head):
     def plan(self, sites: Mapping) -> Plan:
         self.groups = attention_groups(sites, "self_attn")
         names = tuple(n for group in self.groups.values() for n in group)
-        return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt)
+        finest = min(self.groups)
+
+        def work(latent_hw: tuple[int, int]) -> int:  # the aggregated (S^2, S^2) maps and two more like it
+            h, w = sites[self.groups[finest][0]].resolution(latent_hw)
+            return 3 * (h * w) ** 2 * 4
+
+        return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt,
+                    work=work)
 
     def inputs(self, item: Item) -> torch.Tensor:
         return model_input(item.image, self.size, self.settings.crop, self.settings.resize)[0]

@@ -137,7 +137,7 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
     """
     from tqdm.auto import tqdm
 
-    from diffprobe.items import deferred_interrupt, differing_keys
+    from diffprobe.items import deferred_interrupt, differing_keys, warn_if_long
 
     if not train_pairs:
         raise DiffprobeError("no training pairs")
@@ -157,7 +157,7 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
         log.info("resumed from %s at step %d", resume, state["step"])
     history = state["history"]
     bar = tqdm(range(state["step"], cfg.steps), desc="train hyperfeatures", disable=not progress)
-    last_save = time.time()
+    last_save, first_step = time.time(), state["step"]
     try:
         for step in bar:
             pair = train_pairs[pair_order(len(train_pairs), step, cfg.seed)]
@@ -171,6 +171,9 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
                 opt.step()
                 history["loss"].append([step + 1, loss.item()])
                 state["step"] = step + 1
+            if step == first_step:
+                warn_if_long("hyperfeatures training", time.time() - last_save, cfg.steps - step - 1,
+                             "For a CPU: hyperfeatures.process=one_step image_size=256 (README, 'On a CPU').")
             bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
             if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
                 if val_pairs:

@@ -28,7 +28,7 @@ from diffprobe.heads.keypoints.losses import equivariance_loss, localisation_los
 from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
 from diffprobe.heads.keypoints.selection import most_frequent, rank_candidates, spread_tokens
 from diffprobe.heads.keypoints.state import KeypointModel, load_checkpoint, save_checkpoint
-from diffprobe.items import deferred_interrupt
+from diffprobe.items import deferred_interrupt, warn_if_long
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,10 @@ def fit_embeddings(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir:
                 opt.step()
                 history.append({"step": step + 1, **{k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}})
                 done = step + 1
+            if done == start + 1:
+                warn_if_long("keypoints fit", time.time() - last_save, cfg.steps - done,
+                             "For a CPU: keypoints.fit.num_tokens=100 upsample_queries=64 image_size=256 "
+                             "(README, 'On a CPU').")
             bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
             due = done % cfg.checkpoint_every == 0 or time.time() - last_save >= 60 * cfg.checkpoint_minutes
             if out_dir is not None and (due or done == cfg.steps):

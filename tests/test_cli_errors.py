@@ -1,0 +1,78 @@
+"""What a newcomer met: each mistake ends in one line and exit code 2, and nothing already done is lost."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "diffprobe", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def one_line_error(res, expected: str) -> None:
+    assert res.returncode == 2, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffprobe: error: ") and expected in last, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["timestep=5000", "noise=true"], "timestep must be in 0..999"),
+    (["timestep=-3"], "timestep must be in 0..999"),
+    (["add_noise=true"], "add_noise is now probe.noise"),
+])
+def test_bad_timesteps_and_renamed_keys(tmp_path, args, expected):
+    Image.new("RGB", (64, 64), (40, 90, 200)).save(tmp_path / "a.png")
+    res = cli("task=probe", "model=tiny_sd15", f"image={tmp_path / 'a.png'}", *args, f"hydra.run.dir={tmp_path / 'r'}",
+              cwd=tmp_path)
+    one_line_error(res, expected)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path):
+    Image.new("RGB", (64, 64), (40, 90, 200)).save(tmp_path / "a.png")
+    res = cli("task=diffseg", "model=tiny_sd15", f"image={tmp_path / 'a.png'}", "image_size=2048",
+              f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    one_line_error(res, "GiB but")
+    assert "lower image_size" in res.stderr
+
+
+def test_an_unreadable_image_is_skipped_and_listed(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "r"
+    res = cli("task=diffseg", "model=tiny_sd15", f"image={folder}", "tau=0.05", f"hydra.run.dir={out}", cwd=tmp_path)
+    one_line_error(res, "1 of 2 images could not be read")
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["skipped"]) == [str(folder / "broken.png")]
+    assert list(summary["images"]) == [str(folder / "good.png")] and (out / "good" / "labels.png").is_file()
+
+
+def test_silent_surprises_are_warned_about(tmp_path, caplog):
+    from diffprobe.backbones import load_backbone
+    from diffprobe.data.images import load_image
+    from diffprobe.drives import encode_prompt, unknown_words
+    from diffprobe.heads.call import model_input
+    from diffprobe.mini import packaged_path
+    from diffprobe.tasks.correspond import warn_outside
+
+    mini = load_backbone({"name": "mini", "path": str(packaged_path())})
+    assert unknown_words(mini.tokenizer, "a red cat on grass") == ["cat"]  # mini knows world words only
+    assert unknown_words(mini.tokenizer, "a red face on grass") == []
+    encode_prompt(mini, ["a red cat on grass"])
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    load_image(tmp_path / "dot.png")
+    model_input(Image.new("RGB", (300, 60)), 64, "center", "bicubic")
+    warn_outside(np.array([[10.0, 5.0], [80.0, 5.0]]), Image.new("RGB", (64, 64)), "points")
+    text = caplog.text
+    assert "'cat' are not in this model's vocabulary" in text and "only 1 x 1 px" in text
+    assert "only its centre square (20 % of it)" in text and "1 of the 2 points lie outside" in text
