@@ -94,3 +94,25 @@ def test_resumed_training_equals_uninterrupted_and_exports_a_loadable_pipeline(t
                    arch=models.MiniArch(**{**TINY.to_dict(), "unet_channels": (16, 32, 32, 32)}))
     for name in ("loss_curve.png", "training_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"):
         assert (tmp_path / "pipe_b" / name).is_file()
+
+
+@pytest.mark.slow
+def test_training_continues_from_a_pipeline_on_closeups(tmp_path):
+    from diffprobe.mini.dataset import is_closeup, render_training_scene
+
+    assert [is_closeup(i, 0.35) for i in range(200)].count(True) in range(65, 75)  # spread evenly, 35 %
+    closeup = render_training_scene(next(i for i in range(20) if is_closeup(i, 0.35)), 64, 0, "train", 0.35)
+    assert len(closeup.objects) == 1
+    base = dict(images=8, vae_steps=2, vae_batch=2, unet_steps=2, batch=2, checkpoint_every=1, samples=0, warmup=1)
+    first = train_mini(TrainConfig(**base), tmp_path / "a", tmp_path / "pipe_a", arch=TINY)
+    more = train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "closeup_fraction": 0.5,
+                                     "unet_steps": 2}), tmp_path / "b", tmp_path / "pipe_b", arch=TINY)
+    assert more["vae_steps_done"] == 0 and more["scaling_factor"] == pytest.approx(first["scaling_factor"])
+    assert more["continued_from"]["unet_steps_done"] == 2  # the earlier run's record is kept
+    a = load_backbone({"name": "a", "path": str(tmp_path / "pipe_a")})
+    b = load_backbone({"name": "b", "path": str(tmp_path / "pipe_b")})
+    va, vb = dict(a.vae.named_parameters()), dict(b.vae.named_parameters())
+    assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE is kept as it was
+    assert any(not torch.equal(pa, pb) for pa, pb in zip(a.unet.parameters(), b.unet.parameters()))
+    with pytest.raises(DiffprobeError, match="not a diffprobe-mini pipeline"):
+        train_mini(TrainConfig(**{**base, "init_from": str(tmp_path)}), tmp_path / "c", tmp_path / "pipe_c", arch=TINY)

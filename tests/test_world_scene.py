@@ -127,3 +127,24 @@ def test_colour_alone_does_not_separate_objects_from_stuff():
     iou = (pred & is_obj).sum() / (pred | is_obj).sum()
     assert iou < 0.8
     assert set(THINGS) >= {o.category for s in scenes for o in s.objects}
+
+
+@pytest.mark.parametrize("category", ["face", "bird", "house"])
+def test_closeups_show_one_large_centred_figure_with_keypoints_in_its_mask(category):
+    part_of = {v: k[1] for k, v in PART_IDS.items()}
+    for i in range(8):
+        s = render_scene(scene_seed("test", i), size=128, first=category, closeup=True)
+        (obj,) = s.objects
+        x0, y0, x1, y1 = obj.bbox
+        assert 0.5 <= max(x1 - x0, y1 - y0) / 128 <= 1.0  # half to most of the frame
+        cx, cy = (x0 + x1) / 2 / 128, (y0 + y1) / 2 / 128
+        assert 0.3 < cx < 0.7 and 0.3 < cy < 0.7  # roughly centred
+        visible = obj.keypoints[obj.keypoints[:, 2] > 0]
+        assert len(visible) >= 3
+        for (x, y, _), name in zip(obj.keypoints, obj.keypoint_names):
+            if _:
+                assert s.instance[int(y), int(x)] == obj.instance  # inside the object's mask
+                assert part_of[int(s.parts[int(y), int(x)])] == EXPECTED_PART[category][name], name
+        assert s.caption.startswith(f"a {obj.colour} {category} on ")
+    with pytest.raises(DiffprobeError, match="close-ups show a figure"):
+        render_scene(0, closeup=True, first="circle")

@@ -22,3 +22,21 @@ def test_images_and_spair_formats(tmp_path):
 def test_bad_format_is_a_one_line_error(tmp_path):
     with pytest.raises(DiffprobeError, match="world.format"):
         run(OmegaConf.create({"world": {"format": "voc"}}), tmp_path)
+
+
+def test_celeba_and_cub_are_written_as_closeups_that_the_readers_load(tmp_path):
+    from diffprobe.data.celeba import CelebaDataset
+    from diffprobe.data.cub import CubDataset
+
+    res = run(OmegaConf.create({"world": {"format": "celeba", "n": 3, "n_train": 2, "out": str(tmp_path / "c")}}),
+              tmp_path)
+    assert res["closeup"] is True
+    faces = CelebaDataset(tmp_path / "c", "mafl_test")
+    assert len(faces) == 3
+    eyes = [abs(r.landmarks[1, 0] - r.landmarks[0, 0]) for r in faces]
+    assert sum(eyes) / len(eyes) > 9  # close-up faces at 64 px: eyes about 13 px apart (about 6 in ordinary scenes)
+    run(OmegaConf.create({"world": {"format": "cub", "n": 2, "n_train": 2, "out": str(tmp_path / "b")}}), tmp_path)
+    birds = CubDataset(tmp_path / "b", "test")
+    assert len(birds) == 2 and all((r.bbox[2] >= 30 or r.bbox[3] >= 30) for r in birds)  # width, height
+    with pytest.raises(DiffprobeError, match="celeba and cub"):
+        run(OmegaConf.create({"world": {"format": "images", "n": 1, "closeup": True}}), tmp_path)

@@ -17,6 +17,21 @@ from diffprobe.mini.grounding import scene_regions
 
 log = logging.getLogger(__name__)
 FORMAT = "2"  # cache layout version: 2 added regions and token_regions
+CLOSEUP_CATEGORIES = ("face", "bird", "house")
+
+
+def is_closeup(i: int, fraction: float) -> bool:
+    """Whether training scene i is a close-up: spread evenly (golden-ratio sequence), `fraction` of them."""
+    return fraction > 0 and (i * 0.6180339887498949) % 1.0 < fraction
+
+
+def render_training_scene(i: int, size: int, base_seed: int, split: str, closeup_fraction: float):
+    """Scene i of the training set: an ordinary scene, or (closeup_fraction of them) a close-up of a face,
+    a bird or a house in turn."""
+    seed = scene_seed(split, i, base_seed)
+    if is_closeup(i, closeup_fraction):
+        return render_scene(seed, size, first=CLOSEUP_CATEGORIES[i % 3], closeup=True)
+    return render_scene(seed, size)
 
 
 @dataclass
@@ -39,11 +54,13 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def training_set(path: Path, n: int, size: int, tokenizer, base_seed: int = 0, split: str = "train") -> TrainingSet:
-    """The first `n` scenes of `split` at `size` px, cached at `path`."""
+def training_set(path: Path, n: int, size: int, tokenizer, base_seed: int = 0, split: str = "train",
+                 closeup_fraction: float = 0.0) -> TrainingSet:
+    """The first `n` scenes of `split` at `size` px (closeup_fraction of them close-ups), cached at `path`."""
+    key = (str(n), str(size), FORMAT, repr(float(closeup_fraction)))
     if path.is_file():
         tensors, meta = load_tensors(path)
-        if (meta.get("n"), meta.get("size"), meta.get("format")) == (str(n), str(size), FORMAT):
+        if (meta.get("n"), meta.get("size"), meta.get("format"), meta.get("closeup_fraction", "0.0")) == key:
             return TrainingSet(**tensors)
         log.info("cached training set at %s has other settings; rendering again", path)
     T = tokenizer.model_max_length
@@ -52,13 +69,13 @@ def training_set(path: Path, n: int, size: int, tokenizer, base_seed: int = 0, s
     token_regions = np.zeros((n, T), np.uint8)
     captions = []
     for i in tqdm(range(n), desc="render world", leave=False):
-        scene = render_scene(scene_seed(split, i, base_seed), size)
+        scene = render_training_scene(i, size, base_seed, split, closeup_fraction)
         images[i] = scene.image
         regions[i], token_regions[i] = scene_regions(scene, T)
         captions.append(scene.caption)
     data = TrainingSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), tokenize(tokenizer, captions),
                        torch.from_numpy(regions), torch.from_numpy(token_regions))
-    save_tensors(path, vars(data), metadata={"n": str(n), "size": str(size), "format": FORMAT})
+    save_tensors(path, vars(data), metadata=dict(zip(("n", "size", "format", "closeup_fraction"), key)))
     return data
 
 

@@ -82,5 +82,19 @@ def build_scheduler():
                          steps_offset=1, prediction_type="epsilon")
 
 
+def load_trained(path):
+    """(vae, unet, text_encoder) of a diffprobe-mini pipeline directory, trainable (fp32, train mode)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from diffprobe.backbones import quiet_libraries
+
+    with quiet_libraries():
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
+    return vae, unet.train(), text_encoder.train()
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -9,6 +9,7 @@ again with the same `work_dir`. Batches, noise and timesteps are drawn from gene
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -52,6 +53,8 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
     seed: int = 0
     samples: int = 8
+    init_from: str | None = None  # a pipeline directory (or "packaged": the shipped mini) to continue training
+    closeup_fraction: float = 0.0  # share of training scenes that are close-ups of one face, bird or house
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -71,6 +74,8 @@ class TrainConfig:
             raise DiffprobeError("train_mini.token_grounding must be >= 0")
         if cfg.lr <= 0 or cfg.vae_lr <= 0 or (cfg.max_minutes is not None and cfg.max_minutes <= 0):
             raise DiffprobeError("train_mini.lr, vae_lr and max_minutes must be positive")
+        if not 0 <= cfg.closeup_fraction <= 1:
+            raise DiffprobeError("train_mini.closeup_fraction must lie in [0, 1]")
         return cfg
 
 
@@ -156,8 +161,9 @@ def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> t
 
 
 @torch.no_grad()
-def _encode_latents(vae, images: torch.Tensor, path: Path) -> torch.Tensor:
-    """Posterior means of all images, (N, C, h, w) scaled to unit variance; sets vae's scaling_factor."""
+def _encode_latents(vae, images: torch.Tensor, path: Path, scale: float | None = None) -> torch.Tensor:
+    """Posterior means of all images, (N, C, h, w) times `scale` (None: the scale giving unit variance, set
+    as vae's scaling_factor; a continued model keeps its own)."""
     if path.is_file():
         tensors, meta = load_tensors(path)
         vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
@@ -165,7 +171,7 @@ def _encode_latents(vae, images: torch.Tensor, path: Path) -> torch.Tensor:
     vae.eval()
     lat = torch.cat([vae.encode(to_unit(images[i:i + 256])).latent_dist.mean
                      for i in tqdm(range(0, len(images), 256), desc="encode latents", leave=False)])
-    scale = 1.0 / float(lat.std())
+    scale = 1.0 / float(lat.std()) if scale is None else scale
     vae.register_to_config(scaling_factor=scale)
     lat = lat * scale
     save_tensors(path, {"latents": lat}, metadata={"scaling_factor": repr(scale)})
@@ -215,6 +221,15 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
     return losses, done, ema
 
 
+def _pipeline_dir(init_from: str) -> Path:
+    from diffprobe.mini import packaged_path
+
+    path = packaged_path() if init_from == "packaged" else Path(init_from)
+    if not (path / "unet" / "config.json").is_file():
+        raise DiffprobeError(f"train_mini.init_from={init_from}: {path} is not a diffprobe-mini pipeline directory")
+    return path
+
+
 def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
                arch: models.MiniArch = models.MiniArch()) -> dict:
     """Train all parts and export a diffusers pipeline (EMA weights) with config, curves and samples."""
@@ -233,14 +248,21 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
         minutes[phase] = round((time.time() - clock) / 60, 2)
         clock = time.time()
 
-    data = training_set(work_dir / "data.safetensors", cfg.images, arch.image_size, tokenizer, cfg.seed)
+    data = training_set(work_dir / "data.safetensors", cfg.images, arch.image_size, tokenizer, cfg.seed,
+                        closeup_fraction=cfg.closeup_fraction)
     lap("render")
     torch.manual_seed(cfg.seed)
-    vae, unet = models.build_vae(arch), models.build_unet(arch)
-    text_encoder, scheduler = models.build_text_encoder(arch, words), models.build_scheduler()
-    vae_losses, vae_done = _train_vae(cfg, vae, data.images, work_dir)
+    scheduler = models.build_scheduler()
+    if cfg.init_from:  # continue a trained pipeline: its VAE (and latent scale) stay as they are
+        vae, unet, text_encoder = models.load_trained(_pipeline_dir(cfg.init_from))
+        vae_losses, vae_done, scale = {"loss": []}, 0, float(vae.config.scaling_factor)
+    else:
+        vae, unet = models.build_vae(arch), models.build_unet(arch)
+        text_encoder = models.build_text_encoder(arch, words)
+        vae_losses, vae_done = _train_vae(cfg, vae, data.images, work_dir)
+        scale = None
     lap("vae")
-    latents = _encode_latents(vae, data.images, work_dir / "latents.safetensors")
+    latents = _encode_latents(vae, data.images, work_dir / "latents.safetensors", scale)
     lap("encode")
     unet_losses, unet_done, ema = _train_unet(cfg, unet, text_encoder, scheduler, latents, data,
                                               tokenize(tokenizer, [""])[0], work_dir, deadline)
@@ -255,7 +277,11 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
               "torch_threads": torch.get_num_threads(), "scaling_factor": vae.config.scaling_factor,
               "parameters": {"unet": models.count_parameters(unet), "vae": models.count_parameters(vae),
                              "text_encoder": models.count_parameters(text_encoder)}}
-    curves = {"vae": vae_losses["loss"], "unet": unet_losses["loss"]}
+    if cfg.init_from:  # the record of the run this one continues
+        earlier = _pipeline_dir(cfg.init_from) / "training_config.json"
+        record["continued_from"] = json.loads(earlier.read_text()) if earlier.is_file() else str(cfg.init_from)
+    curves = {"vae": vae_losses["loss"], "unet": unet_losses["loss"]} if vae_losses["loss"] else {
+        "unet": unet_losses["loss"]}
     if "tokens" in unet_losses:
         curves["unet token grounding"] = unet_losses["tokens"]
     export_pipeline(export_to, vae, text_encoder, tokenizer, unet, scheduler, record, curves,

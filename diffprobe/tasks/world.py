@@ -36,10 +36,12 @@ class WorldParams:
     n_train: int = 0  # train images (celeba, cub) or train pairs per category (spair)
     size: int = 64
     out: str | None = None
+    closeup: bool | None = None  # one large centred figure per image; null: yes for celeba and cub (aligned data)
 
 
-def _scenes(split: str, n: int, size: int, seed: int, first: str | None = None, max_objects: int = 3):
-    return [render_scene(scene_seed(split, i, seed), size, first=first, max_objects=max_objects)
+def _scenes(split: str, n: int, size: int, seed: int, first: str | None = None, max_objects: int = 3,
+            closeup: bool = False):
+    return [render_scene(scene_seed(split, i, seed), size, first=first, max_objects=max_objects, closeup=closeup)
             for i in tqdm(range(n), desc=f"render {split}", leave=False)]
 
 
@@ -56,8 +58,9 @@ def run(cfg, out_dir: Path) -> dict:
     elif p.format in ("celeba", "cub"):
         cat = "face" if p.format == "celeba" else "bird"
         occluders = 1 if cat == "face" else 3  # CelebA faces are single aligned faces
-        train = _scenes("train", p.n_train, p.size, seed, cat, occluders)
-        test = _scenes("test", p.n, p.size, seed, cat, occluders)
+        closeup = True if p.closeup is None else p.closeup
+        train = _scenes("train", p.n_train, p.size, seed, cat, occluders, closeup)
+        test = _scenes("test", p.n, p.size, seed, cat, occluders, closeup)
         root = (export.write_celeba if cat == "face" else export.write_cub)(out, train, test)
     elif p.format == "spair":
         pairs = {"test": [q for c in FIGURES for q in world_pairs("test", c, p.n, p.size, seed)]}
@@ -65,11 +68,14 @@ def run(cfg, out_dir: Path) -> dict:
             pairs["train"] = [q for c in FIGURES for q in world_pairs("train", c, p.n_train, p.size, seed)]
         root = export.write_spair(out, pairs)
     else:
+        if p.closeup:
+            raise DiffprobeError(f"world.closeup applies to the celeba and cub formats, not {p.format}")
         scenes = _scenes(p.split, p.n, p.size, seed)
         for i, s in enumerate(scenes):
             save_png(out / f"{p.split}_{i:05d}.png", s.image)
         save_json(out / "world.json", {f"{p.split}_{i:05d}.png": s.to_dict() for i, s in enumerate(scenes)})
         root = out
-    result = {"format": p.format, "root": str(root), "n": p.n, "n_train": p.n_train, "size": p.size}
+    result = {"format": p.format, "root": str(root), "n": p.n, "n_train": p.n_train, "size": p.size,
+              "closeup": p.format in ("celeba", "cub") and p.closeup is not False}
     save_json(out_dir / "results.json", result)
     return result

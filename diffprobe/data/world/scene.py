@@ -22,6 +22,10 @@ MIN_SIZE = 64
 _ROTATION = {"face": 0.35, "bird": 0.3, "house": 0.15}  # max |angle| in radians; shapes turn freely
 _SCALE = {"face": (0.11, 0.17), "bird": (0.1, 0.15), "house": (0.11, 0.16)}  # pixels per unit / size
 _SHAPE_SCALE = (0.09, 0.16)
+# close-ups, as aligned datasets crop them (CelebA/MAFL faces, CUB birds): the figure fills about half to
+# most of the frame, roughly centred
+_CLOSEUP_SCALE = {"face": (0.22, 0.34), "bird": (0.17, 0.27), "house": (0.22, 0.34)}
+_CLOSEUP_CENTRE = (0.44, 0.56)
 
 
 @dataclass
@@ -78,14 +82,18 @@ def _pose_matrix(scale: float, angle: float, aspect: float, shear: float, flippe
                                                                   scale / aspect])
 
 
-def _sample_pose(rng: np.random.Generator, category: str, size: int) -> dict:
-    lo, hi = _SCALE.get(category, _SHAPE_SCALE)
+def _sample_pose(rng: np.random.Generator, category: str, size: int, closeup: bool = False,
+                 shrink: float = 1.0) -> dict:
+    lo, hi = _CLOSEUP_SCALE[category] if closeup else _SCALE.get(category, _SHAPE_SCALE)
     max_angle = _ROTATION.get(category)
-    return {"scale": float(rng.uniform(lo, hi) * size),
+    pose = {"scale": float(rng.uniform(lo, hi) * size * shrink),
             "angle": float(rng.uniform(-max_angle, max_angle) if max_angle else rng.uniform(0, 2 * np.pi)),
             "aspect": float(np.exp(rng.uniform(-0.15, 0.15))), "shear": float(rng.uniform(-0.15, 0.15)),
-            "flipped": bool(category == "bird" and rng.random() < 0.5),
-            "center": [float(rng.uniform(0.18, 0.82) * size), float(rng.uniform(0.2, 0.85) * size)]}
+            "flipped": bool(category == "bird" and rng.random() < 0.5)}
+    cx, cy = ((rng.uniform(*_CLOSEUP_CENTRE), rng.uniform(*_CLOSEUP_CENTRE)) if closeup else
+              (rng.uniform(0.18, 0.82), rng.uniform(0.2, 0.85)))
+    pose["center"] = [float(cx * size), float(cy * size)]
+    return pose
 
 
 def _fits(fig: figures.Figure, mat: np.ndarray, center: np.ndarray, size: int) -> bool:
@@ -105,12 +113,21 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     return img, classes, (top, bottom)
 
 
-def render_scene(seed: int, size: int = 64, first: str | None = None, max_objects: int = 3) -> Scene:
-    """Render the scene of `seed`; `first` forces the category of the first object (for pairs)."""
+def render_scene(seed: int, size: int = 64, first: str | None = None, max_objects: int = 3,
+                 closeup: bool = False) -> Scene:
+    """Render the scene of `seed`; `first` forces the category of the first object (for pairs).
+
+    closeup: one figure of category `first` (face, bird or house), large and roughly centred (it fills
+    about half to most of the frame, as aligned datasets crop them), on the same stuff background.
+    """
     if size < MIN_SIZE:
         raise DiffprobeError(f"world images must be at least {MIN_SIZE} px, got size={size}")
     if first is not None and first not in THINGS:
         raise DiffprobeError(f"unknown world category {first!r}; choose one of {', '.join(THINGS)}")
+    if closeup:
+        if first not in _CLOSEUP_SCALE:
+            raise DiffprobeError(f"close-ups show a figure ({', '.join(_CLOSEUP_SCALE)}), not {first!r}")
+        max_objects = 1
     rng = np.random.default_rng(seed)
     img, classes, stuff_names = _background(rng, size)
     instance = np.zeros((size, size), np.int32)
@@ -125,8 +142,8 @@ def render_scene(seed: int, size: int = 64, first: str | None = None, max_object
     for k in range(n_obj):
         cat, colour = cats[k], colours[k]
         texture = TEXTURES[rng.integers(len(TEXTURES))]
-        for _ in range(25):
-            pose = _sample_pose(rng, cat, size)
+        for attempt in range(25):  # a close-up that does not fit is drawn again a little smaller
+            pose = _sample_pose(rng, cat, size, closeup, shrink=0.97 ** attempt if closeup else 1.0)
             fig = figures.build(cat, rng, pose["flipped"])
             mat = _pose_matrix(pose["scale"], pose["angle"], pose["aspect"], pose["shear"], pose["flipped"])
             center = np.asarray(pose["center"])
