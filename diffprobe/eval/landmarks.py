@@ -127,3 +127,17 @@ def deepfashion_pck(pred, gt, visible=None, size: float = 256.0, pixels: float =
     p, g = _points(pred, "predictions") * size, _points(gt, "ground truth") * size
     res = pck(p, g, threshold_pixels(pixels), visible=visible)
     return {**res.summary(), "image_size": size}
+
+
+def mse_height_normalised(pred, gt, image_height, visible=None) -> dict:
+    """Seed 003's pose error: the mean squared error of (x, y) pixels divided by the image height, over the
+    visible points. pred, gt (N, K, 2) pixels; image_height scalar or (N,)."""
+    p, g = _points(pred, "predictions"), _points(gt, "ground truth")
+    vis = _visible(visible, g.shape)
+    h = np.broadcast_to(np.asarray(image_height, np.float64), (len(g),))[:, None, None]
+    if np.any(h <= 0):
+        raise DiffprobeError("image heights must be positive")
+    sq = (((p - g) / h) ** 2).sum(-1)[vis]
+    if sq.size == 0:
+        raise DiffprobeError("no visible keypoint to evaluate")
+    return {"mse_height_normalised": float(sq.mean()), "num_points": int(sq.size)}

@@ -73,6 +73,17 @@ def threshold_pixels(px: float) -> Threshold:
     return Threshold(np.asarray(float(px)), f"{px:g}px")
 
 
+def threshold_box_diagonal(box, alpha: float = 0.2) -> Threshold:
+    """alpha * the diagonal of the object's box (x0, y0, x1, y1); box (4,) or (B, 4). Name "<alpha>_boxdiag"
+    (seed 003's PCK@0.2 where there is no torso)."""
+    a = _alpha(alpha)
+    b = _array(box, "bounding box")
+    diag = np.hypot(b[..., 2] - b[..., 0], b[..., 3] - b[..., 1])
+    if np.any(diag <= 0):
+        raise DiffprobeError("a bounding box has no extent (its diagonal is 0)")
+    return Threshold(a * diag, f"{a:g}_boxdiag")
+
+
 def threshold_torso_diagonal(left_shoulder, right_hip, alpha: float = 0.2) -> Threshold:
     """alpha * distance from left shoulder to right hip (x, y); points (2,) or (B, 2). Name "<alpha>_torso"."""
     a = _alpha(alpha)

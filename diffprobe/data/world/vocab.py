@@ -37,6 +37,14 @@ KEYPOINTS = {
     "house": ("roof_apex", "roof_left", "roof_right", "window_left", "window_right", "door",
               "base_left", "base_right"),
 }
+# Edges between keypoint indices (in KEYPOINTS order) for drawing a set as a skeleton; CelebA's 5 landmarks
+# and CUB's 15 parts use the face and bird orders.
+SKELETONS = {
+    "face": ((0, 1), (0, 2), (1, 2), (2, 3), (2, 4), (3, 4)),
+    "bird": ((1, 5), (5, 4), (4, 9), (9, 0), (0, 13), (13, 2), (2, 3), (3, 14), (14, 1), (6, 5), (10, 5),
+             (2, 7), (2, 11), (0, 8), (0, 12)),
+    "house": ((0, 1), (0, 2), (1, 2), (1, 6), (2, 7), (6, 7), (3, 4), (5, 6), (5, 7)),
+}
 PARTS = {
     "face": ("head", "eye", "nose", "mouth"),
     "bird": ("body", "head", "beak", "eye", "wing", "tail", "leg"),
