@@ -4,10 +4,12 @@ the baselines a skeptic tries first, all in one run on the same scenes.
     python benchmarks/diffseg_world.py [--n 200] [--model DIR] [--json out.json] [--resize-check 256]
 
 Every scene's self-attention is captured once (one UNet call: clean latent, t=300, empty prompt), then the
-head runs for each merge mode and tau. Labels are the world's exact class maps as COCO-Stuff-27 classes
-(the mapping `task=world world.format=coco_stuff` writes); scores use per-image Hungarian matching (the
-DiffSeg reference's protocol). Baselines: one segment, top/bottom halves, and k-means on pixel colour with
-k = the number of classes present in the image (told the true count: a strong baseline on these scenes).
+head runs for each merge mode and tau, and the normalised cut (method=ncut) for each affinity and cut
+threshold; the best of each on val is also reported with PAMR refinement. Labels are the world's exact class
+maps as COCO-Stuff-27 classes (the mapping `task=world world.format=coco_stuff` writes); scores use per-image
+Hungarian matching (the DiffSeg reference's protocol). Baselines: one segment, top/bottom halves, and k-means
+on pixel colour with k = the number of classes present in the image (told the true count: a strong baseline on
+these scenes).
 --resize-check SIZE also renders the test scenes at SIZE px and segments them at the chosen tau after each
 resize filter (the model sees its own sample size), to measure what the filter changes.
 """
@@ -35,6 +37,8 @@ from diffprobe.data.world.export import coco_fine_labels  # noqa: E402
 from diffprobe.eval.segmentation import PerImageHungarian  # noqa: E402
 from diffprobe.eval.segmentation_baselines import colour_kmeans, one_segment, top_bottom  # noqa: E402
 from diffprobe.heads.diffseg import DiffSegParams, segment  # noqa: E402
+from diffprobe.heads.diffseg.ncut import NcutParams, ncut_segment  # noqa: E402
+from diffprobe.heads.pamr import refine_labels  # noqa: E402
 from diffprobe.mini import packaged_path  # noqa: E402
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings  # noqa: E402
 from diffprobe.runner import run_plans  # noqa: E402
@@ -45,6 +49,13 @@ MODES = {  # name: DiffSegParams overrides
     "reference, float32 KL": {"merge": "reference", "fp16_kl": False},
     "leaders": {"merge": "leaders"},
     "components": {"merge": "components"},
+}
+
+NCUT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+NCUT = {  # name: NcutParams overrides
+    "attention rows, alpha 10 (DiffCut's affinity)": {"affinity": "attention_rows", "alpha": 10.0},
+    "attention rows, alpha 3": {"affinity": "attention_rows", "alpha": 3.0},
+    "attention (P + P^T) / 2": {"affinity": "attention"},
 }
 
 
@@ -77,11 +88,23 @@ class Scores:
                 "segments": float(np.mean(self.segments))}
 
 
-def diffseg_scores(data: list[dict], params: DiffSegParams) -> dict:
+def scores(data: list[dict], rule, pamr: bool = False) -> dict:
+    """Scores of rule(maps, size) -> labels over the scenes, optionally refined by PAMR on the scene image."""
     s = Scores()
     for d in data:
-        s.add(d["label"], segment(d["maps"], size=d["label"].shape, params=params).labels.numpy())
+        labels = rule(d["maps"], d["label"].shape)
+        if pamr:
+            labels = refine_labels(labels, torch.from_numpy(d["image"]).permute(2, 0, 1).float() / 255)
+        s.add(d["label"], labels.numpy())
     return s.row()
+
+
+def diffseg_scores(data: list[dict], params: DiffSegParams, pamr: bool = False) -> dict:
+    return scores(data, lambda maps, size: segment(maps, size=size, params=params).labels, pamr)
+
+
+def ncut_scores(data: list[dict], params: NcutParams, pamr: bool = False) -> dict:
+    return scores(data, lambda maps, size: ncut_segment(maps, size, params).labels, pamr)
 
 
 def baseline_scores(data: list[dict]) -> dict[str, dict]:
@@ -124,6 +147,18 @@ def main() -> None:
         data["test"], DiffSegParams(tau=chosen[mode], **MODES[mode])) for mode in MODES}
     test["DiffSeg reference, tau 1.1 (the paper's COCO value)"] = diffseg_scores(
         data["test"], DiffSegParams(tau=1.1))
+    ref = "reference (float16 KL, default)"
+    test[f"DiffSeg {ref}, tau {chosen[ref]} + PAMR"] = diffseg_scores(
+        data["test"], DiffSegParams(tau=chosen[ref], **MODES[ref]), pamr=True)
+    ncut_sweep = {name: {tau: ncut_scores(data["val"], NcutParams(tau=tau, **kw)) for tau in NCUT_TAUS}
+                  for name, kw in NCUT.items()}
+    ncut_chosen = {name: max(NCUT_TAUS, key=lambda t: rows[t]["miou"]) for name, rows in ncut_sweep.items()}
+    for name, kw in NCUT.items():
+        params = NcutParams(tau=ncut_chosen[name], **kw)
+        test[f"normalised cut, {name}, tau {ncut_chosen[name]} (best on val)"] = ncut_scores(data["test"], params)
+    best = max(NCUT, key=lambda name: ncut_sweep[name][ncut_chosen[name]]["miou"])
+    test[f"normalised cut, {best}, tau {ncut_chosen[best]} + PAMR"] = ncut_scores(
+        data["test"], NcutParams(tau=ncut_chosen[best], **NCUT[best]), pamr=True)
     baselines = {split: baseline_scores(data[split]) for split in ("val", "test")}
 
     print(f"\nDiffSeg on {args.n} world val + {args.n} test scenes, model {args.model or 'diffprobe-mini'}, "
@@ -135,6 +170,10 @@ def main() -> None:
         print(f"| {tau} | " + " | ".join(fmt(sweep[m][tau]) for m in MODES) + " |")
     for name, row in baselines["val"].items():
         print(f"| baseline: {name} | {fmt(row)} |")
+    print("\nNormalised cut, validation sweep:\n\n| ncut_tau | " + " | ".join(NCUT) + " |")
+    print("|---|" + "---|" * len(NCUT))
+    for tau in NCUT_TAUS:
+        print(f"| {tau} | " + " | ".join(fmt(ncut_sweep[m][tau]) for m in NCUT) + " |")
     print("\nTest split:\n\n| prediction | segments per image | pixel accuracy (%) | mIoU (%) |\n|---|---|---|---|")
     for name, row in baselines["test"].items():
         print(f"| baseline: {name} | {fmt(row)} |")
@@ -153,6 +192,7 @@ def main() -> None:
             print(f"| {name} | {fmt(row)} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"n": args.n, "sweep_val": sweep, "chosen_tau": chosen, "test": test,
+                                               "ncut_sweep_val": ncut_sweep, "ncut_chosen_tau": ncut_chosen,
                                                "baselines": baselines, "resize_check": resized,
                                                "seconds": time.time() - start, "load_at_start": load}, indent=2))
 

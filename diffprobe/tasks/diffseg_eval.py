@@ -98,9 +98,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
               checkpoint_minutes=ev.checkpoint_minutes, desc=f"diffseg_eval {data.name}")
     results = [meters["per_image"].result(), meters["dataset"].result()]
     segments = meters["segments"].result()["segments_per_image"]
-    numerics = ", float16 KL" if heads[0].params.reference_numerics else ""
-    title = (f"DiffSeg on {data.name} ({count} images, model {cfg.model.name}, tau {settings.tau}, "
-             f"merge {settings.merge}{numerics}, refine {settings.refine}, {size} px; {segments:.1f} segments per image)")
+    if settings.method == "ncut":
+        method = f"normalised cut (tau {settings.ncut_tau}, alpha {settings.ncut_alpha}, {settings.ncut_affinity})"
+    else:
+        numerics = ", float16 KL" if heads[0].params.reference_numerics else ""
+        method = f"DiffSeg (tau {settings.tau}, merge {settings.merge}{numerics}, refine {settings.refine})"
+    title = (f"{method}{' + PAMR' if settings.pamr else ''} on {data.name} ({count} images, model {cfg.model.name}, "
+             f"{size} px; {segments:.1f} segments per image)")
     table = format_table(title, results)
     print(table)
     report = {"title": title, "class_names": list(dataset.class_names), "results": results,

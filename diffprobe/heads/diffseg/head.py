@@ -13,7 +13,8 @@ import torch
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.call import CallSettings, model_input
-from diffprobe.heads.diffseg.segment import DiffSegParams, SegmentationResult, segment
+from diffprobe.heads.diffseg.ncut import NcutParams, ncut_segment
+from diffprobe.heads.diffseg.segment import DiffSegParams, SegmentationResult, compact_labels, segment
 from diffprobe.heads.diffseg.semantics import word_maps
 from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid
 from diffprobe.hooks import Need, Reduce
@@ -21,6 +22,7 @@ from diffprobe.runner import Head, Item, Plan, View
 
 log = logging.getLogger(__name__)
 DEFAULT_TAU = 0.9  # the reference's merge threshold, when neither the model nor the dataset sets one
+METHODS = ("diffseg", "ncut")
 
 
 @dataclass
@@ -37,10 +39,23 @@ class DiffSegSettings(CallSettings):
     fp16_kl: bool | None = None
     weights: Any = None
     refine: bool = False
+    method: str = "diffseg"
+    ncut_tau: float = 0.5
+    ncut_alpha: float = 10.0
+    ncut_affinity: str = "attention_rows"
+    pamr: bool = False
+
+    def ncut_params(self) -> NcutParams:
+        weights = self.weights if self.weights is None or isinstance(self.weights, str) else list(self.weights)
+        return NcutParams(tau=float(self.ncut_tau), alpha=float(self.ncut_alpha), affinity=self.ncut_affinity,
+                          weights=weights)
 
     def params(self) -> DiffSegParams:
         """The head's parameters (validated: DiffprobeError on bad values); tau must be resolved first."""
         self.validate()
+        if self.method not in METHODS:
+            raise DiffprobeError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        self.ncut_params()
         if self.tau is None:
             raise DiffprobeError("DiffSeg needs tau (default_tau resolves the model's or the dataset's)")
         tau = self.tau if isinstance(self.tau, (int, float, str)) else list(self.tau)
@@ -65,8 +80,20 @@ def output_size(item: Item, crop: str) -> tuple[int, int]:
     return bh, bw
 
 
+def image_at(image, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) float in [0, 1]: the analysed box (left, top, width, height) of a PIL image at size (H, W)."""
+    import numpy as np
+    from PIL import Image
+
+    left, top, bw, bh = box
+    part = image.convert("RGB").crop((left, top, left + bw, top + bh)).resize((size[1], size[0]), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(part, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
 class DiffSegHead(Head):
-    """DiffSeg: `plan` asks for every self-attention site (heads averaged); `finish` segments.
+    """Segmentation from self-attention: `plan` asks for every self-attention site (heads averaged); `finish`
+    segments by DiffSeg's merge (method "diffseg") or recursive normalised cut ("ncut"), then optionally
+    refines the labels by PAMR on the image's colours.
 
     item: an Item whose image is a PIL image; labels come at item.data["output_size"] or the analysed box.
     """
@@ -76,6 +103,7 @@ class DiffSegHead(Head):
     def __init__(self, settings: DiffSegSettings, image_size: int):
         self.settings, self.size = settings, int(image_size)
         self.params = settings.params()
+        self.ncut = settings.ncut_params()
         self.groups: dict[int, list[str]] = {}
 
     def plan(self, sites: Mapping) -> Plan:
@@ -105,13 +133,24 @@ class DiffSegHead(Head):
 
     def finish(self, view: View, item: Item) -> SegmentationResult:
         maps = self.maps(view)
-        finest = max(h for h, _ in maps)
-        params = self.params
-        if params.anchors > finest:
-            log.warning("anchors=%d is more than the %d positions per side of the finest attention grid; using %d",
-                        params.anchors, finest, finest)
-            params = params.replace(anchors=finest)
-        return segment(maps, size=output_size(item, self.settings.crop), params=params)
+        size = output_size(item, self.settings.crop)
+        if self.settings.method == "ncut":
+            result = ncut_segment(maps, size, self.ncut)
+        else:
+            finest = max(h for h, _ in maps)
+            params = self.params
+            if params.anchors > finest:
+                log.warning("anchors=%d is more than the %d positions per side of the finest attention grid; "
+                            "using %d", params.anchors, finest, finest)
+                params = params.replace(anchors=finest)
+            result = segment(maps, size=size, params=params)
+        if self.settings.pamr:
+            from diffprobe.heads.pamr import refine_labels
+
+            labels = refine_labels(result.labels, image_at(item.image, self.box(item.image), size))
+            labels, proposals = compact_labels(labels, result.proposals)
+            result = replace(result, labels=labels, proposals=proposals)
+        return result
 
 
 def token_groups(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:

@@ -1,0 +1,118 @@
+"""Affinity graphs over N nodes (the positions of an h x w grid, row-major): symmetric, non-negative
+weights, so the Laplacian L = D - W is positive semi-definite.
+
+Memory at 64 x 64 (N = 4,096): a dense float32 W is 64 MiB; an 8-neighbour grid graph holds about
+65,000 weights (under 1 MiB as a sparse tensor); a kNN graph N * k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from diffprobe.errors import DiffprobeError
+
+
+@dataclass
+class Graph:
+    """weights (N, N): a dense tensor or a sparse COO tensor, symmetric and non-negative."""
+
+    weights: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def sparse(self) -> bool:
+        return self.weights.is_sparse
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """W @ x for x (N,) or (N, M)."""
+        if self.sparse:
+            return torch.sparse.mm(self.weights, x[:, None] if x.dim() == 1 else x).reshape(x.shape)
+        return self.weights @ x
+
+    def degree(self) -> torch.Tensor:
+        """(N,) row sums of W."""
+        return self.matmul(torch.ones(self.n, dtype=self.weights.dtype, device=self.weights.device))
+
+    def dense(self) -> torch.Tensor:
+        return self.weights.to_dense() if self.sparse else self.weights
+
+    def laplacian_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """L @ x = D x - W x for x (N,) or (N, M)."""
+        d = self.degree()
+        return (d[:, None] if x.dim() == 2 else d) * x - self.matmul(x)
+
+
+def _check_square(m: torch.Tensor, what: str) -> None:
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise DiffprobeError(f"{what} must be a square (N, N) matrix, got shape {tuple(m.shape)}")
+
+
+def attention_graph(probs: torch.Tensor) -> Graph:
+    """The graph of self-attention probabilities P (N, N) (rows sum to 1): W = (P + P^T) / 2."""
+    _check_square(probs, "self-attention")
+    if (probs < 0).any():
+        raise DiffprobeError("self-attention probabilities must be non-negative")
+    return Graph((probs + probs.T) / 2)
+
+
+def grid_edges(h: int, w: int, neighbours: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) node indices (E,) of every undirected edge of an h x w grid, each once (i < j); 4 or 8 neighbours."""
+    if neighbours not in (4, 8):
+        raise DiffprobeError(f"grid graphs join 4 or 8 neighbours, not {neighbours}")
+    steps = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if neighbours == 8 else [])
+    src, dst = [], []
+    for dy, dx in steps:
+        ys, xs = torch.meshgrid(torch.arange(h - dy), torch.arange(max(0, -dx), w - max(0, dx)), indexing="ij")
+        src.append((ys * w + xs).reshape(-1))
+        dst.append(((ys + dy) * w + xs + dx).reshape(-1))
+    i, j = torch.cat(src), torch.cat(dst)
+    return torch.minimum(i, j), torch.maximum(i, j)
+
+
+def feature_graph(features: torch.Tensor, grid: tuple[int, int] | None = None, neighbours: int = 8,
+                  knn: int | None = None, temperature: float = 0.1) -> Graph:
+    """Sparse graph of features (N, C): W_ij = exp((cos(f_i, f_j) - 1) / temperature) on the edges of the
+    h x w `grid` (4 or 8 neighbours), or, with `knn`, between each node and its knn most similar nodes
+    (symmetrised by the maximum)."""
+    if features.dim() != 2:
+        raise DiffprobeError(f"features must be (N, C), got shape {tuple(features.shape)}")
+    if temperature <= 0:
+        raise DiffprobeError(f"the graph temperature must be > 0, got {temperature}")
+    f = F.normalize(features.float(), dim=1)
+    n = f.shape[0]
+    if knn is not None:
+        if not 1 <= knn < n:
+            raise DiffprobeError(f"knn must lie in [1, {n - 1}] for {n} nodes, got {knn}")
+        sims = f @ f.T
+        sims.fill_diagonal_(-2.0)
+        cos, j = sims.topk(knn, dim=1)
+        i = torch.arange(n).repeat_interleave(knn)
+        i, j, cos = torch.cat([i, j.reshape(-1)]), torch.cat([j.reshape(-1), i]), torch.cat([cos.reshape(-1)] * 2)
+        weights = torch.exp((cos - 1) / temperature)
+        dense_idx = i * n + j  # symmetrise by the maximum: duplicates keep the larger weight
+        order = torch.argsort(weights)
+        key, weights = dense_idx[order], weights[order]
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        kept = torch.zeros(len(uniq)).scatter_reduce(0, inverse, weights, reduce="amax", include_self=False)
+        return Graph(torch.sparse_coo_tensor(torch.stack([uniq // n, uniq % n]), kept, (n, n), check_invariants=True).coalesce())
+    if grid is None or grid[0] * grid[1] != n:
+        raise DiffprobeError(f"a grid graph needs grid=(h, w) with h * w = {n} nodes, got {grid}")
+    i, j = grid_edges(*grid, neighbours)
+    weights = torch.exp(((f[i] * f[j]).sum(1) - 1) / temperature)
+    idx = torch.stack([torch.cat([i, j]), torch.cat([j, i])])
+    return Graph(torch.sparse_coo_tensor(idx, torch.cat([weights, weights]), (n, n), check_invariants=True).coalesce())
+
+
+def cosine_affinity(features: torch.Tensor, alpha: float = 10.0) -> torch.Tensor:
+    """DiffCut's dense affinity (N, N): cosine similarities of features (N, C), min-max normalised to
+    [0, 1] over the matrix, raised to `alpha` (ref 10)."""
+    f = F.normalize(features.float(), dim=1)
+    a = f @ f.T
+    a = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12)
+    return a ** alpha
