@@ -1,14 +1,18 @@
-"""Keypoint quality on the procedural world's faces (CelebA/MAFL layout) with the embedded mini model.
+"""Keypoint quality with the embedded mini model on the world's close-up faces (CelebA/MAFL layout) and
+birds (CUB layout), beside three baselines computed on the same test images.
 
-    python benchmarks/keypoints_quality.py --out /tmp/kpq [--steps 50]
+    python benchmarks/keypoints_quality.py --out DIR [--categories face bird] [--steps 500]
 
-1. writes world faces in the CelebA/MAFL layout (task=world) unless --data is given;
-2. fits keypoints (task=keypoints mode=fit) on the unsupervised split;
-3. evaluates (mode=eval: regressor on MAFL train, inter-ocular error on MAFL test) the fitted
-   embeddings and a baseline: the untrained initial embeddings with tokens chosen by the same vote;
-4. prints a table, with the error of predicting the training faces' mean landmarks for every test
-   face as the no-information baseline. Each step is skipped when its output exists (rerun to resume).
-The world's faces are 64 px; maps are 32 x 32 (sigma 1 px, the reference's 2 px at 128 scaled).
+Per category:
+1. writes world close-ups in the dataset's layout (task=world: 300 train, 100 test) unless present;
+2. fits keypoints (task=keypoints mode=fit) on the train split (the reference fits and votes there);
+3. evaluates (mode=eval: bias-free regressor on the train split, the dataset's metric on test):
+   - the fitted embeddings;
+   - untrained: the fit's initial embeddings with K tokens chosen by the same vote;
+   - random tokens: the initial embeddings, K tokens drawn at random (raw features, no selection);
+   - mean landmarks: the training images' mean landmarks for every test image (no image; in metrics.json).
+Each step is skipped when its output exists (rerun to resume). Images are 64 px; maps are 32 x 32
+(sigma 1 px, the reference's 2 px at 128 scaled); K = 10, 500 tokens, the reference's lr unless --lr.
 """
 
 from __future__ import annotations
@@ -17,19 +21,27 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = ["model=mini", "keypoints.fit.sigma=1.0", "keypoints.upsample_queries=32", "keypoints.predict.augmentations=3",
           "keypoints.predict.batch_size=1"]
+LAYOUT = {"face": ("celeba", "inter_ocular_error_percent", "inter-ocular error %"),
+          "bird": ("cub", "mean_l2_percent", "mean L2 % of the crop")}
 
 
-def cli(*args: str) -> None:
+def cli(*args: str) -> float:
+    """Run task=keypoints; its wall time in seconds."""
+    start = time.time()
     subprocess.run([sys.executable, "-m", "diffprobe", "task=keypoints", *COMMON, *args], cwd=REPO, check=True)
+    return time.time() - start
 
 
-def baseline(data: Path, out: Path, seed: int = 0) -> Path:
-    """Untrained embeddings (the fit's start) with K tokens chosen by the fit's vote."""
+def untrained(data_args: dict, out: Path, random_tokens: bool, seed: int = 0) -> Path:
+    """The fit's initial embeddings with K tokens chosen by the fit's vote, or drawn at random."""
     import torch
 
     from diffprobe.backbones import load_backbone
@@ -43,62 +55,72 @@ def baseline(data: Path, out: Path, seed: int = 0) -> Path:
     bb = load_backbone({"name": "mini", "path": str(REPO / "diffprobe" / "assets" / "mini")})
     spec = MapSpec(tuple(default_sites(bb.probe.sites)), res=32)
     cfg = FitConfig(sigma=1.0, seed=seed)
-    images = ImageSet(split_items({"name": "celeba", "root": str(data), "fit_split": "unsupervised"}, "fit"),
-                      bb.sample_size)
+    crop = "none" if data_args["name"] == "celeba" else "center"
+    images = ImageSet(split_items(data_args, "fit"), bb.sample_size, crop=crop)
     emb = initial_embeddings(cfg, bb.context_dim)
-    indices, counts = choose_keypoints(bb, spec, cfg, images, emb)
+    if random_tokens:
+        indices = torch.from_numpy(np.random.default_rng(seed).choice(cfg.num_tokens, cfg.top_k, replace=False))
+        counts = [0] * cfg.top_k
+    else:
+        indices, counts = choose_keypoints(bb, spec, cfg, images, emb)
     config = {**config_dict(cfg, spec), "image_size": images.size, "crop": images.crop, "model": "mini"}
     return save_model(out / "keypoints", KeypointModel(emb, indices, config, counts))
 
 
-def mean_landmarks_error(run: Path) -> float:
-    """Inter-ocular error % of predicting every test face's landmarks as the training faces' mean (no image)."""
-    from diffprobe.eval.landmarks import inter_ocular_error
-    from diffprobe.io import load_tensors
-
-    train, _ = load_tensors(run / "eval_train_state.safetensors")
-    test, _ = load_tensors(run / "eval_test_state.safetensors")
-    mean = train["rows.gt"].numpy().mean(axis=0, keepdims=True)
-    gt = test["rows.gt"].numpy()
-    return inter_ocular_error(mean.repeat(len(gt), axis=0), gt)["inter_ocular_error_percent"]
+def run_category(category: str, out: Path, args) -> list[tuple[str, float]]:
+    fmt, key, _ = LAYOUT[category]
+    data = out / f"world_{fmt}"
+    if not (data / "done").is_file():
+        subprocess.run([sys.executable, "-m", "diffprobe", "task=world", f"world.format={fmt}", "world.n=100",
+                        "world.n_train=300", f"world.out={data}", f"hydra.run.dir={out / f'world_{fmt}_run'}"],
+                       cwd=REPO, check=True)
+        (data / "done").write_text("")
+    root = data if fmt == "celeba" else data / "CUB_200_2011"
+    data_args = [f"data={fmt}", f"data.root={root}"]
+    timing = out / f"fit_{category}" / "wall_seconds.txt"
+    if not (out / f"fit_{category}" / "keypoints.safetensors").is_file():
+        lr = [f"keypoints.fit.lr={args.lr}"] if args.lr else []
+        seconds = cli("mode=fit", *data_args, f"keypoints.fit.steps={args.steps}", *lr,
+                      f"hydra.run.dir={out / f'fit_{category}'}")
+        timing.write_text(f"{seconds:.1f}\n")
+    settings = {"name": fmt, "root": str(root), **({"fit_split": "mafl_train"} if fmt == "celeba" else
+                                                    {"fit_split": "train", "crop_to_box": True, "box_margin": 0.05})}
+    for name, random_tokens in (("untrained", False), ("random", True)):
+        if not (out / f"{name}_{category}" / "keypoints.safetensors").is_file():
+            untrained(settings, out / f"{name}_{category}", random_tokens)
+    rows = []
+    for name in ("fit", "untrained", "random"):
+        run = out / f"eval_{name}_{category}"
+        if not (run / "metrics.json").is_file():
+            cli("mode=eval", *data_args, f"embeddings={out / f'{name}_{category}' / 'keypoints.safetensors'}",
+                f"keypoints.eval.train={args.eval_train}", f"resume={run}", f"hydra.run.dir={run}")
+        rows.append((name, json.loads((run / "metrics.json").read_text())))
+    fit_seconds = float(timing.read_text()) if timing.is_file() else float("nan")
+    labels = {"fit": f"fitted, {args.steps} Adam steps ({fit_seconds / 60:.1f} min)",
+              "untrained": "untrained (initial) + the same vote", "random": "untrained, K random tokens (raw features)"}
+    table = [(labels[name], m[key]) for name, m in rows]
+    table.append(("none: mean training landmarks", rows[0][1][f"baseline_mean_landmarks_{key}"]))
+    return table, rows[0][1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--data", type=Path, default=None)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--eval-train", type=int, default=200)
+    ap.add_argument("--categories", nargs="+", default=["face", "bird"], choices=list(LAYOUT))
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--lr", type=float, default=None, help="default: the reference's 5e-3")
+    ap.add_argument("--eval-train", type=int, default=300)
     args = ap.parse_args()
     out = args.out.resolve()
-    data = args.data or out / "world_celeba"
-    if not (data / "MAFL").is_dir():
-        subprocess.run([sys.executable, "-m", "diffprobe", "task=world", "world.format=celeba", "world.n=100",
-                        "world.n_train=300", f"world.out={data}", f"hydra.run.dir={out / 'world_run'}"],
-                       cwd=REPO, check=True)
-    data_args = ["data=celeba", f"data.root={data}"]
-    if not (out / "fit" / "keypoints.safetensors").is_file():
-        cli("mode=fit", *data_args, f"keypoints.fit.steps={args.steps}", f"keypoints.fit.lr={args.lr}",
-            f"hydra.run.dir={out / 'fit'}")
-    if not (out / "baseline" / "keypoints.safetensors").is_file():
-        baseline(data, out / "baseline")
-    rows = []
-    for name in ("baseline", "fit"):
-        run = out / f"eval_{name}"
-        if not (run / "metrics.json").is_file():
-            cli("mode=eval", *data_args, f"embeddings={out / name / 'keypoints.safetensors'}",
-                f"keypoints.eval.train={args.eval_train}", f"resume={run}", f"hydra.run.dir={run}")
-        rows.append((name, json.loads((run / "metrics.json").read_text())))
-    print("\n| embeddings | K | regressor train images | test images | inter-ocular error % |")
-    print("|---|---|---|---|---|")
-    for name, m in rows:
-        label = "untrained (initial) + vote" if name == "baseline" else f"fitted, {args.steps} Adam steps"
-        print(f"| {label} | {m['num_keypoints']} | {m['num_train']} | {m['num_test']} | "
-              f"{m['inter_ocular_error_percent']:.2f} |")
-    m = rows[-1][1]
-    print(f"| none: mean training landmarks | - | {m['num_train']} | {m['num_test']} | "
-          f"{mean_landmarks_error(out / 'eval_fit'):.2f} |")
+    results = {}
+    for category in args.categories:
+        results[category] = run_category(category, out, args)
+    for category, (table, m) in results.items():
+        print(f"\n{category}s ({LAYOUT[category][0]} layout): K = {m['num_keypoints']}, regressor on "
+              f"{m['num_train']} train images, {m['num_test']} test images")
+        print(f"| keypoints | {LAYOUT[category][2]} |\n|---|---|")
+        for label, value in table:
+            print(f"| {label} | {value:.2f} |")
 
 
 if __name__ == "__main__":

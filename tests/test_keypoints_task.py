@@ -16,7 +16,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
 from diffprobe.heads.keypoints.state import load_model
 from diffprobe.tasks import keypoints
-from diffprobe.tasks.keypoints_eval import collect
+from diffprobe.tasks.keypoints_eval import collect, landmark_metric, mean_landmarks
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 SMALL = {"num_tokens": 8, "top_k": 2, "candidates": 4, "steps": 2, "fit.batch_size": 1, "upsample_queries": 16,
@@ -95,6 +95,22 @@ def test_eval_on_cub_writes_metrics_and_resumes(fitted, tmp_path):
     metrics = keypoints.run(cfg, tmp_path / "eval")
     assert metrics["num_train"] == 3 and metrics["num_test"] == 1 and np.isfinite(metrics["mean_l2"])
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean_l2"] == metrics["mean_l2"]
+    # the no-image baseline in the same run: every test image gets the training images' mean landmarks
+    assert np.isfinite(metrics["baseline_mean_landmarks_mean_l2"])
+    rows = json.loads((tmp_path / "eval" / "test_predictions.json").read_text())
+    assert len(rows) == 1 and rows[0]["error"] == pytest.approx(metrics["mean_l2"])
+    assert Image.open(tmp_path / "eval" / "test_predictions.png").size == (192, 192)
+
+
+def test_mean_landmarks_baseline_counts_only_visible_points():
+    gt = np.array([[[0.2, 0.4], [0.9, 0.9]], [[0.4, 0.6], [0.1, 0.3]]])
+    visible = np.array([[True, False], [True, True]])
+    np.testing.assert_allclose(mean_landmarks(gt, visible), [[0.3, 0.5], [0.1, 0.3]])
+    # on CUB's metric: the second test image's one visible point is 0.1 away from the mean
+    test_gt = np.array([[[0.3, 0.5], [0.1, 0.3]], [[0.3, 0.6], [0.5, 0.5]]])
+    test_vis = np.array([[True, True], [True, False]])
+    res = landmark_metric("cub", np.broadcast_to(mean_landmarks(gt, visible), test_gt.shape), test_gt, test_vis)
+    np.testing.assert_allclose(res["per_image"], [0.0, 0.1], atol=1e-12)
 
 
 def test_eval_collection_resumes_from_its_checkpoint(tmp_path):

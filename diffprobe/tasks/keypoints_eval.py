@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from diffprobe.errors import DiffprobeError
@@ -18,6 +19,7 @@ from diffprobe.eval.landmarks import apply_regressor, fit_regressor, inter_ocula
 from diffprobe.heads.keypoints.image_sets import ImageSet
 from diffprobe.io import save_json, save_tensors
 from diffprobe.items import IndexedRows, run_items
+from diffprobe.tasks.keypoints_outputs import write_test_predictions
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +43,38 @@ def collect(predict: Callable, images: ImageSet, split: str, out_dir: Path, resu
     return r["found"], r["gt"], r["visible"] > 0
 
 
+def landmark_metric(dataset: str, pred: np.ndarray, gt: np.ndarray, visible: np.ndarray) -> dict:
+    """The dataset's metric of predicted landmarks (N, L, 2) in [0, 1]: celeba inter-ocular error, cub the
+    mean L2 over visible parts; `per_image` (N,) included."""
+    if dataset == "celeba":
+        return inter_ocular_error(pred, gt)
+    if dataset == "cub":
+        return visible_error(pred, gt, visible)
+    raise DiffprobeError(f"no landmark metric for data={dataset}")
+
+
+def mean_landmarks(gt: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """(L, 2): per landmark the mean of the training images' ground truth where visible (the no-image
+    baseline: every test image gets these)."""
+    w = visible[..., None].astype(float)
+    return (gt * w).sum(0) / np.maximum(w.sum(0), 1.0)
+
+
 def evaluate(predict: Callable, train: ImageSet, test: ImageSet, dataset: str, out_dir: Path,
              fingerprint: dict | None = None, resume: str | None = None) -> dict:
-    """Fit the regressor on train, report the dataset's metric on test; writes metrics.json."""
+    """Fit the regressor on train, report the dataset's metric on test beside the mean-landmarks baseline;
+    writes metrics.json, regressor.safetensors, test_predictions.json and test_predictions.png."""
     found_tr, gt_tr, vis_tr = collect(predict, train, "train", out_dir, resume, fingerprint)
     found_te, gt_te, vis_te = collect(predict, test, "test", out_dir, resume, fingerprint)
     W = fit_regressor(found_tr, gt_tr, vis_tr)
     pred = apply_regressor(W, found_te)
-    if dataset == "celeba":
-        res = inter_ocular_error(pred, gt_te)
-    elif dataset == "cub":
-        res = visible_error(pred, gt_te, vis_te)
-    else:
-        raise DiffprobeError(f"no landmark metric for data={dataset}")
+    res = landmark_metric(dataset, pred, gt_te, vis_te)
+    mean = np.broadcast_to(mean_landmarks(gt_tr, vis_tr), gt_te.shape)
+    base = landmark_metric(dataset, mean, gt_te, vis_te)
     metrics = {k: v for k, v in res.items() if k != "per_image"}
+    metrics.update({f"baseline_mean_landmarks_{k}": v for k, v in base.items() if k != "per_image"})
     metrics.update(dataset=dataset, num_train=len(train), num_test=len(test), num_keypoints=int(found_tr.shape[1]))
     save_tensors(out_dir / "regressor.safetensors", {"W": torch.tensor(W)})
+    write_test_predictions(out_dir, test, found_te, pred, gt_te, vis_te, res["per_image"])
     save_json(out_dir / "metrics.json", metrics)
     return metrics

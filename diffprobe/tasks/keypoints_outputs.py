@@ -47,6 +47,51 @@ def write_prediction(out_dir: Path, image_path: Path, image, points: np.ndarray,
     return record
 
 
+def draw_landmarks(image, pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, found: np.ndarray):
+    """The RGB PIL image with the found keypoints (K, 2) as small grey dots, the ground-truth landmarks (L, 2)
+    as hollow rings and the regressed ones (L, 2) as discs, landmark i in palette colour i; all in pixels."""
+    from PIL import ImageDraw
+
+    img = image.copy()
+    draw = ImageDraw.Draw(img)
+    r = max(2.0, min(img.size) / 40)
+    for x, y in found:
+        draw.ellipse((x - r / 2, y - r / 2, x + r / 2, y + r / 2), fill=(200, 200, 200), outline=(0, 0, 0))
+    for i, ((px, py), (gx, gy), vis) in enumerate(zip(pred, gt, visible)):
+        c = tuple(int(v) for v in palette(len(pred))[i])
+        if vis:
+            draw.ellipse((gx - r * 1.4, gy - r * 1.4, gx + r * 1.4, gy + r * 1.4), outline=c, width=max(1, int(r / 2)))
+            draw.line((gx, gy, px, py), fill=c, width=1)
+        draw.ellipse((px - r, py - r, px + r, py + r), fill=c, outline=(0, 0, 0))
+    return img
+
+
+def write_test_predictions(out_dir: Path, test, found: np.ndarray, pred: np.ndarray, gt: np.ndarray,
+                           visible: np.ndarray, errors: np.ndarray, panels: int = 16, panel_size: int = 192) -> None:
+    """out_dir/test_predictions.json (per test image: found points, regressed and true landmarks in [0, 1]
+    of the processed square, visibility, the image's error) and test_predictions.png (the first `panels`
+    test images, drawn by draw_landmarks at panel_size px)."""
+    from PIL import Image
+
+    rows = []
+    per_image = iter(errors)
+    for i in range(len(found)):
+        err = float(next(per_image)) if visible[i].any() else None
+        rows.append({"image": str(test.items[i].path), "found": found[i], "landmarks": pred[i], "gt": gt[i],
+                     "visible": visible[i], "error": err})
+    save_json(out_dir / "test_predictions.json", rows)
+    n = min(panels, len(found))
+    cols = min(n, 8)
+    sheet = Image.new("RGB", (cols * panel_size, -(-n // cols) * panel_size), (255, 255, 255))
+    for i in range(n):
+        x = test.load(i)[0][0].permute(1, 2, 0).numpy()
+        img = Image.fromarray(np.clip((x + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)).resize(
+            (panel_size, panel_size), Image.BICUBIC)
+        panel = draw_landmarks(img, pred[i] * panel_size, gt[i] * panel_size, visible[i], found[i] * panel_size)
+        sheet.paste(panel, ((i % cols) * panel_size, (i // cols) * panel_size))
+    save_png(out_dir / "test_predictions.png", np.asarray(sheet))
+
+
 def save_loss_curve(path: Path, history: list[dict]) -> None:
     """PNG of the total, localisation and equivariance losses per optimiser step (log scale)."""
     import matplotlib
