@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from diffprobe.errors import DiffprobeError
 
+EDGE_CHUNK_VALUES = 2**24  # feature values gathered per chunk of grid edges
+
 
 @dataclass
 class Graph:
@@ -104,7 +106,9 @@ def feature_graph(features: torch.Tensor, grid: tuple[int, int] | None = None, n
     if grid is None or grid[0] * grid[1] != n:
         raise DiffprobeError(f"a grid graph needs grid=(h, w) with h * w = {n} nodes, got {grid}")
     i, j = grid_edges(*grid, neighbours)
-    weights = torch.exp(((f[i] * f[j]).sum(1) - 1) / temperature)
+    step = max(1, EDGE_CHUNK_VALUES // max(1, f.shape[1]))  # edges per chunk: f[i] * f[j] stays ~64 MiB
+    cos = torch.cat([(f[i[s:s + step]] * f[j[s:s + step]]).sum(1) for s in range(0, len(i), step)])
+    weights = torch.exp((cos - 1) / temperature)
     idx = torch.stack([torch.cat([i, j]), torch.cat([j, i])])
     return Graph(torch.sparse_coo_tensor(idx, torch.cat([weights, weights]), (n, n), check_invariants=True).coalesce())
 

@@ -1,0 +1,129 @@
+"""The localisation head on the runner: one call (DiffSeg's by default: t=300, clean latent, so the two
+heads share it), each word's cross-attention map and the aggregated self-attention, the map refined over
+the attention graph, then a mask and a box per word."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.eval.wsol import component_boxes
+from diffprobe.heads.call import CallSettings, analysed_box, model_input
+from diffprobe.heads.diffseg.aggregate import aggregate
+from diffprobe.heads.diffseg.semantics import word_maps
+from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid
+from diffprobe.heads.localize.refine import RefineParams, refine
+from diffprobe.hooks import Need, Reduce
+from diffprobe.runner import Head, Item, Plan, View
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalizeSettings(CallSettings):
+    """The localize.* keys: the call (DiffSeg's by default), the words, the refinement, the mask threshold."""
+
+    timestep: int = 300
+    resize: str = "bilinear_tf"
+    words: list = field(default_factory=list)
+    prompt: Any = None           # None: "a w1 and a w2 ..."
+    method: str = "diffusion"
+    power: int = 2
+    restart: float = 0.5
+    beta: float = 10.0
+    graph: str = "attention_rows"
+    temperature: float = 0.1
+    neighbours: int = 8
+    threshold: float = 0.5
+
+    def params(self) -> RefineParams:
+        self.validate()
+        if not self.words:
+            raise DiffprobeError("localize needs words to find: words=[bird] (or words=[cat,sofa])")
+        if not 0 <= self.threshold < 1:
+            raise DiffprobeError(f"the mask threshold must lie in [0, 1), got {self.threshold}")
+        return RefineParams(self.method, int(self.power), float(self.restart), float(self.beta), self.graph,
+                            float(self.temperature), int(self.neighbours))
+
+    def full_prompt(self) -> str:
+        return self.prompt if self.prompt else " and ".join(f"a {w}" for w in self.words)
+
+
+@dataclass
+class Localization:
+    """words (n,); raw and refined (n, H, W) heat maps in [0, 1] (min-max per word) at the analysed size;
+    masks (n, H, W) bool (refined >= threshold); boxes (n,) of (x0, y0, x1, y1) (exclusive ends) of each
+    mask's largest component, None for an empty mask; components: every component's box per word."""
+
+    words: list[str]
+    raw: torch.Tensor
+    refined: torch.Tensor
+    masks: torch.Tensor
+    boxes: list
+    components: list
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(n, H, W) min-max normalised per map (a flat map becomes zeros)."""
+    flat = maps.reshape(len(maps), -1)
+    lo, hi = flat.min(1, keepdim=True)[0], flat.max(1, keepdim=True)[0]
+    return ((flat - lo) / (hi - lo).clamp_min(1e-30)).reshape(maps.shape)
+
+
+class LocalizeHead(Head):
+    """Cross- and self-attention of one call (heads averaged); `finish` localises every word."""
+
+    name = "localize"
+
+    def __init__(self, settings: LocalizeSettings, token_groups: list[list[int]], image_size: int):
+        self.settings, self.token_groups, self.size = settings, token_groups, int(image_size)
+        self.params = settings.params()
+        self.cross: dict[int, list[str]] = {}
+        self.self_attn: dict[int, list[str]] = {}
+
+    def plan(self, sites: Mapping) -> Plan:
+        self.cross = attention_groups(sites, "cross_attn")
+        self.self_attn = attention_groups(sites, "self_attn")
+        names = tuple(n for groups in (self.cross, self.self_attn) for g in groups.values() for n in g)
+
+        def work(latent_hw: tuple[int, int]) -> int:  # the aggregated (Q, Q) map, its float64 copy, a P^k product
+            h, w = sites[self.self_attn[min(self.self_attn)][0]].resolution(latent_hw)
+            return 4 * (h * w) ** 2 * 4
+
+        return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.full_prompt(),
+                    work=work)
+
+    def inputs(self, item: Item) -> torch.Tensor:
+        return model_input(item.image, self.size, self.settings.crop, self.settings.resize)[0]
+
+    def attention(self, view: View) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(word maps (n, h, w), aggregated self-attention (Q, Q), grid (h, w)) of the view's first image, on
+        the finest self-attention grid: each word's tokens summed, resolutions weighted as DiffSeg's."""
+        probs, grid = aggregate(maps_by_grid(view, self.self_attn))
+        return word_maps(maps_by_grid(view, self.cross), self.token_groups, grid), probs, grid
+
+    def finish(self, view: View, item: Item) -> Localization:
+        words, probs, grid = self.attention(view)
+        refined = refine(words.reshape(len(words), -1), probs, grid, self.params).reshape(words.shape)
+        if "output_size" in item.data:
+            size = tuple(item.data["output_size"])
+        else:
+            _, _, bw, bh = analysed_box(item.image.width, item.image.height, self.settings.crop)
+            size = (bh, bw)
+        raw, ref = (normalise_maps(F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
+                    for m in (words, refined))
+        masks = ref >= self.settings.threshold
+        boxes, components = [], []
+        for word, mask in zip(self.settings.words, masks):
+            found, areas = component_boxes(mask.numpy())
+            if not len(found):
+                log.warning("the map of %r is flat: no mask and no box", word)
+            boxes.append(found[int(np.argmax(areas))] if len(found) else None)
+            components.append(found)
+        return Localization(list(self.settings.words), raw, ref, masks, boxes, components)
