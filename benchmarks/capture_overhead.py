@@ -4,6 +4,8 @@ For latents of 32x32 and 64x64 (256 and 512 px images) it times, in one process 
   bare   -- the UNet forward with no hooks;
   cross  -- capturing all 16 cross-attention probability maps (heads averaged);
   all    -- capturing all 32 attention maps, 64x64 self-attention included (heads averaged);
+each capture in both attention modes (recompute: the model keeps its fused attention and the probabilities
+are recomputed; reuse: the captured layers run diffusers' sliced processor and its probabilities are kept),
 and reports each as a ratio of process CPU time to bare (robust to other jobs on a shared machine), with the
 bytes the cache holds and the peak RSS during one call in a fresh process, above the RSS of the loaded UNet.
 
@@ -21,7 +23,8 @@ import sys
 import threading
 import time
 
-MODES = {"bare": None, "cross": "*.attn2.hook_probs", "all": "*.hook_probs"}
+MODES = {"bare": (None, None), "cross": ("*.attn2.hook_probs", "recompute"), "all": ("*.hook_probs", "recompute"),
+         "cross, reuse": ("*.attn2.hook_probs", "reuse"), "all, reuse": ("*.hook_probs", "reuse")}
 
 
 def _setup(threads: int):
@@ -45,19 +48,19 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _call(unet, probe, mode: str, latents, context) -> int:
-    """One UNet call in `mode`; returns the bytes the capture cache holds."""
+def _call(unet, probe, mode: str, latents, context):
+    """One UNet call in `mode`; returns (the bytes the capture cache holds, the UNet's output)."""
     import torch
 
     from diffprobe.hooks import Reduce
 
+    selection, attention = MODES[mode]
     with torch.no_grad():
-        if MODES[mode] is None:
-            unet(latents, 300, encoder_hidden_states=context)
-            return 0
-        with probe.capture(MODES[mode], reduce=Reduce(heads="mean")) as cache:
-            unet(latents, 300, encoder_hidden_states=context)
-        return sum(cache[n].numel() * cache[n].element_size() for n in cache.names)
+        if selection is None:
+            return 0, unet(latents, 300, encoder_hidden_states=context).sample
+        with probe.capture(selection, reduce=Reduce(heads="mean"), attention=attention) as cache:
+            out = unet(latents, 300, encoder_hidden_states=context).sample
+        return sum(cache[n].numel() * cache[n].element_size() for n in cache.names), out
 
 
 class _PeakSampler:
@@ -89,12 +92,13 @@ def peak_memory(mode: str, size: int, threads: int) -> dict:
     latents = torch.randn(1, 4, size, size)
     before = _rss_mib()
     with _PeakSampler() as sampler:
-        held = _call(unet, probe, mode, latents, context)
+        held, _ = _call(unet, probe, mode, latents, context)
     return {"held_mib": held / 2**20, "peak_above_model_mib": sampler.peak - before}
 
 
-def timings(sizes: list[int], reps: int, threads: int) -> dict:
-    """Median CPU seconds and wall seconds per call for each (size, mode); modes interleaved per repetition.
+def timings(sizes: list[int], reps: int, threads: int) -> tuple[dict, dict]:
+    """Median CPU seconds and wall seconds per call for each (size, mode), modes interleaved per repetition,
+    and the largest difference of each mode's UNet output from the bare call's.
 
     CPU time of this process is the ratio's basis: other jobs on a shared machine slow the wall clock of
     every mode, not the work a call does.
@@ -104,17 +108,21 @@ def timings(sizes: list[int], reps: int, threads: int) -> dict:
     unet, probe, context = _setup(threads)
     cpu = {(s, m): [] for s in sizes for m in MODES}
     wall = {(s, m): [] for s in sizes for m in MODES}
+    diff = {}
     for size in sizes:
         latents = torch.randn(1, 4, size, size)
         _call(unet, probe, "all", latents, context)  # warm-up
         for _ in range(reps):
             for mode in MODES:
                 c0, w0 = time.process_time(), time.perf_counter()
-                _call(unet, probe, mode, latents, context)
+                _, out = _call(unet, probe, mode, latents, context)
                 cpu[(size, mode)].append(time.process_time() - c0)
                 wall[(size, mode)].append(time.perf_counter() - w0)
+                if mode == "bare":
+                    bare = out
+                diff[(size, mode)] = float((out - bare).abs().max())
             print(f"  rep done at {size}x{size}", file=sys.stderr)
-    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in cpu}
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in cpu}, diff
 
 
 def main() -> None:
@@ -127,7 +135,7 @@ def main() -> None:
     if args.memory:
         print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]), args.threads)))
         return
-    seconds = timings(args.sizes, args.reps, args.threads)
+    seconds, diff = timings(args.sizes, args.reps, args.threads)
     memory = {}
     for size in args.sizes:
         for mode in MODES:
@@ -137,14 +145,14 @@ def main() -> None:
     print(f"SD 1.5 UNet architecture, random weights, CPU, {args.threads} thread(s), "
           f"median of {args.reps} interleaved calls; ratios of process CPU time\n")
     print("| latent | capture | CPU s / call | wall s / call | ratio to bare | cache holds (MiB) | "
-          "peak RSS above the loaded UNet (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+          "peak RSS above the loaded UNet (MiB) | max output difference from bare |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         bare = seconds[(size, "bare")][0]
         for mode in MODES:
             mem, (c, w) = memory[(size, mode)], seconds[(size, mode)]
             print(f"| {size}x{size} | {mode} | {c:.2f} | {w:.2f} | {c / bare:.3f} | {mem['held_mib']:.1f} | "
-                  f"{mem['peak_above_model_mib']:.0f} |")
+                  f"{mem['peak_above_model_mib']:.0f} | {diff[(size, mode)]:.1e} |")
 
 
 if __name__ == "__main__":

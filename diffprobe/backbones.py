@@ -38,6 +38,7 @@ class Backbone:
     name: str = "custom"
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    attention_capture: str = "recompute"  # how the runner's captures get attention: "recompute" | "reuse"
 
     @property
     def family(self):

@@ -26,6 +26,7 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    attention_capture: str = "recompute"
 
 
 def typed(node: Any, schema: type[T], what: str) -> T:
@@ -53,6 +54,8 @@ def run_config(cfg: DictConfig) -> RunConfig:
     run = typed(cfg, RunConfig, "run")
     if run.dtype not in ("float32", "float16", "bfloat16"):
         raise DiffprobeError(f"dtype must be float32, float16 or bfloat16, not {run.dtype!r}")
+    if run.attention_capture not in ("recompute", "reuse"):
+        raise DiffprobeError(f"attention_capture must be recompute or reuse, not {run.attention_capture!r}")
     return run
 
 
@@ -63,6 +66,8 @@ def load_configured_backbone(cfg: DictConfig):
     run = run_config(cfg)
     model = typed(cfg.model, ModelConfig, "model")
     try:
-        return load_backbone(model, device=run.device, dtype=run.dtype)
+        bb = load_backbone(model, device=run.device, dtype=run.dtype)
+        bb.attention_capture = run.attention_capture
+        return bb
     except (RuntimeError, AssertionError) as exc:  # e.g. CUDA asked for on a machine without it
         raise DiffprobeError(f"cannot put model {model.name} on {run.device}: {str(exc).splitlines()[0]}") from None

@@ -220,7 +220,8 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
 
     grad = any(n.grad for n in flat) and torch.is_grad_enabled()
     generated = None  # early exit leaves the block before the drive returns
-    with torch.set_grad_enabled(grad), bb.probe.capture(flat, early_exit=drive.process == "one_step",
+    mode = getattr(bb, "attention_capture", "recompute")
+    with torch.set_grad_enabled(grad), bb.probe.capture(flat, early_exit=drive.process == "one_step", attention=mode,
                                                         on_step=dispatch if on_call else None) as captured:
         caches[:] = captured
         generated = run_drive(bb, drive, latents, cond, generator, size, progress, noise=noise)
@@ -271,13 +272,14 @@ def group_by_drive(plans: Sequence[Plan]) -> list[list[int]]:
 
 def run_heads(bb, heads: Sequence[Head], item: Any, generator: torch.Generator | None = None,
               progress: bool = False) -> list[Any]:
-    """Every head's result for one item: plans grouped by drive, one pass per group."""
+    """Every head's result for one item: plans grouped by drive, one pass per group. Each pass draws from
+    a copy of `generator` in its current state, so every head sees the noise it would see run alone."""
     plans = [h.plan(bb.probe.sites) for h in heads]
     inputs = [h.inputs(item) for h in heads]
     results: list[Any] = [None] * len(heads)
     for group in group_by_drive(plans):
         streams = [heads[i].on_call if type(heads[i]).on_call is not Head.on_call else None for i in group]
-        views = run_plans(bb, [plans[i] for i in group], [inputs[i] for i in group], generator,
+        views = run_plans(bb, [plans[i] for i in group], [inputs[i] for i in group], _fork(generator),
                           on_call=streams if any(streams) else None, progress=progress)
         for i, view in zip(group, views):
             results[i] = heads[i].finish(view, item)

@@ -256,3 +256,41 @@ def test_encoder_attention_mask_is_applied():
     probs = cache[name]
     assert float(probs[..., 5:].abs().max()) < 1e-6
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+
+
+@pytest.mark.parametrize("heads", ["mean", "none", 1])
+def test_reused_probabilities_equal_recomputed_ones_and_outputs_stay(setup, heads):
+    # attention="reuse": the layer's own (sliced) probabilities are kept; a second need on other rows and a
+    # gradient need (which cannot reuse) are served in the same capture
+    bb, probe, latents, cond = setup
+    from diffprobe.hooks import Need
+
+    bare = unet_call(bb, latents, 50, cond)
+    needs = lambda: [Need("*.hook_probs", Reduce(heads=heads)),  # noqa: E731
+                     Need("up_blocks.*.attn2.hook_probs", Reduce(heads="sum"), rows=(1, 2))]
+    with probe.capture(needs(), attention="recompute") as exact:
+        unet_call(bb, latents, 50, cond)
+    attn = bb.unet.get_submodule(probe.sites[probe.select("*.attn1.hook_probs")[0]].module)
+    processor = attn.processor
+    with probe.capture(needs(), attention="reuse") as reused:
+        assert attn.processor is not processor and "get_attention_scores" in attn.__dict__
+        out = unet_call(bb, latents, 50, cond)
+    assert attn.processor is processor and "get_attention_scores" not in attn.__dict__   # restored
+    torch.testing.assert_close(out, bare, rtol=0, atol=1e-5)
+    for a, b in zip(exact, reused):
+        assert a.names == b.names
+        for name in a.names:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+
+
+def test_reuse_restores_the_processors_when_the_block_raises(setup):
+    bb, probe, latents, cond = setup
+    before = dict(bb.unet.attn_processors)
+    with pytest.raises(RuntimeError, match="boom"):
+        with probe.capture("*.attn2.hook_probs", attention="reuse"):
+            unet_call(bb, latents, 50, cond)
+            raise RuntimeError("boom")
+    assert dict(bb.unet.attn_processors) == before
+    with pytest.raises(Exception, match="attention must be one of"):
+        with probe.capture("*.attn2.hook_probs", attention="fused"):
+            pass

@@ -70,6 +70,12 @@ class Backend:
         """(q (B, h, N, d) scaled, k (B, h, K, d), additive bias broadcastable to (B, h, N, K) or None)."""
         raise NotImplementedError
 
+    def hand_out_probabilities(self, module: nn.Module, sink) -> Any:
+        """For capture(attention="reuse"): make `module` pass every slice of the probabilities it computes its
+        output with to sink(probs (s, N, K)), and return undo() restoring it."""
+        raise NotImplementedError(f"the {self.name} backend cannot reuse its attention probabilities; "
+                                  "capture with attention='recompute'")
+
     def feature_module(self, model: nn.Module, site) -> nn.Module:
         """The module whose forward output is the feature site's tensor."""
         raise NotImplementedError

@@ -84,6 +84,7 @@ class ProbeRegistry:
         upsample_queries: int | tuple[int, int] | None = None,
         early_exit: bool = False,
         on_step: StepCallback | None = None,
+        attention: str = "recompute",
     ) -> Iterator[ActivationCache | tuple[ActivationCache, ...]]:
         """Capture sites during the model calls made inside the block.
 
@@ -95,6 +96,11 @@ class ProbeRegistry:
                 swallowed here): code after that call inside the block does not run.
             on_step: fn(step, timestep, tensors) after every call: tensors is {site: tensor} of that call
                 (a list of such dicts, one per Need, when a list of Needs was given).
+            attention: "recompute" (default: the model keeps its attention kernel, the probabilities are
+                recomputed in fp32 and the model's outputs are bit-identical to an uncaptured call) or "reuse"
+                (captured layers without gradients or query upsampling run diffusers' sliced attention
+                processor for the duration of the capture, and the probabilities it computes are kept:
+                cheaper; outputs equal to float rounding; probabilities in the model's dtype).
         Yields:
             the ActivationCache (a tuple of them for a list of Needs).
 
@@ -122,9 +128,9 @@ class ProbeRegistry:
         for name in {s for sel in names for s in sel}:
             if self.sites[name].is_attention:
                 self.backend.check_attention(self.model.get_submodule(self.sites[name].module), name)
-        cap = Capture(self, needs, names, early_exit, on_step, single)
-        cap.install()
+        cap = Capture(self, needs, names, early_exit, on_step, single, attention)
         try:
+            cap.install()
             yield cap.caches[0] if single else tuple(cap.caches)
         except StopForward as stop:
             if stop.args[0] is not cap:
