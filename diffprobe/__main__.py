@@ -108,6 +108,10 @@ def main() -> None:
         print(help_text())
         return
     flags, overrides = split_flags(argv)
+    from diffprobe.distributed import launched
+
+    if launched() and not any(o.startswith("hydra.run.dir=") for o in overrides):
+        _fail("a run over several processes needs hydra.run.dir=DIR: every process must write into the same folder")
     if not any(f in ("-m", "--multirun") for f in flags):  # sweeps (a=1,2) are Hydra's to expand
         overrides = prepare_overrides(overrides)
     sys.argv = [sys.argv[0]] + flags + overrides

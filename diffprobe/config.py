@@ -65,8 +65,11 @@ def load_configured_backbone(cfg: DictConfig):
 
     run = run_config(cfg)
     model = typed(cfg.model, ModelConfig, "model")
+    from diffprobe import distributed
+
+    device = distributed.device() if distributed.launched() and run.device == "cuda" else run.device
     try:
-        bb = load_backbone(model, device=run.device, dtype=run.dtype)
+        bb = load_backbone(model, device=device, dtype=run.dtype)
         bb.attention_capture = run.attention_capture
         return bb
     except (RuntimeError, AssertionError) as exc:  # e.g. CUDA asked for on a machine without it

@@ -9,6 +9,11 @@ exactly, and shards of a run are reduced by adding their states.
 The state goes to out_dir/<name>_state.safetensors (+ .json holding the settings fingerprint and what is
 done). Rerunning in the same folder resumes; `resume=DIR` continues another folder's run with the same
 settings. A different fingerprint is refused with the keys that differ.
+
+Launched over several processes (`accelerate launch`, `torchrun`: diffprobe.distributed), process r of w
+takes the items i with i % w == r and keeps its shard in out_dir/<name>_rank<r>of<w>_state.*; when every
+process is done, each adds all shards' states (sums of per-item counts, disjoint rows), so the metrics
+equal a one-process run's. A folder holding the run over another number of processes is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -117,13 +123,47 @@ def _get(d: dict, dotted: str):
 class ItemState:
     """What a run over items has done: the metrics' arrays and a done mask, saved as safetensors + JSON."""
 
-    def __init__(self, out_dir: Path, name: str, n: int, metrics: dict[str, Metric], fingerprint: dict):
+    def __init__(self, out_dir: Path, name: str, n: int, metrics: dict[str, Metric], fingerprint: dict,
+                 shard: tuple[int, int] = (0, 1)):
         self.out_dir, self.name, self.metrics, self.fingerprint = Path(out_dir), name, metrics, fingerprint
+        self.rank, self.world = shard
         self.done = np.zeros(n, bool)
         self.records: dict[int, object] = {}  # JSON rows per item (a commit's return value), if any
 
-    def paths(self, folder: Path) -> tuple[Path, Path]:
-        return folder / f"{self.name}_state.safetensors", folder / f"{self.name}_state.json"
+    def paths(self, folder: Path, rank: int | None = None) -> tuple[Path, Path]:
+        """The state files of this process's shard (of shard `rank`, if given)."""
+        rank = self.rank if rank is None else rank
+        stem = f"{self.name}_rank{rank}of{self.world}" if self.world > 1 else self.name
+        return folder / f"{stem}_state.safetensors", folder / f"{stem}_state.json"
+
+    def check_world(self, folder: Path) -> None:
+        """Refuse a folder holding this run over another number of processes."""
+        pattern = re.compile(rf"^{re.escape(self.name)}(?:_rank\d+of(\d+))?_state\.json$")
+        for path in folder.glob(f"{self.name}*_state.json") if folder.is_dir() else []:
+            m = pattern.match(path.name)
+            if m and int(m.group(1) or 1) != self.world:
+                raise DiffprobeError(f"{folder} holds this run over {int(m.group(1) or 1)} process(es); this one has "
+                                     f"{self.world}: rerun with that many processes, or use another output folder")
+
+    def add_shards(self) -> None:
+        """Replace the metrics' state by the sum of every shard's saved state (after all processes are done)."""
+        totals: dict[str, np.ndarray] = {}
+        done = np.zeros(len(self.done), bool)
+        for r in range(self.world):
+            tensors_path, info_path = self.paths(self.out_dir, r)
+            if not info_path.is_file():
+                raise DiffprobeError(f"shard {r} of {self.world} left no state in {self.out_dir}: that process "
+                                     "failed; rerun the same command to finish it")
+            info = json.loads(info_path.read_text())
+            check_fingerprint(info.get("fingerprint", {}), self.fingerprint, self.out_dir)
+            tensors, _ = load_tensors(tensors_path)
+            for k, v in tensors.items():
+                totals[k] = totals[k] + v.numpy() if k in totals else v.numpy().copy()
+            done |= tensors["done"].numpy() > 0
+            self.records.update({int(i): rec for i, rec in info.get("records", {}).items()})
+        for key, metric in self.metrics.items():
+            metric.load_state({k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith(key + ".")})
+        self.done = done
 
     def save(self) -> None:
         tensors = {f"{key}.{k}": torch.from_numpy(np.asarray(v, np.float64)) for key, m in self.metrics.items()
@@ -173,20 +213,24 @@ def deferred_interrupt():
 
 def run_items(n: int, process: Callable[[int], Callable[[], None]], metrics: dict[str, Metric], out_dir: Path,
               fingerprint: dict, name: str = "eval", resume: str | Path | None = None, checkpoint_every: int = 25,
-              checkpoint_minutes: float = 5.0, desc: str = "items", shard: tuple[int, int] = (0, 1)) -> ItemState:
+              checkpoint_minutes: float = 5.0, desc: str = "items", shard: tuple[int, int] | None = None) -> ItemState:
     """For every item i of this shard not yet done, process(i) computes and returns a commit() that applies
     its updates to `metrics` (run with Ctrl-C deferred, so an update is whole) and may return a JSON row
     for the item (kept in state.records); the state is checkpointed every `checkpoint_every` items and
     every `checkpoint_minutes`, at the end and on Ctrl-C.
 
     Resumes from out_dir (a rerun in the same folder) or from `resume`. shard=(rank, world): this process
-    takes items i with i % world == rank. Returns the final state.
+    takes items i with i % world == rank (default: diffprobe.distributed's); with world > 1 the returned
+    state holds every shard's items, added once all processes are done.
     """
-    rank, world = shard
-    state = ItemState(out_dir, name, n, metrics, fingerprint)
+    from diffprobe import distributed
+
+    rank, world = shard if shard is not None else distributed.shard()
+    state = ItemState(out_dir, name, n, metrics, fingerprint, (rank, world))
     if resume and not Path(resume).is_dir():
         raise DiffprobeError(f"resume: {resume} is not a folder of an earlier run")
     for folder in ([Path(resume)] if resume else []) + [Path(out_dir)]:
+        state.check_world(folder)
         if state.restore(folder):
             log.info("resuming %s from %s: %d of %d items done", name, folder, int(state.done.sum()), n)
             break
@@ -210,4 +254,7 @@ def run_items(n: int, process: Callable[[int], Callable[[], None]], metrics: dic
         state.save()
         raise
     state.save()
+    if world > 1:
+        distributed.wait_for_everyone()
+        state.add_shards()
     return state

@@ -4,12 +4,14 @@ error naming how many were skipped (they are listed in summary.json), after ever
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
 
+from diffprobe import distributed
 from diffprobe.data.images import load_image
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import save_json
@@ -19,9 +21,12 @@ log = logging.getLogger(__name__)
 
 def process_images(files: list[Path], process: Callable[[Path, object], dict], out_dir: Path, desc: str) -> dict:
     """process(path, PIL image) -> record for each file; writes out_dir/summary.json {"images": {path: record},
-    "skipped": {path: reason}} and returns it."""
+    "skipped": {path: reason}} and returns it. Over several processes (diffprobe.distributed), process r of w
+    takes files r, r + w, ... and writes summary_rank<r>of<w>.json; summary.json joins them at the end."""
+    rank, world = distributed.shard()
+    mine = files[rank::world]
     records, skipped = {}, {}
-    for path in tqdm(files, desc=desc, disable=len(files) < 2):
+    for path in tqdm(mine, desc=desc, disable=len(mine) < 2):
         try:
             image = load_image(path)
         except DiffprobeError as exc:
@@ -32,6 +37,14 @@ def process_images(files: list[Path], process: Callable[[Path, object], dict], o
             continue
         records[str(path)] = process(path, image)
     summary = {"images": records, "skipped": skipped}
+    if world > 1:
+        save_json(out_dir / f"summary_rank{rank}of{world}.json", summary)
+        distributed.wait_for_everyone()
+        parts = [json.loads((out_dir / f"summary_rank{r}of{world}.json").read_text()) for r in range(world)]
+        order = {str(p): i for i, p in enumerate(files)}
+        summary = {key: dict(sorted(((k, v) for part in parts for k, v in part[key].items()),
+                                    key=lambda kv: order.get(kv[0], len(order)))) for key in ("images", "skipped")}
+        skipped = summary["skipped"]
     save_json(out_dir / "summary.json", summary)
     if skipped:
         raise DiffprobeError(f"{len(skipped)} of {len(files)} images could not be read and were skipped (listed in "

@@ -1,0 +1,43 @@
+"""Runs over several processes (`accelerate launch` or `torchrun`), through accelerate's PartialState.
+
+A launcher sets WORLD_SIZE and RANK in the environment; diffprobe then asks accelerate for the process
+group (gloo on CPUs, NCCL on GPUs), this process's index and device. Items are split by index (i % world ==
+rank); each process keeps its own shard's state and the states are added once every process is done.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+
+def launched() -> bool:
+    """True when a launcher started several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@lru_cache(maxsize=1)
+def _state():
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # gloo between CPU processes, NCCL between GPUs
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without a launcher."""
+    if not launched():
+        return 0, 1
+    state = _state()
+    return state.process_index, state.num_processes
+
+
+def device() -> str | None:
+    """The device accelerate gives this process (cuda:<local rank>, or cpu), None without a launcher."""
+    return str(_state().device) if launched() else None
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the processes (nothing without a launcher)."""
+    if launched():
+        _state().wait_for_everyone()
