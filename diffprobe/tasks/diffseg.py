@@ -46,12 +46,9 @@ def heads_for(bb, settings: DiffSegTaskSettings) -> list:
     return heads
 
 
-def segment_image(bb, heads: list, settings: DiffSegTaskSettings, path: Path, image, out_dir: Path,
-                  seed: int) -> dict:
-    import torch
-
-    item = Item(str(path), image)
-    results = run_heads(bb, heads, item, generator=torch.Generator().manual_seed(seed))
+def write_segmentation(results: list, heads: list, settings: DiffSegTaskSettings, path: Path, image,
+                       out_dir: Path) -> dict:
+    """The files of one image from the heads' results (segmentation, and word maps when labels are given)."""
     result = results[0]
     left, top, bw, bh = heads[0].box(image)
     k = result.num_segments
@@ -65,6 +62,14 @@ def segment_image(bb, heads: list, settings: DiffSegTaskSettings, path: Path, im
             "proposal_counts": result.counts, "settings": asdict(settings)}
     record = write_outputs(out_dir / path.stem, path.name, image, labels, k, info, words)
     return {"dir": str(out_dir / path.stem), "num_segments": record["num_segments"]}
+
+
+def segment_image(bb, heads: list, settings: DiffSegTaskSettings, path: Path, image, out_dir: Path,
+                  seed: int) -> dict:
+    import torch
+
+    results = run_heads(bb, heads, Item(str(path), image), generator=torch.Generator().manual_seed(seed))
+    return write_segmentation(results, heads, settings, path, image, out_dir)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:

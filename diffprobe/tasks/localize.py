@@ -79,8 +79,13 @@ def figure(image, result: Localization, analysed, title: str):
 
 
 def localize_image(bb, head: LocalizeHead, path: Path, image, out_dir: Path, seed: int) -> dict:
-    settings = head.settings
     (result,) = run_heads(bb, [head], Item(str(path), image), generator=torch.Generator().manual_seed(seed))
+    return write_localization(result, head, path, image, out_dir)
+
+
+def write_localization(result: Localization, head: LocalizeHead, path: Path, image, out_dir: Path) -> dict:
+    """The files of one image from the head's result."""
+    settings = head.settings
     analysed = analysed_box(image.width, image.height, settings.crop)
     size = tuple(result.masks.shape[1:])
     target = out_dir / path.stem
@@ -107,15 +112,20 @@ def localize_image(bb, head: LocalizeHead, path: Path, image, out_dir: Path, see
     return {"dir": str(target), "boxes": {w["word"]: w["box"] for w in words}}
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    if not cfg.get("image") and not cfg.localize.words:  # the demo scene: find the things its caption names
+def settings_for_images(cfg: DictConfig) -> LocalizeSettings:
+    """The localize.* keys; with no image= and no words, the demo scene's things and caption."""
+    if not cfg.get("image") and not cfg.localize.words:
         from diffprobe.data.inputs import DEMO_SIZE
         from diffprobe.data.world import demo_scene
 
         scene = demo_scene(0, DEMO_SIZE)
         cfg.localize.words = sorted({o.category for o in scene.objects})
         cfg.localize.prompt = scene.caption
-    settings = settings_of(cfg)
+    return settings_of(cfg)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    settings = settings_for_images(cfg)
     seed = run_config(cfg).seed
     files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)

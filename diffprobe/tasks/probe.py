@@ -46,9 +46,15 @@ def _picture_rows(view, names, tokens: list[str], show: int) -> list[tuple[str, 
 
 
 def probe_image(bb, head: ProbeHead, tokens: list[str], path: Path, image, out_dir: Path, cfg: DictConfig) -> str:
-    s = head.settings
     item = Item(str(path), image)
     (view,) = run_heads(bb, [head], item, generator=torch.Generator().manual_seed(run_config(cfg).seed))
+    return write_probe(view, head, tokens, item, out_dir, cfg.model.name)
+
+
+def write_probe(view, head: ProbeHead, tokens: list[str], item: Item, out_dir: Path, model: str) -> str:
+    """The files of one image from the head's view of the pass."""
+    s = head.settings
+    path = Path(item.key)
     target = out_dir / path.stem
     names = head.names
     save_tensors(target / "captures.safetensors", {n: view[n] for n in names},
@@ -58,7 +64,7 @@ def probe_image(bb, head: ProbeHead, tokens: list[str], path: Path, image, out_d
     attn_names = [n for n in names if view.sites[n].is_attention][:24] or names[:24]
     save_figure(target / "attention.png", map_grid(picture, _picture_rows(view, attn_names, tokens, s.show)))
     index = {
-        "image": str(path), "model": cfg.model.name, "image_size": head.size, "timestep": s.timestep,
+        "image": str(path), "model": model, "image_size": head.size, "timestep": s.timestep,
         "noise": s.noise, "prompt": s.prompt, "tokens": tokens[: s.show], "timesteps": view.timesteps,
         "sites": {n: {"kind": view.sites[n].kind, "divisor": view.sites[n].divisor, "heads": view.sites[n].heads,
                       "shape": list(view[n].shape), "grid": list(view.grid(n))} for n in names},
@@ -67,14 +73,25 @@ def probe_image(bb, head: ProbeHead, tokens: list[str], path: Path, image, out_d
     return str(target)
 
 
+def prompt_tokens(bb, prompt: str) -> list[str]:
+    """The tokens of the padded prompt, for the columns of the cross-attention picture."""
+    ids = bb.tokenizer([prompt], padding="max_length", max_length=bb.max_tokens, truncation=True).input_ids[0]
+    return bb.tokenizer.convert_ids_to_tokens(ids)
+
+
+def make_head(bb, settings: ProbeSettings) -> ProbeHead:
+    """The probe head with its site globs resolved (a pattern matching nothing fails here)."""
+    head = ProbeHead(settings, bb.check_image_size(int(settings.image_size or bb.sample_size)))
+    head.plan(bb.probe.sites)
+    return head
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     settings = section(cfg, "probe", ProbeSettings)
     settings.validate()
     files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)
-    head = ProbeHead(settings, bb.check_image_size(int(settings.image_size or bb.sample_size)))
-    head.plan(bb.probe.sites)  # resolve the site globs (a pattern matching nothing fails here)
-    ids = bb.tokenizer([settings.prompt], padding="max_length", max_length=bb.max_tokens, truncation=True).input_ids[0]
-    tokens = bb.tokenizer.convert_ids_to_tokens(ids)
+    head = make_head(bb, settings)
+    tokens = prompt_tokens(bb, settings.prompt)
     return process_images(files, lambda path, image: probe_image(bb, head, tokens, path, image, out_dir, cfg),
                           out_dir, "probe")

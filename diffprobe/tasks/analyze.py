@@ -1,0 +1,87 @@
+"""task=analyze tasks=[...]: several heads over the same images, one denoiser pass per image for the heads whose drives
+agree (DiffSeg and localize share t=300 on the clean latent by default; probe shares it with
+probe.timestep=300). Each head writes exactly the files its own task writes, in out_dir/<head>/, with its own
+summary.json; every head's keys are its task's (diffseg.*, localize.*, probe.*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+
+from diffprobe.config import load_configured_backbone, run_config, section
+from diffprobe.data.inputs import input_images
+from diffprobe.errors import DiffprobeError
+from diffprobe.io import save_json
+from diffprobe.runner import Head, Item, run_heads
+from diffprobe.tasks.image_runs import process_images
+
+HEADS = ("diffseg", "localize", "probe")
+
+
+@dataclass
+class AnalyzeSettings:
+    tasks: list = field(default_factory=lambda: ["diffseg", "localize"])
+
+
+@dataclass
+class Job:
+    """One task's heads in the shared pass and how it writes an image's files from their results."""
+
+    name: str
+    heads: list[Head]
+    write: Callable[[list, Path, object, Path], dict | str]
+
+
+def job(name: str, cfg: DictConfig, bb) -> Job:
+    if name == "diffseg":
+        from diffprobe.tasks import diffseg
+
+        settings = diffseg.settings_of(cfg)
+        heads = diffseg.heads_for(bb, settings)
+        return Job(name, heads, lambda res, path, image, out: diffseg.write_segmentation(res, heads, settings, path,
+                                                                                        image, out))
+    if name == "localize":
+        from diffprobe.tasks import localize
+
+        head = localize.make_head(bb, localize.settings_for_images(cfg))
+        return Job(name, [head], lambda res, path, image, out: localize.write_localization(res[0], head, path, image,
+                                                                                          out))
+    from diffprobe.tasks import probe
+
+    settings = section(cfg, "probe", probe.ProbeSettings)
+    settings.validate()
+    head = probe.make_head(bb, settings)
+    tokens = probe.prompt_tokens(bb, settings.prompt)
+    return Job(name, [head], lambda res, path, image, out: probe.write_probe(res[0], head, tokens, Item(str(path), image),
+                                                                            out, cfg.model.name))
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    names = list(section(cfg, "analyze", AnalyzeSettings).tasks)
+    unknown = [n for n in names if n not in HEADS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise DiffprobeError(f"analyze.tasks takes distinct tasks among {', '.join(HEADS)}, got {names}")
+    seed = run_config(cfg).seed
+    files = input_images(cfg.get("image"), out_dir)
+    bb = load_configured_backbone(cfg)
+    jobs = [job(name, cfg, bb) for name in names]
+    heads = [h for j in jobs for h in j.heads]
+    def process(path: Path, image) -> dict:
+        results = run_heads(bb, heads, Item(str(path), image), generator=torch.Generator().manual_seed(seed))
+        start, out = 0, {}
+        for j in jobs:
+            part = results[start:start + len(j.heads)]
+            start += len(j.heads)
+            out[j.name] = j.write(part, path, image, out_dir / j.name)
+        return out
+
+    summary = process_images(files, process, out_dir, "analyze")
+    for j in jobs:
+        images = {path: record[j.name] for path, record in summary["images"].items()}
+        save_json(out_dir / j.name / "summary.json", {"images": images, "skipped": summary["skipped"]})
+    return summary

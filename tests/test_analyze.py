@@ -1,0 +1,75 @@
+"""task=analyze: several heads from one pass write, file for file, what their own tasks write."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(tmp: Path, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "diffprobe", *args, f"hydra.run.dir={tmp}"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_one_pass_writes_what_separate_runs_write(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(photo)
+    keys = {"diffseg": ["diffseg.tau=0.2", "diffseg.noise=true"],          # noisy latents: each head draws
+            "localize": ["localize.words=[bird]", "localize.prompt=a red bird", "localize.noise=true"],
+            "probe": ["probe.timestep=300", "probe.noise=true"]}
+    cli(tmp_path / "all", "task=analyze", "analyze.tasks=[diffseg,localize,probe]", f"image={photo}",
+        *[k for ks in keys.values() for k in ks])
+    for task in ("diffseg", "localize", "probe"):
+        cli(tmp_path / task, f"task={task}", f"image={photo}", *keys[task])
+        alone, together = files(tmp_path / task / "photo"), files(tmp_path / "all" / task / "photo")
+        assert alone.keys() == together.keys() and len(alone) >= 3, task
+        for name in alone:  # equal up to float rounding (the shared batch has more rows): tensors to 1e-5,
+            a_path, b_path = tmp_path / task / "photo" / name, tmp_path / "all" / task / "photo" / name
+            if name.endswith(".safetensors"):
+                a, b = load_file(a_path), load_file(b_path)
+                assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a), (task, name)
+            elif name.endswith(".png"):  # pictures to one grey level in a few pixels, labels and masks exactly
+                a, b = (np.asarray(Image.open(p), np.int16) for p in (a_path, b_path))
+                assert a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, (task, name)
+            else:                        # JSON byte for byte
+                assert alone[name] == together[name], (task, name)
+
+
+def test_heads_that_share_a_drive_make_one_call_per_image(monkeypatch, tmp_path):
+    from config_helpers import make_cfg
+
+    from diffprobe import runner
+    from diffprobe.tasks import analyze
+
+    passes = []
+    real = runner.run_plans
+    monkeypatch.setattr(runner, "run_plans", lambda bb, plans, *a, **k: passes.append(len(plans)) or real(bb, plans, *a, **k))
+    cfg = make_cfg("analyze", model="mini", **{"analyze.tasks": ["diffseg", "localize", "probe"], "probe.timestep": 300})
+    analyze.run(cfg, tmp_path)
+    assert passes == [3]                      # three heads (diffseg, localize, probe), one pass
+    passes.clear()
+    cfg = make_cfg("analyze", model="mini", **{"analyze.tasks": ["diffseg", "probe"]})   # probe at t=100: its own
+    analyze.run(cfg, tmp_path / "two")
+    assert passes == [1, 1]
+
+
+def test_unknown_tasks_are_refused(tmp_path):
+    from config_helpers import make_cfg
+
+    from diffprobe.errors import DiffprobeError
+    from diffprobe.tasks import analyze
+
+    with pytest.raises(DiffprobeError, match="analyze.tasks"):
+        analyze.run(make_cfg("analyze", model="mini", **{"analyze.tasks": ["diffseg", "keypoints"]}), tmp_path)
