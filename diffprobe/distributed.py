@@ -37,6 +37,32 @@ def device() -> str | None:
     return str(_state().device) if launched() else None
 
 
+def average_gradients(module) -> None:
+    """Replace every parameter's gradient by its mean over the processes (one all-reduce of them all, through
+    accelerate): data-parallel training whatever the forward passes were (two images per pair here)."""
+    import torch
+    from accelerate.utils import reduce
+
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not launched() or not grads:
+        return
+    flat = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    start = 0
+    for g in grads:
+        g.copy_(flat[start:start + g.numel()].view_as(g))
+        start += g.numel()
+
+
+def broadcast_parameters(module) -> None:
+    """Every process starts from the first process's parameters."""
+    from accelerate.utils import broadcast
+
+    if launched():
+        _state()
+        for p in module.parameters():
+            p.data.copy_(broadcast(p.data.clone(), from_process=0))
+
+
 def wait_for_everyone() -> None:
     """A barrier across the processes (nothing without a launcher)."""
     if launched():

@@ -2,9 +2,12 @@
 exactly, so two processes give one process's numbers; a changed number of processes is refused."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from test_diffseg_task import coco_fixture
 
@@ -40,7 +43,7 @@ def test_two_processes_give_one_process_metrics(tmp_path):
 
 def test_a_launched_run_needs_one_output_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffprobe", "task=probe"], capture_output=True, text=True,
-                          timeout=120, cwd=REPO, env={**__import__("os").environ, "WORLD_SIZE": "2", "RANK": "0"})
+                          timeout=120, cwd=REPO, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
     assert proc.returncode == 2 and "needs hydra.run.dir=DIR" in proc.stderr
 
 
@@ -62,3 +65,30 @@ def test_a_folder_is_split_between_processes_and_the_summary_joined(tmp_path):
     assert all((out / f"img{k}" / "labels.png").is_file() for k in range(3))
     ranks = [json.loads((out / f"summary_rank{r}of2.json").read_text())["images"] for r in range(2)]
     assert [len(r) for r in ranks] == [2, 1]
+
+
+def test_data_parallel_gradients_equal_one_process_on_the_same_batch(tmp_path):
+    # the gradients the optimiser gets from two processes (one pair each, averaged) equal one process's on both
+    from safetensors.torch import load_file
+
+    script = str(Path(__file__).parent / "ddp_gradients.py")
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one.safetensors"), str(tmp_path / "ck1")],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29539", script, str(tmp_path / "two.safetensors"), str(tmp_path / "ck2")],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        assert float(a[k].abs().max()) > 0, k
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+
+
+def test_the_batch_must_split_evenly_between_processes(tmp_path):
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29540", "-m", "diffprobe",
+            "task=hyperfeatures", "model=tiny_sd15", "data=pairs", "data.file=x.json", "batch=3",
+            f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode != 0 and "must be a multiple of the 2 processes" in proc.stderr

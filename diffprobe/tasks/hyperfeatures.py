@@ -36,7 +36,7 @@ from diffprobe.heads.hyperfeatures.model import (
     pruned_describers,
     raw_layer_describer,
 )
-from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, descriptor_fn, train
+from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, check_batch_split, descriptor_fn, train
 from diffprobe.io import save_json, save_png, save_tensors
 from diffprobe.items import run_items
 
@@ -59,6 +59,7 @@ class HyperfeaturesParams:
     output_size: int | None = None  # null: image_size / VAE factor (ref 64)
     projection_dim: int = 384
     train_steps: int = 5000
+    batch: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
     temperature: float = 0.07
@@ -134,6 +135,7 @@ def _extraction(p: HyperfeaturesParams, bb) -> ExtractionConfig:
 
 
 def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, out_dir: Path) -> dict:
+    check_batch_split(p.batch)
     seed = run_config(cfg).seed
     extraction = _extraction(p, bb)
     output_size = p.output_size or extraction.image_size // bb.vae_factor
@@ -154,11 +156,16 @@ def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, out_dir: Path) -> dict:
         val_pairs = [val_pairs[i] for i in keep]
         val_desc += f", {p.val_pairs} of them drawn with seed {seed}"
     source = FeatureSource(bb, extraction, model.net.config.layers, capacity=p.feature_store, seed=seed)
-    tcfg = TrainConfig(steps=p.train_steps, lr=p.lr, weight_decay=p.weight_decay, temperature=p.temperature,
-                       val_every=p.val_every, alpha=p.alpha, seed=seed, checkpoint_minutes=p.checkpoint_minutes)
+    tcfg = TrainConfig(steps=p.train_steps, batch=p.batch, lr=p.lr, weight_decay=p.weight_decay,
+                       temperature=p.temperature, val_every=p.val_every, alpha=p.alpha, seed=seed,
+                       checkpoint_minutes=p.checkpoint_minutes)
     model.save_extraction(out_dir / "checkpoint")  # so a checkpoint directory also loads as a model
     history = train(model.net, source, train_pairs, val_pairs, tcfg, out_dir / "checkpoint",
                     resume=Path(p.resume) if p.resume else None)
+    from diffprobe import distributed
+
+    if distributed.shard()[0] != 0:  # the first process writes the model, curves and metrics
+        return {"mode": "train", "process": distributed.shard()[0]}
     model.save(out_dir / "model")
     save_json(out_dir / "history.json", history)
     plot_training_curves(history, out_dir / "curves.png", p.alpha)

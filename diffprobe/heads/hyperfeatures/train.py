@@ -62,9 +62,11 @@ class FeatureSource:
 
 @dataclass
 class TrainConfig:
-    """steps: optimiser steps of one pair (ref 5000); val_every: validation + checkpoint period (ref 1000)."""
+    """steps: optimiser steps (ref 5000) of `batch` pairs each (ref 1; over several processes the batch is
+    split between them and their gradients averaged); val_every: validation + checkpoint period (ref 1000)."""
 
     steps: int = 5000
+    batch: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
     temperature: float = 0.07
@@ -74,15 +76,27 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.val_every < 1 or not self.lr > 0 or not self.temperature > 0:
-            raise DiffprobeError("training needs steps >= 1, val_every >= 1, lr > 0 and temperature > 0")
+        if self.steps < 1 or self.val_every < 1 or self.batch < 1 or not self.lr > 0 or not self.temperature > 0:
+            raise DiffprobeError("training needs steps >= 1, val_every >= 1, batch >= 1, lr > 0 and temperature > 0")
         if not self.checkpoint_minutes > 0:
             raise DiffprobeError("checkpoint_minutes must be positive")
 
 
-def pair_order(num_pairs: int, step: int, seed: int) -> int:
-    """Index of the pair trained at `step`: a fresh seeded permutation every epoch (resumable)."""
-    epoch, k = divmod(step, num_pairs)
+def check_batch_split(batch: int) -> tuple[int, int]:
+    """(rank, world) of this process when `batch` pairs per step split evenly between the processes."""
+    from diffprobe import distributed
+
+    rank, world = distributed.shard()
+    if batch % world:
+        raise DiffprobeError(f"hyperfeatures.batch ({batch}) must be a multiple of the {world} processes: each "
+                             "takes the same number of pairs per step")
+    return rank, world
+
+
+def pair_order(num_pairs: int, sample: int, seed: int) -> int:
+    """Index of the pair of the `sample`-th training sample (step * batch + j): a fresh seeded permutation
+    every epoch (resumable)."""
+    epoch, k = divmod(sample, num_pairs)
     return int(np.random.default_rng([seed, epoch]).permutation(num_pairs)[k])
 
 
@@ -139,11 +153,15 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
 
     from diffprobe.items import deferred_interrupt, differing_keys, warn_if_long
 
+    from diffprobe import distributed
+
     if not train_pairs:
         raise DiffprobeError("no training pairs")
+    rank, world = check_batch_split(cfg.batch)
     size = source.extraction.image_size
     grid = net.config.output_size
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    main = rank == 0
     state = {"step": 0, "history": {"loss": [], "val": []}, "train_config": asdict(cfg)}
     if resume is None and (Path(checkpoint_dir) / "state.json").is_file():
         resume = Path(checkpoint_dir)
@@ -155,18 +173,23 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
             raise DiffprobeError(f"the checkpoint in {resume} was trained with other settings ({', '.join(keys)}); "
                                  "use another output folder or the same settings")
         log.info("resumed from %s at step %d", resume, state["step"])
+    distributed.broadcast_parameters(net)  # data-parallel: one start, gradients averaged after every backward
     history = state["history"]
-    bar = tqdm(range(state["step"], cfg.steps), desc="train hyperfeatures", disable=not progress)
+    bar = tqdm(range(state["step"], cfg.steps), desc="train hyperfeatures", disable=not progress or not main)
     last_save, first_step = time.time(), state["step"]
     try:
         for step in bar:
-            pair = train_pairs[pair_order(len(train_pairs), step, cfg.seed)]
-            (fa, hw_a), (fb, hw_b) = source(pair.source), source(pair.target)
-            cells_a = to_grid(pair.source_points, hw_a, grid)  # original pixels straight to cells (reference)
-            cells_b = to_grid(pair.target_points, hw_b, grid)
-            loss = correspondence_loss(net(fa)[0], net(fb)[0], cells_a, cells_b, cfg.temperature)
+            losses = []
+            for j in range(rank, cfg.batch, world):  # this process's pairs of the step's batch
+                pair = train_pairs[pair_order(len(train_pairs), step * cfg.batch + j, cfg.seed)]
+                (fa, hw_a), (fb, hw_b) = source(pair.source), source(pair.target)
+                cells_a = to_grid(pair.source_points, hw_a, grid)  # original pixels straight to cells (reference)
+                cells_b = to_grid(pair.target_points, hw_b, grid)
+                losses.append(correspondence_loss(net(fa)[0], net(fb)[0], cells_a, cells_b, cfg.temperature))
+            loss = torch.stack(losses).mean()
             opt.zero_grad()
             loss.backward()
+            distributed.average_gradients(net)
             with deferred_interrupt():
                 opt.step()
                 history["loss"].append([step + 1, loss.item()])
@@ -175,6 +198,8 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
                 warn_if_long("hyperfeatures training", time.time() - last_save, cfg.steps - step - 1,
                              "For a CPU: hyperfeatures.process=one_step image_size=256 (README, 'On a CPU').")
             bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
+            if not main:
+                continue
             if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
                 if val_pairs:
                     ev = evaluate_pairs(descriptor_fn(net, source), val_pairs, size, cfg.alpha)
@@ -188,7 +213,7 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
                 save_checkpoint(Path(checkpoint_dir), net, opt, state)
                 last_save = time.time()
     except KeyboardInterrupt:
-        if state["step"] > 0:
+        if state["step"] > 0 and main:
             save_checkpoint(Path(checkpoint_dir), net, opt, state)
             log.warning("training interrupted after step %d: rerun in the same folder to continue", state["step"])
         raise
