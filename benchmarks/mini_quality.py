@@ -1,16 +1,20 @@
 """Attention quality of diffprobe-mini on the world's test split, against an untrained control.
 
     python benchmarks/mini_quality.py [--model DIR] [--also NAME=DIR ...] [--n 64] [--timesteps 100 300]
-                                      [--noised] [--json out.json]
+                                      [--noised] [--closeup] [--json out.json]
 
 For each model and timestep: one UNet call per image (clean latent, only the timestep embedding says
 t, as DiffSeg does; with --noised also the latent noised to t) conditioned on the scene's caption;
 attention captured through diffprobe.hooks, heads averaged, sites of one resolution averaged. Rows
 per attention resolution and "all" (every resolution upsampled to the image and averaged):
   self/unif   mean over objects of (self-attention mass on the query's own object) / (uniform's mass)
+  part/obj    mean over parts (eye, beak, roof, ...) of (share of the object's mass on the query's own part) /
+              (the part's share of the object): 1 = the object is one blob; keypoints need parts apart
   cat peak    fraction of objects whose category word's cross-attention peak lies inside the object
   col peak    the same for the colour word
   chance      mean object area / image area (where a random peak lands)
+With --closeup the scenes are close-ups (one large face, bird or house in turn, as the CelebA and CUB
+layouts draw them) instead of ordinary scenes.
 The control has the same architecture, untrained UNet and text encoder, and the trained VAE; --also adds
 other trained pipelines (e.g. an ablation trained without the grounding loss) as rows of the same table.
 """
@@ -42,6 +46,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="test-split scenes")
     ap.add_argument("--timesteps", type=int, nargs="+", default=[100, 300])
     ap.add_argument("--noised", action="store_true", help="also rows with the latent noised to t (seed 0)")
+    ap.add_argument("--closeup", action="store_true", help="close-ups of one face, bird or house in turn")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -55,25 +60,29 @@ def main() -> None:
             ap.error(f"--also takes NAME=DIR, got {spec!r}")
         models[name] = load_backbone({"name": "mini", "path": path})
     models["untrained"] = untrained_control(bb)
-    scenes = [render_scene(scene_seed("test", i), bb.sample_size) for i in range(args.n)]
+    figures = ("face", "bird", "house")
+    scenes = [render_scene(scene_seed("test", i), bb.sample_size, first=figures[i % 3] if args.closeup else None,
+                           closeup=args.closeup) for i in range(args.n)]
     chance = float(np.mean([o.area / s.instance.size for s in scenes for o in s.objects]))
     n_obj = sum(len(s.objects) for s in scenes)
     settings = [(t, False) for t in args.timesteps] + ([(t, True) for t in args.timesteps] if args.noised else [])
     results = {m: {f"{t}{' noised' if nz else ''}": score_attention(b, scenes, t, nz) for t, nz in settings}
                for m, b in models.items()}
-    print(f"diffprobe-mini attention quality: {args.n} world test scenes, {n_obj} objects, "
+    kind = "close-ups" if args.closeup else "scenes"
+    print(f"diffprobe-mini attention quality: {args.n} world test {kind}, {n_obj} objects, "
           f"chance of a peak in the object {chance:.3f}; torch threads {args.threads}")
-    print("| model | t | attention grid | self/unif | cat peak | col peak |")
-    print("|---|---|---|---|---|---|")
+    print("| model | t | attention grid | self/unif | part/obj | cat peak | col peak |")
+    print("|---|---|---|---|---|---|---|")
     for m, per_t in results.items():
         for t, per_res in per_t.items():
             for res, r in per_res.items():
-                cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("self/unif", "cat peak", "col peak")]
+                cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("self/unif", "part/obj", "cat peak", "col peak")]
                 print(f"| {m} | {t} | {res} | " + " | ".join(cells) + " |")
     print("\nbest setting per model (targets: self/unif >= 5, cat peak >= 0.70):")
     for m, per_t in results.items():
         best = {k: max(((r[k], f"t={t}, {res}") for t, per_res in per_t.items() for res, r in per_res.items()
-                        if k in r), default=(float("nan"), "-")) for k in ("self/unif", "cat peak", "col peak")}
+                        if k in r), default=(float("nan"), "-"))
+                for k in ("self/unif", "part/obj", "cat peak", "col peak")}
         print(f"- {m}: " + "; ".join(f"{k} {v:.2f} ({where})" for k, (v, where) in best.items()))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wall {time.time() - start:.1f} s, peak RSS {peak_mb:.0f} MB")

@@ -40,9 +40,11 @@ def test_one_pass_writes_what_separate_runs_write(tmp_path):
             if name.endswith(".safetensors"):
                 a, b = load_file(a_path), load_file(b_path)
                 assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a), (task, name)
-            elif name.endswith(".png"):  # pictures to one grey level in a few pixels, labels and masks exactly
+            elif name == "labels.png" or name.endswith("_mask.png"):  # labels and masks exactly
+                assert alone[name] == together[name], (task, name)
+            elif name.endswith(".png"):  # pictures of float maps: a few grey levels in a few pixels
                 a, b = (np.asarray(Image.open(p), np.int16) for p in (a_path, b_path))
-                assert a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3, (task, name)
+                assert a.shape == b.shape and (a != b).mean() < 1e-2 and np.abs(a - b).mean() < 0.05, (task, name)
             else:                        # JSON byte for byte
                 assert alone[name] == together[name], (task, name)
 

@@ -10,6 +10,7 @@ training; docs/mini.md). Attention heads are `unet_head_dim` channels wide at ev
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -89,9 +90,15 @@ def load_trained(path):
 
     from diffprobe.backbones import quiet_libraries
 
+    from safetensors.torch import load_file
+
+    def diffusers_part(cls, subfolder: str):  # from its config and weights: no source path in what is saved again
+        model = cls.from_config(cls.load_config(path, subfolder=subfolder))
+        model.load_state_dict(load_file(Path(path) / subfolder / "diffusion_pytorch_model.safetensors"))
+        return model
+
     with quiet_libraries():
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+        vae, unet = diffusers_part(AutoencoderKL, "vae"), diffusers_part(UNet2DConditionModel, "unet")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
     return vae, unet.train(), text_encoder.train()
 

@@ -3,6 +3,9 @@
 - own_object_ratio: DiffSeg-style self-attention grouping. For a query cell inside object o, the
   attention mass on o's key cells divided by the mass uniform attention would put there (|o| / K).
   1.0 = no grouping; K / |o| = all mass on the own object.
+- own_part_ratios: the same one level down, inside an object: for a query cell in part p (eye, beak,
+  roof, ...), the share of the object's attention mass that falls on p, divided by |p| / |object|. 1.0 = the
+  object is one blob to the model; keypoints need parts told apart.
 - peak_in_object: cross-attention localisation. The map of a word's token, upsampled bilinearly to the
   image, has its maximum inside the named object.
 
@@ -47,6 +50,22 @@ def own_object_ratios(probs: torch.Tensor, masks: torch.Tensor) -> list[float]:
             continue
         mass = probs[m][:, m].sum(-1)  # (|o|,) mass each own query puts on own keys
         out.append(float(mass.mean()) / (size / k))
+    return out
+
+
+def own_part_ratios(probs: torch.Tensor, part_masks: torch.Tensor, object_mask: torch.Tensor) -> list[float]:
+    """Per part: mean over its query cells of (mass on own part / mass on own object) / (|part| / |object|).
+
+    probs (Q, K); part_masks (n, K) bool; object_mask (K,) bool. Parts with no cell are skipped."""
+    out = []
+    size = int(object_mask.sum())
+    for m in part_masks:
+        part = int(m.sum())
+        if part == 0 or part >= size:
+            continue
+        rows = probs[m]
+        share = rows[:, m].sum(-1) / rows[:, object_mask].sum(-1).clamp_min(1e-12)
+        out.append(float(share.mean()) / (part / size))
     return out
 
 
@@ -98,6 +117,10 @@ def score_attention(bb: Backbone, scenes: list[Scene], timestep: int, noised: bo
             for b, s in enumerate(scenes):
                 ids = [o.instance for o in s.objects]
                 row["self/unif"] += own_object_ratios(probs[b], grid_masks(s.instance, ids, grid))
+                for o, obj_mask in zip(s.objects, grid_masks(s.instance, ids, grid)):
+                    parts = np.where(s.instance == o.instance, s.parts, 0)
+                    part_ids = [int(p) for p in np.unique(parts) if p]
+                    row["part/obj"] += own_part_ratios(probs[b], grid_masks(parts, part_ids, grid), obj_mask)
         else:
             all_maps.append(F.interpolate(
                 probs.transpose(1, 2).reshape(len(scenes), -1, *grid), size=size, mode="bilinear",
