@@ -179,7 +179,7 @@ def test_diffseg_eval_on_world_scenes_with_mini_beats_fixed_label_maps(tmp_path)
     model = OmegaConf.load(CONF / "model" / "mini.yaml")
     model.path = str(packaged_path())
     report = diffseg_eval.run(make_cfg("diffseg_eval", model=model, data=data), tmp_path / "out")
-    assert "tau 0.2," in report["title"]  # the model's threshold, not the dataset's 1.1
+    assert f"tau {model.diffseg_tau}," in report["title"]  # the model's threshold, not the dataset's 1.1
     mini = report["results"][0]
 
     ds = CocoStuff27(root, list_file=data["list_file"])
