@@ -33,13 +33,13 @@ class LocalizeSettings(CallSettings):
     resize: str = "bilinear_tf"
     words: list = field(default_factory=list)
     prompt: Any = None           # None: "a w1 and a w2 ..."
-    method: str = "diffusion"
-    power: int = 2
-    restart: float = 0.5
-    beta: float = 10.0
-    graph: str = "attention_rows"
-    temperature: float = 0.1
-    neighbours: int = 8
+    method: str = RefineParams.method      # the refinement's keys default to RefineParams'
+    power: int = RefineParams.power
+    restart: float = RefineParams.restart
+    beta: float = RefineParams.beta
+    graph: str = RefineParams.graph
+    temperature: float = RefineParams.temperature
+    neighbours: int = RefineParams.neighbours
     threshold: float = 0.5
 
     def params(self) -> RefineParams:
