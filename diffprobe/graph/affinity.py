@@ -50,14 +50,15 @@ class Graph:
         return (d[:, None] if x.dim() == 2 else d) * x - self.matmul(x)
 
 
-def _check_square(m: torch.Tensor, what: str) -> None:
+def check_square(m: torch.Tensor, what: str) -> None:
+    """One-line error unless m is (N, N)."""
     if m.dim() != 2 or m.shape[0] != m.shape[1]:
         raise DiffprobeError(f"{what} must be a square (N, N) matrix, got shape {tuple(m.shape)}")
 
 
 def attention_graph(probs: torch.Tensor) -> Graph:
     """The graph of self-attention probabilities P (N, N) (rows sum to 1): W = (P + P^T) / 2."""
-    _check_square(probs, "self-attention")
+    check_square(probs, "self-attention")
     if (probs < 0).any():
         raise DiffprobeError("self-attention probabilities must be non-negative")
     return Graph((probs + probs.T) / 2)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.graph.affinity import check_square
 
 DENSE_BELOW = 600  # parts smaller than this use torch.linalg.eigh; larger ones Lanczos
 
@@ -78,8 +79,7 @@ def recursive_ncut(weights: torch.Tensor, tau: float = 0.5, min_size: int = 1, m
     """Segments of the graph W (N, N): (labels (N,) int64 0..K-1 in order of first node, the Ncut of every
     accepted split). A part is split while its best cut costs less than tau and both sides keep min_size
     nodes; at most max_segments segments."""
-    if weights.dim() != 2 or weights.shape[0] != weights.shape[1]:
-        raise DiffprobeError(f"the affinity must be a square (N, N) matrix, got {tuple(weights.shape)}")
+    check_square(weights, "the affinity")
     if tau <= 0:
         raise DiffprobeError(f"the normalised-cut threshold tau must be > 0, got {tau}")
     n = weights.shape[0]
