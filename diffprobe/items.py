@@ -150,19 +150,16 @@ class ItemState:
         totals: dict[str, np.ndarray] = {}
         done = np.zeros(len(self.done), bool)
         for r in range(self.world):
-            tensors_path, info_path = self.paths(self.out_dir, r)
-            if not info_path.is_file():
+            saved = self._read(self.out_dir, r)
+            if saved is None:
                 raise DiffprobeError(f"shard {r} of {self.world} left no state in {self.out_dir}: that process "
                                      "failed; rerun the same command to finish it")
-            info = json.loads(info_path.read_text())
-            check_fingerprint(info.get("fingerprint", {}), self.fingerprint, self.out_dir)
-            tensors, _ = load_tensors(tensors_path)
+            info, tensors = saved
             for k, v in tensors.items():
-                totals[k] = totals[k] + v.numpy() if k in totals else v.numpy().copy()
-            done |= tensors["done"].numpy() > 0
+                totals[k] = totals[k] + v if k in totals else v.copy()
+            done |= tensors["done"] > 0
             self.records.update({int(i): rec for i, rec in info.get("records", {}).items()})
-        for key, metric in self.metrics.items():
-            metric.load_state({k.split(".", 1)[1]: v for k, v in totals.items() if k.startswith(key + ".")})
+        self._load_metrics(totals)
         self.done = done
 
     def save(self) -> None:
@@ -174,11 +171,11 @@ class ItemState:
         save_json(info_path, {"fingerprint": self.fingerprint, "done": int(self.done.sum()), "items": len(self.done),
                                "records": {str(i): r for i, r in sorted(self.records.items())}})
 
-    def restore(self, folder: Path) -> bool:
-        """Load a state from `folder` if it holds one (checking its fingerprint); True when loaded."""
-        tensors_path, info_path = self.paths(folder)
+    def _read(self, folder: Path, rank: int | None = None) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """(info, arrays) of a shard's state saved in `folder` (its fingerprint and item count checked), or None."""
+        tensors_path, info_path = self.paths(folder, rank)
         if not info_path.is_file():
-            return False
+            return None
         try:
             info = json.loads(info_path.read_text())
         except json.JSONDecodeError as exc:
@@ -188,9 +185,20 @@ class ItemState:
         if tensors["done"].numel() != len(self.done):
             raise DiffprobeError(f"{folder} holds a run over {tensors['done'].numel()} items, this one has "
                                  f"{len(self.done)}")
+        return info, {k: v.numpy() for k, v in tensors.items()}
+
+    def _load_metrics(self, arrays: dict[str, np.ndarray]) -> None:
         for key, metric in self.metrics.items():
-            metric.load_state({k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith(key + ".")})
-        self.done = tensors["done"].numpy() > 0
+            metric.load_state({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(key + ".")})
+
+    def restore(self, folder: Path) -> bool:
+        """Load a state from `folder` if it holds one (checking its fingerprint); True when loaded."""
+        saved = self._read(folder)
+        if saved is None:
+            return False
+        info, arrays = saved
+        self._load_metrics(arrays)
+        self.done = arrays["done"] > 0
         self.records = {int(i): r for i, r in info.get("records", {}).items()}
         return True
 
