@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 from omegaconf import DictConfig
 
 from diffprobe.config import load_configured_backbone, run_config, section
 from diffprobe.data.inputs import input_images
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import save_json
-from diffprobe.runner import Head, Item, run_heads
-from diffprobe.tasks.image_runs import process_images
+from diffprobe.runner import Head, Item
+from diffprobe.tasks.image_runs import process_with_heads
 
 HEADS = ("diffseg", "localize", "probe")
 
@@ -71,16 +70,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     bb = load_configured_backbone(cfg)
     jobs = [job(name, cfg, bb) for name in names]
     heads = [h for j in jobs for h in j.heads]
-    def process(path: Path, image) -> dict:
-        results = run_heads(bb, heads, Item(str(path), image), generator=torch.Generator().manual_seed(seed))
+
+    def write(results: list, path: Path, image) -> dict:
         start, out = 0, {}
         for j in jobs:
-            part = results[start:start + len(j.heads)]
+            out[j.name] = j.write(results[start:start + len(j.heads)], path, image, out_dir / j.name)
             start += len(j.heads)
-            out[j.name] = j.write(part, path, image, out_dir / j.name)
         return out
 
-    summary = process_images(files, process, out_dir, "analyze")
+    summary = process_with_heads(bb, heads, write, files, out_dir, "analyze", seed)
     for j in jobs:
         images = {path: record[j.name] for path, record in summary["images"].items()}
         save_json(out_dir / j.name / "summary.json", {"images": images, "skipped": summary["skipped"]})

@@ -17,9 +17,8 @@ from diffprobe.config import load_configured_backbone, run_config, section
 from diffprobe.data.inputs import input_images
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead, default_tau, token_groups
 from diffprobe.heads.diffseg.semantics import vote_words
-from diffprobe.runner import Item, run_heads
 from diffprobe.tasks.diffseg_outputs import label_dtype, write_outputs
-from diffprobe.tasks.image_runs import process_images
+from diffprobe.tasks.image_runs import process_with_heads
 
 
 @dataclass
@@ -64,19 +63,12 @@ def write_segmentation(results: list, heads: list, settings: DiffSegTaskSettings
     return {"dir": str(out_dir / path.stem), "num_segments": record["num_segments"]}
 
 
-def segment_image(bb, heads: list, settings: DiffSegTaskSettings, path: Path, image, out_dir: Path,
-                  seed: int) -> dict:
-    import torch
-
-    results = run_heads(bb, heads, Item(str(path), image), generator=torch.Generator().manual_seed(seed))
-    return write_segmentation(results, heads, settings, path, image, out_dir)
-
-
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     settings = settings_of(cfg)
     seed = run_config(cfg).seed
     files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)
     heads = heads_for(bb, settings)
-    return process_images(files, lambda path, image: segment_image(bb, heads, settings, path, image, out_dir, seed),
-                          out_dir, "diffseg")
+    return process_with_heads(bb, heads, lambda res, path, image: write_segmentation(res, heads, settings, path,
+                                                                                    image, out_dir),
+                              files, out_dir, "diffseg", seed)

@@ -50,3 +50,18 @@ def process_images(files: list[Path], process: Callable[[Path, object], dict], o
         raise DiffprobeError(f"{len(skipped)} of {len(files)} images could not be read and were skipped (listed in "
                              f"{out_dir / 'summary.json'}); the others are done")
     return summary
+
+
+def process_with_heads(bb, heads: list, write: Callable[[list, Path, object], dict | str], files: list[Path],
+                       out_dir: Path, desc: str, seed: int) -> dict:
+    """process_images where each image gets one pass of `heads` (run_heads, noise seeded by `seed`) and its
+    record is write(the heads' results, path, PIL image)."""
+    import torch
+
+    from diffprobe.runner import Item, run_heads
+
+    def process(path: Path, image) -> dict | str:
+        return write(run_heads(bb, heads, Item(str(path), image), generator=torch.Generator().manual_seed(seed)),
+                     path, image)
+
+    return process_images(files, process, out_dir, desc)

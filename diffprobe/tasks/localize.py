@@ -12,7 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -22,8 +21,7 @@ from diffprobe.heads.call import analysed_box
 from diffprobe.heads.diffseg.head import token_groups
 from diffprobe.heads.localize import Localization, LocalizeHead, LocalizeSettings
 from diffprobe.io import save_figure, save_json, save_png, save_tensors
-from diffprobe.runner import Item, run_heads
-from diffprobe.tasks.image_runs import process_images
+from diffprobe.tasks.image_runs import process_with_heads
 from diffprobe.viz import heat_overlay
 
 
@@ -78,11 +76,6 @@ def figure(image, result: Localization, analysed, title: str):
     return fig
 
 
-def localize_image(bb, head: LocalizeHead, path: Path, image, out_dir: Path, seed: int) -> dict:
-    (result,) = run_heads(bb, [head], Item(str(path), image), generator=torch.Generator().manual_seed(seed))
-    return write_localization(result, head, path, image, out_dir)
-
-
 def write_localization(result: Localization, head: LocalizeHead, path: Path, image, out_dir: Path) -> dict:
     """The files of one image from the head's result."""
     settings = head.settings
@@ -130,5 +123,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)
     head = make_head(bb, settings)
-    return process_images(files, lambda path, image: localize_image(bb, head, path, image, out_dir, seed),
-                          out_dir, "localize")
+    return process_with_heads(bb, [head], lambda res, path, image: write_localization(res[0], head, path, image,
+                                                                                     out_dir),
+                              files, out_dir, "localize", seed)

@@ -10,15 +10,14 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from diffprobe.config import load_configured_backbone, run_config, section
 from diffprobe.data.inputs import input_images
 from diffprobe.heads.probe import ProbeHead, ProbeSettings
 from diffprobe.io import save_figure, save_json, save_tensors
-from diffprobe.runner import Item, run_heads
-from diffprobe.tasks.image_runs import process_images
+from diffprobe.runner import Item
+from diffprobe.tasks.image_runs import process_with_heads
 from diffprobe.viz import map_grid
 
 log = logging.getLogger(__name__)
@@ -43,12 +42,6 @@ def _picture_rows(view, names, tokens: list[str], show: int) -> list[tuple[str, 
             feat = view[name][0].float()
             rows.append((short, feat.norm(dim=0, keepdim=True).numpy(), ["|feature|"]))
     return rows
-
-
-def probe_image(bb, head: ProbeHead, tokens: list[str], path: Path, image, out_dir: Path, cfg: DictConfig) -> str:
-    item = Item(str(path), image)
-    (view,) = run_heads(bb, [head], item, generator=torch.Generator().manual_seed(run_config(cfg).seed))
-    return write_probe(view, head, tokens, item, out_dir, cfg.model.name)
 
 
 def write_probe(view, head: ProbeHead, tokens: list[str], item: Item, out_dir: Path, model: str) -> str:
@@ -93,5 +86,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     bb = load_configured_backbone(cfg)
     head = make_head(bb, settings)
     tokens = prompt_tokens(bb, settings.prompt)
-    return process_images(files, lambda path, image: probe_image(bb, head, tokens, path, image, out_dir, cfg),
-                          out_dir, "probe")
+    return process_with_heads(bb, [head], lambda res, path, image: write_probe(res[0], head, tokens,
+                                                                              Item(str(path), image), out_dir,
+                                                                              cfg.model.name),
+                              files, out_dir, "probe", run_config(cfg).seed)
