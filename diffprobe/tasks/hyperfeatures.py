@@ -135,7 +135,7 @@ def _extraction(p: HyperfeaturesParams, bb) -> ExtractionConfig:
 
 
 def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, out_dir: Path) -> dict:
-    check_batch_split(p.batch)
+    rank, _ = check_batch_split(p.batch)
     seed = run_config(cfg).seed
     extraction = _extraction(p, bb)
     output_size = p.output_size or extraction.image_size // bb.vae_factor
@@ -162,10 +162,8 @@ def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, out_dir: Path) -> dict:
     model.save_extraction(out_dir / "checkpoint")  # so a checkpoint directory also loads as a model
     history = train(model.net, source, train_pairs, val_pairs, tcfg, out_dir / "checkpoint",
                     resume=Path(p.resume) if p.resume else None)
-    from diffprobe import distributed
-
-    if distributed.shard()[0] != 0:  # the first process writes the model, curves and metrics
-        return {"mode": "train", "process": distributed.shard()[0]}
+    if rank != 0:  # the first process writes the model, curves and metrics
+        return {"mode": "train", "process": rank}
     model.save(out_dir / "model")
     save_json(out_dir / "history.json", history)
     plot_training_curves(history, out_dir / "curves.png", p.alpha)
