@@ -5,7 +5,8 @@ For latents of 32x32 and 64x64 (256 and 512 px images) it times, in one process 
   cross  -- capturing all 16 cross-attention probability maps (heads averaged);
   all    -- capturing all 32 attention maps, 64x64 self-attention included (heads averaged);
 each capture in both attention modes (recompute: the model keeps its fused attention and the probabilities
-are recomputed; reuse: the captured layers run diffusers' sliced processor and its probabilities are kept),
+are recomputed; reuse: each captured layer's SDPA call is answered by an explicit query-chunked attention
+whose probabilities are kept),
 and reports each as a ratio of process CPU time to bare (robust to other jobs on a shared machine), with the
 bytes the cache holds and the peak RSS during one call in a fresh process, above the RSS of the loaded UNet.
 

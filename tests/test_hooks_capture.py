@@ -243,25 +243,47 @@ def test_storage_dtype_and_unsupported_attention_is_refused():
         attn.norm_q = None
 
 
-def test_encoder_attention_mask_is_applied():
-    """A mask on the tokens (the UNet's encoder_attention_mask) zeroes their probabilities, rows still sum to 1."""
+@pytest.mark.parametrize("attention", ["recompute", "reuse"])
+def test_encoder_attention_mask_is_applied(attention):
+    """A mask on the tokens (the UNet's encoder_attention_mask) zeroes their probabilities, rows still sum to 1,
+    and in reuse mode the masked output equals the uncaptured masked call."""
     bb = tiny_backbone("sd15")
     probe = ProbeRegistry(bb.unet)
     cond = encode_prompt(bb, ["a cat"])
     mask = torch.ones(1, bb.max_tokens)
     mask[:, 5:] = 0
     name = probe.select("*.attn2.hook_probs")[0]
-    with probe.capture(name) as cache:
-        bb.unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=cond.context, encoder_attention_mask=mask)
+    latents = torch.randn(1, 4, 8, 8)
+    call = lambda: bb.unet(latents, 10, encoder_hidden_states=cond.context, encoder_attention_mask=mask).sample  # noqa: E731
+    bare = call()
+    with probe.capture(name, attention=attention) as cache:
+        out = call()
     probs = cache[name]
     assert float(probs[..., 5:].abs().max()) < 1e-6
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    torch.testing.assert_close(out, bare, rtol=0, atol=1e-5)
+
+
+def test_reuse_refuses_a_processor_that_does_not_call_sdpa(setup):
+    bb, probe, latents, cond = setup
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from diffprobe.hooks import UnsupportedAttention
+
+    before = dict(bb.unet.attn_processors)
+    bb.unet.set_attn_processor(AttnProcessor())   # explicit bmm attention: no SDPA call to answer
+    try:
+        with pytest.raises(UnsupportedAttention, match="AttnProcessor called scaled_dot_product_attention 0 times"):
+            with probe.capture("*.attn2.hook_probs", attention="reuse"):
+                unet_call(bb, latents, 50, cond)
+    finally:
+        bb.unet.set_attn_processor(before)
 
 
 @pytest.mark.parametrize("heads", ["mean", "none", 1])
 def test_reused_probabilities_equal_recomputed_ones_and_outputs_stay(setup, heads):
-    # attention="reuse": the layer's own (sliced) probabilities are kept; a second need on other rows and a
-    # gradient need (which cannot reuse) are served in the same capture
+    # attention="reuse": the probabilities the layer's output is computed from are kept; a second need on other
+    # rows is served in the same capture; the processors are never swapped
     bb, probe, latents, cond = setup
     from diffprobe.hooks import Need
 
@@ -273,9 +295,8 @@ def test_reused_probabilities_equal_recomputed_ones_and_outputs_stay(setup, head
     attn = bb.unet.get_submodule(probe.sites[probe.select("*.attn1.hook_probs")[0]].module)
     processor = attn.processor
     with probe.capture(needs(), attention="reuse") as reused:
-        assert attn.processor is not processor and "get_attention_scores" in attn.__dict__
         out = unet_call(bb, latents, 50, cond)
-    assert attn.processor is processor and "get_attention_scores" not in attn.__dict__   # restored
+    assert attn.processor is processor and not attn._forward_hooks and not attn._forward_pre_hooks
     torch.testing.assert_close(out, bare, rtol=0, atol=1e-5)
     for a, b in zip(exact, reused):
         assert a.names == b.names
@@ -283,14 +304,21 @@ def test_reused_probabilities_equal_recomputed_ones_and_outputs_stay(setup, head
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
 
 
-def test_reuse_restores_the_processors_when_the_block_raises(setup):
+def test_reuse_leaves_no_mode_or_hook_behind_when_the_forward_raises(setup):
     bb, probe, latents, cond = setup
-    before = dict(bb.unet.attn_processors)
-    with pytest.raises(RuntimeError, match="boom"):
-        with probe.capture("*.attn2.hook_probs", attention="reuse"):
-            unet_call(bb, latents, 50, cond)
-            raise RuntimeError("boom")
-    assert dict(bb.unet.attn_processors) == before
+    from torch.overrides import _get_current_function_mode_stack
+
+    attn = bb.unet.get_submodule(probe.sites[probe.select("*.attn2.hook_probs")[-1]].module)
+    boom = attn.to_out[0].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    try:
+        with pytest.raises(RuntimeError, match="boom"):   # raised inside the module, while its mode is active
+            with probe.capture("*.attn2.hook_probs", attention="reuse"):
+                unet_call(bb, latents, 50, cond)
+    finally:
+        boom.remove()
+    assert not _get_current_function_mode_stack()
+    assert not attn._forward_hooks and not attn._forward_pre_hooks
+    torch.testing.assert_close(unet_call(bb, latents, 50, cond), unet_call(bb, latents, 50, cond), rtol=0, atol=0)
     with pytest.raises(Exception, match="attention must be one of"):
         with probe.capture("*.attn2.hook_probs", attention="fused"):
             pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,9 @@ class Backend:
     """Per-family facts. Subclasses override what differs; `name` identifies the family ("sd1", "sdxl", ...)."""
 
     name = "base"
+    captures_at_kernel = False
+    """True when attention sites are always captured at the module's SDPA call (diffprobe.hooks.kernel), in
+    both attention modes: transformers whose q and k carry qk norms and rotary embeddings."""
 
     def matches(self, model: nn.Module) -> bool:
         """True when this backend describes the denoiser `model`."""
@@ -70,15 +75,19 @@ class Backend:
         """(q (B, h, N, d) scaled, k (B, h, K, d), additive bias broadcastable to (B, h, N, K) or None)."""
         raise NotImplementedError
 
-    def hand_out_probabilities(self, module: nn.Module, sink) -> Any:
-        """For capture(attention="reuse"): make `module` pass every slice of the probabilities it computes its
-        output with to sink(probs (s, N, K)), and return undo() restoring it."""
-        raise NotImplementedError(f"the {self.name} backend cannot reuse its attention probabilities; "
-                                  "capture with attention='recompute'")
-
     def feature_module(self, model: nn.Module, site) -> nn.Module:
         """The module whose forward output is the feature site's tensor."""
         raise NotImplementedError
+
+    def feature_tensor(self, site, output: Any, grid: tuple[int, int]) -> torch.Tensor:
+        """The feature site's (B, C, h, w) tensor from its module's output (a UNet block's first output)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def model_call(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[int, int], Any]:
+        """(spatial size of the input latent, in the units of Site.divisor; the timestep) of a denoiser call."""
+        bound = _forward_signature(model).bind_partial(*args, **kwargs).arguments
+        sample = bound["sample"] if "sample" in bound else bound["hidden_states"]
+        return tuple(sample.shape[-2:]), bound["timestep"]
 
     def encode_prompt(self, bb: Any, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """Text conditioning of `prompts` ("" = unconditional) for images of `size` (H, W) pixels."""
@@ -95,6 +104,17 @@ class Backend:
     def pipeline(self, bb: Any) -> Any:
         """A diffusers pipeline holding bb's parts (for saving in diffusers layout)."""
         raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=None)
+def _signature_of(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def _forward_signature(model: nn.Module) -> inspect.Signature:
+    """The signature of `model`'s forward without self (cached per class)."""
+    sig = _signature_of(type(model))
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 BACKENDS: list[Backend] = []

@@ -8,7 +8,6 @@ module's own inputs; the families differ only in their conditioning.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from torch import nn
@@ -118,29 +117,6 @@ class StandardAttention:
             bias = bias.view(hidden.shape[0], attn.heads, *bias.shape[1:])  # (B, h, 1 or N, K)
         return q, k, bias
 
-
-    def hand_out_probabilities(self, attn: nn.Module, sink: Callable[[torch.Tensor], None]) -> Callable[[], None]:
-        """Until the returned undo() runs, `attn` computes with diffusers' SlicedAttnProcessor (one head of one
-        image at a time) and passes every slice of probabilities (s, N, K) it multiplies with the values to
-        sink(probs) on the way (diffusers' Attention.get_attention_scores, wrapped on this instance)."""
-        from diffusers.models.attention_processor import SlicedAttnProcessor
-
-        original = attn.get_processor()
-        scores = attn.get_attention_scores
-
-        def get_attention_scores(query, key, attention_mask=None):
-            probs = scores(query, key, attention_mask)
-            sink(probs)
-            return probs
-
-        attn.set_processor(SlicedAttnProcessor(slice_size=1))
-        attn.get_attention_scores = get_attention_scores
-
-        def undo() -> None:
-            attn.set_processor(original)
-            attn.__dict__.pop("get_attention_scores", None)
-
-        return undo
 
 
 class UNetBackend(StandardAttention, Backend):

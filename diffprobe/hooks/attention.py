@@ -44,17 +44,39 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, inner // heads).transpose(1, 2)
 
 
-def _chunk_probs(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, heads: str) -> torch.Tensor:
-    """Probabilities of one query chunk: q (B, h, n, d) pre-scaled, k_t (B, h, d, K) -> reduced over heads."""
+def _softmax(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k_t + bias) in fp32 for q (B, h, n, d) pre-scaled and k_t (B, h, d, K): (B, h, n, K)."""
     scores = torch.matmul(q, k_t)
     if bias is not None:
         scores = scores + bias
-    probs = scores.softmax(dim=-1)
+    return scores.softmax(dim=-1, dtype=torch.float32)
+
+
+def reduce_heads(probs: torch.Tensor, heads: str | int) -> torch.Tensor:
+    """(B, h, n, K) -> (B, n, K) for "mean"/"sum"/an int head index, unchanged for "none"."""
     if heads == "mean":
         return probs.mean(dim=1)
     if heads == "sum":
         return probs.sum(dim=1)
-    return probs  # "none" or one head already selected: (B, h, n, K)
+    if isinstance(heads, int):
+        return probs[:, heads]
+    return probs
+
+
+def _chunk_probs(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, heads: str) -> torch.Tensor:
+    return reduce_heads(_softmax(q, k_t, bias), heads)
+
+
+def _chunk_rows(bias: torch.Tensor | None, start: int, chunk: int) -> torch.Tensor | None:
+    """The rows of a bias for queries start..start+chunk (a mask is (.., 1, K) or per query (.., N, K))."""
+    if bias is None or bias.shape[-2] == 1:
+        return bias
+    return bias[..., start : start + chunk, :]
+
+
+def query_chunk(batch: int, heads: int, num_keys: int) -> int:
+    """Queries per chunk so that one chunk's (batch, heads, chunk, num_keys) scores hold CHUNK_ELEMENTS."""
+    return max(1, CHUNK_ELEMENTS // max(1, batch * heads * num_keys))
 
 
 def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None, heads: str | int = "mean",
@@ -73,20 +95,44 @@ def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = 
     k_t = k.transpose(-1, -2)
     b, h, n, _ = q.shape
     num_keys = k.shape[2]
-    chunk = max(1, CHUNK_ELEMENTS // max(1, b * h * num_keys))
+    chunk = query_chunk(b, h, num_keys)
     mode = "mean" if isinstance(heads, int) else heads
-
-    def bias_rows(start: int) -> torch.Tensor | None:  # a mask is (.., 1, K) or per query (.., N, K)
-        if bias is None or bias.shape[-2] == 1:
-            return bias
-        return bias[..., start : start + chunk, :]
-
     if grad:
-        pieces = [checkpoint(_chunk_probs, q[:, :, s : s + chunk], k_t, bias_rows(s), mode, use_reentrant=False)
+        pieces = [checkpoint(_chunk_probs, q[:, :, s : s + chunk], k_t, _chunk_rows(bias, s, chunk), mode,
+                             use_reentrant=False)
                   for s in range(0, n, chunk)]
         return torch.cat(pieces, dim=-2)
     shape = (b, h, n, num_keys) if mode == "none" else (b, n, num_keys)
     out = torch.empty(shape, dtype=torch.float32, device=q.device)
     for start in range(0, n, chunk):
-        out[..., start : start + chunk, :] = _chunk_probs(q[:, :, start : start + chunk], k_t, bias_rows(start), mode)
+        out[..., start : start + chunk, :] = _chunk_probs(q[:, :, start : start + chunk], k_t,
+                                                          _chunk_rows(bias, start, chunk), mode)
     return out
+
+
+def attend_keeping(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                   keep: list[tuple[slice, str | int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Attention softmax(q k^T * scale + bias) v computed from explicit probabilities a query chunk at a time,
+    keeping those probabilities as it goes.
+
+    q (B, h, N, d), k (B, h, K, d), v (B, h, K, dv) in the model's dtype; bias broadcastable to (B, h, N, K).
+    Scores are in the model's dtype, the softmax in fp32, the output (B, h, N, dv) in v's dtype. `keep` lists
+    (rows, heads) pairs: for each, the probabilities of those batch rows reduced as `reduce_heads` does, in fp32:
+    (rows, N, K), or (rows, h, N, K) for "none".
+    """
+    b, h, n, _ = q.shape
+    num_keys = k.shape[2]
+    k_t = k.transpose(-1, -2)
+    out = torch.empty((b, h, n, v.shape[-1]), dtype=v.dtype, device=v.device)
+    kept = []
+    for rows, heads in keep:
+        r = len(range(*rows.indices(b)))
+        kept.append(torch.empty((r, h, n, num_keys) if heads == "none" else (r, n, num_keys),
+                                dtype=torch.float32, device=q.device))
+    chunk = query_chunk(b, h, num_keys)
+    for start in range(0, n, chunk):
+        probs = _softmax(q[:, :, start : start + chunk] * scale, k_t, _chunk_rows(bias, start, chunk))
+        torch.matmul(probs.to(v.dtype), v, out=out[:, :, start : start + chunk])
+        for (rows, heads), dest in zip(keep, kept):
+            dest[..., start : start + chunk, :] = reduce_heads(probs[rows], heads)
+    return out, kept

@@ -6,10 +6,10 @@ steps, device and dtype. With early exit the forward stops once every site of ev
 
 Attention modes: "recompute" (default) leaves the model's attention kernel alone and recomputes the
 probabilities of a captured layer from its inputs, in fp32 (the model's outputs are bit-identical to an
-uncaptured call). "reuse" has each captured layer (without gradients or query upsampling) run diffusers'
-sliced attention processor for the duration of the capture, one head at a time, and keeps the probabilities
-that processor computes and multiplies with the values: nothing is computed twice; the outputs equal an
-uncaptured call to float rounding and the probabilities are in the model's dtype.
+uncaptured call). "reuse" answers each captured layer's (without gradients or query upsampling) call of
+scaled_dot_product_attention with an explicit attention, a query chunk at a time (diffprobe.hooks.kernel),
+and keeps the probabilities it multiplies with the values: nothing is computed twice; the outputs equal an
+uncaptured call to float rounding; scores are in the model's dtype, probabilities in fp32.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Callable
 
 import torch
 
-from diffprobe.hooks.attention import probs_from_qk, query_grid, upsample_tokens
+from diffprobe.hooks.attention import attend_keeping, probs_from_qk, query_grid, upsample_tokens
 from diffprobe.hooks.errors import DiffprobeError
 from diffprobe.hooks.cache import ActivationCache
+from diffprobe.hooks.kernel import answer_attention
 from diffprobe.hooks.needs import Need
 
 StepCallback = Callable[[int, float, object], None]
@@ -37,39 +38,36 @@ def _timestep_value(t) -> float:
     return float(t)
 
 
+def _bias_rows(bias: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The batch rows of an additive bias that has them (a bias broadcast over the batch is kept whole)."""
+    return bias if bias is None or bias.shape[0] == 1 else bias[rows]
+
+
+def joint_part(probs: torch.Tensor, site, grid: tuple[int, int]):
+    """The block of (.., Q, K) probabilities that `site` names, with its query and key grids (None for text).
+
+    A site without a part is the whole map: self-attention (grids on both sides), cross-attention (a query
+    grid) or a whole joint map (no grid). A part's image tokens are the grid's h*w; the rest are text.
+    """
+    if site.part is None:
+        if site.kind == "self_attn":
+            return probs, grid, grid
+        return probs, (grid if site.kind == "cross_attn" else None), None
+    n = grid[0] * grid[1]
+    text = probs.shape[-1] - n
+    image, words = (slice(text, text + n), slice(0, text)) if site.text_first else (slice(0, n), slice(n, n + text))
+    rows, cols = site.part[:3], site.part[4:]
+    pick = {"img": image, "txt": words}
+    value = probs[..., pick[rows], :][..., pick[cols]].clone()
+    return value, (grid if rows == "img" else None), (grid if cols == "img" else None)
+
+
 def _union(slices: list[slice], batch: int) -> slice:
     starts, stops = zip(*(s.indices(batch)[:2] for s in slices))
     return slice(min(starts), max(stops))
 
 
 ATTENTION_MODES = ("recompute", "reuse")
-
-
-class _Reused:
-    """The probabilities one module's sliced processor hands out during a call, reduced per group of needs as
-    they come: slices of the (B * heads, N, K) scores, in order."""
-
-    def __init__(self, heads: int, batch: int, groups: list[tuple[slice, str | int]]):
-        self.heads, self.batch, self.groups, self.pos = heads, batch, groups, 0
-        self.out: list[torch.Tensor | None] = [None] * len(groups)
-
-    def add(self, probs: torch.Tensor) -> None:
-        n, k = probs.shape[-2:]
-        for j in range(probs.shape[0]):
-            b, h = divmod(self.pos + j, self.heads)
-            for g, (rows, mode) in enumerate(self.groups):
-                start, stop, _ = rows.indices(self.batch)
-                if not start <= b < stop or (isinstance(mode, int) and h != mode):
-                    continue
-                if self.out[g] is None:
-                    shape = (stop - start, self.heads, n, k) if mode == "none" else (stop - start, n, k)
-                    self.out[g] = torch.zeros(shape, dtype=torch.float32, device=probs.device)
-                p = probs[j].float()
-                if mode == "none":
-                    self.out[g][b - start, h] = p
-                else:
-                    self.out[g][b - start] += p / self.heads if mode == "mean" else p
-        self.pos += probs.shape[0]
 
 
 class Capture:
@@ -81,7 +79,6 @@ class Capture:
             raise DiffprobeError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {attention!r}")
         self.registry, self.needs, self.early_exit, self.on_step, self.single = registry, needs, early_exit, on_step, single
         self.attention = attention
-        self.restore: list[Callable[[], None]] = []  # undo the processor swaps of "reuse"
         self.caches = [ActivationCache(n.reduce, {s: registry.sites[s] for s in sel}) for n, sel in zip(needs, names)]
         self.users: dict[str, list[int]] = defaultdict(list)  # site -> indices of the needs that want it
         for i, sel in enumerate(names):
@@ -94,10 +91,8 @@ class Capture:
 
     # -- model-level hooks: call counting and the per-call callback -------------------------------------
     def _model_pre(self, module, args, kwargs):
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.latent_hw, t = self.registry.backend.model_call(module, args, kwargs)
         self.step += 1
-        self.latent_hw = tuple(sample.shape[-2:])
         for cache in self.caches:
             cache.timesteps.append(_timestep_value(t))
             cache.current = {}
@@ -148,30 +143,45 @@ class Capture:
                 self._store(name, probs, rows, batch, users, grid, key_grid)
         return hook
 
-    def _reuse_hooks(self, name: str, module, groups: list[list[int]]):
-        """Pre-hook, probability sink and post-hook of a module whose processor hands out its probabilities."""
-        site = self.registry.sites[name]
-        state: dict[str, _Reused] = {}
+    def _kernel(self, names: list[str]):
+        """The kernel that answers the SDPA call of the module whose attention sites (one map, or the whole of a
+        joint map and its blocks) are `names`. Needs with one compute key share one computation over the union
+        of their rows: in "reuse" mode (no gradients) the output is computed from the kept probabilities;
+        otherwise the model's own call gives the output and the probabilities are recomputed from the exact
+        q and k it was given (qk norms and rotary embeddings applied), in fp32."""
+        groups: dict[tuple, list[tuple[str, int]]] = defaultdict(list)
+        for name in names:
+            for i in self.users[name]:
+                groups[self.needs[i].compute_key()].append((name, i))
+        first = self.registry.sites[names[0]]
 
-        def pre(mod, args, kwargs):
-            hidden, _, _ = self.registry.backend.attention_call(args, kwargs)
-            batch = hidden.shape[0]
-            plan = [(_union([self.needs[i].row_slice(batch) for i in users], batch), self.needs[users[0]].reduce.heads)
-                    for users in groups]
-            state["call"] = _Reused(int(mod.heads), batch, plan)
-
-        def post(mod, args, kwargs, output):
-            call = state.pop("call")
-            grid = query_grid(call.out[0].shape[-2], self.latent_hw)
-            key_grid = grid if site.kind == "self_attn" else None
-            for users, (rows, _), probs in zip(groups, call.groups, call.out):
-                self._store(name, probs, slice(*rows.indices(call.batch)[:2]), call.batch, users, grid, key_grid)
-
-        return pre, lambda probs: state["call"].add(probs), post
+        def kernel(q, k, v, bias, scale, original):
+            batch = q.shape[0]
+            plan = [(_union([self.needs[i].row_slice(batch) for _, i in members], batch),
+                     self.needs[members[0][1]].reduce.heads) for members in groups.values()]
+            grad = torch.is_grad_enabled() and any(self.needs[i].grad for m in groups.values() for _, i in m)
+            if self.attention == "reuse" and not grad:
+                out, kept = attend_keeping(q, k, v, bias, scale, plan)
+            else:
+                out = original()
+                kept = [probs_from_qk(q[rows] * scale, k[rows], _bias_rows(bias, rows), heads, grad=grad)
+                        for rows, heads in plan]
+            grid = first.resolution(self.latent_hw)
+            for members, (rows, _), probs in zip(groups.values(), plan, kept):
+                users: dict[str, list[int]] = defaultdict(list)
+                for name, i in members:
+                    users[name].append(i)
+                for name, idx in users.items():
+                    value, query_grid_, key_grid = joint_part(probs, self.registry.sites[name], grid)
+                    self._store(name, value, rows, batch, idx, query_grid_, key_grid)
+            return out
+        return kernel
 
     def _feature_hook(self, name: str):
+        site = self.registry.sites[name]
+
         def hook(module, args, output):
-            value = output[0] if isinstance(output, tuple) else output
+            value = self.registry.backend.feature_tensor(site, output, site.resolution(self.latent_hw))
             users = self.users[name]
             self._store(name, value, slice(0, value.shape[0]), value.shape[0], users, tuple(value.shape[-2:]))
         return hook
@@ -180,30 +190,32 @@ class Capture:
         reg = self.registry
         self.handles.append(reg.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         self.handles.append(reg.model.register_forward_hook(self._model_post, with_kwargs=True))
+        at_kernel: dict[str, list[str]] = defaultdict(list)  # module -> its sites answered at the SDPA call
         for name, users in self.users.items():
             site = reg.sites[name]
-            if site.is_attention:
+            if not site.is_attention:
+                module = reg.backend.feature_module(reg.model, site)
+                self.handles.append(module.register_forward_hook(self._feature_hook(name)))
+                continue
+            needs = [self.needs[i] for i in users]
+            if reg.backend.captures_at_kernel:
+                if any(n.upsample_queries is not None for n in needs):
+                    raise DiffprobeError(f"upsample_queries cannot be used at {name}: the queries of a "
+                                         f"{reg.backend.name} attention are not recomputed from its input")
+                at_kernel[site.module].append(name)
+            elif self.attention == "reuse" and all(not n.grad and n.upsample_queries is None for n in needs):
+                at_kernel[site.module].append(name)
+            else:
                 groups: dict[tuple, list[int]] = defaultdict(list)
                 for i in users:
                     groups[self.needs[i].compute_key()].append(i)
                 module = reg.model.get_submodule(site.module)
-                reusable = all(not self.needs[i].grad and self.needs[i].upsample_queries is None for i in users)
-                if self.attention == "reuse" and reusable:
-                    pre, sink, post = self._reuse_hooks(name, module, list(groups.values()))
-                    self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-                    self.handles.append(module.register_forward_hook(post, with_kwargs=True))
-                    self.restore.append(reg.backend.hand_out_probabilities(module, sink))
-                    continue
                 self.handles.append(module.register_forward_hook(self._attention_hook(name, list(groups.values())),
                                                                  with_kwargs=True))
-            else:
-                module = reg.backend.feature_module(reg.model, site)
-                self.handles.append(module.register_forward_hook(self._feature_hook(name)))
+        for path, names in at_kernel.items():
+            self.handles += answer_attention(reg.model.get_submodule(path), path, self._kernel(names))
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for undo in self.restore:
-            undo()
-        self.restore.clear()

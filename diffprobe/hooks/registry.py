@@ -98,9 +98,9 @@ class ProbeRegistry:
                 (a list of such dicts, one per Need, when a list of Needs was given).
             attention: "recompute" (default: the model keeps its attention kernel, the probabilities are
                 recomputed in fp32 and the model's outputs are bit-identical to an uncaptured call) or "reuse"
-                (captured layers without gradients or query upsampling run diffusers' sliced attention
-                processor for the duration of the capture, and the probabilities it computes are kept:
-                cheaper; outputs equal to float rounding; probabilities in the model's dtype).
+                (the scaled_dot_product_attention call of each captured layer without gradients or query
+                upsampling is answered by an explicit, query-chunked attention whose probabilities are
+                kept: cheaper; outputs equal to float rounding; scores in the model's dtype).
         Yields:
             the ActivationCache (a tuple of them for a list of Needs).
 

@@ -8,6 +8,12 @@ A site is a module path of the model plus a `hook_*` leaf; the model family's ba
 - `<...>.resnets.N.hook_residual`: a ResNet block's residual branch (conv2 output, before the skip add
   and `output_scale_factor`), kind `resnet`;
 - `down_blocks.N.hook_out`, `mid_block.hook_out`, `up_blocks.N.hook_out`: a block's (first) output, kind `block`.
+
+Diffusion transformers (diffprobe.backends.dit) add joint attention over image and text tokens (SD3, FLUX):
+`<...>.attn.hook_probs` is the whole (N + T) x (N + T) map (kind `joint_attn`), and its four blocks are sites of
+their own: `hook_img2img` (kind `self_attn`), `hook_img2txt` (kind `cross_attn`), `hook_txt2img` and
+`hook_txt2txt`. A block is a slice of the joint softmax, so its rows sum to the mass that falls inside it.
+`transformer_blocks.N.hook_out` is a block's image-token output laid out as a (C, h, w) map.
 """
 
 from __future__ import annotations
@@ -19,18 +25,24 @@ from typing import Callable, Iterable, Literal, Union
 from diffprobe.hooks.errors import SiteNotFound
 
 PROBS, RESIDUAL, OUT = "hook_probs", "hook_residual", "hook_out"
-SiteKind = Literal["self_attn", "cross_attn", "resnet", "block"]
-ATTENTION_KINDS = ("self_attn", "cross_attn")
+SiteKind = Literal["self_attn", "cross_attn", "joint_attn", "txt2img", "txt2txt", "resnet", "block"]
+ATTENTION_KINDS = ("self_attn", "cross_attn", "joint_attn", "txt2img", "txt2txt")
+JOINT_PARTS = {"img2img": "self_attn", "img2txt": "cross_attn", "txt2img": "txt2img", "txt2txt": "txt2txt"}
+"""The blocks of a joint attention map: part name (site leaf `hook_<part>`) -> the kind of site it is."""
 
 
 @dataclass(frozen=True)
 class Site:
     """Metadata of one capture site, known before the model runs.
 
-    divisor: side of the model's input latent divided by the side of this site's map (1, 2, 4, 8, ...).
+    divisor: side of the model's input latent divided by the side of this site's map (1, 2, 4, 8, ...; a
+        transformer's patch size).
     channels: feature channels at the site (attention: query dim; resnet/block: output channels).
     context_dim: key/value input dim of attention sites (tokens' dim for cross-attention), else None.
     order: position in the model's execution order (0 = first to fire).
+    part: for a site of a joint attention module, None for the whole map or which block ("img2img", ...).
+    text_first: for joint attention, whether text tokens precede image tokens in the joint sequence (FLUX) or
+        follow them (SD3); None elsewhere.
     """
 
     name: str
@@ -43,6 +55,8 @@ class Site:
     order: int
     module: str
     context_dim: int | None = None
+    part: str | None = None
+    text_first: bool | None = None
 
     @property
     def is_attention(self) -> bool:
