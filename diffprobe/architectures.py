@@ -1,4 +1,4 @@
-"""UNet/VAE/text-encoder configurations of the supported structures, real-sized and tiny.
+"""UNet, transformer, VAE and text-encoder configurations of the supported structures, real-sized and tiny.
 
 Real-sized configs are the published diffusers configs of SD 1.5, SD 2.1 (768) and SDXL base; build them with
 random weights (or on the meta device) for benchmarks and golden site lists. Tiny configs keep each structure
@@ -80,3 +80,56 @@ def build_unet(structure: str, tiny: bool = False, device: str = "cpu"):
 
     with torch.device(device):
         return UNet2DConditionModel(**unet_config(structure, tiny))
+
+
+# -- diffusion transformers: published diffusers configs and tiny ones with the same structure ---------------
+
+TRANSFORMER_CLASSES = {"pixart": "PixArtTransformer2DModel", "sd3": "SD3Transformer2DModel",
+                       "sd35": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+
+TRANSFORMER_CONFIGS: dict[str, dict] = {
+    # PixArt-Sigma-XL-2-1024-MS
+    "pixart": dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                   cross_attention_dim=1152, sample_size=128, patch_size=2, caption_channels=4096,
+                   interpolation_scale=2, use_additional_conditions=False),
+    # stable-diffusion-3-medium
+    "sd3": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+    # stable-diffusion-3.5-medium: qk RMSNorm and a second image self-attention in blocks 0-12
+    "sd35": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                 num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                 pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                 dual_attention_layers=list(range(13)), qk_norm="rms_norm"),
+    # FLUX.1-dev
+    "flux": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                 axes_dims_rope=[16, 56, 56]),
+}
+
+TINY_TRANSFORMER_CONFIGS: dict[str, dict] = {
+    "pixart": dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                   cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=32, norm_num_groups=1,
+                   use_additional_conditions=False),
+    "sd3": dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+                pos_embed_max_size=16),
+    "sd35": dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                 num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
+                 out_channels=4, pos_embed_max_size=16, dual_attention_layers=[0], qk_norm="rms_norm"),
+    "flux": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False,
+                 axes_dims_rope=[2, 2, 4]),
+}
+
+
+def build_transformer(structure: str, tiny: bool = False, device: str = "cpu"):
+    """A diffusers transformer of `structure` ("pixart", "sd3", "sd35", "flux") with random weights."""
+    import diffusers
+    import torch
+
+    table = TINY_TRANSFORMER_CONFIGS if tiny else TRANSFORMER_CONFIGS
+    if structure not in table:
+        raise KeyError(f"unknown transformer structure {structure!r}; known: {', '.join(table)}")
+    with torch.device(device):
+        return getattr(diffusers, TRANSFORMER_CLASSES[structure])(**copy.deepcopy(table[structure]))

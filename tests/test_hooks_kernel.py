@@ -84,5 +84,5 @@ def test_a_module_calling_sdpa_twice_is_refused(planted):
     q, k, v, mask = planted
     module = SDPAModule(calls=2)
     answer_attention(module, "twice", lambda q_, k_, v_, bias, scale, original: attend_keeping(q_, k_, v_, bias, scale, [])[0])
-    with pytest.raises(UnsupportedAttention, match="twice at its kernel: its processor NoneType called scaled_dot_product_attention 2 times"):
+    with pytest.raises(UnsupportedAttention, match="twice at its kernel: .* called scaled_dot_product_attention 2 times"):
         module(q, k, v, mask)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffprobe.architectures import build_unet
+from diffprobe.architectures import build_transformer, build_unet
 from diffprobe.hooks import ProbeRegistry
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -24,7 +24,10 @@ def _mini_unet():
 FAMILIES = {"sd1": (lambda: build_unet("sd15", device="meta"), "sites_sd15.json"),
             "sd2": (lambda: build_unet("sd21", device="meta"), "sites_sd21.json"),
             "sdxl": (lambda: build_unet("sdxl", device="meta"), "sites_sdxl.json"),
-            "custom": (_mini_unet, "sites_mini.json")}
+            "custom": (_mini_unet, "sites_mini.json"),
+            "pixart": (lambda: build_transformer("pixart", device="meta"), "sites_pixart.json"),
+            "sd3": (lambda: build_transformer("sd3", device="meta"), "sites_sd3.json"),
+            "flux": (lambda: build_transformer("flux", device="meta"), "sites_flux.json")}
 
 
 def test_every_backend_has_a_model_and_a_golden_site_list():
@@ -45,6 +48,28 @@ def test_golden_site_list(real_registry):
     golden = json.loads((GOLDEN / golden_file).read_text())
     got = [[s.name, s.kind, s.divisor, s.heads, s.channels] for s in probe.sites.values()]
     assert got == golden
+
+
+def test_sd35_golden_site_list_and_transformer_structure_facts():
+    probe = ProbeRegistry(build_transformer("sd35", device="meta"))
+    assert probe.backend.name == "sd3"
+    golden = json.loads((GOLDEN / "sites_sd35.json").read_text())
+    assert [[s.name, s.kind, s.divisor, s.heads, s.channels] for s in probe.sites.values()] == golden
+    kinds = Counter(s.kind for s in probe.sites.values())
+    # 24 joint blocks, each a joint map + 4 blocks of it; 13 blocks with a second image self-attention
+    assert kinds == {"joint_attn": 24, "self_attn": 24 + 13, "cross_attn": 24, "txt2img": 24, "txt2txt": 24,
+                     "modulation": 24, "block": 24}
+    assert {(s.divisor, s.heads, s.channels) for s in probe.sites.values() if s.is_attention} == {(2, 24, 1536)}
+    assert all(s.text_first is False for s in probe.sites.values() if s.part is not None)
+    # SD3.5's first blocks modulate with 9 vectors (two attentions), the others with 6
+    mods = [s.channels for s in probe.sites.values() if s.kind == "modulation"]
+    assert mods == [9 * 1536] * 13 + [6 * 1536] * 11   # the image stream's norm1 (not the text stream's)
+
+    flux = ProbeRegistry(build_transformer("flux", device="meta"))
+    double = [s for s in flux.sites.values() if s.kind == "joint_attn" and s.direction == "dit"]
+    single = [s for s in flux.sites.values() if s.kind == "joint_attn" and s.direction == "single"]
+    assert len(double) == 19 and len(single) == 38 and {s.heads for s in double + single} == {24}
+    assert all(s.text_first for s in double + single) and {s.divisor for s in double + single} == {1}
 
 
 def test_sd15_structure_facts():

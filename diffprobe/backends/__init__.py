@@ -8,5 +8,6 @@ site list under tests/golden/. `backend_for(model)` picks the first registered b
 
 from diffprobe.backends.base import BACKENDS, Backend, Conditioning, backend_for, backend_named, register
 from diffprobe.backends import unet as _unet  # noqa: F401  (registers the UNet families)
+from diffprobe.backends import dit as _dit  # noqa: F401  (registers PixArt, SD3 and FLUX)
 
 __all__ = ["BACKENDS", "Backend", "Conditioning", "backend_for", "backend_named", "register"]

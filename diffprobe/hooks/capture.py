@@ -183,7 +183,8 @@ class Capture:
         def hook(module, args, output):
             value = self.registry.backend.feature_tensor(site, output, site.resolution(self.latent_hw))
             users = self.users[name]
-            self._store(name, value, slice(0, value.shape[0]), value.shape[0], users, tuple(value.shape[-2:]))
+            grid = tuple(value.shape[-2:]) if value.ndim == 4 else None
+            self._store(name, value, slice(0, value.shape[0]), value.shape[0], users, grid)
         return hook
 
     def install(self) -> None:

@@ -56,20 +56,22 @@ class ProbeRegistry:
 
     def bytes_per_call(self, need: Need, latent_hw: tuple[int, int], batch: int = 1, tokens: int = 77) -> int:
         """Bytes one model call adds to a capture of `need` (before its step reduction), from metadata alone:
-        attention (B, [heads,] Q, K) fp32 per site (K: key positions, or `tokens` context tokens for
-        cross-attention), features (B, C, h, w) in fp32."""
+        attention (B, [heads,] Q, K) fp32 per site (Q, K: the site's image positions and/or `tokens` text
+        tokens: cross-attention keys, the text side of joint attention), features (B, C, h, w) in fp32."""
         total = 0
         for name in self.select(need.sites):
             s = self.sites[name]
             h, w = s.resolution(latent_hw)
             if s.is_attention:
-                q = need.upsample_queries[0] * need.upsample_queries[1] if (
-                    need.upsample_queries and s.kind == "cross_attn") else h * w
-                k = h * w if s.kind == "self_attn" else tokens
+                n = h * w
+                if need.upsample_queries and s.kind == "cross_attn":
+                    n = need.upsample_queries[0] * need.upsample_queries[1]
+                q, k = {"self_attn": (n, n), "cross_attn": (n, tokens), "joint_attn": (n + tokens, n + tokens),
+                        "txt2img": (tokens, n), "txt2txt": (tokens, tokens)}[s.kind]
                 heads = s.heads if need.reduce.heads == "none" else 1
                 total += batch * heads * q * k * 4
             else:
-                total += batch * s.channels * h * w * 4
+                total += batch * s.channels * (1 if s.kind == "modulation" else h * w) * 4
         return total
 
     @contextlib.contextmanager

@@ -13,7 +13,8 @@ Diffusion transformers (diffprobe.backends.dit) add joint attention over image a
 `<...>.attn.hook_probs` is the whole (N + T) x (N + T) map (kind `joint_attn`), and its four blocks are sites of
 their own: `hook_img2img` (kind `self_attn`), `hook_img2txt` (kind `cross_attn`), `hook_txt2img` and
 `hook_txt2txt`. A block is a slice of the joint softmax, so its rows sum to the mass that falls inside it.
-`transformer_blocks.N.hook_out` is a block's image-token output laid out as a (C, h, w) map.
+`transformer_blocks.N.hook_out` is a block's image-token output laid out as a (C, h, w) map, and
+`transformer_blocks.N.hook_modulation` (kind `modulation`) the (k * C) AdaLN shift/scale/gate vector of the block.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Callable, Iterable, Literal, Union
 from diffprobe.hooks.errors import SiteNotFound
 
 PROBS, RESIDUAL, OUT = "hook_probs", "hook_residual", "hook_out"
-SiteKind = Literal["self_attn", "cross_attn", "joint_attn", "txt2img", "txt2txt", "resnet", "block"]
+SiteKind = Literal["self_attn", "cross_attn", "joint_attn", "txt2img", "txt2txt", "resnet", "block", "modulation"]
 ATTENTION_KINDS = ("self_attn", "cross_attn", "joint_attn", "txt2img", "txt2txt")
 JOINT_PARTS = {"img2img": "self_attn", "img2txt": "cross_attn", "txt2img": "txt2img", "txt2txt": "txt2txt"}
 """The blocks of a joint attention map: part name (site leaf `hook_<part>`) -> the kind of site it is."""

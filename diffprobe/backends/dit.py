@@ -1,0 +1,159 @@
+"""diffusers diffusion transformers: PixArt (self- and cross-attention, as in the UNet), SD3 / SD3.5 (joint
+attention over image and text tokens, qk norms, SD3.5's extra image self-attention) and FLUX (double-stream
+joint blocks, single-stream blocks, rotary embeddings, qk RMSNorm).
+
+Sites come from the module tree in execution order: per transformer block its attention module(s), then the
+block's output (`hook_out`, the image tokens as a (C, h, w) map on the patch grid). PixArt's attention is
+recomputed from the module's inputs like the UNet's; SD3's and FLUX's attention is captured at the module's
+scaled_dot_product_attention call (diffprobe.hooks.kernel), where q and k are exactly what the model uses.
+Per-block AdaLN modulation is a site of its own (`hook_modulation`, kind `modulation`): the (B, k * C) output
+of the block's AdaLN projection, diffusers' shift, scale and gate vectors in its chunk order, so a head can
+see (and undo) what the timestep does to `hook_out`, whose massive activations it explains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffprobe.backends.base import Backend, _forward_signature, register
+from diffprobe.backends.unet import StandardAttention
+from diffprobe.hooks.sites import JOINT_PARTS, OUT, PROBS, Site
+
+MODULATION = "hook_modulation"
+
+
+def _attention_sites(path: str, attn: nn.Module, block: int, direction: str, divisor: int, joint: bool,
+                     text_first: bool | None, kind: str = "self_attn") -> list[Site]:
+    """The sites of one attention module: one map, or a joint map and its four blocks."""
+    common = dict(direction=direction, block=block, divisor=divisor, heads=int(attn.heads),
+                  channels=int(attn.to_q.in_features), order=0, module=path)
+    if not joint:
+        context = attn.to_k.in_features
+        return [Site(name=f"{path}.{PROBS}", kind=kind, context_dim=int(context), **common)]
+    context = attn.add_k_proj.in_features if getattr(attn, "add_k_proj", None) is not None else attn.to_k.in_features
+    sites = [Site(name=f"{path}.{PROBS}", kind="joint_attn", context_dim=int(context), text_first=text_first,
+                  **common)]
+    sites += [Site(name=f"{path}.hook_{part}", kind=kind_, context_dim=int(context), part=part,
+                   text_first=text_first, **common) for part, kind_ in JOINT_PARTS.items()]
+    return sites
+
+
+def _block_sites(path: str, block: nn.Module, index: int, direction: str, divisor: int, channels: int,
+                 norm: str) -> list[Site]:
+    """A block's AdaLN modulation (when its norm module `norm` projects one) and its image-token output."""
+    common = dict(direction=direction, block=index, divisor=divisor, heads=None, order=0)
+    sites = []
+    if norm and getattr(block, norm, None) is not None and hasattr(getattr(block, norm), "linear"):
+        linear = getattr(block, norm).linear
+        sites.append(Site(name=f"{path}.{MODULATION}", kind="modulation", channels=int(linear.out_features),
+                          module=f"{path}.{norm}.linear", **common))
+    sites.append(Site(name=f"{path}.{OUT}", kind="block", channels=channels, module=path, **common))
+    return sites
+
+
+def _numbered(sites: list[Site]) -> dict[str, Site]:
+    return {s.name: Site(**{**s.__dict__, "order": i}) for i, s in enumerate(sites)}
+
+
+class TransformerBackend(Backend):
+    """What the diffusers transformers share: patch-grid sites and image-token block outputs."""
+
+    def feature_module(self, model: nn.Module, site) -> nn.Module:
+        return model.get_submodule(site.module)
+
+    def feature_tensor(self, site, output: Any, grid: tuple[int, int]) -> torch.Tensor:
+        """hook_out: the block's image tokens (B, h*w, C) as (B, C, h, w); hook_modulation: (B, D) as is."""
+        if site.kind == "modulation":
+            return output
+        tokens = output[1] if isinstance(output, tuple) else output
+        b, n, c = tokens.shape
+        return tokens.transpose(1, 2).reshape(b, c, *grid)
+
+
+class PixArtBackend(StandardAttention, TransformerBackend):
+    """PixArtTransformer2DModel: per block attn1 (self) and attn2 (cross, T5 tokens); AdaLN-single (one
+    timestep embedding for all blocks, each block adding its own scale-shift table, so no per-block site)."""
+
+    name = "pixart"
+
+    def matches(self, model: nn.Module) -> bool:
+        from diffusers import PixArtTransformer2DModel
+
+        return isinstance(model, PixArtTransformer2DModel)
+
+    def sites(self, model: nn.Module) -> dict[str, Site]:
+        p = int(model.config.patch_size)
+        found = []
+        for i, block in enumerate(model.transformer_blocks):
+            path = f"transformer_blocks.{i}"
+            found += _attention_sites(f"{path}.attn1", block.attn1, i, "dit", p, False, None)
+            if getattr(block, "attn2", None) is not None:
+                found += _attention_sites(f"{path}.attn2", block.attn2, i, "dit", p, False, None, "cross_attn")
+            found += _block_sites(path, block, i, "dit", p, int(block.attn1.to_q.in_features), "")
+        return _numbered(found)
+
+
+class SD3Backend(TransformerBackend):
+    """SD3Transformer2DModel: joint attention over [image tokens, text tokens] per block (SD3.5's qk norms
+    included), SD3.5's second image-only attention (attn2), AdaLN-Zero modulation per block."""
+
+    name = "sd3"
+    captures_at_kernel = True
+
+    def matches(self, model: nn.Module) -> bool:
+        from diffusers import SD3Transformer2DModel
+
+        return isinstance(model, SD3Transformer2DModel)
+
+    def check_attention(self, module: nn.Module, name: str) -> None:
+        """Nothing to refuse up front: a processor that does not call SDPA once is refused when it runs."""
+
+    def sites(self, model: nn.Module) -> dict[str, Site]:
+        p = int(model.config.patch_size)
+        found = []
+        for i, block in enumerate(model.transformer_blocks):
+            path = f"transformer_blocks.{i}"
+            found += _attention_sites(f"{path}.attn", block.attn, i, "dit", p, True, False)
+            if getattr(block, "attn2", None) is not None:
+                found += _attention_sites(f"{path}.attn2", block.attn2, i, "dit", p, False, None)
+            found += _block_sites(path, block, i, "dit", p, int(block.attn.to_q.in_features), "norm1")
+        return _numbered(found)
+
+
+class FluxBackend(SD3Backend):
+    """FluxTransformer2DModel: double-stream blocks (joint attention over [text, image]), then single-stream
+    blocks (one attention over the concatenated [text, image] sequence); RoPE and qk RMSNorm in every
+    attention. Its input is packed latent tokens (B, h*w, C): the token grid comes from `img_ids`."""
+
+    name = "flux"
+
+    def matches(self, model: nn.Module) -> bool:
+        from diffusers import FluxTransformer2DModel
+
+        return isinstance(model, FluxTransformer2DModel)
+
+    def model_call(self, model: nn.Module, args: tuple, kwargs: dict):
+        _, t = super().model_call(model, args, kwargs)
+        ids = _forward_signature(model).bind_partial(*args, **kwargs).arguments["img_ids"]
+        ids = ids.reshape(-1, ids.shape[-1])
+        return (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1), t
+
+    def sites(self, model: nn.Module) -> dict[str, Site]:
+        found = []
+        for i, block in enumerate(model.transformer_blocks):
+            path = f"transformer_blocks.{i}"
+            found += _attention_sites(f"{path}.attn", block.attn, i, "dit", 1, True, True)
+            found += _block_sites(path, block, i, "dit", 1, int(block.attn.to_q.in_features), "norm1")
+        for i, block in enumerate(model.single_transformer_blocks):
+            path = f"single_transformer_blocks.{i}"
+            found += _attention_sites(f"{path}.attn", block.attn, i, "single", 1, True, True)
+            found += _block_sites(path, block, i, "single", 1, int(block.attn.to_q.in_features), "norm")
+        return _numbered(found)
+
+
+register(PixArtBackend())
+register(SD3Backend())
+register(FluxBackend())
