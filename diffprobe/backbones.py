@@ -87,7 +87,9 @@ class Backbone:
 
     @property
     def context_dim(self) -> int:
-        return int(self.unet.config.cross_attention_dim)
+        """Width of the text states the denoiser takes (a transformer may project them: caption_channels)."""
+        config = self.unet.config
+        return int(config.get("caption_channels") or config.get("joint_attention_dim") or config.cross_attention_dim)
 
     @property
     def max_tokens(self) -> int:
@@ -158,11 +160,16 @@ def _tiny_text_encoder(tokenizer, projection: bool = False):
 
 def tiny_backbone(structure: str = "sd15", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
                   words: list[str] = ("cat", "dog", "bird", "car")) -> Backbone:
-    """Random tiny model with the block structure of `structure` ("sd15", "sd21", "sdxl"); 64 px images."""
+    """Random tiny model with the block structure of `structure` ("sd15", "sd21", "sdxl", "pixart"); 64 px images."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+    from diffprobe.architectures import build_transformer
+
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(structure, tiny=True))
+    if structure == "pixart":
+        unet = build_transformer("pixart", tiny=True)
+    else:
+        unet = UNet2DConditionModel(**unet_config(structure, tiny=True))
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     tokenizer = word_tokenizer(list(words))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -205,9 +212,10 @@ def resolve_model_path(path: str | None, repo_id: str | None) -> Path:
         if not p.is_absolute() and not p.exists():  # package data such as diffprobe/assets/mini, from any cwd
             installed = Path(__file__).resolve().parent.parent / p
             p = installed if installed.exists() else p
-        if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
+        if not any((p / f).is_file() for f in ("model_index.json", "unet/config.json", "transformer/config.json")):
             raise DiffprobeError(
-                f"model path {p} is not a diffusers model directory (no model_index.json or unet/config.json there). "
+                f"model path {p} is not a diffusers model directory (no model_index.json, unet/config.json or "
+                "transformer/config.json there). "
                 + HOW_TO_GET_WEIGHTS.format(repo=repo_id or "<repo id>")
             )
         return p
@@ -223,6 +231,14 @@ def resolve_model_path(path: str | None, repo_id: str | None) -> Path:
             f"weights for {repo_id} are not in the Hugging Face cache ({cache}) and diffprobe never downloads. "
             + HOW_TO_GET_WEIGHTS.format(repo=repo_id)
         ) from None
+
+
+def _model_index(root: Path) -> dict:
+    path = root / "model_index.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise DiffprobeError(f"cannot read {path}: {exc}") from None
 
 
 def _load_part(cls, root: Path, subfolder: str, dtype: torch.dtype):
@@ -244,24 +260,55 @@ def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype 
         return _load_backbone(model_cfg, device, dtype)
 
 
+# classes a model_index.json may name for the text side (anything else is refused, never imported by name)
+TEXT_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"}
+TOKENIZER_CLASSES = {"CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast"}
+DENOISER_CLASSES = {"UNet2DConditionModel", "PixArtTransformer2DModel"}
+FLOW_MATCHING = {"SD3Transformer2DModel", "FluxTransformer2DModel"}
+
+
+def _named_class(index: dict, part: str, allowed: set[str], default: str, root: Path):
+    """The class model_index.json names for `part` (default when it names none), from an allowlist."""
+    import diffusers
+    import transformers
+
+    name = (index.get(part) or [None, default])[1]
+    if name not in allowed:
+        raise DiffprobeError(f"{root}/model_index.json names {name} for {part}; diffprobe loads {', '.join(sorted(allowed))}")
+    return getattr(diffusers, name, None) or getattr(transformers, name)
+
+
 def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Backbone:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    """A model directory: unet/ or transformer/ beside vae/, text_encoder/, tokenizer/ and scheduler/; with
+    `parts_from` set, every part but the denoiser comes from that directory (diffprobe-mini-dit uses mini's)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if get("tiny"):
         return tiny_backbone(get("tiny"), seed=int(get("seed", 0) or 0), device=device, dtype=torch_dtype)
     root = resolve_model_path(get("path"), get("repo_id"))
-    index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").is_file() else {}
-    unet = _load_part(UNet2DConditionModel, root, "unet", torch_dtype)
-    vae = _load_part(AutoencoderKL, root, "vae", torch_dtype)
-    text_encoder = _load_part(CLIPTextModel, root, "text_encoder", torch_dtype)
+    parts = resolve_model_path(get("parts_from"), None) if get("parts_from") else root
+    index = _model_index(root)
+    parts_index = _model_index(parts)
+    folder = "transformer" if (root / "transformer" / "config.json").is_file() else "unet"
+    default = "PixArtTransformer2DModel" if folder == "transformer" else "UNet2DConditionModel"
+    if (index.get(folder) or [None, None])[1] in FLOW_MATCHING:
+        raise DiffprobeError(
+            f"{root} holds a {index[folder][1]}: its sites and attention capture work through diffprobe.hooks from "
+            "Python (docs/transformers.md), but the tasks cannot drive it yet (flow-matching schedules, its text "
+            "encoders and latent packing are not built); use model=pixart or a UNet model for tasks")
+    unet = _load_part(_named_class(index, folder, DENOISER_CLASSES, default, root), root, folder, torch_dtype)
+    vae = _load_part(AutoencoderKL, parts, "vae", torch_dtype)
+    text_cls = _named_class(parts_index, "text_encoder", TEXT_CLASSES, "CLIPTextModel", parts)
+    text_encoder = _load_part(text_cls, parts, "text_encoder", torch_dtype)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
-        scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+        tok_cls = _named_class(parts_index, "tokenizer", TOKENIZER_CLASSES, "CLIPTokenizer", parts)
+        tokenizer = tok_cls.from_pretrained(parts, subfolder="tokenizer", local_files_only=True)
+        scheduler = DDIMScheduler.from_pretrained(parts, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise DiffprobeError(f"cannot load the tokenizer or scheduler from {root}: {str(exc).splitlines()[0]}") from None
+        raise DiffprobeError(f"cannot load the tokenizer or scheduler from {parts}: {str(exc).splitlines()[0]}") from None
     from diffprobe.backends import backend_for
 
     kind = backend_for(unet).name

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffprobe.backends.base import Backend, _forward_signature, register
+from diffprobe.backends.base import Backend, Conditioning, _forward_signature, register
 from diffprobe.backends.unet import StandardAttention
 from diffprobe.hooks.sites import JOINT_PARTS, OUT, PROBS, Site
 
@@ -83,6 +83,35 @@ class PixArtBackend(StandardAttention, TransformerBackend):
         from diffusers import PixArtTransformer2DModel
 
         return isinstance(model, PixArtTransformer2DModel)
+
+    def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+        """The text encoder's last hidden states; a T5 encoder (PixArt's own) also gets and passes on the
+        padding mask, as PixArt's pipeline does. CLIP encoders (diffprobe-mini-dit) are used as in SD."""
+        ids = bb.tokenizer(prompts, padding="max_length", max_length=bb.tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        if getattr(bb.text_encoder.config, "model_type", "") != "t5":
+            return Conditioning(bb.text_encoder(ids.input_ids.to(bb.device))[0].to(bb.dtype))
+        mask = ids.attention_mask.to(bb.device)
+        context = bb.text_encoder(ids.input_ids.to(bb.device), attention_mask=mask)[0]
+        return Conditioning(context.to(bb.dtype), {"encoder_attention_mask": mask})
+
+    def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
+        return Conditioning(context.to(bb.device, bb.dtype).unsqueeze(0).expand(batch, -1, -1))
+
+    def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The predicted noise; of a learned-sigma model (2C output channels) its first C channels, as PixArt's
+        pipeline takes them."""
+        t = t.reshape(-1).expand(latents.shape[0]) if t.numel() == 1 else t
+        mask = None if cond.added is None else cond.added.get("encoder_attention_mask")
+        out = model(latents, encoder_hidden_states=cond.context, timestep=t, encoder_attention_mask=mask,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return out[:, : latents.shape[1]]
+
+    def pipeline(self, bb):
+        from diffusers import PixArtSigmaPipeline
+
+        return PixArtSigmaPipeline(tokenizer=bb.tokenizer, text_encoder=bb.text_encoder, vae=bb.vae,
+                                   transformer=bb.unet, scheduler=bb.scheduler)
 
     def sites(self, model: nn.Module) -> dict[str, Site]:
         p = int(model.config.patch_size)

@@ -28,6 +28,10 @@ class MiniArch:
     text_layers: int = 2
     text_heads: int = 4
     max_tokens: int = 24
+    denoiser: str = "unet"  # "unet", or "pixart": diffprobe-mini-dit, a PixArt-style transformer on the same latents
+    dit_width: int = 128    # transformer channels; heads = dit_width // unet_head_dim
+    dit_layers: int = 4
+    dit_patch: int = 2      # latent 32 x 32 -> a 16 x 16 token grid, the UNet's finest attention level
 
     @property
     def latent_size(self) -> int:
@@ -63,6 +67,24 @@ def build_unet(arch: MiniArch):
         attention_head_dim=heads, norm_num_groups=16)
 
 
+def build_transformer(arch: MiniArch):
+    """diffprobe-mini-dit: PixArt's transformer (AdaLN-single, self- then cross-attention per block) predicting
+    the noise of mini's latents from mini's text states (caption_channels = text_dim)."""
+    from diffusers import PixArtTransformer2DModel
+
+    if arch.dit_width % arch.unet_head_dim:
+        raise ValueError(f"dit_width {arch.dit_width} must be a multiple of unet_head_dim {arch.unet_head_dim}")
+    return PixArtTransformer2DModel(
+        num_attention_heads=arch.dit_width // arch.unet_head_dim, attention_head_dim=arch.unet_head_dim,
+        in_channels=arch.latent_channels, out_channels=arch.latent_channels, num_layers=arch.dit_layers,
+        cross_attention_dim=arch.dit_width, sample_size=arch.latent_size, patch_size=arch.dit_patch,
+        caption_channels=arch.text_dim, use_additional_conditions=False)
+
+
+def build_denoiser(arch: MiniArch):
+    return build_transformer(arch) if arch.denoiser == "pixart" else build_unet(arch)
+
+
 def build_text_encoder(arch: MiniArch, words: list[str]):
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -83,24 +105,36 @@ def build_scheduler():
                          steps_offset=1, prediction_type="epsilon")
 
 
-def load_trained(path):
-    """(vae, unet, text_encoder) of a diffprobe-mini pipeline directory, trainable (fp32, train mode)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def load_trained(path, denoiser: str = "unet", parts_from=None):
+    """(vae, denoiser, text_encoder) of a diffprobe-mini pipeline directory, trainable (fp32, train mode).
+
+    denoiser "unet" reads unet/; "pixart" reads transformer/, or gives None when the directory has none (a
+    transformer trained from scratch on mini's VAE and text encoder). The VAE and text encoder come from
+    `parts_from` (default: `path`).
+    """
+    parts = path if parts_from is None else parts_from
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from diffprobe.backbones import quiet_libraries
 
     from safetensors.torch import load_file
 
-    def diffusers_part(cls, subfolder: str):  # from its config and weights: no source path in what is saved again
-        model = cls.from_config(cls.load_config(path, subfolder=subfolder))
-        model.load_state_dict(load_file(Path(path) / subfolder / "diffusion_pytorch_model.safetensors"))
+    def diffusers_part(cls, subfolder: str, root=path):  # from config and weights: no source path saved again
+        model = cls.from_config(cls.load_config(root, subfolder=subfolder))
+        weights = load_file(Path(root) / subfolder / "diffusion_pytorch_model.safetensors")
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
         return model
 
     with quiet_libraries():
-        vae, unet = diffusers_part(AutoencoderKL, "vae"), diffusers_part(UNet2DConditionModel, "unet")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)
-    return vae, unet.train(), text_encoder.train()
+        vae = diffusers_part(AutoencoderKL, "vae", parts)
+        if denoiser == "pixart":
+            found = (Path(path) / "transformer" / "config.json").is_file()
+            model = diffusers_part(PixArtTransformer2DModel, "transformer") if found else None
+        else:
+            model = diffusers_part(UNet2DConditionModel, "unet")
+        text_encoder = CLIPTextModel.from_pretrained(parts, subfolder="text_encoder", use_safetensors=True)
+    return vae, None if model is None else model.train(), text_encoder.train()
 
 
 def count_parameters(module: torch.nn.Module) -> int:

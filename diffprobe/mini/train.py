@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from diffprobe.backbones import Backbone
+from diffprobe.backends import Conditioning, backend_for
 from diffprobe.data.world import vocabulary
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import load_tensors, save_tensors
@@ -28,7 +30,7 @@ from diffprobe.hooks import ProbeRegistry, Reduce
 from diffprobe.mini import grounding, models
 from diffprobe.mini.checkpoint import load_checkpoint, save_checkpoint
 from diffprobe.mini.dataset import TrainingSet, to_unit, tokenize, training_set
-from diffprobe.mini.export import export_pipeline
+from diffprobe.mini.export import export_pipeline, export_transformer
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class TrainConfig:
     samples: int = 8
     init_from: str | None = None  # a pipeline directory (or "packaged": the shipped mini) to continue training
     closeup_fraction: float = 0.0  # share of training scenes that are close-ups of one face, bird or house
+    denoiser: str = "unet"  # "pixart": diffprobe-mini-dit, a transformer on init_from's VAE and text encoder
+    train_text_encoder: bool = True  # False: the text encoder stays as loaded (mini-dit shares mini's)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -76,6 +80,11 @@ class TrainConfig:
             raise DiffprobeError("train_mini.lr, vae_lr and max_minutes must be positive")
         if not 0 <= cfg.closeup_fraction <= 1:
             raise DiffprobeError("train_mini.closeup_fraction must lie in [0, 1]")
+        if cfg.denoiser not in ("unet", "pixart"):
+            raise DiffprobeError(f"train_mini.denoiser must be unet or pixart, not {cfg.denoiser!r}")
+        if cfg.denoiser == "pixart" and not cfg.init_from:
+            raise DiffprobeError("train_mini.denoiser=pixart trains on a trained mini's VAE and text encoder: "
+                                 "set train_mini.init_from (e.g. packaged)")
         return cfg
 
 
@@ -90,9 +99,10 @@ def vae_loss(vae, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Te
 
 def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor,
                    t: torch.Tensor) -> torch.Tensor:
-    """Epsilon-prediction MSE of latents (B, C, h, w) noised to timesteps t (B,), captioned by ids (B, T)."""
-    pred = unet(scheduler.add_noise(latents, noise, t), t,
-                encoder_hidden_states=text_encoder(ids).last_hidden_state).sample
+    """Epsilon-prediction MSE of latents (B, C, h, w) noised to timesteps t (B,), captioned by ids (B, T); the
+    denoiser (UNet or transformer) is called as its diffprobe.backends family says."""
+    cond = Conditioning(text_encoder(ids).last_hidden_state)
+    pred = backend_for(unet).denoise(unet, scheduler.add_noise(latents, noise, t), t, cond)
     return F.mse_loss(pred, noise)
 
 
@@ -181,7 +191,9 @@ def _encode_latents(vae, images: torch.Tensor, path: Path, scale: float | None =
 def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.Tensor, data: TrainingSet,
                 empty_ids: torch.Tensor, work_dir: Path,
                 deadline: float | None) -> tuple[dict[str, list[float]], int, dict]:
-    modules = {"unet": unet, "text_encoder": text_encoder}
+    modules = {"unet": unet, "text_encoder": text_encoder} if cfg.train_text_encoder else {"unet": unet}
+    if not cfg.train_text_encoder:
+        text_encoder.eval().requires_grad_(False)
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = {f"{m}.{k}": p.detach().clone() for m, mod in modules.items() for k, p in mod.named_parameters()}
@@ -221,10 +233,14 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
     return losses, done, ema
 
 
-def _pipeline_dir(init_from: str) -> Path:
+def _pipeline_dir(init_from: str, denoiser: str = "unet") -> Path:
+    """The pipeline directory to continue from. A transformer run continues a mini-dit directory (one with
+    transformer/; its other parts are the packaged mini's) or starts from a mini pipeline's VAE and text encoder."""
     from diffprobe.mini import packaged_path
 
     path = packaged_path() if init_from == "packaged" else Path(init_from)
+    if denoiser == "pixart" and (path / "transformer" / "config.json").is_file():
+        return path
     if not (path / "unet" / "config.json").is_file():
         raise DiffprobeError(f"train_mini.init_from={init_from}: {path} is not a diffprobe-mini pipeline directory")
     return path
@@ -253,8 +269,12 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
     lap("render")
     torch.manual_seed(cfg.seed)
     scheduler = models.build_scheduler()
+    arch = replace(arch, denoiser=cfg.denoiser)
     if cfg.init_from:  # continue a trained pipeline: its VAE (and latent scale) stay as they are
-        vae, unet, text_encoder = models.load_trained(_pipeline_dir(cfg.init_from))
+        source = _pipeline_dir(cfg.init_from, cfg.denoiser)
+        parts = source if (source / "vae").is_dir() else _pipeline_dir("packaged")  # mini-dit: mini's parts
+        vae, unet, text_encoder = models.load_trained(source, cfg.denoiser, parts_from=parts)
+        unet = unet if unet is not None else models.build_denoiser(arch).train()
         vae_losses, vae_done, scale = {"loss": []}, 0, float(vae.config.scaling_factor)
     else:
         vae, unet = models.build_vae(arch), models.build_unet(arch)
@@ -270,12 +290,13 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
     with torch.no_grad():
         for m, mod in {"unet": unet, "text_encoder": text_encoder}.items():
             for k, p in mod.named_parameters():
-                p.copy_(ema[f"{m}.{k}"])
+                if f"{m}.{k}" in ema:
+                    p.copy_(ema[f"{m}.{k}"])
     record = {"train": asdict(cfg), "arch": arch.to_dict(), "vae_steps_done": vae_done,
               "unet_steps_done": unet_done, "minutes_this_run": round((time.time() - start) / 60, 2),
               "minutes_by_phase_this_run": minutes,
               "torch_threads": torch.get_num_threads(), "scaling_factor": vae.config.scaling_factor,
-              "parameters": {"unet": models.count_parameters(unet), "vae": models.count_parameters(vae),
+              "parameters": {cfg.denoiser: models.count_parameters(unet), "vae": models.count_parameters(vae),
                              "text_encoder": models.count_parameters(text_encoder)}}
     if cfg.init_from:  # the record of the run this one continues
         earlier = _pipeline_dir(cfg.init_from) / "training_config.json"
@@ -284,7 +305,13 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
         "unet": unet_losses["loss"]}
     if "tokens" in unet_losses:
         curves["unet token grounding"] = unet_losses["tokens"]
-    export_pipeline(export_to, vae, text_encoder, tokenizer, unet, scheduler, record, curves,
-                    n_samples=cfg.samples, seed=cfg.seed)
+    if cfg.denoiser == "pixart":
+        record["parts_from"] = str(parts)
+        bb = Backbone(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                      scheduler=scheduler, kind="pixart", name="mini_dit")
+        export_transformer(export_to, bb, record, curves, n_samples=cfg.samples, seed=cfg.seed)
+    else:
+        export_pipeline(export_to, vae, text_encoder, tokenizer, unet, scheduler, record, curves,
+                        n_samples=cfg.samples, seed=cfg.seed)
     return {"pipeline": str(export_to), **record,
             **{f"final_{k.replace(' ', '_')}_loss": sum(v[-100:]) / max(1, len(v[-100:])) for k, v in curves.items()}}

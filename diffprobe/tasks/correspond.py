@@ -32,14 +32,15 @@ from diffprobe.data.pairs_json import points_array
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.pck import pck, threshold_image_max_side
 from diffprobe.heads.hyperfeatures.evaluate import from_load, to_load
+from diffprobe.heads.hyperfeatures.extract import AUTO
 from diffprobe.heads.hyperfeatures.figures import plot_matches
 from diffprobe.heads.hyperfeatures.matching import METHODS, DescriptorField, match_points, salient_grid
 from diffprobe.heads.hyperfeatures.model import (
-    RAW_LAYER,
     HyperfeatureModel,
     hyperfeature_describer,
     generated_pair,
     raw_layer_describer,
+    resolve_raw_layer,
 )
 from diffprobe.io import save_json, save_png
 
@@ -54,7 +55,7 @@ class CorrespondParams:
     points: str | None = None  # "[[x, y], ...]" or a JSON file with such a list; null = salient grid
     target_points: str | None = None  # optional ground truth, same forms
     weights: str | None = None  # a hyperfeatures model directory; null = one raw layer
-    raw_layer: str = RAW_LAYER
+    raw_layer: str = AUTO
     image_size: int | None = None  # for raw features; null = the model's sample size
     grid: int = 8
     method: str = "nn"
@@ -108,8 +109,9 @@ def _real_pair(p: CorrespondParams, bb, model, seed: int):
         used = {"descriptor": "hyperfeatures", "weights": p.weights}
     else:
         size = bb.check_image_size(int(p.image_size or bb.sample_size))
-        describe = raw_layer_describer(bb, p.raw_layer, size, seed=seed)
-        used = {"descriptor": "raw layer (no weights given)", "layer": p.raw_layer, "step": "t=-1 (clean)"}
+        layer = resolve_raw_layer(bb.probe.sites, p.raw_layer)
+        describe = raw_layer_describer(bb, layer, size, seed=seed)
+        used = {"descriptor": "raw layer (no weights given)", "layer": layer, "step": "t=-1 (clean)"}
     return describe(Path(p.source)), describe(Path(p.target)), size, used
 
 
@@ -120,8 +122,9 @@ def _generated_pair(p: CorrespondParams, bb, model, seed: int, out_dir: Path):
     pil = [Image.fromarray((im.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)) for im in images]
     for name, im in zip(("source", "target"), pil):
         save_png(out_dir / f"{name}.png", im)
+    layer = resolve_raw_layer(bb.probe.sites, p.raw_layer)
     used = {"descriptor": "hyperfeatures, generation steps flipped" if model is not None else
-            f"raw layer {p.raw_layer} at the last generation step", "source_prompt": p.source_prompt,
+            f"raw layer {layer} at the last generation step", "source_prompt": p.source_prompt,
             "target_prompt": p.target_prompt, "images": "source.png, target.png"}
     return (desc[0], (size, size)), (desc[1], (size, size)), size, used, pil
 

@@ -26,15 +26,15 @@ from diffprobe.data.images import load_image
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.evaluate import Describe, PairPCK, evaluate_pairs, match_pair
-from diffprobe.heads.hyperfeatures.extract import DEFAULT_LAYERS, ExtractionConfig
+from diffprobe.heads.hyperfeatures.extract import AUTO, ExtractionConfig
 from diffprobe.heads.hyperfeatures.figures import plot_matches, plot_mixing_weights, plot_training_curves
 from diffprobe.heads.hyperfeatures.matching import METHODS
 from diffprobe.heads.hyperfeatures.model import (
-    RAW_LAYER,
     HyperfeatureModel,
     hyperfeature_describer,
     pruned_describers,
     raw_layer_describer,
+    resolve_raw_layer,
 )
 from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, check_batch_split, descriptor_fn, train
 from diffprobe.io import save_json, save_png, save_tensors
@@ -53,7 +53,7 @@ class HyperfeaturesParams:
     num_steps: int = 50
     save_every: int = 5
     saved_steps: list[int] | None = None
-    layers: list[str] = field(default_factory=lambda: [DEFAULT_LAYERS])
+    layers: list[str] = field(default_factory=lambda: [AUTO])
     prompt: str = ""
     image_size: int | None = None  # null: the model's sample size
     output_size: int | None = None  # null: image_size / VAE factor (ref 64)
@@ -70,7 +70,7 @@ class HyperfeaturesParams:
     alpha: float = 0.1
     method: str = "nn"
     feature_store: int = 16
-    raw_layer: str = RAW_LAYER  # mode=baseline
+    raw_layer: str = AUTO  # mode=baseline
     plot_pairs: int = 4  # eval/ablate/baseline: match figures of the first pairs, in pairs/
 
 
@@ -257,9 +257,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     seed = run_config(cfg).seed
     if p.mode == "baseline":
         size = bb.check_image_size(int(p.image_size or bb.sample_size))
-        describers = {"raw_layer": raw_layer_describer(bb, p.raw_layer, size, seed=seed)}
+        layer = resolve_raw_layer(bb.probe.sites, p.raw_layer)
+        describers = {"raw_layer": raw_layer_describer(bb, layer, size, seed=seed)}
         res = _evaluate(p, cfg, describers, size, out_dir)
-        out = {"mode": "baseline", "layer": p.raw_layer, "step": "t=-1 (clean)", "pairs": res["pairs"],
+        out = {"mode": "baseline", "layer": layer, "step": "t=-1 (clean)", "pairs": res["pairs"],
                "pooling": res["pooling"], "raw_layer": res["results"]["raw_layer"][0]}
         save_json(out_dir / "pairs.json", {"raw_layer": res["results"]["raw_layer"][1]})
         save_json(out_dir / "metrics.json", out)

@@ -10,6 +10,8 @@ Saved steps are numbered in noise order: position 0 is the least noisy saved cal
 
 from __future__ import annotations
 
+import fnmatch
+
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -23,6 +25,7 @@ from diffprobe.hooks.sites import select_sites
 from diffprobe.runner import Head, Plan, View, run_plans
 
 DEFAULT_LAYERS = "up_blocks.*.resnets.*.hook_residual"
+AUTO = "auto"
 PROCESSES = ("inversion", "one_step", "generation")
 
 Consumer = Callable[[int, dict[str, torch.Tensor]], None]
@@ -77,9 +80,18 @@ def image_generator(seed: int, image: torch.Tensor) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(image.detach().cpu().numpy().tobytes()))
 
 
+def default_layers(sites: Mapping[str, Site]) -> list[str]:
+    """A UNet's decoder ResNet residual branches (the paper's 12 layers on SD 1.5); a transformer's block outputs
+    (every block at one patch grid: the same one-resolution stack the aggregation then weighs)."""
+    unet = [n for n in sites if fnmatch.fnmatchcase(n, DEFAULT_LAYERS)]
+    return unet or [n for n, s in sites.items() if s.kind == "block"]
+
+
 def layer_names(sites: Mapping[str, Site], layers) -> list[str]:
-    """Resolve the layer selection to feature-site names (execution order); only resnet/block sites."""
-    names = select_sites(sites, layers)
+    """Resolve the layer selection ("auto": `default_layers`) to feature-site names (execution order); only
+    resnet/block sites."""
+    auto = layers == AUTO or (not isinstance(layers, str) and list(layers) == [AUTO])
+    names = default_layers(sites) if auto else select_sites(sites, layers)
     bad = [n for n in names if sites[n].kind not in ("resnet", "block")]
     if bad:
         raise DiffprobeError(f"hyperfeatures layers must be feature sites (hook_residual/hook_out), not {bad[0]}")

@@ -17,7 +17,9 @@ import torch
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.evaluate import Describe, prepare_image
 from diffprobe.heads.hyperfeatures.extract import (
+    AUTO,
     ExtractionConfig,
+    default_layers,
     extract_descriptors,
     extract_features,
     image_generator,
@@ -126,9 +128,21 @@ def single_map_describer(bb, extraction: ExtractionConfig, layer: str, call: int
     return cached(describe)
 
 
+def resolve_raw_layer(sites, layer: str) -> str:
+    """The single-layer baseline's layer; "auto": SD's layer 4 (RAW_LAYER) on a UNet that has it, else the
+    output of the middle transformer block (of a UNet without it, its middle decoder ResNet)."""
+    if layer != AUTO:
+        return layer
+    if RAW_LAYER in sites:
+        return RAW_LAYER
+    names = default_layers(sites)
+    return names[len(names) // 2]
+
+
 def raw_layer_describer(bb, layer: str, image_size: int, seed: int = 0) -> Describe:
-    """One raw layer at the clean t=-1 step at latent resolution (the paper's SD-Layer-4 baseline for
-    layer up_blocks.1.resnets.0); no training needed."""
+    """One raw layer ("auto": `default_raw_layer`) at the clean t=-1 step at latent resolution (the paper's
+    SD-Layer-4 baseline for layer up_blocks.1.resnets.0); no training needed."""
+    layer = resolve_raw_layer(bb.probe.sites, layer)
     if layer not in bb.probe.sites:
         raise DiffprobeError(f"raw layer {layer!r} is not a site of this model")
     one = ExtractionConfig(layers=[layer], process="one_step", image_size=image_size)
@@ -163,6 +177,7 @@ def generated_pair(bb, prompts: list[str], model: HyperfeatureModel | None = Non
         _, images = run_extraction(bb, None, replace(model.extraction, process="generation"), agg.add,
                                    layers=model.net.config.layers, prompts=prompts, generator=gen)
         return agg.result(), images
+    raw_layer = resolve_raw_layer(bb.probe.sites, raw_layer)
     if raw_layer not in bb.probe.sites:
         raise DiffprobeError(f"raw layer {raw_layer!r} is not a site of this model")
     one = ExtractionConfig(layers=[raw_layer], process="generation", num_steps=num_steps, saved_steps=[0])

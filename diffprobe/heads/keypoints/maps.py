@@ -46,11 +46,16 @@ class MapSpec:
 def default_sites(sites: Mapping[str, Site]) -> list[str]:
     """The first four up-path cross-attention sites at divisors 2 or 4, in execution order.
 
-    Falls back to the first four up-path cross-attention sites when fewer qualify.
+    Falls back to the first four up-path cross-attention sites when fewer qualify. A transformer (no up path,
+    one patch grid) gets the four cross-attention sites in the middle of its stack.
     """
     up = [n for n, s in sites.items() if s.kind == "cross_attn" and s.direction == "up"]
     preferred = [n for n in up if sites[n].divisor in DEFAULT_DIVISORS]
     chosen = (preferred if len(preferred) >= DEFAULT_NUM_SITES else up)[:DEFAULT_NUM_SITES]
+    if not up:
+        cross = [n for n, s in sites.items() if s.kind == "cross_attn" and s.direction in ("dit", "single")]
+        start = max(0, (len(cross) - DEFAULT_NUM_SITES) // 2)
+        chosen = cross[start : start + DEFAULT_NUM_SITES]
     if not chosen:
         raise DiffprobeError("this model has no cross-attention sites in its up path; set keypoints sites explicitly")
     return chosen

@@ -1,0 +1,86 @@
+"""The heads on a diffusion transformer (tiny PixArt) through the same code paths as on UNets: one pass of
+diffseg, localize and probe; a keypoints fit step; hyperfeature layers and the raw-layer baseline chosen for a
+transformer; a transformer directory loaded with its parts from another directory (mini-dit's layout)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import config_helpers
+
+from diffprobe.backbones import load_backbone, save_backbone, tiny_backbone
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.hyperfeatures.extract import layer_names
+from diffprobe.heads.hyperfeatures.model import RAW_LAYER, resolve_raw_layer
+from diffprobe.heads.keypoints.maps import default_sites
+from diffprobe.tasks import analyze, keypoints
+
+
+def _images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_one_pass_of_three_heads_on_a_transformer(tmp_path):
+    photo = _images(tmp_path / "imgs", 1) / "img0.png"
+    cfg = config_helpers.make_cfg("analyze", model="tiny_pixart", **{
+        "analyze.tasks": ["diffseg", "localize", "probe"], "image": str(photo), "localize.words": ["cat"],
+        "localize.prompt": "a cat"})
+    analyze.run(cfg, tmp_path / "out")
+    seg = json.loads((tmp_path / "out" / "diffseg" / "img0" / "segments.json").read_text())
+    assert seg["num_segments"] >= 1
+    loc = json.loads((tmp_path / "out" / "localize" / "img0" / "localization.json").read_text())
+    assert "cat" in json.dumps(loc)
+    index = json.loads((tmp_path / "out" / "probe" / "img0" / "index.json").read_text())
+    assert any(name.startswith("transformer_blocks.") for name in json.dumps(index).split('"'))
+
+
+def test_keypoints_fit_runs_on_a_transformer_with_its_cross_attention(tmp_path):
+    root = _images(tmp_path / "imgs", 2)
+    small = {"num_tokens": 8, "top_k": 2, "candidates": 4, "steps": 2, "fit.batch_size": 1, "upsample_queries": 16,
+             "num_indices": 2, "preview": 0, "augmentations": 2}
+    cfg = config_helpers.make_cfg("keypoints", model="tiny_pixart", data={"name": "folder", "root": str(root)}, **small)
+    summary = keypoints.run(cfg, tmp_path / "fit")
+    saved = json.loads((tmp_path / "fit" / "keypoints.json").read_text())
+    assert saved["config"]["maps"]["sites"] == ["transformer_blocks.0.attn2.hook_probs", "transformer_blocks.1.attn2.hook_probs"]
+    assert np.isfinite(summary["final_loss"]) and summary["steps"] == 2
+
+
+def test_transformer_defaults_for_keypoints_and_hyperfeatures():
+    sites = tiny_backbone("pixart").probe.sites
+    assert default_sites(sites) == ["transformer_blocks.0.attn2.hook_probs", "transformer_blocks.1.attn2.hook_probs"]
+    assert layer_names(sites, ["auto"]) == ["transformer_blocks.0.hook_out", "transformer_blocks.1.hook_out"]
+    assert resolve_raw_layer(sites, "auto") == "transformer_blocks.1.hook_out"
+    unet = tiny_backbone("sd15").probe.sites
+    assert resolve_raw_layer(unet, "auto") == RAW_LAYER
+    assert len(layer_names(unet, ["auto"])) == 9   # the tiny UNet's decoder residuals (3 up blocks of 3)
+
+
+def test_transformer_directory_with_parts_from_another(tmp_path):
+    bb = tiny_backbone("pixart")
+    save_backbone(bb, tmp_path / "full")   # PixArt pipeline layout: transformer/, vae/, text_encoder/, ...
+    only = tmp_path / "dit"
+    (only / "transformer").mkdir(parents=True)
+    for f in (tmp_path / "full" / "transformer").iterdir():
+        (only / "transformer" / f.name).write_bytes(f.read_bytes())
+    (only / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    loaded = load_backbone({"path": str(only), "parts_from": str(tmp_path / "full"), "name": "dit"})
+    assert loaded.kind == "pixart" and loaded.context_dim == 32
+    x = torch.randn(1, 4, 8, 8)
+    from diffprobe.drives import encode_prompt, unet_call
+
+    with torch.no_grad():
+        torch.testing.assert_close(unet_call(loaded, x, 10, encode_prompt(loaded, ["a cat"])),
+                                   unet_call(bb, x, 10, encode_prompt(bb, ["a cat"])))
+    with pytest.raises(DiffprobeError, match="not a diffusers model directory"):
+        load_backbone({"path": str(tmp_path / "nothing")})
+    (only / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    with pytest.raises(DiffprobeError, match="FluxTransformer2DModel: its sites and attention capture work"):
+        load_backbone({"path": str(only), "parts_from": str(tmp_path / "full")})
