@@ -1,16 +1,20 @@
-"""Cost of capturing attention with diffprobe.hooks on the SD 1.5 UNet architecture (random weights, CPU).
+"""Cost of capturing attention with diffprobe.hooks on the SD 1.5 UNet architecture, or on the SD3 / FLUX
+transformer architectures at their published widths with fewer blocks (random weights, CPU).
 
 For latents of 32x32 and 64x64 (256 and 512 px images) it times, in one process with the modes interleaved:
-  bare   -- the UNet forward with no hooks;
-  cross  -- capturing all 16 cross-attention probability maps (heads averaged);
-  all    -- capturing all 32 attention maps, 64x64 self-attention included (heads averaged);
+  bare   -- the denoiser forward with no hooks;
+  cross  -- capturing every cross-attention map (UNet: the 16 attn2 maps; transformers: the image-to-text
+            block of every joint attention), heads averaged;
+  all    -- capturing every attention map (UNet: all 32, the 64x64 self-attention included; transformers:
+            every whole joint map over image and text tokens), heads averaged;
 each capture in both attention modes (recompute: the model keeps its fused attention and the probabilities
 are recomputed; reuse: each captured layer's SDPA call is answered by an explicit query-chunked attention
-whose probabilities are kept),
-and reports each as a ratio of process CPU time to bare (robust to other jobs on a shared machine), with the
-bytes the cache holds and the peak RSS during one call in a fresh process, above the RSS of the loaded UNet.
+whose probabilities are kept), and reports each as a ratio of process CPU time to bare (robust to other jobs
+on a shared machine), with the bytes the cache holds and the peak RSS during one call in a fresh process,
+above the RSS of the loaded model. Per-block costs are equal in a transformer, so fewer blocks keep the ratios.
 
-    python benchmarks/capture_overhead.py [--sizes 32 64] [--reps 3] [--threads N]
+    python benchmarks/capture_overhead.py [--model sd15|sd3|flux] [--blocks N] [--sizes 32 64] [--reps 3]
+                                          [--threads N]
 """
 
 from __future__ import annotations
@@ -24,24 +28,55 @@ import sys
 import threading
 import time
 
-MODES = {"bare": (None, None), "cross": ("*.attn2.hook_probs", "recompute"), "all": ("*.hook_probs", "recompute"),
-         "cross, reuse": ("*.attn2.hook_probs", "reuse"), "all, reuse": ("*.hook_probs", "reuse")}
+MODES = {"bare": (None, None), "cross": ("cross", "recompute"), "all": ("all", "recompute"),
+         "cross, reuse": ("cross", "reuse"), "all, reuse": ("all", "reuse")}
+SELECT = {"sd15": {"cross": "*.attn2.hook_probs", "all": "*.hook_probs"},
+          "sd3": {"cross": "*.hook_img2txt", "all": "*.attn.hook_probs"},
+          "flux": {"cross": "*.hook_img2txt", "all": "*.attn.hook_probs"}}
+TEXT_TOKENS = {"sd15": 77, "sd3": 77 + 256, "flux": 512}   # the pipelines' default text lengths
 
 
-def _setup(threads: int):
+def _setup(threads: int, model: str = "sd15", blocks: int | None = None):
+    """(denoiser, registry, inputs(size) -> forward kwargs) with random weights initialised in place."""
     import torch
 
-    from diffprobe.architectures import build_unet
+    from diffprobe.architectures import TRANSFORMER_CONFIGS, build_transformer, build_unet
     from diffprobe.hooks import ProbeRegistry
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    unet = build_unet("sd15", device="meta").to_empty(device="cpu")
-    for module in unet.modules():  # default init in place: no second copy of the weights at any time
+    if model == "sd15":
+        net = build_unet("sd15", device="meta")
+    else:
+        if blocks is not None:
+            TRANSFORMER_CONFIGS[model].update(num_layers=blocks, **({"num_single_layers": blocks} if model == "flux"
+                                                                     else {}))
+        net = build_transformer(model, device="meta")
+    net = net.to_empty(device="cpu")
+    for module in net.modules():  # default init in place: no second copy of the weights at any time
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    unet.eval().requires_grad_(False)
-    return unet, ProbeRegistry(unet), torch.randn(1, 77, 768)
+    net.eval().requires_grad_(False)
+    cfg, text = net.config, TEXT_TOKENS[model]
+
+    def inputs(size: int) -> dict:
+        g = torch.Generator().manual_seed(size)
+        if model == "sd15":
+            return {"sample": torch.randn(1, 4, size, size, generator=g), "timestep": 300,
+                    "encoder_hidden_states": torch.randn(1, text, 768, generator=g)}
+        common = {"encoder_hidden_states": torch.randn(1, text, cfg.joint_attention_dim, generator=g),
+                  "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=g)}
+        if model == "sd3":
+            return {"hidden_states": torch.randn(1, cfg.in_channels, size, size, generator=g),
+                    "timestep": torch.tensor([300.0]), **common}
+        side = size // 2   # FLUX packs 2x2 latent patches into one token
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+        return {"hidden_states": torch.randn(1, side * side, cfg.in_channels, generator=g),
+                "timestep": torch.tensor([0.3]), "guidance": torch.tensor([3.5]), "img_ids": ids.reshape(-1, 3),
+                "txt_ids": torch.zeros(text, 3), **common}
+
+    return net, ProbeRegistry(net), inputs
 
 
 def _rss_mib() -> float:
@@ -49,8 +84,8 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _call(unet, probe, mode: str, latents, context):
-    """One UNet call in `mode`; returns (the bytes the capture cache holds, the UNet's output)."""
+def _call(net, probe, model: str, mode: str, kwargs: dict):
+    """One denoiser call in `mode`; returns (the bytes the capture cache holds, the model's output)."""
     import torch
 
     from diffprobe.hooks import Reduce
@@ -58,9 +93,9 @@ def _call(unet, probe, mode: str, latents, context):
     selection, attention = MODES[mode]
     with torch.no_grad():
         if selection is None:
-            return 0, unet(latents, 300, encoder_hidden_states=context).sample
-        with probe.capture(selection, reduce=Reduce(heads="mean"), attention=attention) as cache:
-            out = unet(latents, 300, encoder_hidden_states=context).sample
+            return 0, net(**kwargs).sample
+        with probe.capture(SELECT[model][selection], reduce=Reduce(heads="mean"), attention=attention) as cache:
+            out = net(**kwargs).sample
         return sum(cache[n].numel() * cache[n].element_size() for n in cache.names), out
 
 
@@ -84,39 +119,35 @@ class _PeakSampler:
         self.peak = max(self.peak, _rss_mib())
 
 
-def peak_memory(mode: str, size: int, threads: int) -> dict:
+def peak_memory(mode: str, size: int, threads: int, model: str, blocks: int | None) -> dict:
     """Peak RSS while one call in `mode` runs, above the RSS just before it (forward working memory plus
     what the capture holds), in a fresh process so earlier calls leave nothing behind."""
-    import torch
-
-    unet, probe, context = _setup(threads)
-    latents = torch.randn(1, 4, size, size)
+    net, probe, inputs = _setup(threads, model, blocks)
+    kwargs = inputs(size)
     before = _rss_mib()
     with _PeakSampler() as sampler:
-        held, _ = _call(unet, probe, mode, latents, context)
+        held, _ = _call(net, probe, model, mode, kwargs)
     return {"held_mib": held / 2**20, "peak_above_model_mib": sampler.peak - before}
 
 
-def timings(sizes: list[int], reps: int, threads: int) -> tuple[dict, dict]:
+def timings(sizes: list[int], reps: int, threads: int, model: str, blocks: int | None) -> tuple[dict, dict]:
     """Median CPU seconds and wall seconds per call for each (size, mode), modes interleaved per repetition,
-    and the largest difference of each mode's UNet output from the bare call's.
+    and the largest difference of each mode's output from the bare call's.
 
     CPU time of this process is the ratio's basis: other jobs on a shared machine slow the wall clock of
     every mode, not the work a call does.
     """
-    import torch
-
-    unet, probe, context = _setup(threads)
+    net, probe, inputs = _setup(threads, model, blocks)
     cpu = {(s, m): [] for s in sizes for m in MODES}
     wall = {(s, m): [] for s in sizes for m in MODES}
     diff = {}
     for size in sizes:
-        latents = torch.randn(1, 4, size, size)
-        _call(unet, probe, "all", latents, context)  # warm-up
+        kwargs = inputs(size)
+        _call(net, probe, model, "all", kwargs)  # warm-up
         for _ in range(reps):
             for mode in MODES:
                 c0, w0 = time.process_time(), time.perf_counter()
-                _, out = _call(unet, probe, mode, latents, context)
+                _, out = _call(net, probe, model, mode, kwargs)
                 cpu[(size, mode)].append(time.process_time() - c0)
                 wall[(size, mode)].append(time.perf_counter() - w0)
                 if mode == "bare":
@@ -131,22 +162,27 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=sorted(SELECT), default="sd15")
+    parser.add_argument("--blocks", type=int, default=None, help="transformers: blocks (FLUX: of each kind)")
     parser.add_argument("--memory", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
-        print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]), args.threads)))
+        print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]), args.threads, args.model, args.blocks)))
         return
-    seconds, diff = timings(args.sizes, args.reps, args.threads)
+    seconds, diff = timings(args.sizes, args.reps, args.threads, args.model, args.blocks)
     memory = {}
     for size in args.sizes:
         for mode in MODES:
-            cmd = [sys.executable, __file__, "--memory", mode, str(size), "--threads", str(args.threads)]
+            cmd = [sys.executable, __file__, "--memory", mode, str(size), "--threads", str(args.threads),
+                   "--model", args.model] + (["--blocks", str(args.blocks)] if args.blocks else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             memory[(size, mode)] = json.loads(out.strip().splitlines()[-1])
-    print(f"SD 1.5 UNet architecture, random weights, CPU, {args.threads} thread(s), "
-          f"median of {args.reps} interleaved calls; ratios of process CPU time\n")
+    arch = {"sd15": "SD 1.5 UNet", "sd3": "SD3-medium transformer", "flux": "FLUX.1 transformer"}[args.model]
+    depth = f", {args.blocks} block(s) of each kind" if args.blocks else ""
+    print(f"{arch} architecture{depth}, random weights, CPU, {args.threads} thread(s), {TEXT_TOKENS[args.model]} "
+          f"text tokens, median of {args.reps} interleaved calls; ratios of process CPU time\n")
     print("| latent | capture | CPU s / call | wall s / call | ratio to bare | cache holds (MiB) | "
-          "peak RSS above the loaded UNet (MiB) | max output difference from bare |")
+          "peak RSS above the loaded model (MiB) | max output difference from bare |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         bare = seconds[(size, "bare")][0]

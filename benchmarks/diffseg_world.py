@@ -1,7 +1,7 @@
 """DiffSeg on the procedural world with diffprobe-mini: tau chosen on the val split, reported on test, beside
 the baselines a skeptic tries first, all in one run on the same scenes.
 
-    python benchmarks/diffseg_world.py [--n 200] [--model DIR] [--json out.json] [--resize-check 256]
+    python benchmarks/diffseg_world.py [--n 200] [--model DIR [--parts-from DIR]] [--json out.json] [--resize-check 256]
 
 Every scene's self-attention is captured once (one UNet call: clean latent, t=300, empty prompt), then the
 head runs for each merge mode and tau, and the normalised cut (method=ncut) for each affinity and cut
@@ -131,13 +131,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="scenes per split (val and test)")
     ap.add_argument("--model", default=None, help="diffusers directory (default: the packaged diffprobe-mini)")
+    ap.add_argument("--parts-from", default=None, help="the directory of --model's VAE and text encoder (mini-dit: "
+                                                       "the packaged mini)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--resize-check", type=int, default=None, metavar="SIZE")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start, load = time.time(), os.getloadavg()[0]
-    bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path())})
+    bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path()), "parts_from": args.parts_from})
     head = DiffSegHead(DiffSegSettings(tau=0.2), bb.sample_size)
     data = {split: scene_data(split, args.n, bb, head) for split in ("val", "test")}
     sweep = {mode: {tau: diffseg_scores(data["val"], DiffSegParams(tau=tau, **kw)) for tau in TAUS}

@@ -15,7 +15,8 @@ per attention resolution and "all" (every resolution upsampled to the image and 
   chance      mean object area / image area (where a random peak lands)
 With --closeup the scenes are close-ups (one large face, bird or house in turn, as the CelebA and CUB
 layouts draw them) instead of ordinary scenes.
-The control has the same architecture, untrained UNet and text encoder, and the trained VAE; --also adds
+The control has the same architecture, untrained denoiser (and text encoder, where it was trained with it), and
+the trained VAE; --also adds
 other trained pipelines (e.g. an ablation trained without the grounding loss) as rows of the same table.
 """
 
@@ -42,6 +43,8 @@ from diffprobe.mini.quality import score_attention, untrained_control  # noqa: E
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="diffusers directory (default: the packaged diffprobe-mini)")
+    ap.add_argument("--parts-from", default=None, help="the directory of --model's VAE and text encoder (mini-dit: "
+                                                       "the packaged mini)")
     ap.add_argument("--also", nargs="*", default=[], metavar="NAME=DIR", help="more pipelines to score")
     ap.add_argument("--n", type=int, default=64, help="test-split scenes")
     ap.add_argument("--timesteps", type=int, nargs="+", default=[100, 300])
@@ -52,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
-    bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path())})
+    bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path()), "parts_from": args.parts_from})
     models = {"trained": bb}
     for spec in args.also:
         name, sep, path = spec.partition("=")

@@ -60,7 +60,7 @@ def test_transformer_defaults_for_keypoints_and_hyperfeatures():
     assert resolve_raw_layer(sites, "auto") == "transformer_blocks.1.hook_out"
     unet = tiny_backbone("sd15").probe.sites
     assert resolve_raw_layer(unet, "auto") == RAW_LAYER
-    assert len(layer_names(unet, ["auto"])) == 9   # the tiny UNet's decoder residuals (3 up blocks of 3)
+    assert len(layer_names(unet, ["auto"])) == 12   # the decoder residuals: 4 up blocks of 3, as in SD 1.5
 
 
 def test_transformer_directory_with_parts_from_another(tmp_path):
@@ -84,3 +84,21 @@ def test_transformer_directory_with_parts_from_another(tmp_path):
     (only / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "FluxTransformer2DModel"]}))
     with pytest.raises(DiffprobeError, match="FluxTransformer2DModel: its sites and attention capture work"):
         load_backbone({"path": str(only), "parts_from": str(tmp_path / "full")})
+
+
+def test_joint_image_block_is_renormalised_for_the_self_attention_heads():
+    from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid
+    from diffprobe.hooks import Site
+    from diffprobe.runner import View
+
+    joint = Site("b.attn.hook_img2img", "self_attn", "dit", 0, 2, 2, 16, 0, "b.attn", part="img2img", text_first=False)
+    plain = Site("b.attn2.hook_probs", "self_attn", "dit", 0, 2, 2, 16, 1, "b.attn2")
+    probs = torch.rand(1, 4, 4)
+    probs = probs / probs.sum(-1, keepdim=True)
+    view = View.from_tensors({joint.name: joint, plain.name: plain}, {joint.name: 0.6 * probs, plain.name: probs},
+                             grids={joint.name: (2, 2), plain.name: (2, 2)})
+    groups = attention_groups(view.sites)
+    assert groups == {2: [joint.name, plain.name]}
+    maps = maps_by_grid(view, groups)[(2, 2)]          # the joint block had 40 % of each row's mass on text
+    torch.testing.assert_close(maps[0], probs[0])
+    assert torch.equal(maps[1], probs[0])              # plain self-attention is passed through untouched

@@ -139,12 +139,13 @@ def _peaks(row, probs: torch.Tensor, grid, scenes, tokens: list[list[tuple[int, 
 
 
 def untrained_control(bb: Backbone, seed: int = 0) -> Backbone:
-    """Same architecture, freshly initialised UNet and text encoder, the trained VAE and tokenizer."""
-    from diffusers import UNet2DConditionModel
+    """Same architecture, the denoiser freshly initialised, the trained VAE and tokenizer. The text encoder is
+    fresh too where it was trained with the denoiser (mini); a transformer trained on a frozen text encoder
+    (mini-dit on mini's) keeps it, so the control differs from the model only in what training changed."""
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(bb.unet.config).eval().requires_grad_(False)
-    text = CLIPTextModel(bb.text_encoder.config).eval().requires_grad_(False)
-    return Backbone(unet=unet, vae=bb.vae, text_encoder=text, tokenizer=bb.tokenizer, scheduler=bb.scheduler,
+    denoiser = type(bb.unet).from_config(bb.unet.config).eval().requires_grad_(False)
+    text = bb.text_encoder if bb.kind == "pixart" else CLIPTextModel(bb.text_encoder.config).eval().requires_grad_(False)
+    return Backbone(unet=denoiser, vae=bb.vae, text_encoder=text, tokenizer=bb.tokenizer, scheduler=bb.scheduler,
                     kind=bb.kind, name="untrained")

@@ -28,11 +28,17 @@ def attention_groups(sites: Mapping, kind: str = "self_attn") -> dict[int, list[
 
 def maps_by_grid(cache, groups: Mapping[int, list[str]], index: int = 0) -> dict[tuple[int, int], torch.Tensor]:
     """{query grid (h, w): (L, Q, K)} for batch row `index`: the captured (B, Q, K) probabilities
-    (heads already reduced) of each group's L layers."""
+    (heads already reduced) of each group's L layers. The image-to-image block of a joint attention (SD3,
+    FLUX) is renormalised over its image keys, so its rows are distributions like self-attention's."""
     out = {}
+    sites = cache.sites
     for divisor, names in groups.items():
         grids = {cache.grid(n) for n in names}
         if len(grids) != 1:
             raise DiffprobeError(f"sites at divisor {divisor} have different grids {sorted(grids)}")
-        out[grids.pop()] = torch.stack([cache[n][index] for n in names])
+        maps = []
+        for n in names:
+            m = cache[n][index]
+            maps.append(m / m.sum(-1, keepdim=True).clamp_min(1e-12) if sites[n].part == "img2img" else m)
+        out[grids.pop()] = torch.stack(maps)
     return out
