@@ -31,13 +31,15 @@ class Backbone:
 
     unet: Any
     vae: Any
-    text_encoder: Any
-    tokenizer: Any
     scheduler: Any
-    kind: str  # the model family: a backend name of diffprobe.backends ("sd1", "sd2", "sdxl", "custom")
+    kind: str  # the model family: a backend name of diffprobe.backends ("sd1", "sd2", "sdxl", "pixart", "sd3", ...)
+    text_encoder: Any = None
+    tokenizer: Any = None
     name: str = "custom"
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    text_encoder_3: Any = None  # SD3's T5
+    tokenizer_3: Any = None
     attention_capture: str = "recompute"  # how the runner's captures get attention: "recompute" | "reuse"
 
     @property
@@ -76,6 +78,11 @@ class Backbone:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def latent_shift(self) -> float:
+        """The VAE's shift factor (SD3, FLUX: latents are (z - shift) * scale), 0 for SD's VAEs."""
+        return float(self.vae.config.get("shift_factor") or 0.0)
+
+    @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -98,7 +105,7 @@ class Backbone:
     def parts(self) -> dict[str, Any]:
         """The torch modules, by diffusers component name."""
         named = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
-                 "text_encoder_2": self.text_encoder_2}
+                 "text_encoder_2": self.text_encoder_2, "text_encoder_3": self.text_encoder_3}
         return {k: v for k, v in named.items() if v is not None}
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":
@@ -148,39 +155,54 @@ def word_tokenizer(words: list[str] = (), max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def _tiny_text_encoder(tokenizer, projection: bool = False):
+def _tiny_text_encoder(tokenizer, projection: bool = False, **sizes):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **TINY_TEXT_CONFIG,
+        pad_token_id=tokenizer.pad_token_id, **{**TINY_TEXT_CONFIG, **sizes},
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
+def _tiny_sd3_text(tokenizer) -> dict:
+    """SD3's three text encoders, tiny: two CLIPs with projections (8 + 8 wide: states padded to the joint
+    width 32, pooled 16) and a T5 encoder 32 wide on the same vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    clip = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, projection_dim=8)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2))
+    return dict(text_encoder=_tiny_text_encoder(tokenizer, projection=True, **clip), tokenizer=tokenizer,
+                text_encoder_2=_tiny_text_encoder(tokenizer, projection=True, **clip), tokenizer_2=tokenizer,
+                text_encoder_3=t5, tokenizer_3=tokenizer)
+
+
 def tiny_backbone(structure: str = "sd15", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
                   words: list[str] = ("cat", "dog", "bird", "car")) -> Backbone:
-    """Random tiny model with the block structure of `structure` ("sd15", "sd21", "sdxl", "pixart"); 64 px images."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    """Random tiny model with the block structure of `structure` ("sd15", "sd21", "sdxl", "pixart", "sd3");
+    64 px images."""
+    from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
     from diffprobe.architectures import build_transformer
 
     torch.manual_seed(seed)
-    if structure == "pixart":
-        unet = build_transformer("pixart", tiny=True)
+    kind = KINDS[structure]
+    if kind in ("pixart", "sd3"):
+        unet = build_transformer(structure, tiny=True)
     else:
         unet = UNet2DConditionModel(**unet_config(structure, tiny=True))
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG, **({"shift_factor": 0.1} if kind == "sd3" else {}))
     tokenizer = word_tokenizer(list(words))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    kind = KINDS[structure]
-    extra = {}
+    if kind == "sd3":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        text = _tiny_sd3_text(tokenizer)
+    else:
+        text = dict(text_encoder=_tiny_text_encoder(tokenizer), tokenizer=tokenizer)
     if kind == "sdxl":
-        extra = dict(text_encoder_2=_tiny_text_encoder(tokenizer, projection=True), tokenizer_2=tokenizer)
-    text_encoder = _tiny_text_encoder(tokenizer)
-    bb = Backbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                  kind=kind, name=f"tiny_{structure}", **extra)
+        text.update(text_encoder_2=_tiny_text_encoder(tokenizer, projection=True), tokenizer_2=tokenizer)
+    bb = Backbone(unet=unet, vae=vae, scheduler=scheduler, kind=kind, name=f"tiny_{structure}", **text)
     return _freeze(bb.to(device, dtype))
 
 
@@ -263,8 +285,11 @@ def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype 
 # classes a model_index.json may name for the text side (anything else is refused, never imported by name)
 TEXT_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"}
 TOKENIZER_CLASSES = {"CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast"}
-DENOISER_CLASSES = {"UNet2DConditionModel", "PixArtTransformer2DModel"}
-FLOW_MATCHING = {"SD3Transformer2DModel", "FluxTransformer2DModel"}
+DENOISER_CLASSES = {"UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel"}
+SCHEDULER_CLASSES = {"DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                     "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler",
+                     "FlowMatchEulerDiscreteScheduler"}
+UNDRIVEN = {"FluxTransformer2DModel"}
 
 
 def _named_class(index: dict, part: str, allowed: set[str], default: str, root: Path):
@@ -282,7 +307,6 @@ def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Bac
     """A model directory: unet/ or transformer/ beside vae/, text_encoder/, tokenizer/ and scheduler/; with
     `parts_from` set, every part but the denoiser comes from that directory (diffprobe-mini-dit uses mini's)."""
     from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -294,29 +318,35 @@ def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Bac
     parts_index = _model_index(parts)
     folder = "transformer" if (root / "transformer" / "config.json").is_file() else "unet"
     default = "PixArtTransformer2DModel" if folder == "transformer" else "UNet2DConditionModel"
-    if (index.get(folder) or [None, None])[1] in FLOW_MATCHING:
+    if (index.get(folder) or [None, None])[1] in UNDRIVEN:
         raise DiffprobeError(
             f"{root} holds a {index[folder][1]}: its sites and attention capture work through diffprobe.hooks from "
-            "Python (docs/transformers.md), but the tasks cannot drive it yet (flow-matching schedules, its text "
-            "encoders and latent packing are not built); use model=pixart or a UNet model for tasks")
+            "Python (docs/transformers.md), but the tasks cannot drive it yet (its text encoders, latent packing "
+            "and position ids are not built); use model=sd3, model=pixart or a UNet model for tasks")
     unet = _load_part(_named_class(index, folder, DENOISER_CLASSES, default, root), root, folder, torch_dtype)
-    vae = _load_part(AutoencoderKL, parts, "vae", torch_dtype)
-    text_cls = _named_class(parts_index, "text_encoder", TEXT_CLASSES, "CLIPTextModel", parts)
-    text_encoder = _load_part(text_cls, parts, "text_encoder", torch_dtype)
-    try:
-        tok_cls = _named_class(parts_index, "tokenizer", TOKENIZER_CLASSES, "CLIPTokenizer", parts)
-        tokenizer = tok_cls.from_pretrained(parts, subfolder="tokenizer", local_files_only=True)
-        scheduler = DDIMScheduler.from_pretrained(parts, subfolder="scheduler", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise DiffprobeError(f"cannot load the tokenizer or scheduler from {parts}: {str(exc).splitlines()[0]}") from None
     from diffprobe.backends import backend_for
 
     kind = backend_for(unet).name
-    extra = {}
-    if "text_encoder_2" in index or kind == "sdxl":
-        extra["text_encoder_2"] = _load_part(CLIPTextModelWithProjection, root, "text_encoder_2", torch_dtype)
-        extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
-    bb = Backbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                  kind=kind, name=str(get("name", root.name)), **extra)
+    vae = _load_part(AutoencoderKL, parts, "vae", torch_dtype)
+    text = {}
+    for n in ("", "_2", "_3"):  # SDXL has a second CLIP encoder, SD3 a second and a T5
+        if n and not (parts_index.get(f"text_encoder{n}") or [None, None])[1] and not (n == "_2" and kind == "sdxl"):
+            continue
+        default_text = "CLIPTextModel" if not n else "CLIPTextModelWithProjection" if n == "_2" else "T5EncoderModel"
+        cls = _named_class(parts_index, f"text_encoder{n}", TEXT_CLASSES, default_text, parts)
+        text[f"text_encoder{n}"] = _load_part(cls, parts, f"text_encoder{n}", torch_dtype)
+        try:
+            default_tok = "T5TokenizerFast" if n == "_3" else "CLIPTokenizer"
+            tok_cls = _named_class(parts_index, f"tokenizer{n}", TOKENIZER_CLASSES, default_tok, parts)
+            text[f"tokenizer{n}"] = tok_cls.from_pretrained(parts, subfolder=f"tokenizer{n}", local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise DiffprobeError(f"cannot load tokenizer{n} from {parts}: {str(exc).splitlines()[0]}") from None
+    sched_cls = _named_class(parts_index, "scheduler", SCHEDULER_CLASSES, "DDIMScheduler", parts)
+    try:  # SD's DDPM-family schedules are read as DDIM (same betas); flow-matching ones as themselves
+        sched_cls = sched_cls if sched_cls.__name__ == "FlowMatchEulerDiscreteScheduler" else DDIMScheduler
+        scheduler = sched_cls.from_pretrained(parts, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DiffprobeError(f"cannot load the scheduler from {parts}: {str(exc).splitlines()[0]}") from None
+    bb = Backbone(unet=unet, vae=vae, scheduler=scheduler, kind=kind, name=str(get("name", root.name)), **text)
     log.info("loaded %s (%s) from %s", bb.name, kind, root)
     return _freeze(bb.to(device))

@@ -57,19 +57,20 @@ def encode_prompt(bb, prompts: list[str] | str, size: tuple[int, int] | None = N
 @torch.no_grad()
 def encode_images(bb, images: torch.Tensor, sample: bool = False,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, 3, H, W) images in [-1, 1] -> (B, C, H/f, W/f) latents times the VAE's scaling factor.
+    """(B, 3, H, W) images in [-1, 1] -> (B, C, H/f, W/f) latents, minus the VAE's shift factor (SD3), times
+    its scaling factor.
 
     sample=False takes the posterior mean; sample=True draws from it with `generator`.
     """
     dist = bb.vae.encode(images.to(bb.device, bb.dtype)).latent_dist
     latents = dist.sample(generator=generator) if sample else dist.mean
-    return latents * bb.latent_scale
+    return (latents - bb.latent_shift) * bb.latent_scale
 
 
 @torch.no_grad()
 def decode_latents(bb, latents: torch.Tensor) -> torch.Tensor:
     """Latents (times the scaling factor) -> (B, 3, H, W) images in [0, 1]."""
-    images = bb.vae.decode(latents / bb.latent_scale).sample
+    images = bb.vae.decode(latents / bb.latent_scale + bb.latent_shift).sample
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
@@ -99,8 +100,7 @@ def unet_step(bb, latents: torch.Tensor, t: float | int, cond: Conditioning,
             if noise != "random":
                 raise ValueError(f"noise must be None, 'random' or a tensor, not {noise!r}")
             noise = torch.randn(latents.shape, generator=generator, device="cpu").to(latents.device, latents.dtype)
-        a = _alpha_bar(bb, check_timestep(bb, t)).to(latents.device, latents.dtype)
-        latents = a.sqrt() * latents + (1 - a).sqrt() * noise
+        latents = bb.family.noisy_latents(bb, latents, noise, check_timestep(bb, t))
     return unet_call(bb, latents, t, cond)
 
 
@@ -125,6 +125,9 @@ def ddim_inversion(bb, latents: torch.Tensor, cond: Conditioning, num_steps: int
     Call i is at inversion_timesteps()[i] (the first at t=-1, alpha-bar 1, on the clean latent) and moves the
     latent to timestep i * r. Run it inside a capture: the capture's step i is call i.
     """
+    if bb.family.flow_matching:
+        raise DiffprobeError(f"DDIM inversion follows SD's noise schedule; {bb.name} is a flow-matching model: "
+                             "use process=one_step (noise=true) or generation")
     ratio = bb.scheduler.config.num_train_timesteps // num_steps
     x = latents
     calls = inversion_timesteps(bb, num_steps)
@@ -156,18 +159,16 @@ def generate_from(bb, cond: Conditioning, guidance: float = 7.5, num_steps: int 
                   generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
                   latents: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`generate` from a conditioning of 2B rows [uncond; cond]: (images (B, 3, H, W), final latents)."""
-    from diffusers import DDIMScheduler
-
     n = cond.context.shape[0] // 2
     h, w = size or (bb.sample_size, bb.sample_size)
-    scheduler = DDIMScheduler.from_config(bb.scheduler.config)
+    scheduler = bb.family.sampler(bb)
     scheduler.set_timesteps(num_steps, device=bb.device)
     if latents is None:
         shape = (n, bb.unet.config.in_channels, h // bb.vae_factor, w // bb.vae_factor)
         latents = torch.randn(shape, generator=generator, device="cpu").to(bb.device, bb.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from unit noise
     for t in tqdm(scheduler.timesteps, desc="generate", disable=not progress, leave=False):
-        eps_uncond, eps_cond = unet_call(bb, torch.cat([latents, latents]), t, cond).chunk(2)
+        eps_uncond, eps_cond = unet_call(bb, torch.cat([latents, latents]), t, cond).chunk(2)  # or velocities
         eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
     return decode_latents(bb, latents), latents

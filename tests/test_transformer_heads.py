@@ -28,9 +28,10 @@ def _images(folder: Path, n: int) -> Path:
     return folder
 
 
-def test_one_pass_of_three_heads_on_a_transformer(tmp_path):
+@pytest.mark.parametrize("model", ["tiny_pixart", "tiny_sd3"])
+def test_one_pass_of_three_heads_on_a_transformer(tmp_path, model):
     photo = _images(tmp_path / "imgs", 1) / "img0.png"
-    cfg = config_helpers.make_cfg("analyze", model="tiny_pixart", **{
+    cfg = config_helpers.make_cfg("analyze", model=model, **{
         "analyze.tasks": ["diffseg", "localize", "probe"], "image": str(photo), "localize.words": ["cat"],
         "localize.prompt": "a cat"})
     analyze.run(cfg, tmp_path / "out")
@@ -102,3 +103,25 @@ def test_joint_image_block_is_renormalised_for_the_self_attention_heads():
     maps = maps_by_grid(view, groups)[(2, 2)]          # the joint block had 40 % of each row's mass on text
     torch.testing.assert_close(maps[0], probs[0])
     assert torch.equal(maps[1], probs[0])              # plain self-attention is passed through untouched
+
+
+def test_sd3_conditioning_flow_drive_and_directory_round_trip(tmp_path):
+    from diffprobe.drives import Drive, encode_prompt, generate, run_drive, unet_call
+
+    bb = tiny_backbone("sd3")
+    cond = encode_prompt(bb, ["a cat", ""])
+    assert cond.context.shape == (2, 77 + 77, 32) and cond.added["pooled_projections"].shape == (2, 16)
+    assert torch.equal(cond.context[:, :77, 16:], torch.zeros(2, 77, 16))   # CLIP states zero-padded to 32
+    x, e = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(bb.family.noisy_latents(bb, x, e, 250), 0.75 * x + 0.25 * e)   # rectified flow
+    with pytest.raises(DiffprobeError, match="flow-matching model"):
+        run_drive(bb, Drive(process="inversion", num_steps=2), x, encode_prompt(bb, ["a cat"]))
+    images, _ = generate(bb, ["a cat"], guidance=2.0, num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+    save_backbone(bb, tmp_path / "sd3")
+    loaded = load_backbone({"path": str(tmp_path / "sd3"), "name": "sd3"})
+    assert loaded.kind == "sd3" and loaded.text_encoder_3 is not None and loaded.latent_shift == 0.1
+    assert type(loaded.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    with torch.no_grad():
+        torch.testing.assert_close(unet_call(loaded, x, 500, encode_prompt(loaded, ["a cat"])),
+                                   unet_call(bb, x, 500, encode_prompt(bb, ["a cat"])))

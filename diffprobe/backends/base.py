@@ -89,6 +89,21 @@ class Backend:
         sample = bound["sample"] if "sample" in bound else bound["hidden_states"]
         return tuple(sample.shape[-2:]), bound["timestep"]
 
+    flow_matching = False
+    """True for rectified-flow models (SD3, FLUX): x_t = (1 - s) x_0 + s e with s = t / 1000, a velocity output,
+    no DDIM inversion."""
+
+    def noisy_latents(self, bb: Any, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """q(x_t | x_0) at training timestep t: SD's sqrt(a) x_0 + sqrt(1 - a) e with a = alpha-bar(t)."""
+        a = bb.scheduler.alphas_cumprod[t].float().to(latents.device, latents.dtype)
+        return a.sqrt() * latents + (1 - a).sqrt() * noise
+
+    def sampler(self, bb: Any) -> Any:
+        """A fresh scheduler for generation (DDIM on SD's schedule)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(bb.scheduler.config)
+
     def encode_prompt(self, bb: Any, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """Text conditioning of `prompts` ("" = unconditional) for images of `size` (H, W) pixels."""
         raise NotImplementedError

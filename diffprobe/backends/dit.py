@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from diffprobe.backends.base import Backend, Conditioning, _forward_signature, register
-from diffprobe.backends.unet import StandardAttention
+from diffprobe.backends.unet import StandardAttention, _tokens
 from diffprobe.hooks.sites import JOINT_PARTS, OUT, PROBS, Site
 
 MODULATION = "hook_modulation"
@@ -125,20 +125,75 @@ class PixArtBackend(StandardAttention, TransformerBackend):
         return _numbered(found)
 
 
-class SD3Backend(TransformerBackend):
+class JointAttentionBackend(TransformerBackend):
+    """Rectified-flow transformers with joint attention, captured at the SDPA call."""
+
+    captures_at_kernel = True
+    flow_matching = True
+
+    def check_attention(self, module: nn.Module, name: str) -> None:
+        """Nothing to refuse up front: a processor that does not call SDPA once is refused when it runs."""
+
+
+class SD3Backend(JointAttentionBackend):
     """SD3Transformer2DModel: joint attention over [image tokens, text tokens] per block (SD3.5's qk norms
-    included), SD3.5's second image-only attention (attn2), AdaLN-Zero modulation per block."""
+    included), SD3.5's second image-only attention (attn2), AdaLN-Zero modulation per block; conditioned on two
+    CLIP encoders and T5 as SD3's pipeline does."""
 
     name = "sd3"
-    captures_at_kernel = True
 
     def matches(self, model: nn.Module) -> bool:
         from diffusers import SD3Transformer2DModel
 
         return isinstance(model, SD3Transformer2DModel)
 
-    def check_attention(self, module: nn.Module, name: str) -> None:
-        """Nothing to refuse up front: a processor that does not call SDPA once is refused when it runs."""
+    def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+        """As SD3's pipeline: both CLIP encoders' penultimate states side by side, zero-padded to the joint width,
+        then the T5 states (zeros of CLIP's length without a T5) along the sequence; pooled CLIP embeddings."""
+        states, pooled = [], []
+        for encoder, tokenizer in ((bb.text_encoder, bb.tokenizer), (bb.text_encoder_2, bb.tokenizer_2)):
+            out = encoder(_tokens(tokenizer, prompts, bb.device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = torch.cat(states, dim=-1)
+        width = int(bb.unet.config.joint_attention_dim)
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        if bb.text_encoder_3 is not None:
+            t5 = bb.text_encoder_3(_tokens(bb.tokenizer_3, prompts, bb.device))[0]
+        else:
+            t5 = torch.zeros(len(prompts), bb.tokenizer.model_max_length, width, device=bb.device)
+        context = torch.cat([clip, t5.to(clip.dtype)], dim=1)
+        return Conditioning(context.to(bb.dtype), {"pooled_projections": torch.cat(pooled, -1).to(bb.dtype)})
+
+    def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
+        from diffprobe.errors import DiffprobeError
+
+        raise DiffprobeError(f"{self.name}: learned contexts (keypoints) need cross-attention with upsampled "
+                             "queries, which joint attention captured at its kernel does not give")
+
+    def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The model's output: the flow velocity (noise minus data), not the noise."""
+        t = t.reshape(-1).expand(latents.shape[0]) if t.numel() == 1 else t
+        return model(hidden_states=latents, encoder_hidden_states=cond.context, timestep=t,
+                     pooled_projections=cond.added["pooled_projections"]).sample
+
+    def noisy_latents(self, bb, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """Rectified flow: x_t = (1 - s) x_0 + s e with s = t / num_train_timesteps (SD3's training)."""
+        s = t / bb.scheduler.config.num_train_timesteps
+        return (1 - s) * latents + s * noise
+
+    def sampler(self, bb):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler.config)
+
+    def pipeline(self, bb):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(transformer=bb.unet, scheduler=bb.scheduler, vae=bb.vae,
+                                        text_encoder=bb.text_encoder, tokenizer=bb.tokenizer,
+                                        text_encoder_2=bb.text_encoder_2, tokenizer_2=bb.tokenizer_2,
+                                        text_encoder_3=bb.text_encoder_3, tokenizer_3=bb.tokenizer_3)
 
     def sites(self, model: nn.Module) -> dict[str, Site]:
         p = int(model.config.patch_size)
@@ -152,10 +207,12 @@ class SD3Backend(TransformerBackend):
         return _numbered(found)
 
 
-class FluxBackend(SD3Backend):
+class FluxBackend(JointAttentionBackend):
     """FluxTransformer2DModel: double-stream blocks (joint attention over [text, image]), then single-stream
     blocks (one attention over the concatenated [text, image] sequence); RoPE and qk RMSNorm in every
-    attention. Its input is packed latent tokens (B, h*w, C): the token grid comes from `img_ids`."""
+    attention. Its input is packed latent tokens (B, h*w, C): the token grid comes from `img_ids`. Sites and
+    capture only: its conditioning (CLIP pooled + T5, packing, position ids, guidance) is not built, and loading
+    it for a task is refused."""
 
     name = "flux"
 

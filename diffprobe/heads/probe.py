@@ -14,11 +14,14 @@ from diffprobe.hooks.sites import select_sites
 from diffprobe.runner import Head, Item, Plan, View
 
 
+CROSS = "cross"  # probe.sites=[cross]: every cross-attention map (UNet attn2, a transformer's image-to-text blocks)
+
+
 @dataclass
 class ProbeSettings(CallSettings):
     """The probe.* keys: the call (CallSettings), the sites (globs), the head reduction, the picture."""
 
-    sites: list[str] = field(default_factory=lambda: ["*.attn2.hook_probs"])
+    sites: list[str] = field(default_factory=lambda: [CROSS])
     timestep: int = 100
     heads: str = "mean"
     show: int = 8
@@ -40,7 +43,9 @@ class ProbeHead(Head):
         self.names: list[str] = []
 
     def plan(self, sites: Mapping) -> Plan:
-        self.names = select_sites(sites, list(self.settings.sites))
+        chosen = list(self.settings.sites)
+        self.names = select_sites(sites, lambda s: s.kind == "cross_attn") if chosen == [CROSS] else \
+            select_sites(sites, chosen)
         need = Need(tuple(self.names), Reduce(heads=self.settings.heads))
         return Plan(self.settings.drive(), (need,), prompt=self.settings.prompt)
 
