@@ -184,3 +184,17 @@ def test_features_are_the_blocks_image_tokens_and_modulation(tiny):
 def test_registry_picks_each_family(tiny):
     structure, model, probe, _ = tiny
     assert probe.backend.name == {"pixart": "pixart", "sd3": "sd3", "sd35": "sd3", "flux": "flux"}[structure]
+
+
+def test_site_order_is_the_order_modules_fire(tiny):
+    structure, model, probe, kwargs = tiny
+    fired, handles = [], []
+    for path in dict.fromkeys(s.module for s in probe.sites.values()):
+        handles.append(model.get_submodule(path).register_forward_hook(lambda m, a, o, p=path: fired.append(p)))
+    try:
+        model(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    by_order = sorted(probe.sites.values(), key=lambda s: s.order)
+    assert fired == list(dict.fromkeys(s.module for s in by_order))   # a joint module's sites are consecutive

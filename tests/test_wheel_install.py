@@ -48,6 +48,7 @@ def test_wheel_carries_configs_and_weights(wheel_env):
     names = zipfile.ZipFile(wheel).namelist()
     assert "diffprobe/conf/config.yaml" in names and "diffprobe/conf/task/diffseg.yaml" in names
     assert "diffprobe/assets/mini/unet/diffusion_pytorch_model.safetensors" in names
+    assert "diffprobe/assets/mini_dit/transformer/diffusion_pytorch_model.safetensors" in names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Provides-Extra: test" in metadata and "Provides-Extra: cuda" in metadata  # pip install diffprobe[test]
     where = run(py, ["-c", "import diffprobe, diffprobe.conf; print(diffprobe.__file__)"], root)

@@ -41,17 +41,20 @@ def _attention_sites(path: str, attn: nn.Module, block: int, direction: str, div
     return sites
 
 
-def _block_sites(path: str, block: nn.Module, index: int, direction: str, divisor: int, channels: int,
-                 norm: str) -> list[Site]:
-    """A block's AdaLN modulation (when its norm module `norm` projects one) and its image-token output."""
-    common = dict(direction=direction, block=index, divisor=divisor, heads=None, order=0)
-    sites = []
-    if norm and getattr(block, norm, None) is not None and hasattr(getattr(block, norm), "linear"):
-        linear = getattr(block, norm).linear
-        sites.append(Site(name=f"{path}.{MODULATION}", kind="modulation", channels=int(linear.out_features),
-                          module=f"{path}.{norm}.linear", **common))
-    sites.append(Site(name=f"{path}.{OUT}", kind="block", channels=channels, module=path, **common))
-    return sites
+def _modulation_site(path: str, block: nn.Module, index: int, direction: str, divisor: int, norm: str) -> list[Site]:
+    """The block's AdaLN modulation (the output of its norm module's projection), when it has one: it runs
+    first in the block."""
+    module = getattr(block, norm, None)
+    if module is None or not hasattr(module, "linear"):
+        return []
+    return [Site(name=f"{path}.{MODULATION}", kind="modulation", direction=direction, block=index, divisor=divisor,
+                 heads=None, channels=int(module.linear.out_features), order=0, module=f"{path}.{norm}.linear")]
+
+
+def _out_site(path: str, index: int, direction: str, divisor: int, channels: int) -> Site:
+    """The block's image-token output, the last of its sites to fire."""
+    return Site(name=f"{path}.{OUT}", kind="block", direction=direction, block=index, divisor=divisor, heads=None,
+                channels=channels, order=0, module=path)
 
 
 def _numbered(sites: list[Site]) -> dict[str, Site]:
@@ -121,7 +124,7 @@ class PixArtBackend(StandardAttention, TransformerBackend):
             found += _attention_sites(f"{path}.attn1", block.attn1, i, "dit", p, False, None)
             if getattr(block, "attn2", None) is not None:
                 found += _attention_sites(f"{path}.attn2", block.attn2, i, "dit", p, False, None, "cross_attn")
-            found += _block_sites(path, block, i, "dit", p, int(block.attn1.to_q.in_features), "")
+            found.append(_out_site(path, i, "dit", p, int(block.attn1.to_q.in_features)))
         return _numbered(found)
 
 
@@ -200,10 +203,11 @@ class SD3Backend(JointAttentionBackend):
         found = []
         for i, block in enumerate(model.transformer_blocks):
             path = f"transformer_blocks.{i}"
+            found += _modulation_site(path, block, i, "dit", p, "norm1")
             found += _attention_sites(f"{path}.attn", block.attn, i, "dit", p, True, False)
             if getattr(block, "attn2", None) is not None:
                 found += _attention_sites(f"{path}.attn2", block.attn2, i, "dit", p, False, None)
-            found += _block_sites(path, block, i, "dit", p, int(block.attn.to_q.in_features), "norm1")
+            found.append(_out_site(path, i, "dit", p, int(block.attn.to_q.in_features)))
         return _numbered(found)
 
 
@@ -231,12 +235,14 @@ class FluxBackend(JointAttentionBackend):
         found = []
         for i, block in enumerate(model.transformer_blocks):
             path = f"transformer_blocks.{i}"
+            found += _modulation_site(path, block, i, "dit", 1, "norm1")
             found += _attention_sites(f"{path}.attn", block.attn, i, "dit", 1, True, True)
-            found += _block_sites(path, block, i, "dit", 1, int(block.attn.to_q.in_features), "norm1")
+            found.append(_out_site(path, i, "dit", 1, int(block.attn.to_q.in_features)))
         for i, block in enumerate(model.single_transformer_blocks):
             path = f"single_transformer_blocks.{i}"
+            found += _modulation_site(path, block, i, "single", 1, "norm")
             found += _attention_sites(f"{path}.attn", block.attn, i, "single", 1, True, True)
-            found += _block_sites(path, block, i, "single", 1, int(block.attn.to_q.in_features), "norm")
+            found.append(_out_site(path, i, "single", 1, int(block.attn.to_q.in_features)))
         return _numbered(found)
 
 
