@@ -198,3 +198,25 @@ def test_site_order_is_the_order_modules_fire(tiny):
             h.remove()
     by_order = sorted(probe.sites.values(), key=lambda s: s.order)
     assert fired == list(dict.fromkeys(s.module for s in by_order))   # a joint module's sites are consecutive
+
+
+def test_layout_early_exit_and_on_step_work_on_joint_attention(tiny):
+    structure, model, probe, kwargs = tiny
+    if structure == "pixart":
+        pytest.skip("PixArt has no joint attention")
+    from diffprobe.hooks import BatchLayout
+
+    first = "transformer_blocks.0.attn.hook_img2txt"
+    with probe.capture(first, reduce=Reduce(heads="mean")) as full:
+        model(**kwargs)
+    seen = []
+    after = []
+    with probe.capture(first, reduce=Reduce(heads="mean"), layout=BatchLayout(cfg=True, keep="cond"), early_exit=True,
+                       on_step=lambda step, t, tensors: seen.append((step, sorted(tensors)))) as cache:
+        model(**kwargs)
+        after.append("not reached")          # the forward stopped at the first block
+    assert after == [] and seen == []          # early exit: the model's post-hook (on_step) never ran
+    torch.testing.assert_close(cache[first], full[first][1:])   # rows [uncond; cond]: the cond half kept
+    with probe.capture(first, on_step=lambda step, t, tensors: seen.append((step, float(t), list(tensors)))):
+        model(**kwargs)
+    assert seen == [(0, float(kwargs["timestep"][0]), [first])]
