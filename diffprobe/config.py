@@ -16,9 +16,10 @@ T = TypeVar("T")
 @dataclass
 class ModelConfig:
     name: str = "tiny_sd15"
-    tiny: str | None = None  # structure of a tiny random model ("sd15", "sd21", "sdxl"), else None
+    tiny: str | None = None  # structure of a tiny random model ("sd15", "sd21", "sdxl", "pixart", "sd3"), else None
     path: str | None = None  # local diffusers directory
     repo_id: str | None = None  # Hugging Face repo, read from the local cache only
+    parts_from: str | None = None  # a directory holding every part but the denoiser (mini-dit: mini's)
 
 
 @dataclass
