@@ -274,7 +274,7 @@ def test_reuse_refuses_a_processor_that_does_not_call_sdpa(setup):
     bb.unet.set_attn_processor(AttnProcessor())   # explicit bmm attention: no SDPA call to answer
     try:
         with pytest.raises(UnsupportedAttention, match="AttnProcessor called scaled_dot_product_attention 0 times"):
-            with probe.capture("*.attn2.hook_probs", attention="reuse"):
+            with probe.capture("*.attn1.hook_probs", attention="reuse"):   # self-attention is answered at SDPA
                 unet_call(bb, latents, 50, cond)
     finally:
         bb.unet.set_attn_processor(before)
@@ -308,11 +308,11 @@ def test_reuse_leaves_no_mode_or_hook_behind_when_the_forward_raises(setup):
     bb, probe, latents, cond = setup
     from torch.overrides import _get_current_function_mode_stack
 
-    attn = bb.unet.get_submodule(probe.sites[probe.select("*.attn2.hook_probs")[-1]].module)
+    attn = bb.unet.get_submodule(probe.sites[probe.select("*.attn1.hook_probs")[-1]].module)
     boom = attn.to_out[0].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     try:
         with pytest.raises(RuntimeError, match="boom"):   # raised inside the module, while its mode is active
-            with probe.capture("*.attn2.hook_probs", attention="reuse"):
+            with probe.capture("*.attn1.hook_probs", attention="reuse"):
                 unet_call(bb, latents, 50, cond)
     finally:
         boom.remove()

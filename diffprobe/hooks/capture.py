@@ -6,10 +6,11 @@ steps, device and dtype. With early exit the forward stops once every site of ev
 
 Attention modes: "recompute" (default) leaves the model's attention kernel alone and recomputes the
 probabilities of a captured layer from its inputs, in fp32 (the model's outputs are bit-identical to an
-uncaptured call). "reuse" answers each captured layer's (without gradients or query upsampling) call of
-scaled_dot_product_attention with an explicit attention, a query chunk at a time (diffprobe.hooks.kernel),
+uncaptured call). "reuse" answers each captured self-attention layer's (without gradients or query upsampling)
+call of scaled_dot_product_attention with an explicit attention, a query chunk at a time (diffprobe.hooks.kernel),
 and keeps the probabilities it multiplies with the values: nothing is computed twice; the outputs equal an
-uncaptured call to float rounding; scores are in the model's dtype, probabilities in fp32.
+uncaptured call to float rounding; scores are in the model's dtype, probabilities in fp32. Cross-attention
+(a few dozen keys) stays on the recompute path, which measured cheaper than replacing the fused kernel there.
 """
 
 from __future__ import annotations
@@ -204,8 +205,9 @@ class Capture:
                     raise DiffprobeError(f"upsample_queries cannot be used at {name}: the queries of a "
                                          f"{reg.backend.name} attention are not recomputed from its input")
                 at_kernel[site.module].append(name)
-            elif self.attention == "reuse" and all(not n.grad and n.upsample_queries is None for n in needs):
-                at_kernel[site.module].append(name)
+            elif (self.attention == "reuse" and site.kind == "self_attn"
+                  and all(not n.grad and n.upsample_queries is None for n in needs)):
+                at_kernel[site.module].append(name)   # cross-attention (few keys) is cheaper to recompute
             else:
                 groups: dict[tuple, list[int]] = defaultdict(list)
                 for i in users:
