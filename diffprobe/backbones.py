@@ -292,12 +292,17 @@ SCHEDULER_CLASSES = {"DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDi
 UNDRIVEN = {"FluxTransformer2DModel"}
 
 
+def _index_name(index: dict, part: str, default: str | None = None) -> str | None:
+    """The class name model_index.json gives `part` ([library, class] or null), or `default`."""
+    return (index.get(part) or [None, default])[1]
+
+
 def _named_class(index: dict, part: str, allowed: set[str], default: str, root: Path):
     """The class model_index.json names for `part` (default when it names none), from an allowlist."""
     import diffusers
     import transformers
 
-    name = (index.get(part) or [None, default])[1]
+    name = _index_name(index, part, default)
     if name not in allowed:
         raise DiffprobeError(f"{root}/model_index.json names {name} for {part}; diffprobe loads {', '.join(sorted(allowed))}")
     return getattr(diffusers, name, None) or getattr(transformers, name)
@@ -318,7 +323,7 @@ def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Bac
     parts_index = _model_index(parts)
     folder = "transformer" if (root / "transformer" / "config.json").is_file() else "unet"
     default = "PixArtTransformer2DModel" if folder == "transformer" else "UNet2DConditionModel"
-    if (index.get(folder) or [None, None])[1] in UNDRIVEN:
+    if _index_name(index, folder) in UNDRIVEN:
         raise DiffprobeError(
             f"{root} holds a {index[folder][1]}: its sites and attention capture work through diffprobe.hooks from "
             "Python (docs/transformers.md), but the tasks cannot drive it yet (its text encoders, latent packing "
@@ -330,7 +335,7 @@ def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Bac
     vae = _load_part(AutoencoderKL, parts, "vae", torch_dtype)
     text = {}
     for n in ("", "_2", "_3"):  # SDXL has a second CLIP encoder, SD3 a second and a T5
-        if n and not (parts_index.get(f"text_encoder{n}") or [None, None])[1] and not (n == "_2" and kind == "sdxl"):
+        if n and not _index_name(parts_index, f"text_encoder{n}") and not (n == "_2" and kind == "sdxl"):
             continue
         default_text = "CLIPTextModel" if not n else "CLIPTextModelWithProjection" if n == "_2" else "T5EncoderModel"
         cls = _named_class(parts_index, f"text_encoder{n}", TEXT_CLASSES, default_text, parts)

@@ -85,7 +85,7 @@ class Backend:
 
     def model_call(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[int, int], Any]:
         """(spatial size of the input latent, in the units of Site.divisor; the timestep) of a denoiser call."""
-        bound = _forward_signature(model).bind_partial(*args, **kwargs).arguments
+        bound = call_arguments(model, args, kwargs)
         sample = bound["sample"] if "sample" in bound else bound["hidden_states"]
         return tuple(sample.shape[-2:]), bound["timestep"]
 
@@ -126,10 +126,9 @@ def _signature_of(cls: type) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
-def _forward_signature(model: nn.Module) -> inspect.Signature:
-    """The signature of `model`'s forward without self (cached per class)."""
-    sig = _signature_of(type(model))
-    return sig.replace(parameters=list(sig.parameters.values())[1:])
+def call_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A call of `model`'s forward as {parameter name: value} (the signature is read once per class)."""
+    return _signature_of(type(model)).bind_partial(None, *args, **kwargs).arguments
 
 
 BACKENDS: list[Backend] = []

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffprobe.backends.base import Backend, Conditioning, _forward_signature, register
+from diffprobe.backends.base import Backend, Conditioning, call_arguments, register
 from diffprobe.backends.unet import StandardAttention, _tokens
 from diffprobe.hooks.sites import JOINT_PARTS, OUT, PROBS, Site
 
@@ -226,10 +226,9 @@ class FluxBackend(JointAttentionBackend):
         return isinstance(model, FluxTransformer2DModel)
 
     def model_call(self, model: nn.Module, args: tuple, kwargs: dict):
-        _, t = super().model_call(model, args, kwargs)
-        ids = _forward_signature(model).bind_partial(*args, **kwargs).arguments["img_ids"]
-        ids = ids.reshape(-1, ids.shape[-1])
-        return (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1), t
+        bound = call_arguments(model, args, kwargs)
+        ids = bound["img_ids"].reshape(-1, bound["img_ids"].shape[-1])
+        return (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1), bound["timestep"]
 
     def sites(self, model: nn.Module) -> dict[str, Site]:
         found = []
