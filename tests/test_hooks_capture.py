@@ -304,6 +304,24 @@ def test_reused_probabilities_equal_recomputed_ones_and_outputs_stay(setup, head
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
 
 
+def test_reuse_keeps_the_model_differentiable(setup):
+    # a forward whose attention inputs need gradients is answered by the model's own kernel (the explicit kernel
+    # writes into preallocated buffers, outside autograd); the maps are still kept, detached
+    bb, probe, latents, cond = setup
+    x = latents.clone().requires_grad_(True)
+    unet_call(bb, x, 50, cond).square().sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    with probe.capture("*.attn1.hook_probs", attention="recompute") as exact:
+        unet_call(bb, latents, 50, cond)
+    with probe.capture("*.attn1.hook_probs", attention="reuse") as reused:
+        unet_call(bb, x, 50, cond).square().sum().backward()
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-6)
+    for name in exact.names:
+        assert not reused[name].requires_grad
+        torch.testing.assert_close(reused[name], exact[name], rtol=0, atol=1e-5)
+
+
 def test_reuse_leaves_no_mode_or_hook_behind_when_the_forward_raises(setup):
     bb, probe, latents, cond = setup
     from torch.overrides import _get_current_function_mode_stack

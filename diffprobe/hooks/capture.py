@@ -161,7 +161,8 @@ class Capture:
             plan = [(_union([self.needs[i].row_slice(batch) for _, i in members], batch),
                      self.needs[members[0][1]].reduce.heads) for members in groups.values()]
             grad = torch.is_grad_enabled() and any(self.needs[i].grad for m in groups.values() for _, i in m)
-            if self.attention == "reuse" and not grad:
+            differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            if self.attention == "reuse" and not differentiable:
                 out, kept = attend_keeping(q, k, v, bias, scale, plan)
             else:
                 out = original()
