@@ -220,3 +220,29 @@ def test_layout_early_exit_and_on_step_work_on_joint_attention(tiny):
     with probe.capture(first, on_step=lambda step, t, tensors: seen.append((step, float(t), list(tensors)))):
         model(**kwargs)
     assert seen == [(0, float(kwargs["timestep"][0]), [first])]
+
+
+def test_blocks_alone_come_from_the_fused_kernels_normalisers_in_reuse_mode(tiny, monkeypatch):
+    # only blocks of the joint maps wanted: the fused kernel gives the output and each row's log normaliser, and
+    # just the blocks' scores are computed; they equal the blocks sliced from the recomputed whole map
+    structure, model, probe, kwargs = tiny
+    if structure == "pixart":
+        pytest.skip("PixArt has no joint attention")
+    import diffprobe.hooks.capture as capture_module
+
+    calls = []
+    real = capture_module.attention_with_lse
+    monkeypatch.setattr(capture_module, "attention_with_lse", lambda *a: calls.append(1) or real(*a))
+    needs = lambda: [Need("*.hook_img2txt", Reduce(heads="mean")),  # noqa: E731
+                     Need(["*.hook_txt2img", "*.hook_img2txt"], Reduce(heads="none"), rows=(1, 2))]
+    bare = model(**kwargs).sample
+    with probe.capture(needs()) as exact:
+        model(**kwargs)
+    with probe.capture(needs(), attention="reuse") as reused:
+        out = model(**kwargs).sample
+    assert len(calls) == len({probe.sites[n].module for n in probe.select("*.hook_img2txt")})
+    torch.testing.assert_close(out, bare, rtol=0, atol=1e-5)
+    for a, b in zip(exact, reused):
+        assert a.names == b.names
+        for name in a.names:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)

@@ -11,6 +11,8 @@ call of scaled_dot_product_attention with an explicit attention, a query chunk a
 and keeps the probabilities it multiplies with the values: nothing is computed twice; the outputs equal an
 uncaptured call to float rounding; scores are in the model's dtype, probabilities in fp32. Cross-attention
 (a few dozen keys) stays on the recompute path, which measured cheaper than replacing the fused kernel there.
+A joint attention of which only blocks are captured (e.g. image-to-text) is answered on the CPU by the fused
+flash kernel, which also returns each row's log normaliser, so only the blocks' own scores are computed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from diffprobe.hooks.attention import attend_keeping, probs_from_qk, query_grid, upsample_tokens
+from diffprobe.hooks.attention import (attend_keeping, attention_with_lse, probs_from_qk, query_grid,
+                                       upsample_tokens)
 from diffprobe.hooks.errors import DiffprobeError
 from diffprobe.hooks.cache import ActivationCache
 from diffprobe.hooks.kernel import answer_attention
@@ -44,23 +47,45 @@ def _bias_rows(bias: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return bias if bias is None or bias.shape[0] == 1 else bias[rows]
 
 
+def part_slices(site, grid: tuple[int, int], num_keys: int) -> tuple[slice, slice, tuple | None, tuple | None]:
+    """The query rows and key columns of a joint attention (over `num_keys` image + text tokens) that the part
+    site `site` names, with its query and key grids (None for text). A part's image tokens are the grid's h*w;
+    the rest are text, before the image (site.text_first) or after it."""
+    n = grid[0] * grid[1]
+    text = num_keys - n
+    image, words = (slice(text, text + n), slice(0, text)) if site.text_first else (slice(0, n), slice(n, n + text))
+    rows, cols = site.part[:3], site.part[4:]
+    pick = {"img": image, "txt": words}
+    return pick[rows], pick[cols], (grid if rows == "img" else None), (grid if cols == "img" else None)
+
+
 def joint_part(probs: torch.Tensor, site, grid: tuple[int, int]):
     """The block of (.., Q, K) probabilities that `site` names, with its query and key grids (None for text).
 
     A site without a part is the whole map: self-attention (grids on both sides), cross-attention (a query
-    grid) or a whole joint map (no grid). A part's image tokens are the grid's h*w; the rest are text.
+    grid) or a whole joint map (no grid).
     """
     if site.part is None:
         if site.kind == "self_attn":
             return probs, grid, grid
         return probs, (grid if site.kind == "cross_attn" else None), None
-    n = grid[0] * grid[1]
-    text = probs.shape[-1] - n
-    image, words = (slice(text, text + n), slice(0, text)) if site.text_first else (slice(0, n), slice(n, n + text))
-    rows, cols = site.part[:3], site.part[4:]
-    pick = {"img": image, "txt": words}
-    value = probs[..., pick[rows], :][..., pick[cols]].clone()
-    return value, (grid if rows == "img" else None), (grid if cols == "img" else None)
+    rows, cols, query_grid_, key_grid = part_slices(site, grid, probs.shape[-1])
+    return probs[..., rows, :][..., cols].clone(), query_grid_, key_grid
+
+
+def _block(bias: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
+    """The (rows, cols) block of a bias broadcastable to (B, h, Q, K) (broadcast axes kept)."""
+    if bias is None:
+        return None
+    return bias[..., rows if bias.shape[-2] > 1 else slice(None), :][..., cols if bias.shape[-1] > 1 else slice(None)]
+
+
+def _by_site(members: list[tuple[str, int]]) -> dict[str, list[int]]:
+    """(site name, need index) pairs grouped by site name."""
+    users: dict[str, list[int]] = defaultdict(list)
+    for name, i in members:
+        users[name].append(i)
+    return users
 
 
 def _union(slices: list[slice], batch: int) -> slice:
@@ -147,7 +172,8 @@ class Capture:
     def _kernel(self, names: list[str]):
         """The kernel that answers the SDPA call of the module whose attention sites (one map, or the whole of a
         joint map and its blocks) are `names`. Needs with one compute key share one computation over the union
-        of their rows: in "reuse" mode (no gradients) the output is computed from the kept probabilities;
+        of their rows: in "reuse" mode (no gradients) the output is computed from the kept probabilities, or,
+        where only blocks of a joint map are wanted, comes from the fused kernel with its row normalisers;
         otherwise the model's own call gives the output and the probabilities are recomputed from the exact
         q and k it was given (qk norms and rotary embeddings applied), in fp32."""
         groups: dict[tuple, list[tuple[str, int]]] = defaultdict(list)
@@ -155,6 +181,7 @@ class Capture:
             for i in self.users[name]:
                 groups[self.needs[i].compute_key()].append((name, i))
         first = self.registry.sites[names[0]]
+        blocks_only = all(self.registry.sites[name].part is not None for name in names)
 
         def kernel(q, k, v, bias, scale, original):
             batch = q.shape[0]
@@ -162,22 +189,35 @@ class Capture:
                      self.needs[members[0][1]].reduce.heads) for members in groups.values()]
             grad = torch.is_grad_enabled() and any(self.needs[i].grad for m in groups.values() for _, i in m)
             differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            grid = first.resolution(self.latent_hw)
+            fused = (attention_with_lse(q, k, v, bias, scale)
+                     if self.attention == "reuse" and not differentiable and blocks_only else None)
+            if fused is not None:
+                self._store_blocks(groups, plan, q * scale, k, bias, fused[1], grid, batch)
+                return fused[0]
             if self.attention == "reuse" and not differentiable:
                 out, kept = attend_keeping(q, k, v, bias, scale, plan)
             else:
                 out = original()
                 kept = [probs_from_qk(q[rows] * scale, k[rows], _bias_rows(bias, rows), heads, grad=grad)
                         for rows, heads in plan]
-            grid = first.resolution(self.latent_hw)
             for members, (rows, _), probs in zip(groups.values(), plan, kept):
-                users: dict[str, list[int]] = defaultdict(list)
-                for name, i in members:
-                    users[name].append(i)
-                for name, idx in users.items():
+                for name, idx in _by_site(members).items():
                     value, query_grid_, key_grid = joint_part(probs, self.registry.sites[name], grid)
                     self._store(name, value, rows, batch, idx, query_grid_, key_grid)
             return out
         return kernel
+
+    def _store_blocks(self, groups, plan, q, k, bias, lse, grid, batch) -> None:
+        """Reuse mode where only blocks of a joint attention are captured: the fused kernel gave the output and
+        each query row's log normaliser `lse` (B, h, Q), so a block's probabilities are exp(scores - lse) over its
+        own rows and columns only (the image-to-text block: image queries x text keys, not the whole map)."""
+        for members, (rows, heads) in zip(groups.values(), plan):
+            for name, idx in _by_site(members).items():
+                r, c, query_grid_, key_grid = part_slices(self.registry.sites[name], grid, k.shape[-2])
+                value = probs_from_qk(q[rows][:, :, r], k[rows][:, :, c], _block(_bias_rows(bias, rows), r, c),
+                                      heads, lse=lse[rows][:, :, r])
+                self._store(name, value, rows, batch, idx, query_grid_, key_grid)
 
     def _feature_hook(self, name: str):
         site = self.registry.sites[name]
