@@ -53,7 +53,7 @@ TINY_UNET_CONFIGS: dict[str, dict] = {
                  projection_class_embeddings_input_dim=16 + 6 * 8),
 }
 
-KINDS = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl", "pixart": "pixart", "sd3": "sd3"}
+KINDS = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl", "pixart": "pixart", "sd3": "sd3", "flux": "flux"}
 
 TINY_VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64,

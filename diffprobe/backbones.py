@@ -60,7 +60,7 @@ class Backbone:
 
     def check_image_size(self, size: int) -> int:
         """`size` if the model can take size x size images (a multiple of VAE factor x deepest divisor)."""
-        deepest = self.vae_factor * max(s.divisor for s in self.probe.sites.values())
+        deepest = self.grid_factor * max(s.divisor for s in self.probe.sites.values())
         if size < deepest or size % deepest:
             raise DiffprobeError(f"image_size must be a positive multiple of {deepest} for this model, not {size}")
         return size
@@ -87,9 +87,15 @@ class Backbone:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def grid_factor(self) -> int:
+        """Image pixels per side of one unit of the grid that sites' divisors divide: the VAE factor, times 2 for
+        FLUX, whose tokens are 2x2 latent patches."""
+        return self.vae_factor * self.family.latent_per_token
+
+    @property
     def sample_size(self) -> int:
-        """Image side in pixels the UNet was trained at (latent sample_size times the VAE factor)."""
-        size = self.unet.config.sample_size
+        """Image side in pixels the denoiser was trained at (latent sample_size times the VAE factor)."""
+        size = self.unet.config.get("sample_size") or self.family.default_sample_size
         return int(size[0] if isinstance(size, (list, tuple)) else size) * self.vae_factor
 
     @property
@@ -177,9 +183,18 @@ def _tiny_sd3_text(tokenizer) -> dict:
                 text_encoder_3=t5, tokenizer_3=tokenizer)
 
 
+def _tiny_flux_text(tokenizer) -> dict:
+    """FLUX's text encoders, tiny: CLIP 16 wide (the pooled projection) and a T5 encoder 32 wide (the joint width)."""
+    from transformers import T5Config, T5EncoderModel
+
+    clip = _tiny_text_encoder(tokenizer, hidden_size=16, intermediate_size=16, num_attention_heads=2)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2))
+    return dict(text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer)
+
+
 def tiny_backbone(structure: str = "sd15", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
                   words: list[str] = ("cat", "dog", "bird", "car")) -> Backbone:
-    """Random tiny model with the block structure of `structure` ("sd15", "sd21", "sdxl", "pixart", "sd3");
+    """Random tiny model with the block structure of `structure` ("sd15", "sd21", "sdxl", "pixart", "sd3", "flux");
     64 px images."""
     from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
@@ -187,17 +202,24 @@ def tiny_backbone(structure: str = "sd15", seed: int = 0, device: str = "cpu", d
 
     torch.manual_seed(seed)
     kind = KINDS[structure]
-    if kind in ("pixart", "sd3"):
+    if kind in ("pixart", "sd3", "flux"):
         unet = build_transformer(structure, tiny=True)
     else:
         unet = UNet2DConditionModel(**unet_config(structure, tiny=True))
-    vae = AutoencoderKL(**TINY_VAE_CONFIG, **({"shift_factor": 0.1} if kind == "sd3" else {}))
+    if kind == "flux":
+        unet.register_to_config(sample_size=8)   # FLUX's config has no sample size; its pipeline defaults to 128
+    flow = kind in ("sd3", "flux")
+    vae = AutoencoderKL(**TINY_VAE_CONFIG, **({"shift_factor": 0.1} if flow else {}))
     tokenizer = word_tokenizer(list(words))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     if kind == "sd3":
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         text = _tiny_sd3_text(tokenizer)
+    elif kind == "flux":   # FLUX.1's scheduler settings; CLIP 16 wide (its pooled output), T5 as wide as the joint states
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15)
+        text = _tiny_flux_text(tokenizer)
     else:
         text = dict(text_encoder=_tiny_text_encoder(tokenizer), tokenizer=tokenizer)
     if kind == "sdxl":
@@ -264,13 +286,25 @@ def _model_index(root: Path) -> dict:
 
 
 def _load_part(cls, root: Path, subfolder: str, dtype: torch.dtype):
+    """`cls` from root/subfolder; refused when the folder's config names another class or weights are missing."""
+    config = root / subfolder / "config.json"
     try:
-        return cls.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype, local_files_only=True,
+        saved = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise DiffprobeError(f"cannot read {config}: {exc}") from None
+    if saved and saved != cls.__name__ and getattr(cls, "__module__", "").startswith("diffusers"):
+        raise DiffprobeError(f"{root} names {cls.__name__} for {subfolder}/, but {config} describes a {saved}")
+    try:
+        part = cls.from_pretrained(root, subfolder=subfolder, torch_dtype=dtype, local_files_only=True,
                                    use_safetensors=True)
     except (OSError, EnvironmentError, ValueError) as exc:
         raise DiffprobeError(
             f"cannot load {subfolder}/ from {root}: {str(exc).splitlines()[0]} (diffprobe loads safetensors weights only)"
         ) from None
+    missing = [name for name, p in part.named_parameters() if p.is_meta]
+    if missing:
+        raise DiffprobeError(f"{root}/{subfolder} lacks weights {cls.__name__} needs ({len(missing)}, e.g. {missing[0]})")
+    return part
 
 
 def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Backbone:
@@ -285,11 +319,11 @@ def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype 
 # classes a model_index.json may name for the text side (anything else is refused, never imported by name)
 TEXT_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"}
 TOKENIZER_CLASSES = {"CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast"}
-DENOISER_CLASSES = {"UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel"}
+DENOISER_CLASSES = {"UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
+                    "FluxTransformer2DModel"}
 SCHEDULER_CLASSES = {"DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
                      "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler",
                      "FlowMatchEulerDiscreteScheduler"}
-UNDRIVEN = {"FluxTransformer2DModel"}
 
 
 def _index_name(index: dict, part: str, default: str | None = None) -> str | None:
@@ -323,11 +357,6 @@ def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Bac
     parts_index = _model_index(parts)
     folder = "transformer" if (root / "transformer" / "config.json").is_file() else "unet"
     default = "PixArtTransformer2DModel" if folder == "transformer" else "UNet2DConditionModel"
-    if _index_name(index, folder) in UNDRIVEN:
-        raise DiffprobeError(
-            f"{root} holds a {index[folder][1]}: its sites and attention capture work through diffprobe.hooks from "
-            "Python (docs/transformers.md), but the tasks cannot drive it yet (its text encoders, latent packing "
-            "and position ids are not built); use model=sd3, model=pixart or a UNet model for tasks")
     unet = _load_part(_named_class(index, folder, DENOISER_CLASSES, default, root), root, folder, torch_dtype)
     from diffprobe.backends import backend_for
 

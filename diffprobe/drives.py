@@ -164,7 +164,7 @@ def generate_from(bb, cond: Conditioning, guidance: float = 7.5, num_steps: int 
     scheduler = bb.family.sampler(bb)
     scheduler.set_timesteps(num_steps, device=bb.device)
     if latents is None:
-        shape = (n, bb.unet.config.in_channels, h // bb.vae_factor, w // bb.vae_factor)
+        shape = (n, bb.vae.config.latent_channels, h // bb.vae_factor, w // bb.vae_factor)
         latents = torch.randn(shape, generator=generator, device="cpu").to(bb.device, bb.dtype)
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from unit noise
     for t in tqdm(scheduler.timesteps, desc="generate", disable=not progress, leave=False):

@@ -194,7 +194,7 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     starts = [sum(counts[:b]) for b in range(len(blocks))]
     conds = [_conditioning(bb, plans[first], n, size) for (_, _, first), n in zip(blocks, counts)]
     pixels = blocks[0][0].shape[-2:] if blocks[0][0] is not None else size
-    latent_hw = (pixels[0] // bb.vae_factor, pixels[1] // bb.vae_factor)
+    latent_hw = (pixels[0] // bb.grid_factor, pixels[1] // bb.grid_factor)   # the units of the sites' divisors
     offset = sum(counts) if drive.process == "generation" else 0  # generation: [uncond x P; cond x P]
     needs = [[replace(n, rows=(offset + starts[b], offset + starts[b] + counts[b])) for n in p.needs]
              for p, b in zip(plans, block_of)]
@@ -241,7 +241,7 @@ def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw:
         kept = drive.calls if steps == "all" else (len(steps) if not isinstance(steps, str) else 1)
         total += bb.probe.bytes_per_call(need, latent_hw, need.rows[1] - need.rows[0], tokens) * (kept + 1)
     total += sum(p.work(latent_hw) for p in plans if p.work is not None)
-    image = latent_hw[0] * bb.vae_factor, latent_hw[1] * bb.vae_factor
+    image = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
     check_fits(total, f"capturing these sites at {image[0]} x {image[1]} px", "lower image_size (the model's own "
                f"is {bb.sample_size}), capture fewer sites, or keep fewer steps")
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import config_helpers
 
@@ -28,7 +29,7 @@ def _images(folder: Path, n: int) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("model", ["tiny_pixart", "tiny_sd3"])
+@pytest.mark.parametrize("model", ["tiny_pixart", "tiny_sd3", "tiny_flux"])
 def test_one_pass_of_three_heads_on_a_transformer(tmp_path, model):
     photo = _images(tmp_path / "imgs", 1) / "img0.png"
     cfg = config_helpers.make_cfg("analyze", model=model, **{
@@ -83,7 +84,15 @@ def test_transformer_directory_with_parts_from_another(tmp_path):
     with pytest.raises(DiffprobeError, match="not a diffusers model directory"):
         load_backbone({"path": str(tmp_path / "nothing")})
     (only / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "FluxTransformer2DModel"]}))
-    with pytest.raises(DiffprobeError, match="FluxTransformer2DModel: its sites and attention capture work"):
+    with pytest.raises(DiffprobeError, match="names FluxTransformer2DModel for transformer/, but .* describes a "
+                                             "PixArtTransformer2DModel"):
+        load_backbone({"path": str(only), "parts_from": str(tmp_path / "full")})
+    weights = next((only / "transformer").glob("*.safetensors"))   # a weight missing from the file: refused, not
+    tensors = load_file(weights)                                     # left uninitialised on the meta device
+    del tensors[sorted(tensors)[3]]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    (only / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    with pytest.raises(DiffprobeError, match="lacks weights PixArtTransformer2DModel needs"):
         load_backbone({"path": str(only), "parts_from": str(tmp_path / "full")})
 
 
@@ -125,3 +134,37 @@ def test_sd3_conditioning_flow_drive_and_directory_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(unet_call(loaded, x, 500, encode_prompt(loaded, ["a cat"])),
                                    unet_call(bb, x, 500, encode_prompt(bb, ["a cat"])))
+
+
+def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round_trips(tmp_path):
+    from diffusers import FluxPipeline
+
+    from diffprobe.drives import encode_prompt, generate, unet_call
+
+    bb = tiny_backbone("flux")
+    assert bb.sample_size == 64 and bb.grid_factor == 16 and bb.check_image_size(48) == 48
+    with pytest.raises(DiffprobeError, match="multiple of 16"):
+        bb.check_image_size(56)
+    cond = encode_prompt(bb, ["a cat", ""])
+    pipe = bb.family.pipeline(bb)
+    context, pooled, text_ids = pipe.encode_prompt(["a cat", ""], None, max_sequence_length=77)
+    torch.testing.assert_close(cond.context, context, rtol=0, atol=0)
+    torch.testing.assert_close(cond.added["pooled_projections"], pooled, rtol=0, atol=0)
+    # one call: latents packed into 2x2 tokens with position ids, t as a fraction, unpacked, as the pipeline does
+    x = torch.randn(2, 4, 8, 12)
+    packed = FluxPipeline._pack_latents(x, 2, 4, 8, 12)
+    ids = FluxPipeline._prepare_latent_image_ids(2, 4, 6, x.device, x.dtype)
+    with torch.no_grad():
+        out = bb.unet(hidden_states=packed, timestep=torch.full((2,), 0.25), guidance=None, pooled_projections=pooled,
+                      encoder_hidden_states=context, txt_ids=text_ids, img_ids=ids).sample
+        want = FluxPipeline._unpack_latents(out, 64, 96, 8)
+        torch.testing.assert_close(unet_call(bb, x, 250, cond), want, rtol=0, atol=1e-6)
+    with pytest.raises(DiffprobeError, match="generating images is not built"):
+        generate(bb, ["a cat"], num_steps=2)
+    save_backbone(bb, tmp_path / "flux")
+    loaded = load_backbone({"path": str(tmp_path / "flux"), "name": "flux"})
+    assert loaded.kind == "flux" and type(loaded.text_encoder_2).__name__ == "T5EncoderModel"
+    assert loaded.latent_shift == 0.1 and loaded.grid_factor == 16
+    with torch.no_grad():
+        torch.testing.assert_close(unet_call(loaded, x, 250, encode_prompt(loaded, ["a cat", ""])),
+                                   unet_call(bb, x, 250, cond))

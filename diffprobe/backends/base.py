@@ -50,6 +50,10 @@ class Backend:
     """Per-family facts. Subclasses override what differs; `name` identifies the family ("sd1", "sdxl", ...)."""
 
     name = "base"
+    latent_per_token = 1
+    """Latent pixels per side of one unit of the spatial size `model_call` reports (FLUX packs 2x2 per token)."""
+    default_sample_size: int | None = None
+    """Latent side the model was trained at when its config does not say (FLUX's pipeline default)."""
     captures_at_kernel = False
     """True when attention sites are always captured at the module's SDPA call (diffprobe.hooks.kernel), in
     both attention modes: transformers whose q and k carry qk norms and rotary embeddings."""

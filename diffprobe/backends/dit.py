@@ -137,6 +137,17 @@ class JointAttentionBackend(TransformerBackend):
     def check_attention(self, module: nn.Module, name: str) -> None:
         """Nothing to refuse up front: a processor that does not call SDPA once is refused when it runs."""
 
+    def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
+        from diffprobe.errors import DiffprobeError
+
+        raise DiffprobeError(f"{self.name}: learned contexts (keypoints) need cross-attention with upsampled "
+                             "queries, which joint attention captured at its kernel does not give")
+
+    def noisy_latents(self, bb, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """Rectified flow: x_t = (1 - s) x_0 + s e with s = t / num_train_timesteps (SD3's and FLUX's training)."""
+        s = t / bb.scheduler.config.num_train_timesteps
+        return (1 - s) * latents + s * noise
+
 
 class SD3Backend(JointAttentionBackend):
     """SD3Transformer2DModel: joint attention over [image tokens, text tokens] per block (SD3.5's qk norms
@@ -168,22 +179,11 @@ class SD3Backend(JointAttentionBackend):
         context = torch.cat([clip, t5.to(clip.dtype)], dim=1)
         return Conditioning(context.to(bb.dtype), {"pooled_projections": torch.cat(pooled, -1).to(bb.dtype)})
 
-    def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
-        from diffprobe.errors import DiffprobeError
-
-        raise DiffprobeError(f"{self.name}: learned contexts (keypoints) need cross-attention with upsampled "
-                             "queries, which joint attention captured at its kernel does not give")
-
     def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's output: the flow velocity (noise minus data), not the noise."""
         t = t.reshape(-1).expand(latents.shape[0]) if t.numel() == 1 else t
         return model(hidden_states=latents, encoder_hidden_states=cond.context, timestep=t,
                      pooled_projections=cond.added["pooled_projections"]).sample
-
-    def noisy_latents(self, bb, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """Rectified flow: x_t = (1 - s) x_0 + s e with s = t / num_train_timesteps (SD3's training)."""
-        s = t / bb.scheduler.config.num_train_timesteps
-        return (1 - s) * latents + s * noise
 
     def sampler(self, bb):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -214,11 +214,49 @@ class SD3Backend(JointAttentionBackend):
 class FluxBackend(JointAttentionBackend):
     """FluxTransformer2DModel: double-stream blocks (joint attention over [text, image]), then single-stream
     blocks (one attention over the concatenated [text, image] sequence); RoPE and qk RMSNorm in every
-    attention. Its input is packed latent tokens (B, h*w, C): the token grid comes from `img_ids`. Sites and
-    capture only: its conditioning (CLIP pooled + T5, packing, position ids, guidance) is not built, and loading
-    it for a task is refused."""
+    attention. Its input is packed latent tokens (B, h*w, 4C), each a 2x2 patch of latent pixels: the token grid
+    comes from `img_ids`. Conditioned as FLUX's pipeline does: CLIP's pooled output, T5's states, zero text
+    position ids, the distilled guidance embedding at the pipeline's default scale."""
 
     name = "flux"
+    latent_per_token = 2
+    default_sample_size = 128   # FluxPipeline's default latent side (1024 px)
+    guidance = 3.5              # FluxPipeline's default guidance_scale, fed to guidance-distilled models (FLUX.1-dev)
+
+    def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+        """As FluxPipeline: T5's last states (its tokenizer's full length) as the context, CLIP's pooled output."""
+        pooled = bb.text_encoder(_tokens(bb.tokenizer, prompts, bb.device), output_hidden_states=False).pooler_output
+        context = bb.text_encoder_2(_tokens(bb.tokenizer_2, prompts, bb.device), output_hidden_states=False)[0]
+        return Conditioning(context.to(bb.dtype), {"pooled_projections": pooled.to(bb.dtype)})
+
+    def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The flow velocity for latents (B, C, h, w): packed into 2x2 tokens with their position ids, the
+        timestep as a fraction of 1000, unpacked again."""
+        b, c, h, w = latents.shape
+        tokens = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        ids = torch.zeros(h // 2, w // 2, 3, device=latents.device, dtype=latents.dtype)
+        ids[..., 1] += torch.arange(h // 2, device=latents.device)[:, None]
+        ids[..., 2] += torch.arange(w // 2, device=latents.device)[None, :]
+        t = (t.reshape(-1).expand(b) if t.numel() == 1 else t).to(latents.dtype) / 1000
+        guidance = (torch.full((b,), self.guidance, device=latents.device, dtype=latents.dtype)
+                    if model.config.guidance_embeds else None)
+        text_ids = torch.zeros(cond.context.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        out = model(hidden_states=tokens, timestep=t, guidance=guidance, encoder_hidden_states=cond.context,
+                    pooled_projections=cond.added["pooled_projections"], txt_ids=text_ids,
+                    img_ids=ids.reshape(-1, 3)).sample
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def sampler(self, bb):
+        from diffprobe.errors import DiffprobeError
+
+        raise DiffprobeError("flux: generating images is not built (FLUX is guidance-distilled and samples with "
+                             "shifted sigmas); run it on given images (one-step drives) or use its pipeline")
+
+    def pipeline(self, bb):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(transformer=bb.unet, scheduler=bb.scheduler, vae=bb.vae, text_encoder=bb.text_encoder,
+                            tokenizer=bb.tokenizer, text_encoder_2=bb.text_encoder_2, tokenizer_2=bb.tokenizer_2)
 
     def matches(self, model: nn.Module) -> bool:
         from diffusers import FluxTransformer2DModel
