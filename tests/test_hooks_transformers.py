@@ -144,7 +144,7 @@ def test_blocks_are_slices_of_the_joint_map_and_rows_sum_to_one(tiny):
     assert cache.maps(f"{path}.hook_img2txt").shape == (B, T, *GRID[structure])   # per-token maps on the grid
 
 
-def test_gradients_flow_to_the_text_and_query_upsampling_is_refused(tiny):
+def test_gradients_flow_to_the_text_and_query_upsampling_is_refused_under_rope(tiny):
     structure, model, probe, kwargs = tiny
     site = probe.select(lambda s: s.kind == "cross_attn")[0]
     ctx = kwargs["encoder_hidden_states"].clone().requires_grad_(True)
@@ -152,10 +152,37 @@ def test_gradients_flow_to_the_text_and_query_upsampling_is_refused(tiny):
         model(**{**kwargs, "encoder_hidden_states": ctx})
     cache[site][..., 0].sum().backward()
     assert ctx.grad is not None and float(ctx.grad.abs().sum()) > 0
-    if structure != "pixart":
-        with pytest.raises(Exception, match="upsample_queries cannot be used"):
+    if structure == "flux":
+        with pytest.raises(Exception, match="upsample_queries cannot be used.*rotary embeddings"):
             with probe.capture(site, upsample_queries=8):
                 pass
+
+
+def test_upsampled_queries_of_the_image_to_text_block(tiny):
+    # SD3: the module's image input upsampled bicubically, through its to_q and qk norm, against the call's keys;
+    # the softmax over all (image and text) keys, the text columns kept; gradients reach the text
+    structure, model, probe, kwargs = tiny
+    if structure not in ("sd3", "sd35"):
+        pytest.skip("upsampled queries at the kernel: SD3 only (PixArt recomputes them from its input like the "
+                    "UNet; FLUX refuses, tested above)")
+    from diffprobe.hooks.attention import upsample_tokens
+
+    site = probe.select("*.hook_img2txt")[-1]
+    attn = model.get_submodule(probe.sites[site].module)
+    call = _inputs_of_every_attention(probe, model, kwargs)[probe.sites[site].module]
+    x, ctx = call["hidden_states"], call["encoder_hidden_states"]
+    q = _norm(attn.norm_q, _heads(attn.to_q(upsample_tokens(x, GRID[structure], (6, 5))), attn))
+    k = torch.cat([_norm(attn.norm_k, _heads(attn.to_k(x), attn)),
+                   _norm(attn.norm_added_k, _heads(attn.add_k_proj(ctx), attn))], 2)
+    n = GRID[structure][0] * GRID[structure][1]
+    want = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)[..., n:].mean(1)   # (B, 30, T)
+    text = kwargs["encoder_hidden_states"].clone().requires_grad_(True)
+    with probe.capture(site, upsample_queries=(6, 5), reduce=Reduce(heads="mean"), detach=False) as cache:
+        out = model(**{**kwargs, "encoder_hidden_states": text}).sample
+    torch.testing.assert_close(cache[site], want, rtol=0, atol=1e-5)
+    assert cache.grid(site) == (6, 5) and torch.equal(out, model(**kwargs).sample)
+    cache[site][..., 0].sum().backward()
+    assert float(text.grad.abs().sum()) > 0
 
 
 def test_features_are_the_blocks_image_tokens_and_modulation(tiny):

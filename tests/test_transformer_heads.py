@@ -44,15 +44,32 @@ def test_one_pass_of_three_heads_on_a_transformer(tmp_path, model):
     assert any(name.startswith("transformer_blocks.") for name in json.dumps(index).split('"'))
 
 
-def test_keypoints_fit_runs_on_a_transformer_with_its_cross_attention(tmp_path):
+@pytest.mark.parametrize("model, site", [("tiny_pixart", "attn2.hook_probs"), ("tiny_sd3", "attn.hook_img2txt")])
+def test_keypoints_fit_runs_on_a_transformer_with_its_cross_attention(tmp_path, model, site):
     root = _images(tmp_path / "imgs", 2)
     small = {"num_tokens": 8, "top_k": 2, "candidates": 4, "steps": 2, "fit.batch_size": 1, "upsample_queries": 16,
              "num_indices": 2, "preview": 0, "augmentations": 2}
-    cfg = config_helpers.make_cfg("keypoints", model="tiny_pixart", data={"name": "folder", "root": str(root)}, **small)
+    cfg = config_helpers.make_cfg("keypoints", model=model, data={"name": "folder", "root": str(root)}, **small)
     summary = keypoints.run(cfg, tmp_path / "fit")
     saved = json.loads((tmp_path / "fit" / "keypoints.json").read_text())
-    assert saved["config"]["maps"]["sites"] == ["transformer_blocks.0.attn2.hook_probs", "transformer_blocks.1.attn2.hook_probs"]
+    assert saved["config"]["maps"]["sites"] == [f"transformer_blocks.{i}.{site}" for i in (0, 1)]
     assert np.isfinite(summary["final_loss"]) and summary["steps"] == 2
+
+
+def test_keypoint_maps_on_joint_attention_are_distributions_over_the_tokens():
+    from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
+
+    bb = tiny_backbone("sd3")
+    spec = MapSpec(tuple(default_sites(bb.probe.sites)), res=12, timestep=100)
+    embeddings = torch.randn(6, bb.context_dim, requires_grad=True)
+    maps = attention_maps(bb, spec, torch.rand(2, 3, 64, 64) * 2 - 1, embeddings, torch.Generator().manual_seed(0))
+    assert maps.shape == (2, 6, 12, 12)
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, 12, 12))    # image keys' mass dropped, tokens renormalised
+    maps[:, 0].sum().backward()
+    assert float(embeddings.grad.abs().sum()) > 0
+    with pytest.raises(DiffprobeError, match="rotary embeddings"):
+        attention_maps(tiny_backbone("flux"), MapSpec(tuple(default_sites(tiny_backbone("flux").probe.sites)), 8),
+                       torch.zeros(1, 3, 64, 64), torch.randn(4, 32))
 
 
 def test_transformer_defaults_for_keypoints_and_hyperfeatures():

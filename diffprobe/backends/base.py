@@ -55,6 +55,9 @@ class Backend:
     default_sample_size: int | None = None
     """Latent side the model was trained at when its config does not say (FLUX's pipeline default)."""
     captures_at_kernel = False
+    upsamples_queries = False
+    """For attention captured at its kernel: True when `upsampled_queries` can recompute the queries of the module's
+    image input at a finer grid (no rotary embeddings tie them to the token positions)."""
     """True when attention sites are always captured at the module's SDPA call (diffprobe.hooks.kernel), in
     both attention modes: transformers whose q and k carry qk norms and rotary embeddings."""
 
@@ -77,6 +80,12 @@ class Backend:
     def attention_qk(self, module: nn.Module, hidden: torch.Tensor, context: torch.Tensor | None,
                      mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q (B, h, N, d) scaled, k (B, h, K, d), additive bias broadcastable to (B, h, N, K) or None)."""
+        raise NotImplementedError
+
+    def upsampled_queries(self, attn: nn.Module, hidden: torch.Tensor, grid: tuple[int, int],
+                          size: tuple[int, int]) -> torch.Tensor:
+        """Queries (B, h, H*W, d), unscaled, of the image tokens `hidden` (B, h*w, C) a kernel-captured attention
+        module was called with, upsampled bicubically from `grid` to `size` (see `upsamples_queries`)."""
         raise NotImplementedError
 
     def feature_module(self, model: nn.Module, site) -> nn.Module:

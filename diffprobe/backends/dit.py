@@ -20,6 +20,7 @@ from torch import nn
 
 from diffprobe.backends.base import Backend, Conditioning, call_arguments, register
 from diffprobe.backends.unet import StandardAttention, _tokens
+from diffprobe.hooks.attention import split_heads, upsample_tokens
 from diffprobe.hooks.sites import JOINT_PARTS, OUT, PROBS, Site
 
 MODULATION = "hook_modulation"
@@ -137,12 +138,6 @@ class JointAttentionBackend(TransformerBackend):
     def check_attention(self, module: nn.Module, name: str) -> None:
         """Nothing to refuse up front: a processor that does not call SDPA once is refused when it runs."""
 
-    def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
-        from diffprobe.errors import DiffprobeError
-
-        raise DiffprobeError(f"{self.name}: learned contexts (keypoints) need cross-attention with upsampled "
-                             "queries, which joint attention captured at its kernel does not give")
-
     def noisy_latents(self, bb, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """Rectified flow: x_t = (1 - s) x_0 + s e with s = t / num_train_timesteps (SD3's and FLUX's training)."""
         s = t / bb.scheduler.config.num_train_timesteps
@@ -155,21 +150,27 @@ class SD3Backend(JointAttentionBackend):
     CLIP encoders and T5 as SD3's pipeline does."""
 
     name = "sd3"
+    upsamples_queries = True
 
     def matches(self, model: nn.Module) -> bool:
         from diffusers import SD3Transformer2DModel
 
         return isinstance(model, SD3Transformer2DModel)
 
-    def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
-        """As SD3's pipeline: both CLIP encoders' penultimate states side by side, zero-padded to the joint width,
-        then the T5 states (zeros of CLIP's length without a T5) along the sequence; pooled CLIP embeddings."""
+    @staticmethod
+    def _clip(bb, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both CLIP encoders' penultimate states side by side (B, 77, D1 + D2) and pooled embeddings (B, P1 + P2)."""
         states, pooled = [], []
         for encoder, tokenizer in ((bb.text_encoder, bb.tokenizer), (bb.text_encoder_2, bb.tokenizer_2)):
             out = encoder(_tokens(tokenizer, prompts, bb.device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled.append(out.text_embeds)
-        clip = torch.cat(states, dim=-1)
+        return torch.cat(states, dim=-1), torch.cat(pooled, dim=-1)
+
+    def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
+        """As SD3's pipeline: both CLIP encoders' penultimate states side by side, zero-padded to the joint width,
+        then the T5 states (zeros of CLIP's length without a T5) along the sequence; pooled CLIP embeddings."""
+        clip, pooled = self._clip(bb, prompts)
         width = int(bb.unet.config.joint_attention_dim)
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
         if bb.text_encoder_3 is not None:
@@ -177,7 +178,22 @@ class SD3Backend(JointAttentionBackend):
         else:
             t5 = torch.zeros(len(prompts), bb.tokenizer.model_max_length, width, device=bb.device)
         context = torch.cat([clip, t5.to(clip.dtype)], dim=1)
-        return Conditioning(context.to(bb.dtype), {"pooled_projections": torch.cat(pooled, -1).to(bb.dtype)})
+        return Conditioning(context.to(bb.dtype), {"pooled_projections": pooled.to(bb.dtype)})
+
+    def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
+        """A learned context (T, D) as the whole text stream of the joint attention (keypoints), with the pooled
+        CLIP embeddings of the empty prompt (the pipeline's unconditional ones)."""
+        with torch.no_grad():
+            pooled = self._clip(bb, [""])[1].to(bb.device, bb.dtype)
+        return Conditioning(context.to(bb.device, bb.dtype).unsqueeze(0).expand(batch, -1, -1),
+                            {"pooled_projections": pooled.expand(batch, -1)})
+
+    def upsampled_queries(self, attn: nn.Module, hidden: torch.Tensor, grid: tuple[int, int],
+                          size: tuple[int, int]) -> torch.Tensor:
+        """As JointAttnProcessor2_0 builds the image queries: to_q, heads split, qk norm (SD3.5), on the input
+        upsampled bicubically (the projection is linear, so this is to_q's output upsampled; the norm is not)."""
+        q = split_heads(attn.to_q(upsample_tokens(hidden, grid, size).to(hidden.dtype)), attn.heads)
+        return q if attn.norm_q is None else attn.norm_q(q)
 
     def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's output: the flow velocity (noise minus data), not the noise."""
@@ -245,6 +261,12 @@ class FluxBackend(JointAttentionBackend):
                     pooled_projections=cond.added["pooled_projections"], txt_ids=text_ids,
                     img_ids=ids.reshape(-1, 3)).sample
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
+        from diffprobe.errors import DiffprobeError
+
+        raise DiffprobeError("flux: learned contexts (keypoints) need maps at upsampled queries, and FLUX's queries "
+                             "carry rotary embeddings of their token positions; use model=sd3 or a UNet model")
 
     def sampler(self, bb):
         from diffprobe.errors import DiffprobeError

@@ -92,8 +92,9 @@ def _reduce_into(dest: torch.Tensor, probs: torch.Tensor, heads: str | int) -> N
         dest.copy_(reduce_heads(probs, heads))
 
 
-def _chunk_probs(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, heads: str) -> torch.Tensor:
-    return reduce_heads(_softmax(q, k_t, bias), heads)
+def _chunk_probs(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, heads: str,
+                 keys: slice = slice(None)) -> torch.Tensor:
+    return reduce_heads(_softmax(q, k_t, bias)[..., keys], heads)
 
 
 def _chunk_rows(bias: torch.Tensor | None, start: int, chunk: int) -> torch.Tensor | None:
@@ -114,12 +115,14 @@ def query_chunk(batch: int, heads: int, num_keys: int) -> int:
 
 
 def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None, heads: str | int = "mean",
-                  grad: bool = False, lse: torch.Tensor | None = None) -> torch.Tensor:
+                  grad: bool = False, lse: torch.Tensor | None = None, keys: slice = slice(None)) -> torch.Tensor:
     """softmax(q k^T + bias) for q (B, h, N, d) already scaled, k (B, h, K, d), bias broadcastable to
     (B, h, N, K) or None; computed in fp32. With `lse` (B, h, N), the log normalisers of the rows over a larger
     set of keys (see `attention_with_lse`), exp(q k^T + bias - lse) instead: a block of columns of that softmax.
+    `keys` keeps those columns of the softmax over all K keys (the text block of a joint attention).
 
-    Returns (B, N, K) for heads "mean"/"sum", (B, h, N, K) for "none", (B, N, K) for an int head index.
+    Returns (B, N, K') for heads "mean"/"sum", (B, h, N, K') for "none", (B, N, K') for an int head index, K' the
+    kept columns.
     With `grad`, each chunk is checkpointed so the graph holds only the inputs, not the probabilities; without,
     the result is detached.
     """
@@ -137,11 +140,12 @@ def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = 
     chunk = query_chunk(b, h, num_keys)
     mode = "mean" if isinstance(heads, int) else heads
     if grad:
-        pieces = [checkpoint(_chunk_probs, q[:, :, s : s + chunk], k_t, _chunk_rows(bias, s, chunk), mode,
+        pieces = [checkpoint(_chunk_probs, q[:, :, s : s + chunk], k_t, _chunk_rows(bias, s, chunk), mode, keys,
                              use_reentrant=False)
                   for s in range(0, n, chunk)]
         return torch.cat(pieces, dim=-2)
-    shape = (b, h, n, num_keys) if mode == "none" else (b, n, num_keys)
+    kept = len(range(*keys.indices(num_keys)))
+    shape = (b, h, n, kept) if mode == "none" else (b, n, kept)
     out = torch.empty(shape, dtype=torch.float32, device=q.device)
     buffer = q.new_empty(b * h * min(chunk, n) * num_keys)
     with torch.no_grad():
@@ -150,7 +154,7 @@ def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = 
             probs = _softmax_over(_scores_view(buffer, b, h, rows, num_keys), q[:, :, start : start + rows], k_t,
                                   _chunk_rows(bias, start, chunk),
                                   None if lse is None else lse[:, :, start : start + rows].float())
-            _reduce_into(out[..., start : start + rows, :], probs, mode)
+            _reduce_into(out[..., start : start + rows, :], probs[..., keys], mode)
     return out
 
 

@@ -114,6 +114,7 @@ class Capture:
         self.step = -1
         self.latent_hw: tuple[int, int] | None = None
         self.fired: set[str] = set()
+        self.inputs: dict[str, torch.Tensor] = {}   # module path -> its image input, until its kernel runs
 
     # -- model-level hooks: call counting and the per-call callback -------------------------------------
     def _model_pre(self, module, args, kwargs):
@@ -169,22 +170,28 @@ class Capture:
                 self._store(name, probs, rows, batch, users, grid, key_grid)
         return hook
 
-    def _kernel(self, names: list[str]):
-        """The kernel that answers the SDPA call of the module whose attention sites (one map, or the whole of a
-        joint map and its blocks) are `names`. Needs with one compute key share one computation over the union
+    def _kernel(self, path: str, names: list[str]):
+        """The kernel that answers the SDPA call of the module at `path` whose attention sites (one map, or the
+        whole of a joint map and its blocks) are `names`. Needs with one compute key share one computation over the union
         of their rows: in "reuse" mode (no gradients) the output is computed from the kept probabilities, or,
         where only blocks of a joint map are wanted, comes from the fused kernel with its row normalisers;
         otherwise the model's own call gives the output and the probabilities are recomputed from the exact
         q and k it was given (qk norms and rotary embeddings applied), in fp32."""
         groups: dict[tuple, list[tuple[str, int]]] = defaultdict(list)
+        upsampled: list[tuple[str, int]] = []   # cross-attention blocks wanted with upsampled queries
         for name in names:
             for i in self.users[name]:
-                groups[self.needs[i].compute_key()].append((name, i))
+                if self.needs[i].upsample_queries is not None and self.registry.sites[name].kind == "cross_attn":
+                    upsampled.append((name, i))
+                else:
+                    groups[self.needs[i].compute_key()].append((name, i))
         first = self.registry.sites[names[0]]
         blocks_only = all(self.registry.sites[name].part is not None for name in names)
 
         def kernel(q, k, v, bias, scale, original):
             batch = q.shape[0]
+            if upsampled:
+                self._store_upsampled(path, upsampled, k, bias, scale, first.resolution(self.latent_hw), batch)
             plan = [(_union([self.needs[i].row_slice(batch) for _, i in members], batch),
                      self.needs[members[0][1]].reduce.heads) for members in groups.values()]
             grad = torch.is_grad_enabled() and any(self.needs[i].grad for m in groups.values() for _, i in m)
@@ -207,6 +214,31 @@ class Capture:
                     self._store(name, value, rows, batch, idx, query_grid_, key_grid)
             return out
         return kernel
+
+    def _store_upsampled(self, path: str, members: list[tuple[str, int]], k, bias, scale, grid, batch) -> None:
+        """Image-to-text blocks with upsampled queries: the queries of the module's image input (kept by
+        `_keep_input`) upsampled bicubically to each need's grid, through the module's own projection and qk norm
+        (the backend's `upsampled_queries`), against the call's exact keys; the softmax runs over all keys (image
+        and text) as the model's does, and the text columns are kept."""
+        hidden = self.inputs.pop(path)
+        module = self.registry.model.get_submodule(path)
+        if bias is not None and bias.shape[-2] != 1:
+            raise DiffprobeError(f"upsample_queries cannot be used at {path}: its attention mask differs per query")
+        for name, i in members:
+            need, site = self.needs[i], self.registry.sites[name]
+            rows = _union([need.row_slice(batch)], batch)
+            _, cols, _, _ = part_slices(site, grid, k.shape[-2])
+            grad = need.grad and torch.is_grad_enabled()
+            with torch.set_grad_enabled(grad):
+                q = self.registry.backend.upsampled_queries(module, hidden[rows], grid, need.upsample_queries)
+                value = probs_from_qk(q * scale, k[rows], _bias_rows(bias, rows), need.reduce.heads, grad=grad,
+                                      keys=cols)
+            self._store(name, value, rows, batch, [i], need.upsample_queries)
+
+    def _keep_input(self, path: str):
+        def hook(module, args, kwargs):
+            self.inputs[path] = args[0] if args else kwargs["hidden_states"]
+        return hook
 
     def _store_blocks(self, groups, plan, q, k, bias, lse, grid, batch) -> None:
         """Reuse mode where only blocks of a joint attention are captured: the fused kernel gave the output and
@@ -234,6 +266,7 @@ class Capture:
         self.handles.append(reg.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         self.handles.append(reg.model.register_forward_hook(self._model_post, with_kwargs=True))
         at_kernel: dict[str, list[str]] = defaultdict(list)  # module -> its sites answered at the SDPA call
+        keep_input: set[str] = set()   # modules whose image input upsampled queries are recomputed from
         for name, users in self.users.items():
             site = reg.sites[name]
             if not site.is_attention:
@@ -242,9 +275,12 @@ class Capture:
                 continue
             needs = [self.needs[i] for i in users]
             if reg.backend.captures_at_kernel:
-                if any(n.upsample_queries is not None for n in needs):
-                    raise DiffprobeError(f"upsample_queries cannot be used at {name}: the queries of a "
-                                         f"{reg.backend.name} attention are not recomputed from its input")
+                if site.kind == "cross_attn" and any(n.upsample_queries is not None for n in needs):
+                    if not reg.backend.upsamples_queries:
+                        raise DiffprobeError(f"upsample_queries cannot be used at {name}: {reg.backend.name}'s "
+                                             "queries carry rotary embeddings of their positions, so queries at "
+                                             "upsampled positions would not be the model's")
+                    keep_input.add(site.module)
                 at_kernel[site.module].append(name)
             elif (self.attention == "reuse" and site.kind == "self_attn"
                   and all(not n.grad and n.upsample_queries is None for n in needs)):
@@ -256,8 +292,11 @@ class Capture:
                 module = reg.model.get_submodule(site.module)
                 self.handles.append(module.register_forward_hook(self._attention_hook(name, list(groups.values())),
                                                                  with_kwargs=True))
+        for path in keep_input:
+            self.handles.append(reg.model.get_submodule(path).register_forward_pre_hook(self._keep_input(path),
+                                                                                        with_kwargs=True))
         for path, names in at_kernel.items():
-            self.handles += answer_attention(reg.model.get_submodule(path), path, self._kernel(names))
+            self.handles += answer_attention(reg.model.get_submodule(path), path, self._kernel(path, names))
 
     def remove(self) -> None:
         for handle in self.handles:

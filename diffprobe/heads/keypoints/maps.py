@@ -2,7 +2,9 @@
 
 The embeddings (N, D) go straight in as the cross-attention context (the text encoder is bypassed);
 the maps of the configured sites are captured with queries upsampled bicubically to `res` and
-averaged over heads and sites: (B, N, res, res), each pixel a softmax over the N tokens.
+averaged over heads and sites: (B, N, res, res), each pixel a softmax over the N tokens. On a joint attention
+(SD3) the embeddings are the whole text stream and the maps are its image-to-text blocks renormalised over the
+tokens.
 """
 
 from __future__ import annotations
@@ -91,7 +93,10 @@ class KeypointMapsHead(Head):
     def finish(self, view: View, item=None) -> torch.Tensor:
         total = None
         for name in self.spec.sites:
-            probs = view[name] if self.tokens is None else view[name][..., self.tokens]  # (B, res*res, T)
+            probs = view[name]                                  # (B, res*res, N)
+            if view.sites[name].part is not None:   # a joint attention's image-to-text block: a softmax over the
+                probs = probs / probs.sum(-1, keepdim=True)     # tokens, as cross-attention's (image keys dropped)
+            probs = probs if self.tokens is None else probs[..., self.tokens]   # (B, res*res, T)
             total = probs if total is None else total + probs
         maps = (total / len(self.spec.sites)).transpose(1, 2)
         return maps.reshape(*maps.shape[:2], *view.grid(self.spec.sites[0])).float()
