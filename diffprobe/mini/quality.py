@@ -127,7 +127,8 @@ def score_attention(bb: Backbone, scenes: list[Scene], timestep: int, noised: bo
                 align_corners=False).flatten(2).transpose(1, 2))
             _peaks(row, probs, grid, scenes, tokens)
     _peaks(rows["all"], torch.stack(all_maps).mean(0), size, scenes, tokens)
-    return {res: {k: float(np.mean(v)) for k, v in r.items()} for res, r in rows.items()}
+    return {res: {k: float(np.mean(v)) if v else float("nan") for k, v in r.items()}   # nan: no part that
+            for res, r in rows.items()}                                                    # grid can resolve
 
 
 def _peaks(row, probs: torch.Tensor, grid, scenes, tokens: list[list[tuple[int, int]]]) -> None:
