@@ -55,7 +55,7 @@ class Backbone:
         from diffprobe.hooks import ProbeRegistry
 
         if getattr(self, "_probe", None) is None or self._probe.model is not self.unet:
-            self._probe = ProbeRegistry(self.unet, self.family)
+            self._probe = ProbeRegistry(self.unet, self.family, self.family.text_tokens(self))
         return self._probe
 
     def check_image_size(self, size: int) -> int:

@@ -185,3 +185,21 @@ def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round
     with torch.no_grad():
         torch.testing.assert_close(unet_call(loaded, x, 250, encode_prompt(loaded, ["a cat", ""])),
                                    unet_call(bb, x, 250, cond))
+
+
+@pytest.mark.parametrize("structure", ["sd15", "pixart", "sd3", "flux"])
+def test_text_length_is_site_metadata_known_before_the_model_runs(structure):
+    from diffprobe.drives import encode_prompt
+    from diffprobe.hooks import Need, Reduce
+
+    bb = tiny_backbone(structure)
+    tokens = encode_prompt(bb, ["a cat"]).context.shape[1]
+    assert tokens == {"sd15": 77, "pixart": 77, "sd3": 77 + 77, "flux": 77}[structure]
+    sites = bb.probe.sites
+    text = [s for s in sites.values() if s.kind in ("cross_attn", "joint_attn", "txt2img", "txt2txt")]
+    assert text and all(s.text_tokens == tokens for s in text)
+    assert all(s.text_tokens is None for s in sites.values() if s.kind not in ("cross_attn", "joint_attn", "txt2img",
+                                                                               "txt2txt"))
+    need = Need([s.name for s in text], Reduce(heads="mean"))
+    assert bb.probe.bytes_per_call(need, (8, 8)) == bb.probe.bytes_per_call(need, (8, 8), tokens=tokens)
+    assert bb.probe.bytes_per_call(need, (8, 8)) != bb.probe.bytes_per_call(need, (8, 8), tokens=tokens + 1)

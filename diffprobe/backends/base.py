@@ -117,6 +117,10 @@ class Backend:
 
         return DDIMScheduler.from_config(bb.scheduler.config)
 
+    def text_tokens(self, bb: Any) -> int | None:
+        """Length of `encode_prompt`'s context (B, T, D): the tokenizer's padded length."""
+        return None if bb.tokenizer is None else int(bb.tokenizer.model_max_length)
+
     def encode_prompt(self, bb: Any, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """Text conditioning of `prompts` ("" = unconditional) for images of `size` (H, W) pixels."""
         raise NotImplementedError

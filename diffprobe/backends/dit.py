@@ -180,6 +180,11 @@ class SD3Backend(JointAttentionBackend):
         context = torch.cat([clip, t5.to(clip.dtype)], dim=1)
         return Conditioning(context.to(bb.dtype), {"pooled_projections": pooled.to(bb.dtype)})
 
+    def text_tokens(self, bb) -> int:
+        """CLIP's states (77), then T5's (its tokenizer's length) or as many zeros as CLIP's."""
+        clip = int(bb.tokenizer.model_max_length)
+        return clip + (int(bb.tokenizer_3.model_max_length) if bb.text_encoder_3 is not None else clip)
+
     def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
         """A learned context (T, D) as the whole text stream of the joint attention (keypoints), with the pooled
         CLIP embeddings of the empty prompt (the pipeline's unconditional ones)."""
@@ -244,6 +249,9 @@ class FluxBackend(JointAttentionBackend):
         pooled = bb.text_encoder(_tokens(bb.tokenizer, prompts, bb.device), output_hidden_states=False).pooler_output
         context = bb.text_encoder_2(_tokens(bb.tokenizer_2, prompts, bb.device), output_hidden_states=False)[0]
         return Conditioning(context.to(bb.dtype), {"pooled_projections": pooled.to(bb.dtype)})
+
+    def text_tokens(self, bb) -> int:
+        return int(bb.tokenizer_2.model_max_length)
 
     def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The flow velocity for latents (B, C, h, w): packed into 2x2 tokens with their position ids, the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from diffprobe.hooks.cache import ActivationCache
 from diffprobe.hooks.capture import Capture, StepCallback, StopForward
 from diffprobe.hooks.needs import BatchLayout, Need, Reduce
-from diffprobe.hooks.sites import Selection, Site, select_sites
+from diffprobe.hooks.sites import TEXT_KINDS, Selection, Site, select_sites
 
 
 class ProbeRegistry:
@@ -25,12 +26,17 @@ class ProbeRegistry:
     (16, 8)
     """
 
-    def __init__(self, model: nn.Module, backend=None):
+    def __init__(self, model: nn.Module, backend=None, text_tokens: int | None = None):
+        """`text_tokens`: the length of the model's prompt encoding, recorded on the sites with text on one side
+        (`Site.text_tokens`; a Backbone's registry has it)."""
         from diffprobe.backends import backend_for
 
         self.model = model
         self.backend = backend or backend_for(model)
         self.sites: dict[str, Site] = self.backend.sites(model)
+        if text_tokens is not None:
+            self.sites = {n: replace(s, text_tokens=int(text_tokens)) if s.kind in TEXT_KINDS else s
+                          for n, s in self.sites.items()}
 
     @property
     def unet(self) -> nn.Module:
@@ -54,20 +60,22 @@ class ProbeRegistry:
         """
         return select_sites(self.sites, selection)
 
-    def bytes_per_call(self, need: Need, latent_hw: tuple[int, int], batch: int = 1, tokens: int = 77) -> int:
+    def bytes_per_call(self, need: Need, latent_hw: tuple[int, int], batch: int = 1, tokens: int | None = None) -> int:
         """Bytes one model call adds to a capture of `need` (before its step reduction), from metadata alone:
         attention (B, [heads,] Q, K) fp32 per site (Q, K: the site's image positions and/or `tokens` text
-        tokens: cross-attention keys, the text side of joint attention), features (B, C, h, w) in fp32."""
+        tokens: cross-attention keys, the text side of joint attention; by default each site's `text_tokens`,
+        else 77), features (B, C, h, w) in fp32."""
         total = 0
         for name in self.select(need.sites):
             s = self.sites[name]
             h, w = s.resolution(latent_hw)
             if s.is_attention:
+                tokens_ = tokens if tokens is not None else (s.text_tokens or 77)
                 n = h * w
                 if need.upsample_queries and s.kind == "cross_attn":
                     n = need.upsample_queries[0] * need.upsample_queries[1]
-                q, k = {"self_attn": (n, n), "cross_attn": (n, tokens), "joint_attn": (n + tokens, n + tokens),
-                        "txt2img": (tokens, n), "txt2txt": (tokens, tokens)}[s.kind]
+                q, k = {"self_attn": (n, n), "cross_attn": (n, tokens_), "joint_attn": (n + tokens_, n + tokens_),
+                        "txt2img": (tokens_, n), "txt2txt": (tokens_, tokens_)}[s.kind]
                 heads = s.heads if need.reduce.heads == "none" else 1
                 total += batch * heads * q * k * 4
             else:

@@ -28,6 +28,7 @@ from diffprobe.hooks.errors import SiteNotFound
 PROBS, RESIDUAL, OUT = "hook_probs", "hook_residual", "hook_out"
 SiteKind = Literal["self_attn", "cross_attn", "joint_attn", "txt2img", "txt2txt", "resnet", "block", "modulation"]
 ATTENTION_KINDS = ("self_attn", "cross_attn", "joint_attn", "txt2img", "txt2txt")
+TEXT_KINDS = ("cross_attn", "joint_attn", "txt2img", "txt2txt")   # attention with text tokens on one side
 JOINT_PARTS = {"img2img": "self_attn", "img2txt": "cross_attn", "txt2img": "txt2img", "txt2txt": "txt2txt"}
 """The blocks of a joint attention map: part name (site leaf `hook_<part>`) -> the kind of site it is."""
 
@@ -44,6 +45,10 @@ class Site:
     part: for a site of a joint attention module, None for the whole map or which block ("img2img", ...).
     text_first: for joint attention, whether text tokens precede image tokens in the joint sequence (FLUX) or
         follow them (SD3); None elsewhere.
+    text_tokens: for sites with text on one side (cross-attention, joint maps and their text blocks), how many
+        text tokens the backbone's own prompt encoding gives (SD 1.5: 77; SD3: 77 CLIP + the T5 length); a
+        learned context (keypoints) may have another count. None elsewhere, or when the registry was built
+        without it.
     """
 
     name: str
@@ -58,6 +63,7 @@ class Site:
     context_dim: int | None = None
     part: str | None = None
     text_first: bool | None = None
+    text_tokens: int | None = None
 
     @property
     def is_attention(self) -> bool:
