@@ -104,13 +104,6 @@ def unet_step(bb, latents: torch.Tensor, t: float | int, cond: Conditioning,
     return unet_call(bb, latents, t, cond)
 
 
-def _alpha_bar(bb, t: int) -> torch.Tensor:
-    """Cumulative alpha of the model's training schedule at integer timestep t; 1 for t < 0 (clean)."""
-    if t < 0:
-        return torch.tensor(1.0)
-    return bb.scheduler.alphas_cumprod[t].float()
-
-
 def inversion_timesteps(bb, num_steps: int) -> list[int]:
     """Timesteps of the calls of `ddim_inversion`: -1, then 0, r, 2r, ... (r = train steps / num_steps)."""
     ratio = bb.scheduler.config.num_train_timesteps // num_steps
@@ -132,8 +125,8 @@ def ddim_inversion(bb, latents: torch.Tensor, cond: Conditioning, num_steps: int
     x = latents
     calls = inversion_timesteps(bb, num_steps)
     for i, t in enumerate(tqdm(calls, desc="DDIM inversion", disable=not progress, leave=False)):
-        a_t = _alpha_bar(bb, t).to(x.device, torch.float32)
-        a_next = _alpha_bar(bb, i * ratio).to(x.device, torch.float32)
+        a_t = bb.family.alpha_bar(bb, t).to(x.device, torch.float32)
+        a_next = bb.family.alpha_bar(bb, i * ratio).to(x.device, torch.float32)
         eps = unet_call(bb, x, t, cond).float()
         x0 = (x.float() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = (a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps).to(latents.dtype)

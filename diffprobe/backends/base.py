@@ -106,9 +106,15 @@ class Backend:
     """True for rectified-flow models (SD3, FLUX): x_t = (1 - s) x_0 + s e with s = t / 1000, a velocity output,
     no DDIM inversion."""
 
+    def alpha_bar(self, bb: Any, t: int) -> torch.Tensor:
+        """Cumulative alpha of SD's training schedule at integer timestep t; 1 for t < 0 (clean)."""
+        if t < 0:
+            return torch.tensor(1.0)
+        return bb.scheduler.alphas_cumprod[t].float()
+
     def noisy_latents(self, bb: Any, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """q(x_t | x_0) at training timestep t: SD's sqrt(a) x_0 + sqrt(1 - a) e with a = alpha-bar(t)."""
-        a = bb.scheduler.alphas_cumprod[t].float().to(latents.device, latents.dtype)
+        a = self.alpha_bar(bb, t).to(latents.device, latents.dtype)
         return a.sqrt() * latents + (1 - a).sqrt() * noise
 
     def sampler(self, bb: Any) -> Any:
