@@ -143,7 +143,9 @@ def generate(bb, prompts: list[str] | str, guidance: float = 7.5, num_steps: int
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     h, w = size or (bb.sample_size, bb.sample_size)
-    cond = Conditioning.cat([encode_prompt(bb, [""] * len(prompts), (h, w)), encode_prompt(bb, prompts, (h, w))])
+    cond = encode_prompt(bb, prompts, (h, w))
+    if bb.family.classifier_free:
+        cond = Conditioning.cat([encode_prompt(bb, [""] * len(prompts), (h, w)), cond])
     return generate_from(bb, cond, guidance, num_steps, generator, (h, w), latents, progress)
 
 
@@ -151,18 +153,24 @@ def generate(bb, prompts: list[str] | str, guidance: float = 7.5, num_steps: int
 def generate_from(bb, cond: Conditioning, guidance: float = 7.5, num_steps: int = 50,
                   generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
                   latents: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`generate` from a conditioning of 2B rows [uncond; cond]: (images (B, 3, H, W), final latents)."""
-    n = cond.context.shape[0] // 2
+    """`generate` from a conditioning of 2B rows [uncond; cond] (B rows for a guidance-distilled family, which gets
+    the guidance scale as conditioning instead): (images (B, 3, H, W), final latents)."""
+    cfg = bb.family.classifier_free
+    n = cond.context.shape[0] // 2 if cfg else cond.context.shape[0]
     h, w = size or (bb.sample_size, bb.sample_size)
-    scheduler = bb.family.sampler(bb)
-    scheduler.set_timesteps(num_steps, device=bb.device)
+    scheduler = bb.family.sampler(bb, num_steps, (h, w))
+    if not cfg:
+        cond = Conditioning(cond.context, {**(cond.added or {}), "guidance": torch.full((n,), float(guidance))})
     if latents is None:
         shape = (n, bb.vae.config.latent_channels, h // bb.vae_factor, w // bb.vae_factor)
         latents = torch.randn(shape, generator=generator, device="cpu").to(bb.device, bb.dtype)
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from unit noise
     for t in tqdm(scheduler.timesteps, desc="generate", disable=not progress, leave=False):
-        eps_uncond, eps_cond = unet_call(bb, torch.cat([latents, latents]), t, cond).chunk(2)  # or velocities
-        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        if cfg:
+            eps_uncond, eps_cond = unet_call(bb, torch.cat([latents, latents]), t, cond).chunk(2)  # or velocities
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        else:
+            eps = unet_call(bb, latents, t, cond)
         latents = scheduler.step(eps, t, latents).prev_sample
     return decode_latents(bb, latents), latents
 

@@ -195,14 +195,16 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     conds = [_conditioning(bb, plans[first], n, size) for (_, _, first), n in zip(blocks, counts)]
     pixels = blocks[0][0].shape[-2:] if blocks[0][0] is not None else size
     latent_hw = (pixels[0] // bb.grid_factor, pixels[1] // bb.grid_factor)   # the units of the sites' divisors
-    offset = sum(counts) if drive.process == "generation" else 0  # generation: [uncond x P; cond x P]
+    cfg = drive.process == "generation" and bb.family.classifier_free
+    offset = sum(counts) if cfg else 0  # classifier-free generation: [uncond x P; cond x P]
     needs = [[replace(n, rows=(offset + starts[b], offset + starts[b] + counts[b])) for n in p.needs]
              for p, b in zip(plans, block_of)]
     flat = [n for group in needs for n in group]
     check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1])
     latents, noise = None, None
-    if drive.process == "generation":  # each plan's rows are its cond rows
-        cond = Conditioning.cat([encode_prompt(bb, [""], size).expand(sum(counts))] + conds)
+    if drive.process == "generation":  # each plan's rows are its cond rows, after the unconditional ones with CFG
+        uncond = [encode_prompt(bb, [""], size).expand(sum(counts))] if cfg else []
+        cond = Conditioning.cat(uncond + conds)
     else:
         cond = Conditioning.cat(conds)
         drawn = [_block_inputs(bb, drive, x, generator) for x, _, _ in blocks]

@@ -176,8 +176,13 @@ def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round
                       encoder_hidden_states=context, txt_ids=text_ids, img_ids=ids).sample
         want = FluxPipeline._unpack_latents(out, 64, 96, 8)
         torch.testing.assert_close(unet_call(bb, x, 250, cond), want, rtol=0, atol=1e-6)
-    with pytest.raises(DiffprobeError, match="generating images is not built"):
-        generate(bb, ["a cat"], num_steps=2)
+    # generation as FluxPipeline samples: no classifier-free rows, shifted sigmas from 1 to 1/n, the same latents
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    images, final = generate(bb, ["a cat"], guidance=3.5, num_steps=3, latents=start)
+    packed = pipe(prompt="a cat", height=64, width=64, num_inference_steps=3, guidance_scale=3.5, output_type="latent",
+                  latents=FluxPipeline._pack_latents(start, 1, 4, 8, 8), max_sequence_length=77).images
+    torch.testing.assert_close(final, FluxPipeline._unpack_latents(packed, 64, 64, 8), rtol=0, atol=1e-5)
+    assert images.shape == (1, 3, 64, 64) and not torch.equal(final, start)
     save_backbone(bb, tmp_path / "flux")
     loaded = load_backbone({"path": str(tmp_path / "flux"), "name": "flux"})
     assert loaded.kind == "flux" and type(loaded.text_encoder_2).__name__ == "T5EncoderModel"
@@ -203,3 +208,18 @@ def test_text_length_is_site_metadata_known_before_the_model_runs(structure):
     need = Need([s.name for s in text], Reduce(heads="mean"))
     assert bb.probe.bytes_per_call(need, (8, 8)) == bb.probe.bytes_per_call(need, (8, 8), tokens=tokens)
     assert bb.probe.bytes_per_call(need, (8, 8)) != bb.probe.bytes_per_call(need, (8, 8), tokens=tokens + 1)
+
+
+def test_a_generation_pass_on_flux_captures_its_rows_without_unconditional_ones():
+    from diffprobe.drives import Drive, generate
+    from diffprobe.hooks import Need, Reduce
+    from diffprobe.runner import Plan, run_plans
+
+    bb = tiny_backbone("flux")
+    need = Need("transformer_blocks.0.attn.hook_img2txt", Reduce(heads="mean", steps="all"))
+    plan = Plan(Drive(process="generation", num_steps=2, guidance=3.5), (need,), prompt=("a cat", "a dog"))
+    (view,) = run_plans(bb, [plan], [None], torch.Generator().manual_seed(0))
+    site = "transformer_blocks.0.attn.hook_img2txt"
+    assert view[site].shape == (2, 2, 16, 77) and len(view.timesteps) == 2   # (steps, prompts, 4 x 4 tokens, T)
+    images, _ = generate(bb, ["a cat", "a dog"], guidance=3.5, num_steps=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(view.images, images)

@@ -117,11 +117,18 @@ class Backend:
         a = self.alpha_bar(bb, t).to(latents.device, latents.dtype)
         return a.sqrt() * latents + (1 - a).sqrt() * noise
 
-    def sampler(self, bb: Any) -> Any:
-        """A fresh scheduler for generation (DDIM on SD's schedule)."""
+    classifier_free = True
+    """True when generation combines unconditional and conditional predictions (rows [uncond; cond]); False for
+    guidance-distilled models (FLUX.1-dev), which take the guidance scale as conditioning ("guidance", (B,))."""
+
+    def sampler(self, bb: Any, num_steps: int, size: tuple[int, int]) -> Any:
+        """A fresh scheduler for generating (H, W) = `size` images in `num_steps` steps, timesteps set (DDIM on
+        SD's schedule)."""
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(bb.scheduler.config)
+        scheduler = DDIMScheduler.from_config(bb.scheduler.config)
+        scheduler.set_timesteps(num_steps, device=bb.device)
+        return scheduler
 
     def text_tokens(self, bb: Any) -> int | None:
         """Length of `encode_prompt`'s context (B, T, D): the tokenizer's padded length."""

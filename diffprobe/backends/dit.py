@@ -206,10 +206,12 @@ class SD3Backend(JointAttentionBackend):
         return model(hidden_states=latents, encoder_hidden_states=cond.context, timestep=t,
                      pooled_projections=cond.added["pooled_projections"]).sample
 
-    def sampler(self, bb):
+    def sampler(self, bb, num_steps: int, size: tuple[int, int]):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler.config)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler.config)
+        scheduler.set_timesteps(num_steps, device=bb.device)
+        return scheduler
 
     def pipeline(self, bb):
         from diffusers import StableDiffusion3Pipeline
@@ -242,7 +244,7 @@ class FluxBackend(JointAttentionBackend):
     name = "flux"
     latent_per_token = 2
     default_sample_size = 128   # FluxPipeline's default latent side (1024 px)
-    guidance = 3.5              # FluxPipeline's default guidance_scale, fed to guidance-distilled models (FLUX.1-dev)
+    guidance = 3.5              # FluxPipeline's default guidance_scale: the guidance embedding of one-step calls
 
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """As FluxPipeline: T5's last states (its tokenizer's full length) as the context, CLIP's pooled output."""
@@ -262,8 +264,10 @@ class FluxBackend(JointAttentionBackend):
         ids[..., 1] += torch.arange(h // 2, device=latents.device)[:, None]
         ids[..., 2] += torch.arange(w // 2, device=latents.device)[None, :]
         t = (t.reshape(-1).expand(b) if t.numel() == 1 else t).to(latents.dtype) / 1000
-        guidance = (torch.full((b,), self.guidance, device=latents.device, dtype=latents.dtype)
-                    if model.config.guidance_embeds else None)
+        guidance = None
+        if model.config.guidance_embeds:   # generation passes its scale as conditioning; one-step drives use 3.5
+            given = (cond.added or {}).get("guidance")
+            guidance = (torch.full((b,), self.guidance) if given is None else given).to(latents.device, latents.dtype)
         text_ids = torch.zeros(cond.context.shape[1], 3, device=latents.device, dtype=latents.dtype)
         out = model(hidden_states=tokens, timestep=t, guidance=guidance, encoder_hidden_states=cond.context,
                     pooled_projections=cond.added["pooled_projections"], txt_ids=text_ids,
@@ -276,11 +280,23 @@ class FluxBackend(JointAttentionBackend):
         raise DiffprobeError("flux: learned contexts (keypoints) need maps at upsampled queries, and FLUX's queries "
                              "carry rotary embeddings of their token positions; use model=sd3 or a UNet model")
 
-    def sampler(self, bb):
-        from diffprobe.errors import DiffprobeError
+    classifier_free = False
 
-        raise DiffprobeError("flux: generating images is not built (FLUX is guidance-distilled and samples with "
-                             "shifted sigmas); run it on given images (one-step drives) or use its pipeline")
+    def sampler(self, bb, num_steps: int, size: tuple[int, int]):
+        """FluxPipeline's schedule: sigmas from 1 to 1/num_steps, shifted by mu, which grows with the number of
+        image tokens (diffusers' calculate_shift on the scheduler's settings)."""
+        import numpy as np
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler.config)
+        config = scheduler.config
+        tokens = (size[0] // bb.grid_factor) * (size[1] // bb.grid_factor)
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+        scheduler.set_timesteps(num_steps, device=bb.device, sigmas=sigmas, mu=mu)
+        return scheduler
 
     def pipeline(self, bb):
         from diffusers import FluxPipeline
