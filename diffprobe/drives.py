@@ -3,7 +3,8 @@ conditioning they take. Run them inside a capture (diffprobe.hooks) or through t
 
 - `unet_step`: one call on an image latent at timestep t, clean or noised to t;
 - `ddim_inversion`: deterministic DDIM inversion (eta 0) whose first call is at t=-1 on the clean latent;
-- `generate`: DDIM sampling with classifier-free guidance (batch [uncond; cond], see BatchLayout);
+- `generate`: sampling with the family's sampler and guidance (DDIM with classifier-free guidance for SD, batch
+  [uncond; cond], see BatchLayout; flow matching for SD3; FLUX's guidance embedding);
 - `Drive`: one of the three as a value (equal drives can share their calls), run by `run_drive`.
 """
 
@@ -134,12 +135,14 @@ def ddim_inversion(bb, latents: torch.Tensor, cond: Conditioning, num_steps: int
 
 
 @torch.no_grad()
-def generate(bb, prompts: list[str] | str, guidance: float = 7.5, num_steps: int = 50,
+def generate(bb, prompts: list[str] | str, guidance: float | None = None, num_steps: int = 50,
              generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
              latents: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """DDIM sampling with classifier-free guidance; returns (images (B, 3, H, W) in [0, 1], final latents).
+    """Sampling with the family's sampler and guidance (`guidance` None: its default, SD 7.5, FLUX 3.5); returns
+    (images (B, 3, H, W) in [0, 1], final latents).
 
-    Every call sees the batch [uncond; cond] (BatchLayout(cfg=True, uncond_first=True)).
+    With classifier-free guidance every call sees the batch [uncond; cond] (BatchLayout(cfg=True,
+    uncond_first=True)); a guidance-distilled family (FLUX) sees the prompts' rows only.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     h, w = size or (bb.sample_size, bb.sample_size)
@@ -150,11 +153,13 @@ def generate(bb, prompts: list[str] | str, guidance: float = 7.5, num_steps: int
 
 
 @torch.no_grad()
-def generate_from(bb, cond: Conditioning, guidance: float = 7.5, num_steps: int = 50,
+def generate_from(bb, cond: Conditioning, guidance: float | None = None, num_steps: int = 50,
                   generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
                   latents: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`generate` from a conditioning of 2B rows [uncond; cond] (B rows for a guidance-distilled family, which gets
-    the guidance scale as conditioning instead): (images (B, 3, H, W), final latents)."""
+    the guidance scale as conditioning instead): (images (B, 3, H, W), final latents). `guidance` None: the
+    family's default (SD 7.5, FLUX 3.5)."""
+    guidance = bb.family.default_guidance if guidance is None else guidance
     cfg = bb.family.classifier_free
     n = cond.context.shape[0] // 2 if cfg else cond.context.shape[0]
     h, w = size or (bb.sample_size, bb.sample_size)
@@ -180,8 +185,8 @@ class Drive:
     """How the denoiser is driven, as a value: heads whose drives are equal can share one pass.
 
     process: "one_step" (one call at `timestep`; `noise` noises the latent to t first, seeded),
-      "inversion" (DDIM inversion with `num_steps` calls, the first at t=-1) or "generation" (DDIM sampling
-      with `num_steps` steps and classifier-free `guidance`; no input images).
+      "inversion" (DDIM inversion with `num_steps` calls, the first at t=-1) or "generation" (the family's
+      sampler with `num_steps` steps and `guidance`, None for the family's default; no input images).
     sample_latent: image latents drawn from the VAE posterior (seeded) instead of its mean.
     """
 
@@ -189,7 +194,7 @@ class Drive:
     timestep: int = 0
     noise: bool = False
     num_steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None
     sample_latent: bool = False
 
     def __post_init__(self):

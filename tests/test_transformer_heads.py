@@ -154,7 +154,7 @@ def test_sd3_conditioning_flow_drive_and_directory_round_trip(tmp_path):
 
 
 def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round_trips(tmp_path):
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     from diffprobe.drives import encode_prompt, generate, unet_call
 
@@ -178,11 +178,25 @@ def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round
         torch.testing.assert_close(unet_call(bb, x, 250, cond), want, rtol=0, atol=1e-6)
     # generation as FluxPipeline samples: no classifier-free rows, shifted sigmas from 1 to 1/n, the same latents
     start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    images, final = generate(bb, ["a cat"], guidance=3.5, num_steps=3, latents=start)
+    images, final = generate(bb, ["a cat"], num_steps=3, latents=start)   # FLUX's default guidance: 3.5
     packed = pipe(prompt="a cat", height=64, width=64, num_inference_steps=3, guidance_scale=3.5, output_type="latent",
                   latents=FluxPipeline._pack_latents(start, 1, 4, 8, 8), max_sequence_length=77).images
     torch.testing.assert_close(final, FluxPipeline._unpack_latents(packed, 64, 64, 8), rtol=0, atol=1e-5)
     assert images.shape == (1, 3, 64, 64) and not torch.equal(final, start)
+    # a guidance-distilled FLUX (FLUX.1-dev) gets the scale in its guidance embedding: 3.5 unless given
+    from diffprobe.architectures import TINY_TRANSFORMER_CONFIGS
+
+    torch.manual_seed(0)
+    bb.unet = FluxTransformer2DModel(**{**TINY_TRANSFORMER_CONFIGS["flux"], "guidance_embeds": True}).eval()
+    bb.unet.register_to_config(sample_size=8)
+    pipe = bb.family.pipeline(bb)
+    for scale in (3.5, 7.5):
+        packed = pipe(prompt="a cat", height=64, width=64, num_inference_steps=2, guidance_scale=scale,
+                      output_type="latent", latents=FluxPipeline._pack_latents(start, 1, 4, 8, 8),
+                      max_sequence_length=77).images
+        _, final = generate(bb, ["a cat"], num_steps=2, latents=start, guidance=None if scale == 3.5 else scale)
+        torch.testing.assert_close(final, FluxPipeline._unpack_latents(packed, 64, 64, 8), rtol=0, atol=1e-5)
+    assert not torch.equal(final, generate(bb, ["a cat"], num_steps=2, latents=start)[1])
     save_backbone(bb, tmp_path / "flux")
     loaded = load_backbone({"path": str(tmp_path / "flux"), "name": "flux"})
     assert loaded.kind == "flux" and type(loaded.text_encoder_2).__name__ == "T5EncoderModel"

@@ -117,6 +117,8 @@ class Backend:
         a = self.alpha_bar(bb, t).to(latents.device, latents.dtype)
         return a.sqrt() * latents + (1 - a).sqrt() * noise
 
+    default_guidance = 7.5
+    """The guidance scale generation uses when none is given (SD's customary 7.5)."""
     classifier_free = True
     """True when generation combines unconditional and conditional predictions (rows [uncond; cond]); False for
     guidance-distilled models (FLUX.1-dev), which take the guidance scale as conditioning ("guidance", (B,))."""

@@ -244,7 +244,7 @@ class FluxBackend(JointAttentionBackend):
     name = "flux"
     latent_per_token = 2
     default_sample_size = 128   # FluxPipeline's default latent side (1024 px)
-    guidance = 3.5              # FluxPipeline's default guidance_scale: the guidance embedding of one-step calls
+    default_guidance = 3.5      # FluxPipeline's default guidance_scale; also the guidance embedding of one-step calls
 
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """As FluxPipeline: T5's last states (its tokenizer's full length) as the context, CLIP's pooled output."""
@@ -267,7 +267,8 @@ class FluxBackend(JointAttentionBackend):
         guidance = None
         if model.config.guidance_embeds:   # generation passes its scale as conditioning; one-step drives use 3.5
             given = (cond.added or {}).get("guidance")
-            guidance = (torch.full((b,), self.guidance) if given is None else given).to(latents.device, latents.dtype)
+            guidance = (torch.full((b,), self.default_guidance) if given is None else given).to(latents.device,
+                                                                                               latents.dtype)
         text_ids = torch.zeros(cond.context.shape[1], 3, device=latents.device, dtype=latents.dtype)
         out = model(hidden_states=tokens, timestep=t, guidance=guidance, encoder_hidden_states=cond.context,
                     pooled_projections=cond.added["pooled_projections"], txt_ids=text_ids,

@@ -46,7 +46,7 @@ class ExtractionConfig:
     prompt: str = ""
     image_size: int = 512
     sample_latent: bool = True
-    guidance: float = 7.5
+    guidance: float | None = None   # None: the model family's default (SD 7.5, the reference's; FLUX 3.5)
 
     def __post_init__(self) -> None:
         if self.process not in PROCESSES:
