@@ -67,6 +67,11 @@ def test_keypoint_maps_on_joint_attention_are_distributions_over_the_tokens():
     torch.testing.assert_close(maps.sum(1), torch.ones(2, 12, 12))    # image keys' mass dropped, tokens renormalised
     maps[:, 0].sum().backward()
     assert float(embeddings.grad.abs().sum()) > 0
+    from diffprobe.drives import encode_prompt
+
+    cond = bb.family.context_conditioning(bb, embeddings.detach(), 2, (64, 64))   # the empty prompt's pooled
+    torch.testing.assert_close(cond.added["pooled_projections"],                # CLIP embeddings, every row
+                               encode_prompt(bb, [""]).added["pooled_projections"].expand(2, -1), rtol=0, atol=0)
     with pytest.raises(DiffprobeError, match="rotary embeddings"):
         attention_maps(tiny_backbone("flux"), MapSpec(tuple(default_sites(tiny_backbone("flux").probe.sites)), 8),
                        torch.zeros(1, 3, 64, 64), torch.randn(4, 32))

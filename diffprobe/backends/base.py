@@ -55,11 +55,11 @@ class Backend:
     default_sample_size: int | None = None
     """Latent side the model was trained at when its config does not say (FLUX's pipeline default)."""
     captures_at_kernel = False
+    """True when attention sites are always captured at the module's SDPA call (diffprobe.hooks.kernel), in
+    both attention modes: transformers whose q and k carry qk norms and rotary embeddings."""
     upsamples_queries = False
     """For attention captured at its kernel: True when `upsampled_queries` can recompute the queries of the module's
     image input at a finer grid (no rotary embeddings tie them to the token positions)."""
-    """True when attention sites are always captured at the module's SDPA call (diffprobe.hooks.kernel), in
-    both attention modes: transformers whose q and k carry qk norms and rotary embeddings."""
 
     def matches(self, model: nn.Module) -> bool:
         """True when this backend describes the denoiser `model`."""
@@ -124,11 +124,12 @@ class Backend:
     guidance-distilled models (FLUX.1-dev), which take the guidance scale as conditioning ("guidance", (B,))."""
 
     def sampler(self, bb: Any, num_steps: int, size: tuple[int, int]) -> Any:
-        """A fresh scheduler for generating (H, W) = `size` images in `num_steps` steps, timesteps set (DDIM on
-        SD's schedule)."""
-        from diffusers import DDIMScheduler
+        """A fresh scheduler for generating (H, W) = `size` images in `num_steps` steps, timesteps set: DDIM on
+        SD's schedule, or flow-matching Euler for a rectified-flow family."""
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-        scheduler = DDIMScheduler.from_config(bb.scheduler.config)
+        cls = FlowMatchEulerDiscreteScheduler if self.flow_matching else DDIMScheduler
+        scheduler = cls.from_config(bb.scheduler.config)
         scheduler.set_timesteps(num_steps, device=bb.device)
         return scheduler
 

@@ -187,9 +187,13 @@ class SD3Backend(JointAttentionBackend):
 
     def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
         """A learned context (T, D) as the whole text stream of the joint attention (keypoints), with the pooled
-        CLIP embeddings of the empty prompt (the pipeline's unconditional ones)."""
-        with torch.no_grad():
-            pooled = self._clip(bb, [""])[1].to(bb.device, bb.dtype)
+        CLIP embeddings of the empty prompt (the pipeline's unconditional ones), encoded once per backbone: a
+        keypoints fit asks for this conditioning at every step."""
+        pooled = getattr(bb, "_empty_pooled", None)
+        if pooled is None:
+            with torch.no_grad():
+                pooled = bb._empty_pooled = self._clip(bb, [""])[1]
+        pooled = pooled.to(bb.device, bb.dtype)
         return Conditioning(context.to(bb.device, bb.dtype).unsqueeze(0).expand(batch, -1, -1),
                             {"pooled_projections": pooled.expand(batch, -1)})
 
@@ -205,13 +209,6 @@ class SD3Backend(JointAttentionBackend):
         t = t.reshape(-1).expand(latents.shape[0]) if t.numel() == 1 else t
         return model(hidden_states=latents, encoder_hidden_states=cond.context, timestep=t,
                      pooled_projections=cond.added["pooled_projections"]).sample
-
-    def sampler(self, bb, num_steps: int, size: tuple[int, int]):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler.config)
-        scheduler.set_timesteps(num_steps, device=bb.device)
-        return scheduler
 
     def pipeline(self, bb):
         from diffusers import StableDiffusion3Pipeline
@@ -245,6 +242,7 @@ class FluxBackend(JointAttentionBackend):
     latent_per_token = 2
     default_sample_size = 128   # FluxPipeline's default latent side (1024 px)
     default_guidance = 3.5      # FluxPipeline's default guidance_scale; also the guidance embedding of one-step calls
+    classifier_free = False     # guidance-distilled: the scale goes into the guidance embedding
 
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """As FluxPipeline: T5's last states (its tokenizer's full length) as the context, CLIP's pooled output."""
@@ -280,8 +278,6 @@ class FluxBackend(JointAttentionBackend):
 
         raise DiffprobeError("flux: learned contexts (keypoints) need maps at upsampled queries, and FLUX's queries "
                              "carry rotary embeddings of their token positions; use model=sd3 or a UNet model")
-
-    classifier_free = False
 
     def sampler(self, bb, num_steps: int, size: tuple[int, int]):
         """FluxPipeline's schedule: sigmas from 1 to 1/num_steps, shifted by mu, which grows with the number of

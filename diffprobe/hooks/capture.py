@@ -190,13 +190,13 @@ class Capture:
 
         def kernel(q, k, v, bias, scale, original):
             batch = q.shape[0]
+            grid = first.resolution(self.latent_hw)
             if upsampled:
-                self._store_upsampled(path, upsampled, k, bias, scale, first.resolution(self.latent_hw), batch)
+                self._store_upsampled(path, upsampled, k, bias, scale, grid, batch)
             plan = [(_union([self.needs[i].row_slice(batch) for _, i in members], batch),
                      self.needs[members[0][1]].reduce.heads) for members in groups.values()]
             grad = torch.is_grad_enabled() and any(self.needs[i].grad for m in groups.values() for _, i in m)
             differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-            grid = first.resolution(self.latent_hw)
             fused = (attention_with_lse(q, k, v, bias, scale)
                      if self.attention == "reuse" and not differentiable and blocks_only else None)
             if fused is not None:
