@@ -5,7 +5,7 @@ import pytest
 
 from diffprobe.data.world import CLASSES, KEYPOINTS, render_scene, scene_seed
 from diffprobe.data.world.pairs import world_pairs
-from diffprobe.data.world.vocab import PART_IDS, STUFF, THINGS, vocabulary
+from diffprobe.data.world.vocab import CAPTION_PARTS, PART_IDS, STUFF, THINGS, vocabulary
 from diffprobe.errors import DiffprobeError
 
 # Which drawn part every keypoint must sit on (written independently of the generator's tables).
@@ -145,6 +145,10 @@ def test_closeups_show_one_large_centred_figure_with_keypoints_in_its_mask(categ
             if _:
                 assert s.instance[int(y), int(x)] == obj.instance  # inside the object's mask
                 assert part_of[int(s.parts[int(y), int(x)])] == EXPECTED_PART[category][name], name
-        assert s.caption.startswith(f"a {obj.colour} {category} on ")
+        assert s.caption.startswith(f"a {obj.colour} {category} with ")
+        words, named = s.caption.split(), s.words[0]["parts"]
+        assert named and all(words[i] == part for part, i in named.items())
+        shown = {part_of[int(v)] for v in np.unique(s.parts) if v}
+        assert set(named) <= shown and set(named) == set(CAPTION_PARTS[category]) & shown  # only, and all, shown
     with pytest.raises(DiffprobeError, match="close-ups show a figure"):
         render_scene(0, closeup=True, first="circle")

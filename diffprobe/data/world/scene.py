@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from diffprobe.data.world import figures, paint
-from diffprobe.data.world.vocab import (CLASS_ID, COLOURS, KEYPOINTS, PART_IDS, STUFF_BOTTOM,
+from diffprobe.data.world.vocab import (CAPTION_PARTS, CLASS_ID, COLOURS, KEYPOINTS, PART_IDS, STUFF_BOTTOM,
                                         STUFF_TOP, TEXTURES, THINGS)
 from diffprobe.errors import DiffprobeError
 
@@ -62,7 +62,8 @@ class Scene:
     objects: list[WorldObject]
     stuff: tuple[str, str]  # (top, bottom)
     caption: str
-    words: list[dict] = field(default_factory=list)  # per object: {"colour": i, "category": j} word indices
+    # per object: {"colour": i, "category": j} word indices, and for a close-up "parts": {part name: word index}
+    words: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "caption": self.caption, "stuff": list(self.stuff), "words": self.words,
@@ -170,7 +171,8 @@ def render_scene(seed: int, size: int = 64, first: str | None = None, max_object
         placed.append((fig, pose, colour, texture, amodal, int(amodal.sum())))
     objects = [_ground_truth(i + 1, fig, pose, colour, texture, instance)
                for i, (fig, pose, colour, texture, *_rest) in enumerate(placed)]
-    caption, words = _caption(objects, stuff_names)
+    shown = _caption_parts(placed[0][0].category, parts) if closeup and placed else ()
+    caption, words = _caption(objects, stuff_names, shown)
     return Scene(seed, np.clip(np.rint(img), 0, 255).astype(np.uint8), instance, classes, parts, objects,
                  stuff_names, caption, words)
 
@@ -191,8 +193,16 @@ def _ground_truth(inst_id: int, fig: figures.Figure, pose: dict, colour: str, te
     return WorldObject(inst_id, fig.category, colour, texture, pose, kps, names, bbox, int(len(xs)))
 
 
-def _caption(objects: list[WorldObject], stuff_names: tuple[str, str]) -> tuple[str, list[dict]]:
-    """"a red face and a blue circle on grass under sky", with each object's colour/category word index."""
+def _caption_parts(category: str, parts: np.ndarray) -> tuple[str, ...]:
+    """The CAPTION_PARTS of a close-up's figure that show in its part map (H, W), in CAPTION_PARTS order."""
+    present = set(np.unique(parts).tolist())
+    return tuple(p for p in CAPTION_PARTS[category] if PART_IDS[(category, p)] in present)
+
+
+def _caption(objects: list[WorldObject], stuff_names: tuple[str, str],
+             parts: tuple[str, ...] = ()) -> tuple[str, list[dict]]:
+    """"a red face and a blue circle on grass under sky", with each object's colour/category word index;
+    a close-up names its figure's visible parts: "a red face with eye nose mouth on grass under sky"."""
     words: list[str] = []
     index: list[dict] = []
     for k, obj in enumerate(objects):
@@ -200,6 +210,10 @@ def _caption(objects: list[WorldObject], stuff_names: tuple[str, str]) -> tuple[
             words.append("and")
         words += ["a", obj.colour, obj.category]
         index.append({"colour": len(words) - 2, "category": len(words) - 1})
+    if parts:
+        words.append("with")
+        index[0]["parts"] = {p: len(words) + i for i, p in enumerate(parts)}
+        words += list(parts)
     top, bottom = stuff_names
     words += ["on", bottom, "under" if top == "sky" else "by", top]
     return " ".join(words), index

@@ -51,15 +51,20 @@ PARTS = {
     "house": ("wall", "roof", "door", "window"),
     "circle": ("body",), "square": ("body",), "triangle": ("body",),
 }
+# The parts a close-up's caption names ("a red face with eye nose mouth on grass under sky"): every part but the
+# figure's main piece, which its category word already names.
+CAPTION_PARTS = {"face": ("eye", "nose", "mouth"), "bird": ("head", "beak", "eye", "wing", "tail", "leg"),
+                 "house": ("roof", "door", "window")}
 # Global part ids for the part map: 0 = no part (stuff), then (category, part) in this order.
 PART_IDS = {(cat, part): i + 1 for i, (cat, part) in enumerate((c, p) for c in THINGS for p in PARTS[c])}
 
 TEXTURES = ("flat", "stripes", "checks", "noise")
 
 # Words the caption grammar uses besides class and colour names.
-GRAMMAR_WORDS = ("a", "and", "on", "under", "by")
+GRAMMAR_WORDS = ("a", "and", "on", "under", "by", "with")
 
 
 def vocabulary() -> list[str]:
     """Every word a world caption can contain, sorted (the tokenizer gives each one token)."""
-    return sorted(set(CLASSES) | set(COLOURS) | set(GRAMMAR_WORDS))
+    parts = {p for names in CAPTION_PARTS.values() for p in names}
+    return sorted(set(CLASSES) | set(COLOURS) | set(GRAMMAR_WORDS) | parts)
