@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from diffprobe.data.world import render_scene, scene_seed, vocabulary
-from diffprobe.data.world.vocab import CLASS_ID
+from diffprobe.data.world.vocab import CAPTION_PARTS, CLASS_ID, PART_IDS
 from diffprobe.hooks import ProbeRegistry
 from diffprobe.mini import grounding, models
 from diffprobe.mini.dataset import tokenize
@@ -35,16 +35,34 @@ def test_scene_regions_name_what_the_caption_words_name():
         assert (tokens > 0).sum() == 2 * len(scene.objects) + 2  # colour + category per object, two stuff words
 
 
+def test_a_closeups_part_words_are_grounded_on_their_parts():
+    for i, category in enumerate(["face", "bird", "house"] * 3):
+        scene = render_scene(scene_seed("train", i), first=category, closeup=True)
+        regions, tokens = scene_regions(scene, 24)
+        words = scene.caption.split()
+        named = scene.words[0]["parts"]
+        assert list(named) == [p for p in CAPTION_PARTS[category] if (scene.parts == PART_IDS[(category, p)]).any()]
+        assert len(named) >= 2
+        for part, index in named.items():
+            assert words[index] == part and tokens[index + 1] == grounding.part_region(category, part)
+        assert words[named[next(iter(named))] - 1] == "with"
+        assert (tokens > 0).sum() == 2 + len(named) + 2  # colour, category, each part, two stuff words
+
+
 def test_region_fractions_are_cell_coverage():
     regions = torch.zeros(1, 4, 4, dtype=torch.uint8)
     regions[0, :2, :2] = 1       # all of cell (0, 0) of a 2 x 2 grid
     regions[0, 2:, 2:3] = TOP    # half of cell (1, 1)
     regions[0, 2:, 3:] = BOTTOM  # the other half
-    f = region_fractions(regions, (2, 2))
+    parts = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    parts[0, 0, 0] = PART_IDS[("face", "eye")]  # a quarter of cell (0, 0), inside object 1
+    f = region_fractions(regions, parts, (2, 2))
     assert f.shape == (1, grounding.NUM_REGIONS, 4)
     assert f[0, 1].tolist() == [1, 0, 0, 0] and f[0, TOP].tolist() == [0, 0, 0, 0.5]
     assert f[0, BOTTOM].tolist() == [0, 0, 0, 0.5] and f[0, 0].tolist() == [0, 1, 1, 0]
-    assert torch.allclose(f.sum(1), torch.ones(1, 4))
+    assert torch.allclose(f[:, :grounding.SCENE_REGIONS].sum(1), torch.ones(1, 4))  # the region map partitions
+    eye = grounding.part_region("face", "eye")
+    assert f[0, eye].tolist() == [0.25, 0, 0, 0] and f[0, grounding.SCENE_REGIONS:].sum() == 0.25
 
 
 def test_token_share_and_loss_on_planted_attention():
@@ -76,16 +94,17 @@ def test_grounded_step_lowers_the_token_loss_through_captured_attention(tmp_path
     ids = tokenize(tok, [s.caption for s in scenes])
     regions, tokens = zip(*(scene_regions(s, 24) for s in scenes))
     regions, tokens = torch.from_numpy(np.stack(regions)), torch.from_numpy(np.stack(tokens))
+    parts = torch.from_numpy(np.stack([s.parts for s in scenes]))
     lat, t = torch.randn(4, 4, 32, 32), torch.tensor([10, 50, 100, 200])
     noise = torch.randn_like(lat)
     probe = ProbeRegistry(unet)
     opt = torch.optim.Adam(list(unet.parameters()) + list(text.parameters()), lr=3e-3)
     first = None
     for _ in range(8):
-        parts = grounded_losses(unet, text, sched, probe, lat, ids, noise, t, regions, tokens)
-        first = first if first is not None else parts["tokens"].item()
+        losses = grounded_losses(unet, text, sched, probe, lat, ids, noise, t, regions, parts, tokens)
+        first = first if first is not None else losses["tokens"].item()
         opt.zero_grad()
-        parts["tokens"].backward()
+        losses["tokens"].backward()
         opt.step()
-    assert parts["tokens"].item() < first
+    assert losses["tokens"].item() < first
     assert not any(h for m in unet.modules() for h in m._forward_hooks.values())  # capture cleaned up

@@ -36,6 +36,23 @@ def test_every_world_word_is_one_token_and_other_text_still_tokenizes(tokenizer)
     assert padded.shape == (2, 24) and (padded[1, 2:] == tokenizer.eos_token_id).all()
 
 
+def test_adopting_a_larger_vocabulary_keeps_every_old_token_row_and_starts_new_ones_at_the_mean():
+    from diffprobe.mini.tokenizer import build_vocab
+
+    old_vocab, _ = build_vocab(["red", "face"])
+    new_vocab, _ = build_vocab(["red", "eye", "face"])  # "eye" shifts the ids of "face"'s tokens and the specials
+    text = models.build_text_encoder(TINY, ["red", "face"])
+    old_rows = text.get_input_embeddings().weight.detach().clone()
+    fresh = models.adopt_vocabulary(text, old_vocab, new_vocab)
+    rows = text.get_input_embeddings().weight
+    assert rows.shape == (len(new_vocab), TINY.text_dim) and text.config.vocab_size == len(new_vocab)
+    assert fresh.tolist() == [t not in old_vocab for t in new_vocab]
+    assert {t for t in new_vocab if t not in old_vocab} == {"ye</w>", "eye</w>"}  # planted: the new merges
+    for token, i in new_vocab.items():
+        expected = old_rows[old_vocab[token]] if token in old_vocab else old_rows.mean(0)
+        assert torch.equal(rows[i], expected), token
+    assert text.config.eos_token_id == new_vocab["<|endoftext|>"] != old_vocab["<|endoftext|>"]
+
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tokenizer):
     torch.manual_seed(0)
     unet, text = models.build_unet(TINY), models.build_text_encoder(TINY, vocabulary())
@@ -116,3 +133,40 @@ def test_training_continues_from_a_pipeline_on_closeups(tmp_path):
     assert any(not torch.equal(pa, pb) for pa, pb in zip(a.unet.parameters(), b.unet.parameters()))
     with pytest.raises(DiffprobeError, match="not a diffprobe-mini pipeline"):
         train_mini(TrainConfig(**{**base, "init_from": str(tmp_path)}), tmp_path / "c", tmp_path / "pipe_c", arch=TINY)
+
+
+@pytest.mark.slow
+def test_continuing_with_new_words_learns_only_their_embeddings_when_the_text_encoder_is_kept(tmp_path, monkeypatch):
+    """A pipeline trained before the close-up part words existed: continuing it with train_text_encoder=false
+    re-indexes its token embedding by token string, so old captions encode exactly as before, and trains only
+    the new words' rows."""
+    from diffprobe.data.world.vocab import CAPTION_PARTS
+    from diffprobe.mini import train as train_module
+
+    new_words = {p for names in CAPTION_PARTS.values() for p in names} | {"with"}
+    old_words = [w for w in vocabulary() if w not in new_words]
+    base = dict(images=8, vae_steps=2, vae_batch=2, unet_steps=2, batch=2, checkpoint_every=1, samples=0, warmup=1,
+                closeup_fraction=0.0)
+    monkeypatch.setattr(train_module, "vocabulary", lambda: old_words)  # ordinary scenes' captions use only these
+    train_mini(TrainConfig(**base), tmp_path / "a", tmp_path / "pipe_a", arch=TINY)
+    monkeypatch.undo()
+    train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "closeup_fraction": 1.0, "lr": 1e-2,
+                              "train_text_encoder": False}), tmp_path / "b", tmp_path / "pipe_b", arch=TINY)
+    a = load_backbone({"name": "a", "path": str(tmp_path / "pipe_a")})
+    b = load_backbone({"name": "b", "path": str(tmp_path / "pipe_b")})
+    caption = render_scene(scene_seed("test", 0)).caption  # old words only
+    with torch.no_grad():
+        enc_a = a.text_encoder(tokenize(a.tokenizer, [caption])).last_hidden_state
+        enc_b = b.text_encoder(tokenize(b.tokenizer, [caption])).last_hidden_state
+    assert torch.equal(enc_a, enc_b)
+    rows_a, rows_b = a.text_encoder.get_input_embeddings().weight, b.text_encoder.get_input_embeddings().weight
+    vocab_a, vocab_b = a.tokenizer.get_vocab(), b.tokenizer.get_vocab()
+    assert rows_b.shape[0] == len(vocab_b) > rows_a.shape[0] == len(vocab_a)
+    assert all(torch.equal(rows_a[i], rows_b[vocab_b[token]]) for token, i in vocab_a.items())  # old rows kept
+    mean = rows_a.mean(0)
+    moved = {w for w in new_words if not torch.allclose(rows_b[vocab_b[w + "</w>"]], mean)}
+    assert "with" in moved and len(moved) >= 4  # "with" is in every close-up caption, each names >= 3 parts
+    others_a = {k: v for k, v in a.text_encoder.named_parameters() if "token_embedding" not in k}
+    others_b = dict(b.text_encoder.named_parameters())
+    assert all(torch.equal(v, others_b[k]) for k, v in others_a.items())
+

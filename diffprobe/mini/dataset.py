@@ -16,7 +16,7 @@ from diffprobe.io import load_tensors, save_tensors
 from diffprobe.mini.grounding import scene_regions
 
 log = logging.getLogger(__name__)
-FORMAT = "2"  # cache layout version: 2 added regions and token_regions
+FORMAT = "3"  # cache layout version: 2 added regions and token_regions, 3 part maps and part words
 CLOSEUP_CATEGORIES = ("face", "bird", "house")
 
 
@@ -36,12 +36,13 @@ def render_training_scene(i: int, size: int, base_seed: int, split: str, closeup
 
 @dataclass
 class TrainingSet:
-    """images (N, 3, H, W) uint8; ids (N, T) int64; regions (N, H, W) uint8 and token_regions (N, T)
-    uint8 as in diffprobe.mini.grounding."""
+    """images (N, 3, H, W) uint8; ids (N, T) int64; regions (N, H, W) uint8, parts (N, H, W) uint8 (the
+    scenes' part maps) and token_regions (N, T) uint8 as in diffprobe.mini.grounding."""
 
     images: torch.Tensor
     ids: torch.Tensor
     regions: torch.Tensor
+    parts: torch.Tensor
     token_regions: torch.Tensor
 
     def __len__(self) -> int:
@@ -66,15 +67,17 @@ def training_set(path: Path, n: int, size: int, tokenizer, base_seed: int = 0, s
     T = tokenizer.model_max_length
     images = np.zeros((n, size, size, 3), np.uint8)
     regions = np.zeros((n, size, size), np.uint8)
+    parts = np.zeros((n, size, size), np.uint8)
     token_regions = np.zeros((n, T), np.uint8)
     captions = []
     for i in tqdm(range(n), desc="render world", leave=False):
         scene = render_training_scene(i, size, base_seed, split, closeup_fraction)
         images[i] = scene.image
         regions[i], token_regions[i] = scene_regions(scene, T)
+        parts[i] = scene.parts
         captions.append(scene.caption)
     data = TrainingSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), tokenize(tokenizer, captions),
-                       torch.from_numpy(regions), torch.from_numpy(token_regions))
+                       torch.from_numpy(regions), torch.from_numpy(parts), torch.from_numpy(token_regions))
     save_tensors(path, vars(data), metadata=dict(zip(("n", "size", "format", "closeup_fraction"), key)))
     return data
 

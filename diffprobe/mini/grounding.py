@@ -8,8 +8,9 @@ region the word names, on probabilities captured through `diffprobe.hooks` with 
 
 Regions of a scene (`scene_regions`): objects are their instance ids 1..3, the upper stuff region
 (sky or wall) is TOP and the lower one (grass, water, ...) is BOTTOM; a token's region is the object
-its colour or category word names, the stuff region its stuff word names, or 0 (not grounded:
-"a", "and", BOS, padding).
+its colour or category word names, the stuff region its stuff word names, the part a close-up's part word
+names ("eye": the figure's eyes in its part map, region `part_region`), or 0 (not grounded: "a", "and",
+"with", BOS, padding).
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.data.world import Scene
-from diffprobe.data.world.vocab import CLASS_ID
+from diffprobe.data.world.vocab import CLASS_ID, PART_IDS
 
 TOP, BOTTOM = 4, 5
-NUM_REGIONS = 6  # 0 (unused), objects 1..3, TOP, BOTTOM
+SCENE_REGIONS = 6  # 0 (unused), objects 1..3, TOP, BOTTOM: the channels of the region map
+NUM_REGIONS = SCENE_REGIONS + len(PART_IDS)  # then one channel per part id of the part map
+
+
+def part_region(category: str, part: str) -> int:
+    """The region id of a figure part (after the SCENE_REGIONS of the region map)."""
+    return SCENE_REGIONS - 1 + PART_IDS[(category, part)]
 
 
 def scene_regions(scene: Scene, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,16 +43,20 @@ def scene_regions(scene: Scene, max_tokens: int) -> tuple[np.ndarray, np.ndarray
     named = [(w["colour"], o.instance) for o, w in zip(scene.objects, scene.words)]
     named += [(w["category"], o.instance) for o, w in zip(scene.objects, scene.words)]
     named += [(n_words - 3, BOTTOM), (n_words - 1, TOP)]  # "... on <bottom> under|by <top>"
+    named += [(i, part_region(o.category, p)) for o, w in zip(scene.objects, scene.words)
+              for p, i in w.get("parts", {}).items()]
     for word, region in named:
         if word + 1 < max_tokens:
             tokens[word + 1] = region
     return regions, tokens
 
 
-def region_fractions(regions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def region_fractions(regions: torch.Tensor, parts: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, NUM_REGIONS, h*w): the fraction of each grid cell (row-major) covered by each region of
-    regions (B, H, W) integer maps."""
-    onehot = F.one_hot(regions.long(), NUM_REGIONS).permute(0, 3, 1, 2).float()
+    regions (B, H, W) (channels 0..SCENE_REGIONS-1, which sum to 1) and by each part of the part map parts
+    (B, H, W) of PART_IDS (the channels after them; 0 = no part has none)."""
+    onehot = torch.cat([F.one_hot(regions.long(), SCENE_REGIONS),
+                        F.one_hot(parts.long(), len(PART_IDS) + 1)[..., 1:]], -1).permute(0, 3, 1, 2).float()
     return F.adaptive_avg_pool2d(onehot, grid).flatten(2)
 
 

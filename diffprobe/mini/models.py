@@ -96,6 +96,22 @@ def build_text_encoder(arch: MiniArch, words: list[str]):
     return CLIPTextModel(cfg)
 
 
+def adopt_vocabulary(text_encoder, old_vocab: dict[str, int], new_vocab: dict[str, int]) -> torch.Tensor:
+    """Re-index text_encoder's token embedding (V_old, D) from old_vocab's ids to new_vocab's (V_new, D), rows
+    matched by token string, so every caption the old tokenizer could write encodes exactly as before; tokens
+    new to it start at the mean old row. Returns (V_new,) bool: True for the new tokens."""
+    old = text_encoder.get_input_embeddings().weight.detach()
+    fresh = torch.ones(len(new_vocab), dtype=torch.bool)
+    weight = old.mean(0).repeat(len(new_vocab), 1)
+    for token, i in new_vocab.items():
+        if token in old_vocab:
+            weight[i], fresh[i] = old[old_vocab[token]], False
+    text_encoder.set_input_embeddings(torch.nn.Embedding.from_pretrained(weight, freeze=False))
+    text_encoder.config.update({"vocab_size": len(new_vocab), "bos_token_id": new_vocab[BOS],
+                                "eos_token_id": new_vocab[EOS], "pad_token_id": new_vocab[EOS]})
+    return fresh
+
+
 def build_scheduler():
     """SD's DDIM schedule (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon prediction)."""
     from diffusers import DDIMScheduler

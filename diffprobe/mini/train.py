@@ -59,6 +59,7 @@ class TrainConfig:
     closeup_fraction: float = 0.0  # share of training scenes that are close-ups of one face, bird or house
     denoiser: str = "unet"  # "pixart": diffprobe-mini-dit, a transformer on init_from's VAE and text encoder
     train_text_encoder: bool = True  # False: the text encoder stays as loaded (mini-dit shares mini's)
+    new_word_lr_scale: float = 30.0  # lr multiplier of the embedding rows of words new to a loaded text encoder
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -76,8 +77,9 @@ class TrainConfig:
             raise DiffprobeError("train_mini.caption_dropout and train_mini.ema_decay must lie in [0, 1)")
         if cfg.token_grounding < 0:
             raise DiffprobeError("train_mini.token_grounding must be >= 0")
-        if cfg.lr <= 0 or cfg.vae_lr <= 0 or (cfg.max_minutes is not None and cfg.max_minutes <= 0):
-            raise DiffprobeError("train_mini.lr, vae_lr and max_minutes must be positive")
+        if cfg.lr <= 0 or cfg.vae_lr <= 0 or cfg.new_word_lr_scale <= 0 or (
+                cfg.max_minutes is not None and cfg.max_minutes <= 0):
+            raise DiffprobeError("train_mini.lr, vae_lr, new_word_lr_scale and max_minutes must be positive")
         if not 0 <= cfg.closeup_fraction <= 1:
             raise DiffprobeError("train_mini.closeup_fraction must lie in [0, 1]")
         if cfg.denoiser not in ("unet", "pixart"):
@@ -107,18 +109,18 @@ def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: to
 
 
 def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents: torch.Tensor, ids: torch.Tensor,
-                    noise: torch.Tensor, t: torch.Tensor, regions: torch.Tensor,
+                    noise: torch.Tensor, t: torch.Tensor, regions: torch.Tensor, parts: torch.Tensor,
                     token_regions: torch.Tensor) -> dict[str, torch.Tensor]:
     """{"loss": epsilon MSE, "tokens": token loss averaged over every cross-attention site}.
 
-    regions (B, H, W) and token_regions (B, T) as in diffprobe.mini.grounding; each sample's token loss
+    regions and parts (B, H, W) and token_regions (B, T) as in diffprobe.mini.grounding; each sample's token loss
     is weighted by alpha_bar(t), the signal fraction of its noisy input.
     """
     sites = [n for n, s in probe.sites.items() if s.kind == "cross_attn"]
     with probe.capture(sites, reduce=Reduce(heads="mean"), detach=False) as cache:
         loss = denoising_loss(unet, text_encoder, scheduler, latents, ids, noise, t)
     weights = scheduler.alphas_cumprod.to(latents.device)[t].float()
-    tokens = torch.stack([grounding.token_loss(cache[n], grounding.region_fractions(regions, cache.grid(n)),
+    tokens = torch.stack([grounding.token_loss(cache[n], grounding.region_fractions(regions, parts, cache.grid(n)),
                                                token_regions, weights) for n in sites]).mean()
     return {"loss": loss, "tokens": tokens}
 
@@ -189,13 +191,22 @@ def _encode_latents(vae, images: torch.Tensor, path: Path, scale: float | None =
 
 
 def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.Tensor, data: TrainingSet,
-                empty_ids: torch.Tensor, work_dir: Path,
-                deadline: float | None) -> tuple[dict[str, list[float]], int, dict]:
-    modules = {"unet": unet, "text_encoder": text_encoder} if cfg.train_text_encoder else {"unet": unet}
+                empty_ids: torch.Tensor, work_dir: Path, deadline: float | None,
+                new_tokens: torch.Tensor | None = None) -> tuple[dict[str, list[float]], int, dict]:
+    """new_tokens (V,) bool: tokens the loaded text encoder did not know; with train_text_encoder false only
+    their embedding rows train (no weight decay), so every caption it knew still encodes exactly as before."""
+    learn_words = new_tokens is not None and bool(new_tokens.any())
+    modules = {"unet": unet, "text_encoder": text_encoder} if cfg.train_text_encoder or learn_words else {"unet": unet}
+    groups = [{"params": [p for m in modules.values() for p in m.parameters()], "weight_decay": 0.01}]
     if not cfg.train_text_encoder:
         text_encoder.eval().requires_grad_(False)
-    params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+        groups = [{"params": list(unet.parameters()), "weight_decay": 0.01}]
+        if learn_words:
+            rows = text_encoder.get_input_embeddings().weight.requires_grad_(True)
+            rows.register_hook(lambda grad: grad * new_tokens[:, None].to(grad.dtype))
+            groups.append({"params": [rows], "weight_decay": 0.0, "scale": cfg.new_word_lr_scale})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     ema = {f"{m}.{k}": p.detach().clone() for m, mod in modules.items() for k, p in mod.named_parameters()}
     n_train = scheduler.config.num_train_timesteps
     probe = ProbeRegistry(unet)
@@ -216,12 +227,12 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
         t = torch.randint(0, n_train, (cfg.batch,), generator=g)
         if cfg.token_grounding > 0:
             parts = grounded_losses(unet, text_encoder, scheduler, probe, lat, tok, noise, t, data.regions[idx],
-                                    tok_regions)
+                                    data.parts[idx], tok_regions)
         else:
             parts = {"loss": denoising_loss(unet, text_encoder, scheduler, lat, tok, noise, t)}
         total = parts["loss"] + cfg.token_grounding * parts.get("tokens", 0.0)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step) * group.get("scale", 1.0)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -274,18 +285,20 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
         source = _pipeline_dir(cfg.init_from, cfg.denoiser)
         parts = source if (source / "vae").is_dir() else _pipeline_dir("packaged")  # mini-dit: mini's parts
         vae, unet, text_encoder = models.load_trained(source, cfg.denoiser, parts_from=parts)
+        new_tokens = models.adopt_vocabulary(text_encoder, json.loads((parts / "tokenizer" / "vocab.json").read_text()),
+                                             tokenizer.get_vocab())
         unet = unet if unet is not None else models.build_denoiser(arch).train()
         vae_losses, vae_done, scale = {"loss": []}, 0, float(vae.config.scaling_factor)
     else:
         vae, unet = models.build_vae(arch), models.build_unet(arch)
-        text_encoder = models.build_text_encoder(arch, words)
+        text_encoder, new_tokens = models.build_text_encoder(arch, words), None
         vae_losses, vae_done = _train_vae(cfg, vae, data.images, work_dir)
         scale = None
     lap("vae")
     latents = _encode_latents(vae, data.images, work_dir / "latents.safetensors", scale)
     lap("encode")
     unet_losses, unet_done, ema = _train_unet(cfg, unet, text_encoder, scheduler, latents, data,
-                                              tokenize(tokenizer, [""])[0], work_dir, deadline)
+                                              tokenize(tokenizer, [""])[0], work_dir, deadline, new_tokens)
     lap("unet")
     with torch.no_grad():
         for m, mod in {"unet": unet, "text_encoder": text_encoder}.items():
