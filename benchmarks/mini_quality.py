@@ -12,6 +12,8 @@ per attention resolution and "all" (every resolution upsampled to the image and 
               (the part's share of the object): 1 = the object is one blob; keypoints need parts apart
   cat peak    fraction of objects whose category word's cross-attention peak lies inside the object
   col peak    the same for the colour word
+  part peak   close-ups: fraction of part words ("eye", "beak", "roof", ...) whose peak lies inside the part
+              (a model whose tokenizer has no part words gets "-")
   chance      mean object area / image area (where a random peak lands)
 With --closeup the scenes are close-ups (one large face, bird or house in turn, as the CelebA and CUB
 layouts draw them) instead of ordinary scenes.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffprobe.backbones import load_backbone  # noqa: E402
 from diffprobe.data.world import render_scene, scene_seed  # noqa: E402
+from diffprobe.data.world.vocab import PART_IDS  # noqa: E402
 from diffprobe.mini import packaged_path  # noqa: E402
 from diffprobe.mini.quality import score_attention, untrained_control  # noqa: E402
 
@@ -67,25 +70,29 @@ def main() -> None:
     scenes = [render_scene(scene_seed("test", i), bb.sample_size, first=figures[i % 3] if args.closeup else None,
                            closeup=args.closeup) for i in range(args.n)]
     chance = float(np.mean([o.area / s.instance.size for s in scenes for o in s.objects]))
+    part_areas = [float((s.parts == PART_IDS[(s.objects[0].category, p)]).mean()) for s in scenes
+                  for p in (s.words[0].get("parts", {}) if s.words else {})]
     n_obj = sum(len(s.objects) for s in scenes)
     settings = [(t, False) for t in args.timesteps] + ([(t, True) for t in args.timesteps] if args.noised else [])
     results = {m: {f"{t}{' noised' if nz else ''}": score_attention(b, scenes, t, nz) for t, nz in settings}
                for m, b in models.items()}
     kind = "close-ups" if args.closeup else "scenes"
     print(f"diffprobe-mini attention quality: {args.n} world test {kind}, {n_obj} objects, "
-          f"chance of a peak in the object {chance:.3f}; torch threads {args.threads}")
-    print("| model | t | attention grid | self/unif | part/obj | cat peak | col peak |")
-    print("|---|---|---|---|---|---|---|")
+          f"chance of a peak in the object {chance:.3f}" + (f", in a named part {np.mean(part_areas):.3f}" if part_areas
+                                                             else "") + f"; torch threads {args.threads}")
+    keys = ("self/unif", "part/obj", "cat peak", "col peak", "part peak")
+    print("| model | t | attention grid | " + " | ".join(keys) + " |")
+    print("|---|---|---|" + "---|" * len(keys))
     for m, per_t in results.items():
         for t, per_res in per_t.items():
             for res, r in per_res.items():
-                cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("self/unif", "part/obj", "cat peak", "col peak")]
+                cells = [f"{r[k]:.2f}" if k in r else "-" for k in keys]
                 print(f"| {m} | {t} | {res} | " + " | ".join(cells) + " |")
     print("\nbest setting per model (targets: self/unif >= 5, cat peak >= 0.70):")
     for m, per_t in results.items():
         best = {k: max(((r[k], f"t={t}, {res}") for t, per_res in per_t.items() for res, r in per_res.items()
                         if k in r), default=(float("nan"), "-"))
-                for k in ("self/unif", "part/obj", "cat peak", "col peak")}
+                for k in keys}
         print(f"- {m}: " + "; ".join(f"{k} {v:.2f} ({where})" for k, (v, where) in best.items()))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wall {time.time() - start:.1f} s, peak RSS {peak_mb:.0f} MB")

@@ -43,3 +43,23 @@ def test_peak_in_object_upsamples_the_map_to_the_image():
     mask2 = np.zeros((64, 64), bool)
     mask2[:, :32] = True
     assert not peak_in_object(token, grid, mask2)
+
+
+def test_part_words_are_scored_only_where_the_tokenizer_has_them(tmp_path):
+    from types import SimpleNamespace
+
+    from diffprobe.data.world import render_scene, scene_seed, vocabulary
+    from diffprobe.data.world.vocab import CAPTION_PARTS
+    from diffprobe.mini.quality import part_tokens
+    from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
+
+    scene = render_scene(scene_seed("test", 0), first="bird", closeup=True)
+    words = scene.caption.split()
+    new = SimpleNamespace(tokenizer=load_tokenizer(write_tokenizer(tmp_path / "new", vocabulary(), 24)))
+    found = part_tokens(new, scene)
+    assert [p for _, p, _ in found] == list(scene.words[0]["parts"]) and len(found) >= 4
+    assert all(k == 0 and words[tok - 1] == part for k, part, tok in found)  # position = word index + 1 (BOS)
+    parts = {p for names in CAPTION_PARTS.values() for p in names}
+    old = SimpleNamespace(tokenizer=load_tokenizer(write_tokenizer(tmp_path / "old", [w for w in vocabulary()
+                                                                                     if w not in parts], 24)))
+    assert part_tokens(old, scene) == []  # byte-level pieces, not one token: not scored

@@ -7,7 +7,7 @@
   roof, ...), the share of the object's attention mass that falls on p, divided by |p| / |object|. 1.0 = the
   object is one blob to the model; keypoints need parts told apart.
 - peak_in_object: cross-attention localisation. The map of a word's token, upsampled bilinearly to the
-  image, has its maximum inside the named object.
+  image, has its maximum inside the named object (or, for a close-up's part word, inside the named part).
 
 `score_attention` computes both for a backbone on world scenes (benchmarks/mini_quality.py, the tests).
 """
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from diffprobe.backbones import Backbone
 from diffprobe.data.world import Scene
+from diffprobe.data.world.vocab import PART_IDS
 from diffprobe.hooks import BatchLayout, Reduce
 from diffprobe.drives import encode_images, encode_prompt, unet_step
 
@@ -77,6 +78,14 @@ def peak_in_object(token_map: torch.Tensor, grid: tuple[int, int], mask: np.ndar
     return bool(mask[y, x])
 
 
+def part_tokens(bb: Backbone, scene: Scene) -> list[tuple[int, str, int]]:
+    """(object index, part word, token position) of every part word of a close-up's caption that this
+    tokenizer writes as one token (a model trained before part words has none)."""
+    ids = bb.tokenizer(scene.caption).input_ids
+    return [(k, part, i + 1) for k, w in enumerate(scene.words) for part, i in w.get("parts", {}).items()
+            if ids[i + 1] == bb.tokenizer.convert_tokens_to_ids(part + "</w>")]
+
+
 def token_positions(bb: Backbone, scene: Scene) -> list[tuple[int, int]]:
     """(category token, colour token) per object; checks each caption word is one token after BOS."""
     ids = bb.tokenizer(scene.caption).input_ids
@@ -93,9 +102,10 @@ def token_positions(bb: Backbone, scene: Scene) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def score_attention(bb: Backbone, scenes: list[Scene], timestep: int, noised: bool) -> dict[str, dict[str, float]]:
-    """{grid "16x16" | ... | "all": {"self/unif", "cat peak", "col peak": mean}} of one UNet call per scene
-    at `timestep` (clean latent, or noised to t with seed 0), conditioned on its caption; heads averaged,
-    sites of one grid averaged; "all" averages every grid's cross-attention upsampled to the image."""
+    """{grid "16x16" | ... | "all": {"self/unif", "part/obj", "cat peak", "col peak", "part peak": mean}} of
+    one UNet call per scene at `timestep` (clean latent, or noised to t with seed 0), conditioned on its
+    caption; heads averaged, sites of one grid averaged; "all" averages every grid's cross-attention
+    upsampled to the image."""
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     latents = encode_images(bb, images)
     cond = encode_prompt(bb, [s.caption for s in scenes])
@@ -108,6 +118,7 @@ def score_attention(bb: Backbone, scenes: list[Scene], timestep: int, noised: bo
         groups[(probe.sites[name].kind, cache.grid(name))].append(cache[name])
     size = scenes[0].image.shape[:2]
     tokens = [token_positions(bb, s) for s in scenes]
+    named_parts = [part_tokens(bb, s) for s in scenes]
     rows: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     all_maps = []
     for (kind, grid), tensors in sorted(groups.items(), key=lambda kv: -kv[0][1][0]):
@@ -125,18 +136,22 @@ def score_attention(bb: Backbone, scenes: list[Scene], timestep: int, noised: bo
             all_maps.append(F.interpolate(
                 probs.transpose(1, 2).reshape(len(scenes), -1, *grid), size=size, mode="bilinear",
                 align_corners=False).flatten(2).transpose(1, 2))
-            _peaks(row, probs, grid, scenes, tokens)
-    _peaks(rows["all"], torch.stack(all_maps).mean(0), size, scenes, tokens)
+            _peaks(row, probs, grid, scenes, tokens, named_parts)
+    _peaks(rows["all"], torch.stack(all_maps).mean(0), size, scenes, tokens, named_parts)
     return {res: {k: float(np.mean(v)) if v else float("nan") for k, v in r.items()}   # nan: no part that
             for res, r in rows.items()}                                                    # grid can resolve
 
 
-def _peaks(row, probs: torch.Tensor, grid, scenes, tokens: list[list[tuple[int, int]]]) -> None:
+def _peaks(row, probs: torch.Tensor, grid, scenes, tokens: list[list[tuple[int, int]]], named_parts) -> None:
     for b, s in enumerate(scenes):
         for obj, (cat_tok, col_tok) in zip(s.objects, tokens[b]):
             mask = s.instance == obj.instance
             row["cat peak"].append(peak_in_object(probs[b, :, cat_tok], grid, mask))
             row["col peak"].append(peak_in_object(probs[b, :, col_tok], grid, mask))
+        for k, part, tok in named_parts[b]:
+            obj = s.objects[k]
+            mask = (s.instance == obj.instance) & (s.parts == PART_IDS[(obj.category, part)])
+            row["part peak"].append(peak_in_object(probs[b, :, tok], grid, mask))
 
 
 def untrained_control(bb: Backbone, seed: int = 0) -> Backbone:
