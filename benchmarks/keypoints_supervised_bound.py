@@ -1,0 +1,127 @@
+"""What the best learned context tokens can do: landmark-supervised tokens in the keypoint maps.
+
+    python benchmarks/keypoints_supervised_bound.py --data DIR [--model mini] [--path PIPELINE] [--steps 200]
+
+StableKeypoints finds keypoints by optimising context embeddings without labels. This measures the ceiling
+of that representation on a CelebA-layout export (task=world world.format=celeba): one token per landmark,
+optimised **with** the training landmarks as targets, in exactly the fit's maps (the same sites, query grid,
+timestep and the same 500-token softmax: the other tokens are the fit's fixed initial embeddings). Loss: the
+cross-entropy between each token's map normalised over pixels and a Gaussian (std 1 map pixel) at its
+landmark; Adam, batches of 8 training images. On the test images each token's argmax (and the centroid of its
+whole map) is its landmark, scored by the inter-ocular error beside the training images' mean landmarks.
+If supervised tokens cannot beat the mean landmarks, no unsupervised fit of these maps can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_split(root: Path, role: str, size: int):
+    """(images (N, 3, S, S) in [-1, 1], landmarks (N, L, 2) in [0, 1] of the square) of a MAFL split."""
+    from diffprobe.heads.keypoints.image_sets import ImageSet
+    from diffprobe.tasks.keypoints_data import split_items
+
+    images = ImageSet(split_items({"name": "celeba", "root": str(root), f"{role}_split": f"mafl_{role}"}, role),
+                      size, crop="none")
+    x, y = [], []
+    for i in range(len(images)):
+        tensor, frame, _ = images.load(i)
+        x.append(tensor)
+        y.append(images.landmarks(i, frame)[0])
+    return torch.cat(x), torch.tensor(np.stack(y), dtype=torch.float32)
+
+
+def gaussian_targets(points: torch.Tensor, res: int, sigma: float = 1.0) -> torch.Tensor:
+    """(B, L, res, res) Gaussians summing to 1, std `sigma` map pixels, at points (B, L, 2) in [0, 1]."""
+    centres = (torch.arange(res) + 0.5) / res
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    d2 = (xx - points[..., 0, None, None]) ** 2 + (yy - points[..., 1, None, None]) ** 2
+    g = torch.exp(-d2 * res ** 2 / (2 * sigma ** 2))
+    return g / g.sum((-1, -2), keepdim=True)
+
+
+def readouts(maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"argmax", "centroid"}: (B, L, 2) points in [0, 1] of maps (B, L, res, res)."""
+    res = maps.shape[-1]
+    flat = maps.flatten(2).argmax(-1)
+    argmax = (torch.stack([flat % res, flat // res], -1).float() + 0.5) / res
+    centres = (torch.arange(res) + 0.5) / res
+    p = maps / maps.sum((-1, -2), keepdim=True)
+    centroid = torch.stack([(p.sum(-2) * centres).sum(-1), (p.sum(-1) * centres).sum(-1)], -1)
+    return {"argmax": argmax, "centroid": centroid}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="a CelebA-layout export (task=world world.format=celeba)")
+    ap.add_argument("--model", default="mini", help="a conf/model name")
+    ap.add_argument("--path", default=None, help="another pipeline directory for that model config")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--res", type=int, default=32, help="query grid of the maps (the quality benchmark's 32)")
+    ap.add_argument("--sites", nargs="*", default=None, help="registry names or globs; default: the fit's")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from omegaconf import OmegaConf
+
+    from diffprobe.backbones import load_backbone
+    from diffprobe.eval.landmarks import inter_ocular_error
+    from diffprobe.heads.keypoints.fit import FitConfig, initial_embeddings
+    from diffprobe.heads.keypoints.maps import MapSpec, attention_maps, resolve_sites
+
+    torch.manual_seed(0)
+    conf = OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml")
+    if args.path:
+        conf.path = args.path
+    bb = load_backbone(conf)
+    spec = MapSpec(tuple(resolve_sites(bb.probe.sites, args.sites)), res=args.res)
+    x_train, y_train = load_split(args.data, "train", bb.sample_size)
+    x_test, y_test = load_split(args.data, "test", bb.sample_size)
+    n_marks = y_train.shape[1]
+    fixed = initial_embeddings(FitConfig(), bb.context_dim)
+    learned = fixed[:n_marks].clone().requires_grad_(True)
+    tokens = torch.arange(n_marks)
+    opt = torch.optim.Adam([learned], lr=args.lr)
+
+    def maps(x: torch.Tensor) -> torch.Tensor:
+        return attention_maps(bb, spec, x, torch.cat([learned, fixed[n_marks:]]), torch.Generator().manual_seed(0),
+                              tokens)
+
+    start, order = time.time(), torch.Generator().manual_seed(1)
+    for step in range(args.steps):
+        idx = torch.randint(0, len(x_train), (8,), generator=order)
+        m = maps(x_train[idx])
+        p = m / m.sum((-1, -2), keepdim=True)
+        loss = -(gaussian_targets(y_train[idx], args.res) * torch.log(p + 1e-8)).sum((-1, -2)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == args.steps - 1:
+            print(f"step {step} loss {loss.item():.3f} ({time.time() - start:.0f} s)", flush=True)
+    with torch.no_grad():
+        found = readouts(torch.cat([maps(x_test[i:i + 8]) for i in range(0, len(x_test), 8)]))
+    mean = y_train.mean(0, keepdim=True).expand_as(y_test)
+    rows = {f"supervised tokens, {name}": inter_ocular_error(p.numpy(), y_test.numpy())["inter_ocular_error_percent"]
+            for name, p in found.items()}
+    rows["no image: mean training landmarks"] = inter_ocular_error(mean.numpy(), y_test.numpy())[
+        "inter_ocular_error_percent"]
+    print(f"\n{len(x_train)} train / {len(x_test)} test faces, {args.steps} steps, sites {list(spec.sites)}, "
+          f"{time.time() - start:.0f} s\n| landmarks from | inter-ocular error % |\n|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "steps": args.steps, "sites": list(spec.sites)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
