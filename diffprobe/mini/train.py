@@ -197,10 +197,11 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
     their embedding rows train (no weight decay), so every caption it knew still encodes exactly as before."""
     learn_words = new_tokens is not None and bool(new_tokens.any())
     modules = {"unet": unet, "text_encoder": text_encoder} if cfg.train_text_encoder or learn_words else {"unet": unet}
-    groups = [{"params": [p for m in modules.values() for p in m.parameters()], "weight_decay": 0.01}]
-    if not cfg.train_text_encoder:
+    groups = [{"params": list(unet.parameters()), "weight_decay": 0.01}]
+    if cfg.train_text_encoder:
+        groups[0]["params"] += list(text_encoder.parameters())
+    else:
         text_encoder.eval().requires_grad_(False)
-        groups = [{"params": list(unet.parameters()), "weight_decay": 0.01}]
         if learn_words:
             rows = text_encoder.get_input_embeddings().weight.requires_grad_(True)
             rows.register_hook(lambda grad: grad * new_tokens[:, None].to(grad.dtype))
