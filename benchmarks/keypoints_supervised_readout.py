@@ -44,22 +44,18 @@ def load_split(root: Path, role: str, size: int):
 
 def gaussian_targets(points: torch.Tensor, res: int, sigma: float = 1.0) -> torch.Tensor:
     """(B, L, res, res) Gaussians summing to 1, std `sigma` map pixels, at points (B, L, 2) in [0, 1]."""
-    centres = (torch.arange(res) + 0.5) / res
-    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
-    d2 = (xx - points[..., 0, None, None]) ** 2 + (yy - points[..., 1, None, None]) ** 2
-    g = torch.exp(-d2 * res ** 2 / (2 * sigma ** 2))
+    from diffprobe.heads.keypoints.targets import gaussian_maps
+
+    g = gaussian_maps(points * res, (res, res), sigma)
     return g / g.sum((-1, -2), keepdim=True)
 
 
 def readouts(maps: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{"argmax", "centroid"}: (B, L, 2) points in [0, 1] of maps (B, L, res, res)."""
+    """{"argmax", "centroid" (of the whole map)}: (B, L, 2) points in [0, 1] of maps (B, L, res, res)."""
+    from diffprobe.heads.keypoints.targets import argmax_points, soft_argmax_points
+
     res = maps.shape[-1]
-    flat = maps.flatten(2).argmax(-1)
-    argmax = (torch.stack([flat % res, flat // res], -1).float() + 0.5) / res
-    centres = (torch.arange(res) + 0.5) / res
-    p = maps / maps.sum((-1, -2), keepdim=True)
-    centroid = torch.stack([(p.sum(-2) * centres).sum(-1), (p.sum(-1) * centres).sum(-1)], -1)
-    return {"argmax": argmax, "centroid": centroid}
+    return {"argmax": argmax_points(maps) / res, "centroid": soft_argmax_points(maps, radius=2.0 * res) / res}
 
 
 def main() -> None:
