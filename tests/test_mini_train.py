@@ -89,6 +89,8 @@ def test_config_rejects_bad_values():
         TrainConfig.from_dict({"batch": 0})
     with pytest.raises(DiffprobeError):
         TrainConfig.from_dict({"caption_dropout": 1.5})
+    with pytest.raises(DiffprobeError, match="new_word_lr_scale"):
+        TrainConfig.from_dict({"new_word_lr_scale": 0})
 
 
 @pytest.mark.slow
