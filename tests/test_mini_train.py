@@ -135,6 +135,10 @@ def test_training_continues_from_a_pipeline_on_closeups(tmp_path):
     assert any(not torch.equal(pa, pb) for pa, pb in zip(a.unet.parameters(), b.unet.parameters()))
     with pytest.raises(DiffprobeError, match="not a diffprobe-mini pipeline"):
         train_mini(TrainConfig(**{**base, "init_from": str(tmp_path)}), tmp_path / "c", tmp_path / "pipe_c", arch=TINY)
+    (tmp_path / "pipe_a" / "tokenizer" / "vocab.json").unlink()  # its vocabulary is what new words are matched by
+    with pytest.raises(DiffprobeError, match="not a diffprobe-mini pipeline"):
+        train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a")}), tmp_path / "d", tmp_path / "pipe_d",
+                   arch=TINY)
 
 
 @pytest.mark.slow

@@ -253,7 +253,7 @@ def _pipeline_dir(init_from: str, denoiser: str = "unet") -> Path:
     path = packaged_path() if init_from == "packaged" else Path(init_from)
     if denoiser == "pixart" and (path / "transformer" / "config.json").is_file():
         return path
-    if not (path / "unet" / "config.json").is_file():
+    if not all((path / f).is_file() for f in ("unet/config.json", "tokenizer/vocab.json")):
         raise DiffprobeError(f"train_mini.init_from={init_from}: {path} is not a diffprobe-mini pipeline directory")
     return path
 
