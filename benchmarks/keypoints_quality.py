@@ -12,7 +12,8 @@ Per category:
    - random tokens: the initial embeddings, K tokens drawn at random (raw features, no selection);
    - mean landmarks: the training images' mean landmarks for every test image (no image; in metrics.json).
 Each step is skipped when its output exists (rerun to resume). Images are 64 px; maps are 32 x 32
-(sigma 1 px, the reference's 2 px at 128 scaled); K = 10, 500 tokens, the reference's lr unless --lr.
+(sigma 1 px, the reference's 2 px at 128 scaled); K = 10, 500 tokens, the reference's lr unless --lr, its
+10 test-time transforms.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-COMMON = ["keypoints.fit.sigma=1.0", "keypoints.upsample_queries=32", "keypoints.predict.augmentations=3",
-          "keypoints.predict.batch_size=1"]
+COMMON = ["keypoints.fit.sigma=1.0", "keypoints.upsample_queries=32"]
 LAYOUT = {"face": ("celeba", "inter_ocular_error_percent", "inter-ocular error %"),
           "bird": ("cub", "mean_l2_percent", "mean L2 % of the crop")}
 
