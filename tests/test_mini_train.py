@@ -93,6 +93,27 @@ def test_config_rejects_bad_values():
         TrainConfig.from_dict({"new_word_lr_scale": 0})
 
 
+def test_cached_scenes_and_latents_are_made_again_when_what_they_came_from_changes(tmp_path, tokenizer):
+    from diffprobe.mini.dataset import training_set
+    from diffprobe.mini.train import _encode_latents
+
+    cache, latents = tmp_path / "data.safetensors", tmp_path / "latents.safetensors"
+    seed0 = training_set(cache, 2, 64, tokenizer, base_seed=0)
+    seed1 = training_set(cache, 2, 64, tokenizer, base_seed=1)  # same cache file, another seed
+    assert torch.equal(seed1.images, training_set(tmp_path / "fresh.safetensors", 2, 64, tokenizer, 1).images)
+    assert not torch.equal(seed0.images, seed1.images)
+    torch.manual_seed(0)
+    vae = models.build_vae(TINY)
+    first = _encode_latents(vae, seed0.images, latents)
+    assert torch.equal(_encode_latents(vae, seed0.images, latents), first)  # same images, same VAE: the cache
+    other = _encode_latents(vae, seed1.images, latents)
+    assert torch.allclose(other, _encode_latents(vae, seed1.images, tmp_path / "fresh_latents.safetensors"))
+    assert not torch.allclose(other, first)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(2.0)  # another VAE: encoded again
+    assert not torch.allclose(_encode_latents(vae, seed1.images, latents), other)
+
+
 @pytest.mark.slow
 def test_resumed_training_equals_uninterrupted_and_exports_a_loadable_pipeline(tmp_path):
     cfg = dict(images=8, vae_steps=2, vae_batch=2, unet_steps=4, batch=2, checkpoint_every=1, samples=0, warmup=2)

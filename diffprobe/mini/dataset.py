@@ -57,11 +57,13 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def training_set(path: Path, n: int, size: int, tokenizer, base_seed: int = 0, split: str = "train",
                  closeup_fraction: float = 0.0) -> TrainingSet:
-    """The first `n` scenes of `split` at `size` px (closeup_fraction of them close-ups), cached at `path`."""
-    key = (str(n), str(size), FORMAT, repr(float(closeup_fraction)))
+    """The first `n` scenes of `split` at `size` px (closeup_fraction of them close-ups), cached at `path`
+    (a cache made with other settings, the seed and split included, is rendered again)."""
+    names = ("n", "size", "format", "closeup_fraction", "seed", "split")
+    key = (str(n), str(size), FORMAT, repr(float(closeup_fraction)), str(base_seed), split)
     if path.is_file():
         tensors, meta = load_tensors(path)
-        if (meta.get("n"), meta.get("size"), meta.get("format"), meta.get("closeup_fraction", "0.0")) == key:
+        if tuple(meta.get(name) for name in names) == key:
             return TrainingSet(**tensors)
         log.info("cached training set at %s has other settings; rendering again", path)
     T = tokenizer.model_max_length
@@ -78,7 +80,7 @@ def training_set(path: Path, n: int, size: int, tokenizer, base_seed: int = 0, s
         captions.append(scene.caption)
     data = TrainingSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), tokenize(tokenizer, captions),
                        torch.from_numpy(regions), torch.from_numpy(parts), torch.from_numpy(token_regions))
-    save_tensors(path, vars(data), metadata=dict(zip(("n", "size", "format", "closeup_fraction"), key)))
+    save_tensors(path, vars(data), metadata=dict(zip(names, key)))
     return data
 
 

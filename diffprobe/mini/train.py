@@ -9,6 +9,7 @@ again with the same `work_dir`. Batches, noise and timesteps are drawn from gene
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -173,20 +174,34 @@ def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> t
 
 
 @torch.no_grad()
+def _latent_source(vae, images: torch.Tensor) -> str:
+    """sha256 of images (N, 3, H, W) uint8 and the VAE's weights: what cached latents were encoded from."""
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _encode_latents(vae, images: torch.Tensor, path: Path, scale: float | None = None) -> torch.Tensor:
     """Posterior means of all images, (N, C, h, w) times `scale` (None: the scale giving unit variance, set
-    as vae's scaling_factor; a continued model keeps its own)."""
+    as vae's scaling_factor; a continued model keeps its own). Cached at `path`; a cache of other images or
+    another VAE is encoded again."""
+    source = _latent_source(vae, images)
     if path.is_file():
         tensors, meta = load_tensors(path)
-        vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
-        return tensors["latents"]
+        if meta.get("source") == source:
+            vae.register_to_config(scaling_factor=float(meta["scaling_factor"]))
+            return tensors["latents"]
+        log.info("cached latents at %s come from other images or another VAE; encoding again", path)
     vae.eval()
-    lat = torch.cat([vae.encode(to_unit(images[i:i + 256])).latent_dist.mean
-                     for i in tqdm(range(0, len(images), 256), desc="encode latents", leave=False)])
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(to_unit(images[i:i + 256])).latent_dist.mean
+                         for i in tqdm(range(0, len(images), 256), desc="encode latents", leave=False)])
     scale = 1.0 / float(lat.std()) if scale is None else scale
     vae.register_to_config(scaling_factor=scale)
     lat = lat * scale
-    save_tensors(path, {"latents": lat}, metadata={"scaling_factor": repr(scale)})
+    save_tensors(path, {"latents": lat}, metadata={"scaling_factor": repr(scale), "source": source})
     return lat
 
 
