@@ -2,6 +2,7 @@
 birds (CUB layout), beside three baselines computed on the same test images.
 
     python benchmarks/keypoints_quality.py --out DIR [--categories face bird] [--steps 500] [--model mini_dit]
+                                           [--model-path PIPELINE] [--sites NAME ...]
 
 Per category:
 1. writes world close-ups in the dataset's layout (task=world: 300 train, 100 test) unless present;
@@ -33,30 +34,39 @@ LAYOUT = {"face": ("celeba", "inter_ocular_error_percent", "inter-ocular error %
           "bird": ("cub", "mean_l2_percent", "mean L2 % of the crop")}
 
 
-def cli(model: str, *args: str) -> float:
-    """Run task=keypoints on `model` (a config name); its wall time in seconds."""
+def model_args(args) -> list[str]:
+    """Overrides choosing the model, its weights (--model-path) and the keypoint sites (--sites)."""
+    sites = [f"keypoints.sites=[{','.join(repr(s) for s in args.sites)}]"] if args.sites else []
+    return [f"model={args.model}", *([f"model.path={args.model_path}"] if args.model_path else []), *sites]
+
+
+def cli(args, *overrides: str) -> float:
+    """Run task=keypoints with the benchmark's model and map settings; its wall time in seconds."""
     start = time.time()
-    subprocess.run([sys.executable, "-m", "diffprobe", "task=keypoints", f"model={model}", *COMMON, *args], cwd=REPO,
-                   check=True)
+    subprocess.run([sys.executable, "-m", "diffprobe", "task=keypoints", *model_args(args), *COMMON, *overrides],
+                   cwd=REPO, check=True)
     return time.time() - start
 
 
-def untrained(model: str, data_args: dict, out: Path, random_tokens: bool, seed: int = 0) -> Path:
+def untrained(args, data_args: dict, out: Path, random_tokens: bool, seed: int = 0) -> Path:
     """The fit's initial embeddings with K tokens chosen by the fit's vote, or drawn at random."""
     import torch
 
     from diffprobe.backbones import load_backbone
     from diffprobe.heads.keypoints.fit import FitConfig, choose_keypoints, config_dict, initial_embeddings
     from diffprobe.heads.keypoints.image_sets import ImageSet
-    from diffprobe.heads.keypoints.maps import MapSpec, default_sites
+    from diffprobe.heads.keypoints.maps import MapSpec, resolve_sites
     from diffprobe.heads.keypoints.state import KeypointModel, save_model
     from diffprobe.tasks.keypoints_data import split_items
 
     from omegaconf import OmegaConf
 
     torch.set_num_threads(1)
-    bb = load_backbone(OmegaConf.load(REPO / "conf" / "model" / f"{model}.yaml"))
-    spec = MapSpec(tuple(default_sites(bb.probe.sites)), res=32)
+    model = OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml")
+    if args.model_path:
+        model.path = args.model_path
+    bb = load_backbone(model)
+    spec = MapSpec(tuple(resolve_sites(bb.probe.sites, args.sites)), res=32)
     cfg = FitConfig(sigma=1.0, seed=seed)
     crop = "none" if data_args["name"] == "celeba" else "center"
     images = ImageSet(split_items(data_args, "fit"), bb.sample_size, crop=crop)
@@ -66,7 +76,7 @@ def untrained(model: str, data_args: dict, out: Path, random_tokens: bool, seed:
         counts = [0] * cfg.top_k
     else:
         indices, counts = choose_keypoints(bb, spec, cfg, images, emb)
-    config = {**config_dict(cfg, spec), "image_size": images.size, "crop": images.crop, "model": model}
+    config = {**config_dict(cfg, spec), "image_size": images.size, "crop": images.crop, "model": args.model}
     return save_model(out / "keypoints", KeypointModel(emb, indices, config, counts))
 
 
@@ -83,19 +93,19 @@ def run_category(category: str, out: Path, args) -> list[tuple[str, float]]:
     timing = out / f"fit_{category}" / "wall_seconds.txt"
     if not (out / f"fit_{category}" / "keypoints.safetensors").is_file():
         lr = [f"keypoints.fit.lr={args.lr}"] if args.lr else []
-        seconds = cli(args.model, "mode=fit", *data_args, f"keypoints.fit.steps={args.steps}", *lr,
+        seconds = cli(args, "mode=fit", *data_args, f"keypoints.fit.steps={args.steps}", *lr,
                       f"hydra.run.dir={out / f'fit_{category}'}")
         timing.write_text(f"{seconds:.1f}\n")
     settings = {"name": fmt, "root": str(root), **({"fit_split": "mafl_train"} if fmt == "celeba" else
                                                     {"fit_split": "train", "crop_to_box": True, "box_margin": 0.05})}
     for name, random_tokens in (("untrained", False), ("random", True)):
         if not (out / f"{name}_{category}" / "keypoints.safetensors").is_file():
-            untrained(args.model, settings, out / f"{name}_{category}", random_tokens)
+            untrained(args, settings, out / f"{name}_{category}", random_tokens)
     rows = []
     for name in ("fit", "untrained", "random"):
         run = out / f"eval_{name}_{category}"
         if not (run / "metrics.json").is_file():
-            cli(args.model, "mode=eval", *data_args, f"embeddings={out / f'{name}_{category}' / 'keypoints.safetensors'}",
+            cli(args, "mode=eval", *data_args, f"embeddings={out / f'{name}_{category}' / 'keypoints.safetensors'}",
                 f"keypoints.eval.train={args.eval_train}", f"resume={run}", f"hydra.run.dir={run}")
         rows.append((name, json.loads((run / "metrics.json").read_text())))
     fit_seconds = float(timing.read_text()) if timing.is_file() else float("nan")
@@ -114,6 +124,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="default: the reference's 5e-3")
     ap.add_argument("--eval-train", type=int, default=300)
     ap.add_argument("--model", default="mini", choices=["mini", "mini_dit"], help="the embedded model to fit on")
+    ap.add_argument("--model-path", default=None, help="another pipeline directory of that model (e.g. a train_mini run)")
+    ap.add_argument("--sites", nargs="+", default=None, help="cross-attention sites (default: the model's)")
     args = ap.parse_args()
     out = args.out.resolve()
     results = {}

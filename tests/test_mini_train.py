@@ -114,6 +114,33 @@ def test_cached_scenes_and_latents_are_made_again_when_what_they_came_from_chang
     assert not torch.allclose(_encode_latents(vae, seed1.images, latents), other)
 
 
+def test_grown_top_attention_leaves_the_output_unchanged_and_its_maps_learn_from_the_token_loss():
+    from diffprobe.hooks import ProbeRegistry, Reduce
+    from diffprobe.mini.grounding import region_fractions, token_loss
+
+    torch.manual_seed(0)
+    unet = models.build_unet(TINY)
+    grown = models.grow_top_attention(unet)
+    assert models.grow_top_attention(grown) is grown
+    x, t, context = torch.randn(2, 4, 32, 32), torch.tensor([5, 700]), torch.randn(2, 24, TINY.text_dim)
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, context).sample, grown(x, t, context).sample)
+    probe = ProbeRegistry(grown)
+    top = [n for n, s in probe.sites.items() if s.kind == "cross_attn" and s.divisor == 1]
+    assert top == [f"up_blocks.3.attentions.{i}.transformer_blocks.0.attn2.hook_probs" for i in range(2)]
+    regions = torch.zeros(2, 64, 64, dtype=torch.long)
+    regions[:, :, :32] = 1  # token 1 names the left half
+    token_regions = torch.zeros(2, 24, dtype=torch.long)
+    token_regions[:, 1] = 1
+    with probe.capture(top, reduce=Reduce(heads="mean"), detach=False) as cache:
+        grown(x, t, context)
+    loss = token_loss(cache[top[0]], region_fractions(regions, torch.zeros_like(regions), (32, 32)),
+                      token_regions, torch.ones(2))
+    loss.backward()
+    block = grown.up_blocks[3].attentions[0].transformer_blocks[0]
+    assert block.attn2.to_q.weight.grad.abs().sum() > 0 and block.attn2.to_k.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.slow
 def test_resumed_training_equals_uninterrupted_and_exports_a_loadable_pipeline(tmp_path):
     cfg = dict(images=8, vae_steps=2, vae_batch=2, unet_steps=4, batch=2, checkpoint_every=1, samples=0, warmup=2)
@@ -154,6 +181,11 @@ def test_training_continues_from_a_pipeline_on_closeups(tmp_path):
     va, vb = dict(a.vae.named_parameters()), dict(b.vae.named_parameters())
     assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE is kept as it was
     assert any(not torch.equal(pa, pb) for pa, pb in zip(a.unet.parameters(), b.unet.parameters()))
+    train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "top_attention": True}),
+               tmp_path / "g", tmp_path / "pipe_g", arch=TINY)
+    grown = load_backbone({"name": "g", "path": str(tmp_path / "pipe_g")})
+    assert grown.unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
+    assert {s.divisor for s in grown.probe.sites.values() if s.kind == "cross_attn"} == {1, 2, 4, 8}
     with pytest.raises(DiffprobeError, match="not a diffprobe-mini pipeline"):
         train_mini(TrainConfig(**{**base, "init_from": str(tmp_path)}), tmp_path / "c", tmp_path / "pipe_c", arch=TINY)
     (tmp_path / "pipe_a" / "tokenizer" / "vocab.json").unlink()  # its vocabulary is what new words are matched by

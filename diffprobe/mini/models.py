@@ -5,6 +5,8 @@ Images are 64 px RGB; the VAE halves the side (latent 4 x 32 x 32); the UNet has
 plain 32 px level: SD's three attention levels and one plain level, only much narrower, with the
 plain level at the top (attention over 32 x 32 cells doubles the step time and stayed uniform in
 training; docs/mini.md). Attention heads are `unet_head_dim` channels wide at every level.
+`grow_top_attention` adds self- and cross-attention to a trained UNet's top up level (32 latent px) without
+changing its output, for a continuation that trains them.
 """
 
 from __future__ import annotations
@@ -65,6 +67,27 @@ def build_unet(arch: MiniArch):
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
         block_out_channels=arch.unet_channels, layers_per_block=1, cross_attention_dim=arch.text_dim,
         attention_head_dim=heads, norm_num_groups=16)
+
+
+def grow_top_attention(unet):
+    """A copy of a trained mini UNet whose top up block (up_blocks.-1, the finest level) gets self- and
+    cross-attention like the levels below it. Every existing weight is copied; the new transformers' output
+    projections start at zero, so the grown UNet computes exactly what `unet` does until they are trained."""
+    from diffusers import UNet2DConditionModel
+
+    types = list(unet.config.up_block_types)
+    if types[-1] == "CrossAttnUpBlock2D":
+        return unet
+    grown = UNet2DConditionModel.from_config({**unet.config, "up_block_types": types[:-1] + ["CrossAttnUpBlock2D"]})
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    new = f"up_blocks.{len(types) - 1}.attentions."
+    if unexpected or not all(k.startswith(new) for k in missing):
+        raise ValueError(f"cannot grow this UNet: unexpected {unexpected[:1]}, missing {missing[:1]}")
+    with torch.no_grad():
+        for block in grown.up_blocks[-1].attentions:
+            block.proj_out.weight.zero_()
+            block.proj_out.bias.zero_()
+    return grown.train(unet.training)
 
 
 def build_transformer(arch: MiniArch):

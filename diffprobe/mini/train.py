@@ -61,6 +61,7 @@ class TrainConfig:
     denoiser: str = "unet"  # "pixart": diffprobe-mini-dit, a transformer on init_from's VAE and text encoder
     train_text_encoder: bool = True  # False: the text encoder stays as loaded (mini-dit shares mini's)
     new_word_lr_scale: float = 30.0  # lr multiplier of the embedding rows of words new to a loaded text encoder
+    top_attention: bool = False  # add self- and cross-attention at the UNet's top up level (32 latent px)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -310,6 +311,8 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
         text_encoder, new_tokens = models.build_text_encoder(arch, words), None
         vae_losses, vae_done = _train_vae(cfg, vae, data.images, work_dir)
         scale = None
+    if cfg.top_attention and cfg.denoiser == "unet":  # zero-initialised: the loaded UNet's output is unchanged
+        unet = models.grow_top_attention(unet)
     lap("vae")
     latents = _encode_latents(vae, data.images, work_dir / "latents.safetensors", scale)
     lap("encode")
