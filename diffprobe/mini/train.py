@@ -174,7 +174,6 @@ def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> t
     return _run_phase("vae", work_dir, {"vae": vae}, opt, cfg.vae_steps, step_fn, cfg.checkpoint_every)
 
 
-@torch.no_grad()
 def _latent_source(vae, images: torch.Tensor) -> str:
     """sha256 of images (N, 3, H, W) uint8 and the VAE's weights: what cached latents were encoded from."""
     digest = hashlib.sha256(images.contiguous().numpy().tobytes())
@@ -184,6 +183,7 @@ def _latent_source(vae, images: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+@torch.no_grad()
 def _encode_latents(vae, images: torch.Tensor, path: Path, scale: float | None = None) -> torch.Tensor:
     """Posterior means of all images, (N, C, h, w) times `scale` (None: the scale giving unit variance, set
     as vae's scaling_factor; a continued model keeps its own). Cached at `path`; a cache of other images or
@@ -196,9 +196,8 @@ def _encode_latents(vae, images: torch.Tensor, path: Path, scale: float | None =
             return tensors["latents"]
         log.info("cached latents at %s come from other images or another VAE; encoding again", path)
     vae.eval()
-    with torch.no_grad():
-        lat = torch.cat([vae.encode(to_unit(images[i:i + 256])).latent_dist.mean
-                         for i in tqdm(range(0, len(images), 256), desc="encode latents", leave=False)])
+    lat = torch.cat([vae.encode(to_unit(images[i:i + 256])).latent_dist.mean
+                     for i in tqdm(range(0, len(images), 256), desc="encode latents", leave=False)])
     scale = 1.0 / float(lat.std()) if scale is None else scale
     vae.register_to_config(scaling_factor=scale)
     lat = lat * scale
