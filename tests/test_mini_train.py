@@ -91,6 +91,8 @@ def test_config_rejects_bad_values():
         TrainConfig.from_dict({"caption_dropout": 1.5})
     with pytest.raises(DiffprobeError, match="new_word_lr_scale"):
         TrainConfig.from_dict({"new_word_lr_scale": 0})
+    with pytest.raises(DiffprobeError, match="top_attention"):
+        TrainConfig.from_dict({"top_attention": True, "denoiser": "pixart", "init_from": "packaged"})
 
 
 def test_cached_scenes_and_latents_are_made_again_when_what_they_came_from_changes(tmp_path, tokenizer):

@@ -86,6 +86,8 @@ class TrainConfig:
             raise DiffprobeError("train_mini.closeup_fraction must lie in [0, 1]")
         if cfg.denoiser not in ("unet", "pixart"):
             raise DiffprobeError(f"train_mini.denoiser must be unet or pixart, not {cfg.denoiser!r}")
+        if cfg.top_attention and cfg.denoiser != "unet":
+            raise DiffprobeError("train_mini.top_attention grows a UNet level; it does not apply to denoiser=pixart")
         if cfg.denoiser == "pixart" and not cfg.init_from:
             raise DiffprobeError("train_mini.denoiser=pixart trains on a trained mini's VAE and text encoder: "
                                  "set train_mini.init_from (e.g. packaged)")
