@@ -2,6 +2,7 @@
 the baselines a skeptic tries first, all in one run on the same scenes.
 
     python benchmarks/diffseg_world.py [--n 200] [--model DIR [--parts-from DIR]] [--json out.json] [--resize-check 256]
+        [--divisors 2 4 8]
 
 Every scene's self-attention is captured once (one UNet call: clean latent, t=300, empty prompt), then the
 head runs for each merge mode and tau, and the normalised cut (method=ncut) for each affinity and cut
@@ -136,11 +137,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--resize-check", type=int, default=None, metavar="SIZE")
+    ap.add_argument("--divisors", type=int, nargs="+", default=None,
+                    help="the self-attention levels read, by resolution divisor (diffseg.divisors; default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start, load = time.time(), os.getloadavg()[0]
     bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path()), "parts_from": args.parts_from})
-    head = DiffSegHead(DiffSegSettings(tau=0.2), bb.sample_size)
+    head = DiffSegHead(DiffSegSettings(tau=0.2, divisors=args.divisors), bb.sample_size)
     data = {split: scene_data(split, args.n, bb, head) for split in ("val", "test")}
     sweep = {mode: {tau: diffseg_scores(data["val"], DiffSegParams(tau=tau, **kw)) for tau in TAUS}
              for mode, kw in MODES.items()}
@@ -164,6 +167,7 @@ def main() -> None:
     baselines = {split: baseline_scores(data[split]) for split in ("val", "test")}
 
     print(f"\nDiffSeg on {args.n} world val + {args.n} test scenes, model {args.model or 'diffprobe-mini'}, "
+          f"levels {'all' if args.divisors is None else 'at divisors ' + str(args.divisors)}, "
           f"{time.time() - start:.0f} s, load average at start {load:.1f}\n")
     print("Validation sweep (segments | pixel accuracy % | mIoU %, per-image Hungarian):\n")
     print("| tau | " + " | ".join(MODES) + " |")

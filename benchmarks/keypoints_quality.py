@@ -66,7 +66,7 @@ def untrained(args, data_args: dict, out: Path, random_tokens: bool, seed: int =
     if args.model_path:
         model.path = args.model_path
     bb = load_backbone(model)
-    spec = MapSpec(tuple(resolve_sites(bb.probe.sites, args.sites)), res=32)
+    spec = MapSpec(tuple(resolve_sites(bb.probe.sites, args.sites or model.get("keypoints_sites"))), res=32)
     cfg = FitConfig(sigma=1.0, seed=seed)
     crop = "none" if data_args["name"] == "celeba" else "center"
     images = ImageSet(split_items(data_args, "fit"), bb.sample_size, crop=crop)

@@ -1,7 +1,7 @@
 """Localisation of words on the procedural world with diffprobe-mini: every refinement and its settings chosen
 on the val split, reported on test, beside raw cross-attention, all from the same captured calls.
 
-    python benchmarks/localize_world.py [--n 200] [--model DIR] [--json out.json]
+    python benchmarks/localize_world.py [--n 200] [--model DIR] [--json out.json] [--divisors 2 4 8]
 
 Per scene: one UNet call (DiffSeg's: clean latent, t=300) conditioned on the scene's caption; for every
 category its caption names, that word's cross-attention map (heads averaged, resolutions aggregated) and the
@@ -46,13 +46,13 @@ GRID = {  # method: list of RefineParams overrides swept on val
 }
 
 
-def scene_words(split: str, n: int, bb, size: int = 64) -> list[dict]:
+def scene_words(split: str, n: int, bb, size: int = 64, divisors=None) -> list[dict]:
     """Per (scene, category word): the word map, the scene's self-attention, the boxes and mask of the word."""
     out = []
     for i in range(n):
         scene = render_scene(scene_seed(split, i), size)
         words = sorted({o.category for o in scene.objects})
-        settings = LocalizeSettings(words=words, prompt=scene.caption)
+        settings = LocalizeSettings(words=words, prompt=scene.caption, divisors=divisors)
         head = LocalizeHead(settings, token_groups(bb.tokenizer, scene.caption, words), bb.sample_size)
         plan = head.plan(bb.probe.sites)
         x = image_to_tensor(Image.fromarray(scene.image), head.size, crop="none", resize=settings.resize)
@@ -81,18 +81,21 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="diffusers directory (default: the packaged diffprobe-mini)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--divisors", type=int, nargs="+", default=None,
+                    help="the attention levels read, by resolution divisor (localize.divisors; default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start, load = time.time(), os.getloadavg()[0]
     bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path())})
-    data = {split: scene_words(split, args.n, bb) for split in ("val", "test")}
+    data = {split: scene_words(split, args.n, bb, divisors=args.divisors) for split in ("val", "test")}
     sweep = {m: [(kw, score(data["val"], RefineParams(method=m.split(",")[0], **kw))) for kw in grid]
              for m, grid in GRID.items()}
     chosen = {m: max(rows, key=lambda r: r[1]["max_box_acc_v2"]) for m, rows in sweep.items()}
     test = {m: score(data["test"], RefineParams(method=m.split(",")[0], **kw)) for m, (kw, _) in chosen.items()}
     print(f"\nLocalisation on {args.n} world val + {args.n} test scenes ({len(data['val'])} / {len(data['test'])} "
-          f"words), model {args.model or 'diffprobe-mini'}, {time.time() - start:.0f} s, load average at start "
-          f"{load:.1f}\n")
+          f"words), model {args.model or 'diffprobe-mini'}, levels "
+          f"{'all' if args.divisors is None else 'at divisors ' + str(args.divisors)}, {time.time() - start:.0f} s, "
+          f"load average at start {load:.1f}\n")
     print("| method | settings (best on val) | val MaxBoxAccV2 | val mask threshold | test GT-known Loc (%) | "
           "test MaxBoxAccV2 (%) | @0.3 | @0.5 | @0.7 | test PxAP (%) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

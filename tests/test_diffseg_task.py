@@ -48,6 +48,36 @@ def test_pipeline_groups_self_attention_by_divisor():
         torch.testing.assert_close(m.sum(dim=-1), torch.ones(m.shape[:-1]))
 
 
+def test_divisors_select_levels_and_segment_as_those_maps_alone():
+    from diffprobe.heads.diffseg import segment
+
+    bb = tiny_backbone("sd15")
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    item = Item("x", Image.fromarray(rgb), {"output_size": (64, 64)})
+    every_head = DiffSegHead(DiffSegSettings(tau=0.05, anchors=4), 64)
+    every = self_attention(bb, every_head, every_head.inputs(item))
+    head = DiffSegHead(DiffSegSettings(tau=0.05, anchors=4, divisors=[4, 2]), 64)
+    some = self_attention(bb, head, head.inputs(item))
+    assert sorted(some) == [(2, 2), (4, 4)]  # 64 px -> latent 8 x 8: divisors 2 and 4
+    for grid, maps in some.items():
+        torch.testing.assert_close(maps, every[grid])
+    (result,) = run_heads(bb, [head], item)
+    alone = segment({g: every[g] for g in [(4, 4), (2, 2)]}, size=(64, 64), params=head.params)
+    torch.testing.assert_close(result.labels, alone.labels)  # the finest selected grid is the aggregation grid
+    with pytest.raises(DiffprobeError, match=r"divisors \[16\] are not attention levels .*\[1, 2, 4, 8\]"):
+        DiffSegHead(DiffSegSettings(tau=0.9, divisors=[2, 16]), 64).plan(bb.probe.sites)
+    for bad in ([], [0, 2], ["x"], 3):
+        with pytest.raises(DiffprobeError, match="diffseg.divisors must be"):
+            DiffSegSettings(tau=0.9, divisors=bad).params()
+
+
+def test_divisors_default_to_the_models_then_all():
+    assert diffseg.settings_of(make_cfg("diffseg")).divisors is None
+    model = OmegaConf.merge(OmegaConf.load(CONF / "model" / "tiny_sd15.yaml"), {"attention_divisors": [2, 4]})
+    assert list(diffseg.settings_of(make_cfg("diffseg", model=model)).divisors) == [2, 4]
+    assert list(diffseg.settings_of(make_cfg("diffseg", model=model, divisors=[1])).divisors) == [1]
+
+
 def test_pipeline_takes_the_resolutions_sdxl_has(caplog):
     bb = tiny_backbone("sdxl")
     head = DiffSegHead(DiffSegSettings(tau=0.9), 64)

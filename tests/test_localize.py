@@ -90,6 +90,38 @@ def test_the_head_localises_a_planted_word_and_boxes_it():
         largest_box(result.raw[0].numpy() >= 0.5)[None], truth[None])[0, 0]
 
 
+def test_divisors_leave_out_a_flat_finer_level():
+    # the planted 16 x 16 level at divisor 2 under a uniform 32 x 32 level at divisor 1 (a model whose finest
+    # self-attention has not learned structure): reading all levels, the flat one gets the largest weight and
+    # the graph and the word map lose the object; divisors=[2] reads the planted level alone, exactly.
+    seg, probs, word = planted()
+    sites = {"f.attn1.hook_probs": Site("f.attn1.hook_probs", "self_attn", "up", 1, 1, 1, 8, 2, "f.attn1"),
+             "f.attn2.hook_probs": Site("f.attn2.hook_probs", "cross_attn", "up", 1, 1, 1, 8, 3, "f.attn2"),
+             "b.attn1.hook_probs": Site("b.attn1.hook_probs", "self_attn", "up", 0, 2, 1, 8, 0, "b.attn1"),
+             "b.attn2.hook_probs": Site("b.attn2.hook_probs", "cross_attn", "up", 0, 2, 1, 8, 1, "b.attn2")}
+    cross = torch.full((256, 5), 1e-3)
+    cross[:, 2] = word[0]
+    tensors = {"b.attn1.hook_probs": probs[None], "b.attn2.hook_probs": (cross / cross.sum(1, keepdim=True))[None],
+               "f.attn1.hook_probs": torch.full((1, 1024, 1024), 1 / 1024),
+               "f.attn2.hook_probs": torch.full((1, 1024, 5), 0.2)}
+    item = Item("planted", None, {"output_size": (64, 64)})
+    truth = np.array([[5 * 4, 4 * 4, 12 * 4, 11 * 4]], np.float64)
+
+    def box_iou_of(divisors, names):
+        head = LocalizeHead(LocalizeSettings(words=["bird"], divisors=divisors), [[2]], 64)
+        head.plan({n: sites[n] for n in names})
+        result = head.finish(View.from_tensors(sites, {n: tensors[n] for n in names}), item)
+        return result, box_iou(result.boxes[0][None], truth)[0, 0]
+
+    alone, iou_alone = box_iou_of(None, ["b.attn1.hook_probs", "b.attn2.hook_probs"])
+    selected, iou_selected = box_iou_of([2], list(tensors))
+    _, iou_all = box_iou_of(None, list(tensors))
+    torch.testing.assert_close(selected.refined, alone.refined)
+    assert iou_selected == iou_alone > 0.7 > iou_all
+    with pytest.raises(DiffprobeError, match=r"localize.divisors \[4\] are not attention levels .*\[1, 2\]"):
+        LocalizeHead(LocalizeSettings(words=["bird"], divisors=[4]), [[2]], 64).plan(sites)
+
+
 def test_bad_localize_settings_are_one_line_errors():
     with pytest.raises(DiffprobeError, match="words"):
         LocalizeSettings().params()
@@ -97,6 +129,8 @@ def test_bad_localize_settings_are_one_line_errors():
         LocalizeSettings(words=["bird"], method="crf").params()
     with pytest.raises(DiffprobeError, match="threshold"):
         LocalizeSettings(words=["bird"], threshold=1.0).params()
+    with pytest.raises(DiffprobeError, match="localize.divisors must be"):
+        LocalizeSettings(words=["bird"], divisors=[]).params()
     with pytest.raises(DiffprobeError, match="ground-truth box"):
         WSOLMeter().update(np.ones((4, 4)), np.zeros((0, 4)))
 

@@ -188,6 +188,17 @@ def test_training_continues_from_a_pipeline_on_closeups(tmp_path):
     grown = load_backbone({"name": "g", "path": str(tmp_path / "pipe_g")})
     assert grown.unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
     assert {s.divisor for s in grown.probe.sites.values() if s.kind == "cross_attn"} == {1, 2, 4, 8}
+    train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "top_attention": True,
+                              "freeze_loaded": True, "lr": 1e-2}), tmp_path / "f", tmp_path / "pipe_f", arch=TINY)
+    frozen = load_backbone({"name": "f", "path": str(tmp_path / "pipe_f")})
+    loaded, kept = dict(a.unet.named_parameters()), dict(frozen.unet.named_parameters())
+    new = [k for k in kept if k not in loaded]
+    assert new and all(k.startswith("up_blocks.3.attentions.") for k in new)
+    assert all(torch.equal(loaded[k], kept[k]) for k in loaded)  # every loaded weight exported bit-identical
+    assert all(torch.equal(p, q) for p, q in zip(a.text_encoder.parameters(), frozen.text_encoder.parameters()))
+    assert kept["up_blocks.3.attentions.0.proj_out.weight"].abs().sum() > 0  # the new level trained
+    with pytest.raises(DiffprobeError, match="freeze_loaded"):
+        TrainConfig.from_dict({"freeze_loaded": True, "init_from": "packaged"})
     with pytest.raises(DiffprobeError, match="not a diffprobe-mini pipeline"):
         train_mini(TrainConfig(**{**base, "init_from": str(tmp_path)}), tmp_path / "c", tmp_path / "pipe_c", arch=TINY)
     (tmp_path / "pipe_a" / "tokenizer" / "vocab.json").unlink()  # its vocabulary is what new words are matched by

@@ -90,6 +90,13 @@ def grow_top_attention(unet):
     return grown.train(unet.training)
 
 
+def top_attention_parameters(unet) -> list:
+    """The parameters of the top up block's attention (what `grow_top_attention` adds)."""
+    if unet.config.up_block_types[-1] != "CrossAttnUpBlock2D":
+        raise ValueError("this UNet has no attention at its top up level")
+    return list(unet.up_blocks[-1].attentions.parameters())
+
+
 def build_transformer(arch: MiniArch):
     """diffprobe-mini-dit: PixArt's transformer (AdaLN-single, self- then cross-attention per block) predicting
     the noise of mini's latents from mini's text states (caption_channels = text_dim)."""

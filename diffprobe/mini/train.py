@@ -62,6 +62,7 @@ class TrainConfig:
     train_text_encoder: bool = True  # False: the text encoder stays as loaded (mini-dit shares mini's)
     new_word_lr_scale: float = 30.0  # lr multiplier of the embedding rows of words new to a loaded text encoder
     top_attention: bool = False  # add self- and cross-attention at the UNet's top up level (32 latent px)
+    freeze_loaded: bool = False  # with top_attention: train only the grown level's attention (and new words' rows)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -88,6 +89,9 @@ class TrainConfig:
             raise DiffprobeError(f"train_mini.denoiser must be unet or pixart, not {cfg.denoiser!r}")
         if cfg.top_attention and cfg.denoiser != "unet":
             raise DiffprobeError("train_mini.top_attention grows a UNet level; it does not apply to denoiser=pixart")
+        if cfg.freeze_loaded and not (cfg.top_attention and cfg.init_from):
+            raise DiffprobeError("train_mini.freeze_loaded trains only a grown level: it needs top_attention=true "
+                                 "and init_from")
         if cfg.denoiser == "pixart" and not cfg.init_from:
             raise DiffprobeError("train_mini.denoiser=pixart trains on a trained mini's VAE and text encoder: "
                                  "set train_mini.init_from (e.g. packaged)")
@@ -213,9 +217,15 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
     """new_tokens (V,) bool: tokens the loaded text encoder did not know; with train_text_encoder false only
     their embedding rows train (no weight decay), so every caption it knew still encodes exactly as before."""
     learn_words = new_tokens is not None and bool(new_tokens.any())
-    modules = {"unet": unet, "text_encoder": text_encoder} if cfg.train_text_encoder or learn_words else {"unet": unet}
-    groups = [{"params": list(unet.parameters()), "weight_decay": 0.01}]
-    if cfg.train_text_encoder:
+    train_text = cfg.train_text_encoder and not cfg.freeze_loaded
+    modules = {"unet": unet, "text_encoder": text_encoder} if train_text or learn_words else {"unet": unet}
+    if cfg.freeze_loaded:  # gradients reach only the grown level: nothing before it is differentiated
+        unet.requires_grad_(False)
+        trainable = [p.requires_grad_(True) for p in models.top_attention_parameters(unet)]
+    else:
+        trainable = list(unet.parameters())
+    groups = [{"params": trainable, "weight_decay": 0.01}]
+    if train_text:
         groups[0]["params"] += list(text_encoder.parameters())
     else:
         text_encoder.eval().requires_grad_(False)
@@ -225,7 +235,8 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
             groups.append({"params": [rows], "weight_decay": 0.0, "scale": cfg.new_word_lr_scale})
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    ema = {f"{m}.{k}": p.detach().clone() for m, mod in modules.items() for k, p in mod.named_parameters()}
+    ema = {f"{m}.{k}": p.detach().clone() for m, mod in modules.items() for k, p in mod.named_parameters()
+           if p.requires_grad}  # frozen weights are exported as they are
     n_train = scheduler.config.num_train_timesteps
     probe = ProbeRegistry(unet)
 

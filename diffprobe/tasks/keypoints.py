@@ -167,8 +167,8 @@ def _context(cfg: DictConfig, params: KeypointsSettings, model: KeypointModel | 
     bb = load_configured_backbone(cfg)
     sites = bb.probe.sites
     if model is None:
-        spec = MapSpec(tuple(resolve_sites(sites, params.sites)), params.upsample_queries, params.timestep,
-                       params.noise)
+        selection = params.sites if params.sites is not None else cfg.model.get("keypoints_sites")
+        spec = MapSpec(tuple(resolve_sites(sites, selection)), params.upsample_queries, params.timestep, params.noise)
         data_crop = cfg.data.get("crop") if cfg.get("data") is not None else None
         size = bb.check_image_size(int(params.image_size or bb.sample_size))
         return Context(bb, spec, size, params.crop or data_crop or "center", params.resize)

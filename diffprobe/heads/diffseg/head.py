@@ -16,7 +16,7 @@ from diffprobe.heads.call import CallSettings, model_input
 from diffprobe.heads.diffseg.ncut import NcutParams, ncut_segment
 from diffprobe.heads.diffseg.segment import DiffSegParams, SegmentationResult, compact_labels, segment
 from diffprobe.heads.diffseg.semantics import word_maps
-from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid
+from diffprobe.heads.diffseg.sites import attention_groups, attention_levels, maps_by_grid, select_divisors
 from diffprobe.hooks import Need, Reduce
 from diffprobe.runner import Head, Item, Plan, View
 
@@ -38,6 +38,7 @@ class DiffSegSettings(CallSettings):
     merge: str = "reference"
     fp16_kl: bool | None = None
     weights: Any = None
+    divisors: Any = None
     refine: bool = False
     method: str = "diffseg"
     ncut_tau: float = 0.5
@@ -56,12 +57,17 @@ class DiffSegSettings(CallSettings):
         if self.method not in METHODS:
             raise DiffprobeError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         self.ncut_params()
+        self.levels()
         if self.tau is None:
             raise DiffprobeError("DiffSeg needs tau (default_tau resolves the model's or the dataset's)")
         tau = self.tau if isinstance(self.tau, (int, float, str)) else list(self.tau)
         weights = self.weights if self.weights is None or isinstance(self.weights, str) else list(self.weights)
         return DiffSegParams(tau=tau, iterations=self.iterations, anchors=self.anchors, merge=self.merge,
                              fp16_kl=self.fp16_kl, weights=weights, refine=self.refine)
+
+    def levels(self) -> tuple[int, ...] | None:
+        """The resolution divisors of the attention levels read (1 = the UNet's finest), or None: all."""
+        return attention_levels(self.divisors, "diffseg.divisors")
 
 
 def default_tau(model_cfg, dataset_tau: float | None = None) -> float:
@@ -107,7 +113,7 @@ class DiffSegHead(Head):
         self.groups: dict[int, list[str]] = {}
 
     def plan(self, sites: Mapping) -> Plan:
-        self.groups = attention_groups(sites, "self_attn")
+        self.groups = select_divisors(attention_groups(sites, "self_attn"), self.settings.levels(), "diffseg.divisors")
         names = tuple(n for group in self.groups.values() for n in group)
         finest = min(self.groups)
 
@@ -179,7 +185,7 @@ class WordMapsHead(Head):
         self.groups: dict[int, list[str]] = {}
 
     def plan(self, sites: Mapping) -> Plan:
-        self.groups = attention_groups(sites, "cross_attn")
+        self.groups = select_divisors(attention_groups(sites, "cross_attn"), self.settings.levels(), "diffseg.divisors")
         names = tuple(n for group in self.groups.values() for n in group)
         return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt)
 

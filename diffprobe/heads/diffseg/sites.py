@@ -26,6 +26,30 @@ def attention_groups(sites: Mapping, kind: str = "self_attn") -> dict[int, list[
     return dict(sorted(groups.items()))
 
 
+def attention_levels(divisors, key: str) -> tuple[int, ...] | None:
+    """The config value `key` (a list of resolution divisors, 1 = the UNet's finest level, or None: all levels)
+    as sorted unique ints; DiffprobeError on anything else."""
+    if divisors is None:
+        return None
+    try:
+        levels = tuple(sorted({int(d) for d in divisors}))
+    except (TypeError, ValueError):
+        raise DiffprobeError(f"{key} must be a list of resolution divisors, got {divisors!r}") from None
+    if not levels or levels[0] < 1:
+        raise DiffprobeError(f"{key} must be a non-empty list of positive divisors, got {divisors!r}")
+    return levels
+
+
+def select_divisors(groups: Mapping[int, list[str]], levels: tuple[int, ...] | None, key: str) -> dict[int, list[str]]:
+    """The groups at the divisors `levels` (None: all of them); DiffprobeError on a divisor the UNet lacks."""
+    if levels is None:
+        return dict(groups)
+    missing = sorted(set(levels) - set(groups))
+    if missing:
+        raise DiffprobeError(f"{key} {missing} are not attention levels of this UNet (it has divisors {sorted(groups)})")
+    return {d: names for d, names in groups.items() if d in levels}
+
+
 def maps_by_grid(cache, groups: Mapping[int, list[str]], index: int = 0) -> dict[tuple[int, int], torch.Tensor]:
     """{query grid (h, w): (L, Q, K)} for batch row `index`: the captured (B, Q, K) probabilities
     (heads already reduced) of each group's L layers. The image-to-image block of a joint attention (SD3,

@@ -17,7 +17,7 @@ from diffprobe.eval.wsol import component_boxes
 from diffprobe.heads.call import CallSettings, analysed_box, model_input
 from diffprobe.heads.diffseg.aggregate import aggregate
 from diffprobe.heads.diffseg.semantics import word_maps
-from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid
+from diffprobe.heads.diffseg.sites import attention_groups, attention_levels, maps_by_grid, select_divisors
 from diffprobe.heads.localize.refine import RefineParams, refine
 from diffprobe.hooks import Need, Reduce
 from diffprobe.runner import Head, Item, Plan, View
@@ -41,15 +41,20 @@ class LocalizeSettings(CallSettings):
     temperature: float = RefineParams.temperature
     neighbours: int = RefineParams.neighbours
     threshold: float = 0.5
+    divisors: Any = None         # the attention levels read, by resolution divisor; None: all
 
     def params(self) -> RefineParams:
         self.validate()
+        self.levels()
         if not self.words:
             raise DiffprobeError("localize needs words to find: words=[bird] (or words=[cat,sofa])")
         if not 0 <= self.threshold < 1:
             raise DiffprobeError(f"the mask threshold must lie in [0, 1), got {self.threshold}")
         return RefineParams(self.method, int(self.power), float(self.restart), float(self.beta), self.graph,
                             float(self.temperature), int(self.neighbours))
+
+    def levels(self) -> tuple[int, ...] | None:
+        return attention_levels(self.divisors, "localize.divisors")
 
     def full_prompt(self) -> str:
         return self.prompt if self.prompt else " and ".join(f"a {w}" for w in self.words)
@@ -88,8 +93,9 @@ class LocalizeHead(Head):
         self.self_attn: dict[int, list[str]] = {}
 
     def plan(self, sites: Mapping) -> Plan:
-        self.cross = attention_groups(sites, "cross_attn")
-        self.self_attn = attention_groups(sites, "self_attn")
+        levels = self.settings.levels()
+        self.cross = select_divisors(attention_groups(sites, "cross_attn"), levels, "localize.divisors")
+        self.self_attn = select_divisors(attention_groups(sites, "self_attn"), levels, "localize.divisors")
         names = tuple(n for groups in (self.cross, self.self_attn) for g in groups.values() for n in g)
 
         def work(latent_hw: tuple[int, int]) -> int:  # the aggregated (Q, Q) map, its float64 copy, a P^k product
