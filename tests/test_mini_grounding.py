@@ -1,6 +1,7 @@
 """Grounding regions of world scenes and the token loss, on planted attention whose answer is known."""
 
 import numpy as np
+import pytest
 import torch
 
 from diffprobe.data.world import render_scene, scene_seed, vocabulary
@@ -108,3 +109,38 @@ def test_grounded_step_lowers_the_token_loss_through_captured_attention(tmp_path
         opt.step()
     assert losses["tokens"].item() < first
     assert not any(h for m in unet.modules() for h in m._forward_hooks.values())  # capture cleaned up
+
+
+def test_kept_self_attention_is_zero_for_the_loaded_model_and_pulls_a_changed_one_back(tmp_path):
+    from diffprobe.mini.preserve import AttentionTeacher, attention_kl
+
+    p, q = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[0.25, 0.25, 0.5]])
+    assert attention_kl(q, p).item() == pytest.approx(2 * 0.5 * np.log(0.5 / 0.25))  # KL(p || q) by hand
+    arch = models.MiniArch(vae_channels=(8, 16), unet_channels=(16, 16, 32, 32), unet_head_dim=8, text_dim=32,
+                           text_layers=1, text_heads=2)
+    torch.manual_seed(0)
+    unet, text = models.build_unet(arch), models.build_text_encoder(arch, vocabulary())
+    sched, tok = models.build_scheduler(), load_tokenizer(write_tokenizer(tmp_path, vocabulary(), 24))
+    scenes = [render_scene(scene_seed("train", i)) for i in range(2)]
+    ids = tokenize(tok, [s.caption for s in scenes])
+    regions, tokens = zip(*(scene_regions(s, 24) for s in scenes))
+    regions, tokens = torch.from_numpy(np.stack(regions)), torch.from_numpy(np.stack(tokens))
+    parts = torch.from_numpy(np.stack([s.parts for s in scenes]))
+    lat, t, noise = torch.randn(2, 4, 32, 32), torch.tensor([10, 300]), torch.randn(2, 4, 32, 32)
+    teacher, probe = AttentionTeacher(unet), ProbeRegistry(unet)
+    assert teacher.sites and all(probe.sites[n].kind == "self_attn" for n in teacher.sites)
+    args = (unet, text, sched, probe, lat, ids, noise, t, regions, parts, tokens)
+    assert grounded_losses(*args, teacher)["self_attention"].item() == pytest.approx(0.0, abs=1e-6)
+    attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    with torch.no_grad():
+        attn.to_q.weight.mul_(8.0)  # sharper self-attention than the loaded model's
+    kept = teacher.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.clone()
+    opt = torch.optim.Adam([attn.to_q.weight], lr=3e-2)
+    first = grounded_losses(*args, teacher)["self_attention"].item()
+    for _ in range(10):
+        loss = grounded_losses(*args, teacher)["self_attention"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 1e-3 and loss.item() < 0.5 * first
+    assert torch.equal(teacher.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight, kept)

@@ -199,6 +199,12 @@ def test_training_continues_from_a_pipeline_on_closeups(tmp_path):
     assert kept["up_blocks.3.attentions.0.proj_out.weight"].abs().sum() > 0  # the new level trained
     with pytest.raises(DiffprobeError, match="freeze_loaded"):
         TrainConfig.from_dict({"freeze_loaded": True, "init_from": "packaged"})
+    train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "top_attention": True,
+                              "keep_self_attention": 1.0}), tmp_path / "k", tmp_path / "pipe_k", arch=TINY)
+    kl = json.loads((tmp_path / "pipe_k" / "losses.json").read_text())["unet self-attention KL to the loaded model"]
+    assert len(kl) == 2 and kl[0] == pytest.approx(0.0, abs=1e-6)  # the first step's student is the loaded model
+    with pytest.raises(DiffprobeError, match="keep_self_attention"):
+        TrainConfig.from_dict({"keep_self_attention": 1.0})
     with pytest.raises(DiffprobeError, match="not a diffprobe-mini pipeline"):
         train_mini(TrainConfig(**{**base, "init_from": str(tmp_path)}), tmp_path / "c", tmp_path / "pipe_c", arch=TINY)
     (tmp_path / "pipe_a" / "tokenizer" / "vocab.json").unlink()  # its vocabulary is what new words are matched by

@@ -32,6 +32,7 @@ from diffprobe.mini import grounding, models
 from diffprobe.mini.checkpoint import load_checkpoint, save_checkpoint
 from diffprobe.mini.dataset import TrainingSet, to_unit, tokenize, training_set
 from diffprobe.mini.export import export_pipeline, export_transformer
+from diffprobe.mini.preserve import AttentionTeacher, attention_kl
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class TrainConfig:
     new_word_lr_scale: float = 30.0  # lr multiplier of the embedding rows of words new to a loaded text encoder
     top_attention: bool = False  # add self- and cross-attention at the UNet's top up level (32 latent px)
     freeze_loaded: bool = False  # with top_attention: train only the grown level's attention (and new words' rows)
+    keep_self_attention: float = 0.0  # weight of the KL keeping the loaded model's self-attention maps (init_from)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -89,6 +91,9 @@ class TrainConfig:
             raise DiffprobeError(f"train_mini.denoiser must be unet or pixart, not {cfg.denoiser!r}")
         if cfg.top_attention and cfg.denoiser != "unet":
             raise DiffprobeError("train_mini.top_attention grows a UNet level; it does not apply to denoiser=pixart")
+        if cfg.keep_self_attention < 0 or (cfg.keep_self_attention > 0 and not cfg.init_from):
+            raise DiffprobeError("train_mini.keep_self_attention must be >= 0, and > 0 only with init_from (it keeps "
+                                 "the loaded model's self-attention)")
         if cfg.freeze_loaded and not (cfg.top_attention and cfg.init_from):
             raise DiffprobeError("train_mini.freeze_loaded trains only a grown level: it needs top_attention=true "
                                  "and init_from")
@@ -118,19 +123,26 @@ def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: to
 
 def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents: torch.Tensor, ids: torch.Tensor,
                     noise: torch.Tensor, t: torch.Tensor, regions: torch.Tensor, parts: torch.Tensor,
-                    token_regions: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{"loss": epsilon MSE, "tokens": token loss averaged over every cross-attention site}.
+                    token_regions: torch.Tensor, teacher: AttentionTeacher | None = None) -> dict[str, torch.Tensor]:
+    """{"loss": epsilon MSE, "tokens": token loss averaged over every cross-attention site}, and with a teacher
+    "self_attention": the KL from its self-attention to the student's, averaged over its sites.
 
     regions and parts (B, H, W) and token_regions (B, T) as in diffprobe.mini.grounding; each sample's token loss
     is weighted by alpha_bar(t), the signal fraction of its noisy input.
     """
     sites = [n for n, s in probe.sites.items() if s.kind == "cross_attn"]
-    with probe.capture(sites, reduce=Reduce(heads="mean"), detach=False) as cache:
+    kept = teacher.sites if teacher is not None else []
+    with probe.capture(sites + kept, reduce=Reduce(heads="mean"), detach=False) as cache:
         loss = denoising_loss(unet, text_encoder, scheduler, latents, ids, noise, t)
     weights = scheduler.alphas_cumprod.to(latents.device)[t].float()
     tokens = torch.stack([grounding.token_loss(cache[n], grounding.region_fractions(regions, parts, cache.grid(n)),
                                                token_regions, weights) for n in sites]).mean()
-    return {"loss": loss, "tokens": tokens}
+    out = {"loss": loss, "tokens": tokens}
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher.maps(scheduler.add_noise(latents, noise, t), t, text_encoder(ids).last_hidden_state)
+        out["self_attention"] = torch.stack([attention_kl(cache[n], target[n]) for n in kept]).mean()
+    return out
 
 
 def _run_phase(name: str, work_dir: Path, modules: dict, optimizer: torch.optim.Optimizer, steps: int,
@@ -213,9 +225,11 @@ def _encode_latents(vae, images: torch.Tensor, path: Path, scale: float | None =
 
 def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.Tensor, data: TrainingSet,
                 empty_ids: torch.Tensor, work_dir: Path, deadline: float | None,
-                new_tokens: torch.Tensor | None = None) -> tuple[dict[str, list[float]], int, dict]:
+                new_tokens: torch.Tensor | None = None,
+                teacher: AttentionTeacher | None = None) -> tuple[dict[str, list[float]], int, dict]:
     """new_tokens (V,) bool: tokens the loaded text encoder did not know; with train_text_encoder false only
-    their embedding rows train (no weight decay), so every caption it knew still encodes exactly as before."""
+    their embedding rows train (no weight decay), so every caption it knew still encodes exactly as before.
+    teacher: the loaded UNet's frozen copy whose self-attention the student keeps (keep_self_attention)."""
     learn_words = new_tokens is not None and bool(new_tokens.any())
     train_text = cfg.train_text_encoder and not cfg.freeze_loaded
     modules = {"unet": unet, "text_encoder": text_encoder} if train_text or learn_words else {"unet": unet}
@@ -254,12 +268,13 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
         tok[dropped], tok_regions[dropped] = empty_ids, 0
         noise = torch.randn(lat.shape, generator=g)
         t = torch.randint(0, n_train, (cfg.batch,), generator=g)
-        if cfg.token_grounding > 0:
+        if cfg.token_grounding > 0 or teacher is not None:
             parts = grounded_losses(unet, text_encoder, scheduler, probe, lat, tok, noise, t, data.regions[idx],
-                                    data.parts[idx], tok_regions)
+                                    data.parts[idx], tok_regions, teacher)
         else:
             parts = {"loss": denoising_loss(unet, text_encoder, scheduler, lat, tok, noise, t)}
-        total = parts["loss"] + cfg.token_grounding * parts.get("tokens", 0.0)
+        total = (parts["loss"] + cfg.token_grounding * parts.get("tokens", 0.0)
+                 + cfg.keep_self_attention * parts.get("self_attention", 0.0))
         for group in opt.param_groups:
             group["lr"] = lr_at(step) * group.get("scale", 1.0)
         opt.zero_grad(set_to_none=True)
@@ -323,13 +338,14 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
         text_encoder, new_tokens = models.build_text_encoder(arch, words), None
         vae_losses, vae_done = _train_vae(cfg, vae, data.images, work_dir)
         scale = None
+    teacher = AttentionTeacher(unet) if cfg.keep_self_attention > 0 else None  # the loaded UNet, before growing
     if cfg.top_attention and cfg.denoiser == "unet":  # zero-initialised: the loaded UNet's output is unchanged
         unet = models.grow_top_attention(unet)
     lap("vae")
     latents = _encode_latents(vae, data.images, work_dir / "latents.safetensors", scale)
     lap("encode")
     unet_losses, unet_done, ema = _train_unet(cfg, unet, text_encoder, scheduler, latents, data,
-                                              tokenize(tokenizer, [""])[0], work_dir, deadline, new_tokens)
+                                              tokenize(tokenizer, [""])[0], work_dir, deadline, new_tokens, teacher)
     lap("unet")
     with torch.no_grad():
         for m, mod in {"unet": unet, "text_encoder": text_encoder}.items():
@@ -349,6 +365,8 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
         "unet": unet_losses["loss"]}
     if "tokens" in unet_losses:
         curves["unet token grounding"] = unet_losses["tokens"]
+    if "self_attention" in unet_losses:
+        curves["unet self-attention KL to the loaded model"] = unet_losses["self_attention"]
     if cfg.denoiser == "pixart":
         record["parts_from"] = str(parts)
         bb = Backbone(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,

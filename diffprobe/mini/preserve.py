@@ -1,0 +1,33 @@
+"""Keeping what a loaded model's self-attention does while training continues: a frozen copy (the teacher) sees
+the same noisy latents, timesteps and captions, and the student pays the KL from the teacher's head-averaged
+self-attention rows to its own (`train_mini.keep_self_attention`)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from diffprobe.backends import Conditioning, backend_for
+from diffprobe.hooks import ProbeRegistry, Reduce
+
+
+class AttentionTeacher:
+    """A frozen copy of `unet` as it is now; `sites`: its self-attention sites (the student has the same names)."""
+
+    def __init__(self, unet):
+        self.unet = copy.deepcopy(unet).eval().requires_grad_(False)
+        self.probe = ProbeRegistry(self.unet)
+        self.sites = [n for n, s in self.probe.sites.items() if s.kind == "self_attn"]
+
+    @torch.no_grad()
+    def maps(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{site: (B, Q, Q)} head-averaged self-attention on noisy latents (B, C, h, w) at t (B,), context (B, T, D)."""
+        with self.probe.capture(self.sites, reduce=Reduce(heads="mean")) as cache:
+            backend_for(self.unet).denoise(self.unet, noisy, t, Conditioning(context))
+        return {n: cache[n] for n in self.sites}
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean over rows of KL(teacher row || student row); both (..., K) with rows summing to 1."""
+    return (teacher * (teacher.clamp_min(eps).log() - student.clamp_min(eps).log())).sum(-1).mean()
