@@ -45,10 +45,17 @@ def typed(node: Any, schema: type[T], what: str) -> T:
     return OmegaConf.to_object(merged)
 
 
-def section(cfg: DictConfig, name: str, schema: type[T]) -> T:
-    """The typed `name.*` section of the configuration (an empty one when absent)."""
+def section(cfg: DictConfig, name: str, schema: type[T], model_defaults: dict[str, str] | None = None) -> T:
+    """The typed `name.*` section of the configuration (an empty one when absent); `model_defaults` {field: model
+    key}: a field left null takes cfg.model's value for that key (when the model config sets it)."""
     node = cfg.get(name)
-    return typed(node if node is not None else {}, schema, name)
+    settings = typed(node if node is not None else {}, schema, name)
+    model = cfg.get("model") or {}
+    for field, key in (model_defaults or {}).items():
+        if getattr(settings, field) is None and model.get(key) is not None:
+            setattr(settings, field, OmegaConf.to_object(model[key]) if OmegaConf.is_config(model[key])
+                    else model[key])
+    return settings
 
 
 def run_config(cfg: DictConfig) -> RunConfig:

@@ -199,16 +199,16 @@ def test_damaged_keypoints_files_are_named_precisely(tmp_path):
 
 
 def test_sites_default_to_the_models_then_the_rule():
-    from diffprobe.tasks.keypoints import KeypointsSettings, _context
+    from diffprobe.tasks.keypoints import _context, settings_of
 
-    rule = _context(make_cfg(), keypoints.section(make_cfg(), "keypoints", KeypointsSettings), None).spec.sites
+    rule = _context(make_cfg(), settings_of(make_cfg()), None).spec.sites
     assert rule == tuple(f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2.hook_probs" for i in range(3)) + (
         "up_blocks.2.attentions.0.transformer_blocks.0.attn2.hook_probs",)  # the reference's layers on SD 1.5
     model = OmegaConf.merge(OmegaConf.load(CONF / "model" / "tiny_sd15.yaml"),
                             {"keypoints_sites": ["up_blocks.3.*.attn2.hook_probs"]})
     cfg = make_cfg(model=model)
-    chosen = _context(cfg, keypoints.section(cfg, "keypoints", KeypointsSettings), None).spec.sites
+    chosen = _context(cfg, settings_of(cfg), None).spec.sites
     assert chosen == tuple(f"up_blocks.3.attentions.{i}.transformer_blocks.0.attn2.hook_probs" for i in range(3))
     cfg = make_cfg(model=model, sites=["up_blocks.1.attentions.0.*.attn2.hook_probs"])  # the task's key wins
-    given = _context(cfg, keypoints.section(cfg, "keypoints", KeypointsSettings), None).spec.sites
+    given = _context(cfg, settings_of(cfg), None).spec.sites
     assert given == ("up_blocks.1.attentions.0.transformer_blocks.0.attn2.hook_probs",)

@@ -95,6 +95,13 @@ def test_config_rejects_bad_values():
         TrainConfig.from_dict({"top_attention": True, "denoiser": "pixart", "init_from": "packaged"})
 
 
+def test_keeping_self_attention_needs_a_loaded_denoiser_of_the_trained_kind(tmp_path):
+    cfg = TrainConfig.from_dict({"keep_self_attention": 1.0, "denoiser": "pixart", "init_from": "packaged"})
+    with pytest.raises(DiffprobeError, match="keep_self_attention keeps a loaded transformer"):
+        train_mini(cfg, tmp_path / "work", tmp_path / "out")  # packaged mini has a UNet, not a transformer
+    assert not (tmp_path / "work").exists()  # refused before any work
+
+
 def test_cached_scenes_and_latents_are_made_again_when_what_they_came_from_changes(tmp_path, tokenizer):
     from diffprobe.mini.dataset import training_set
     from diffprobe.mini.train import _encode_latents

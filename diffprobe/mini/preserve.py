@@ -21,10 +21,10 @@ class AttentionTeacher:
         self.sites = [n for n, s in self.probe.sites.items() if s.kind == "self_attn"]
 
     @torch.no_grad()
-    def maps(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{site: (B, Q, Q)} head-averaged self-attention on noisy latents (B, C, h, w) at t (B,), context (B, T, D)."""
+    def maps(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
+        """{site: (B, Q, Q)} head-averaged self-attention on noisy latents (B, C, h, w) at t (B,) under cond."""
         with self.probe.capture(self.sites, reduce=Reduce(heads="mean")) as cache:
-            backend_for(self.unet).denoise(self.unet, noisy, t, Conditioning(context))
+            backend_for(self.unet).denoise(self.unet, noisy, t, cond)
         return {n: cache[n] for n in self.sites}
 
 

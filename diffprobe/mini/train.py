@@ -112,35 +112,44 @@ def vae_loss(vae, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Te
     return rec_loss, rec_loss + 1e-6 * post.kl().mean()
 
 
+def noised_inputs(text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor,
+                  t: torch.Tensor) -> tuple[torch.Tensor, Conditioning]:
+    """(latents (B, C, h, w) noised to timesteps t (B,), the conditioning of captions ids (B, T))."""
+    return scheduler.add_noise(latents, noise, t), Conditioning(text_encoder(ids).last_hidden_state)
+
+
+def epsilon_loss(unet, noisy: torch.Tensor, cond: Conditioning, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Epsilon-prediction MSE on noisy latents (B, C, h, w) at t (B,); the denoiser (UNet or transformer) is
+    called as its diffprobe.backends family says."""
+    return F.mse_loss(backend_for(unet).denoise(unet, noisy, t, cond), noise)
+
+
 def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor,
                    t: torch.Tensor) -> torch.Tensor:
-    """Epsilon-prediction MSE of latents (B, C, h, w) noised to timesteps t (B,), captioned by ids (B, T); the
-    denoiser (UNet or transformer) is called as its diffprobe.backends family says."""
-    cond = Conditioning(text_encoder(ids).last_hidden_state)
-    pred = backend_for(unet).denoise(unet, scheduler.add_noise(latents, noise, t), t, cond)
-    return F.mse_loss(pred, noise)
+    """Epsilon-prediction MSE of latents (B, C, h, w) noised to timesteps t (B,), captioned by ids (B, T)."""
+    return epsilon_loss(unet, *noised_inputs(text_encoder, scheduler, latents, ids, noise, t), noise, t)
 
 
 def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents: torch.Tensor, ids: torch.Tensor,
                     noise: torch.Tensor, t: torch.Tensor, regions: torch.Tensor, parts: torch.Tensor,
                     token_regions: torch.Tensor, teacher: AttentionTeacher | None = None) -> dict[str, torch.Tensor]:
     """{"loss": epsilon MSE, "tokens": token loss averaged over every cross-attention site}, and with a teacher
-    "self_attention": the KL from its self-attention to the student's, averaged over its sites.
+    "self_attention": the KL from its self-attention to the student's on the same inputs, averaged over its sites.
 
     regions and parts (B, H, W) and token_regions (B, T) as in diffprobe.mini.grounding; each sample's token loss
     is weighted by alpha_bar(t), the signal fraction of its noisy input.
     """
     sites = [n for n, s in probe.sites.items() if s.kind == "cross_attn"]
     kept = teacher.sites if teacher is not None else []
+    noisy, cond = noised_inputs(text_encoder, scheduler, latents, ids, noise, t)
     with probe.capture(sites + kept, reduce=Reduce(heads="mean"), detach=False) as cache:
-        loss = denoising_loss(unet, text_encoder, scheduler, latents, ids, noise, t)
+        loss = epsilon_loss(unet, noisy, cond, noise, t)
     weights = scheduler.alphas_cumprod.to(latents.device)[t].float()
     tokens = torch.stack([grounding.token_loss(cache[n], grounding.region_fractions(regions, parts, cache.grid(n)),
                                                token_regions, weights) for n in sites]).mean()
     out = {"loss": loss, "tokens": tokens}
     if teacher is not None:
-        with torch.no_grad():
-            target = teacher.maps(scheduler.add_noise(latents, noise, t), t, text_encoder(ids).last_hidden_state)
+        target = teacher.maps(noisy, t, cond)
         out["self_attention"] = torch.stack([attention_kl(cache[n], target[n]) for n in kept]).mean()
     return out
 
@@ -306,6 +315,11 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
     """Train all parts and export a diffusers pipeline (EMA weights) with config, curves and samples."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    source = _pipeline_dir(cfg.init_from, cfg.denoiser) if cfg.init_from else None
+    denoiser_dir = "transformer" if cfg.denoiser == "pixart" else "unet"
+    if cfg.keep_self_attention > 0 and source is not None and not (source / denoiser_dir).is_dir():
+        raise DiffprobeError(f"train_mini.keep_self_attention keeps a loaded {denoiser_dir}'s self-attention, but "
+                             f"{source} has none (this run would build a new one): set it to 0")
     start = time.time()
     deadline = start + 60 * cfg.max_minutes if cfg.max_minutes else None
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -325,8 +339,7 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
     torch.manual_seed(cfg.seed)
     scheduler = models.build_scheduler()
     arch = replace(arch, denoiser=cfg.denoiser)
-    if cfg.init_from:  # continue a trained pipeline: its VAE (and latent scale) stay as they are
-        source = _pipeline_dir(cfg.init_from, cfg.denoiser)
+    if source is not None:  # continue a trained pipeline: its VAE (and latent scale) stay as they are
         parts = source if (source / "vae").is_dir() else _pipeline_dir("packaged")  # mini-dit: mini's parts
         vae, unet, text_encoder = models.load_trained(source, cfg.denoiser, parts_from=parts)
         new_tokens = models.adopt_vocabulary(text_encoder, json.loads((parts / "tokenizer" / "vocab.json").read_text()),

@@ -29,11 +29,9 @@ class DiffSegTaskSettings(DiffSegSettings):
 def settings_of(cfg: DictConfig, dataset_tau: float | None = None) -> DiffSegTaskSettings:
     """The diffseg.* keys, tau resolved (the model's, else the dataset's, else 0.9) and the attention levels
     (the model's model.attention_divisors, else all), validated."""
-    settings = section(cfg, "diffseg", DiffSegTaskSettings)
+    settings = section(cfg, "diffseg", DiffSegTaskSettings, model_defaults={"divisors": "attention_divisors"})
     if settings.tau is None:
         settings.tau = default_tau(cfg.model, dataset_tau)
-    if settings.divisors is None:
-        settings.divisors = cfg.model.get("attention_divisors")
     settings.params()  # fail on bad head keys before loading a model
     return settings
 

@@ -138,9 +138,15 @@ class Context:
         return ImageSet(items, self.image_size, self.crop, self.resize)
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
-    params = section(cfg, "keypoints", KeypointsSettings)
+def settings_of(cfg: DictConfig) -> KeypointsSettings:
+    """The keypoints.* keys, sites resolved (the model's model.keypoints_sites when null), validated."""
+    params = section(cfg, "keypoints", KeypointsSettings, model_defaults={"sites": "keypoints_sites"})
     params.validate()
+    return params
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    params = settings_of(cfg)
     seed = run_config(cfg).seed
     predict_cfg = params.predict_config(seed)
     if params.mode == "fit":
@@ -167,8 +173,7 @@ def _context(cfg: DictConfig, params: KeypointsSettings, model: KeypointModel | 
     bb = load_configured_backbone(cfg)
     sites = bb.probe.sites
     if model is None:
-        selection = params.sites if params.sites is not None else cfg.model.get("keypoints_sites")
-        spec = MapSpec(tuple(resolve_sites(sites, selection)), params.upsample_queries, params.timestep, params.noise)
+        spec = MapSpec(tuple(resolve_sites(sites, params.sites)), params.upsample_queries, params.timestep, params.noise)
         data_crop = cfg.data.get("crop") if cfg.get("data") is not None else None
         size = bb.check_image_size(int(params.image_size or bb.sample_size))
         return Context(bb, spec, size, params.crop or data_crop or "center", params.resize)

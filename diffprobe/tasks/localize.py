@@ -27,9 +27,7 @@ from diffprobe.viz import heat_overlay
 
 def settings_of(cfg: DictConfig) -> LocalizeSettings:
     """The localize.* keys, the attention levels resolved (the model's model.attention_divisors, else all), validated."""
-    settings = section(cfg, "localize", LocalizeSettings)
-    if settings.divisors is None:
-        settings.divisors = cfg.model.get("attention_divisors")
+    settings = section(cfg, "localize", LocalizeSettings, model_defaults={"divisors": "attention_divisors"})
     settings.params()  # fail on bad keys before loading a model
     return settings
 
