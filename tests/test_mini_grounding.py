@@ -111,11 +111,10 @@ def test_grounded_step_lowers_the_token_loss_through_captured_attention(tmp_path
     assert not any(h for m in unet.modules() for h in m._forward_hooks.values())  # capture cleaned up
 
 
-def test_kept_self_attention_is_zero_for_the_loaded_model_and_pulls_a_changed_one_back(tmp_path):
-    from diffprobe.mini.preserve import AttentionTeacher, attention_kl
+def _teacher_setup(tmp_path):
+    """A tiny UNet, its AttentionTeacher and grounded_losses' arguments on two world scenes."""
+    from diffprobe.mini.preserve import AttentionTeacher
 
-    p, q = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[0.25, 0.25, 0.5]])
-    assert attention_kl(q, p).item() == pytest.approx(2 * 0.5 * np.log(0.5 / 0.25))  # KL(p || q) by hand
     arch = models.MiniArch(vae_channels=(8, 16), unet_channels=(16, 16, 32, 32), unet_head_dim=8, text_dim=32,
                            text_layers=1, text_heads=2)
     torch.manual_seed(0)
@@ -128,8 +127,17 @@ def test_kept_self_attention_is_zero_for_the_loaded_model_and_pulls_a_changed_on
     parts = torch.from_numpy(np.stack([s.parts for s in scenes]))
     lat, t, noise = torch.randn(2, 4, 32, 32), torch.tensor([10, 300]), torch.randn(2, 4, 32, 32)
     teacher, probe = AttentionTeacher(unet), ProbeRegistry(unet)
+    return teacher, (unet, text, sched, probe, lat, ids, noise, t, regions, parts, tokens), tok
+
+
+def test_kept_self_attention_is_zero_for_the_loaded_model_and_pulls_a_changed_one_back(tmp_path):
+    from diffprobe.mini.preserve import attention_kl
+
+    p, q = torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[0.25, 0.25, 0.5]])
+    assert attention_kl(q, p).item() == pytest.approx(2 * 0.5 * np.log(0.5 / 0.25))  # KL(p || q) by hand
+    teacher, args, _ = _teacher_setup(tmp_path)
+    unet, probe = args[0], args[3]
     assert teacher.sites and all(probe.sites[n].kind == "self_attn" for n in teacher.sites)
-    args = (unet, text, sched, probe, lat, ids, noise, t, regions, parts, tokens)
     assert grounded_losses(*args, teacher)["self_attention"].item() == pytest.approx(0.0, abs=1e-6)
     attn = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
     with torch.no_grad():
@@ -144,3 +152,30 @@ def test_kept_self_attention_is_zero_for_the_loaded_model_and_pulls_a_changed_on
         opt.step()
     assert first > 1e-3 and loss.item() < 0.5 * first
     assert torch.equal(teacher.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight, kept)
+
+
+def test_self_attention_kept_at_diffsegs_call_is_the_kl_of_that_call_alone(tmp_path):
+    from diffprobe.backends import backend_for
+    from diffprobe.hooks import Reduce
+    from diffprobe.mini.preserve import attention_kl, diffseg_call
+
+    teacher, args, tok = _teacher_setup(tmp_path)
+    unet, text, lat = args[0], args[1], args[4]
+    empty = text(tokenize(tok, [""])).last_hidden_state[0].detach()
+    call = diffseg_call(lat, empty)
+    assert call[0] is lat and call[1].tolist() == [300, 300]  # clean latents, the timestep embedding alone
+    assert torch.equal(call[2].context, empty.expand(2, -1, -1))
+    with torch.no_grad():
+        unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight.mul_(8.0)
+    got = grounded_losses(*args, teacher, call)["self_attention"].item()
+
+    def maps(model):  # independently: capture each UNet's head-averaged self-attention on DiffSeg's call
+        probe = ProbeRegistry(model)
+        with torch.no_grad(), probe.capture(teacher.sites, reduce=Reduce(heads="mean")) as cache:
+            backend_for(model).denoise(model, *call)
+        return {n: cache[n] for n in teacher.sites}
+
+    student, target = maps(unet), maps(teacher.unet)
+    want = torch.stack([attention_kl(student[n], target[n]) for n in teacher.sites]).mean().item()
+    assert got == pytest.approx(want, rel=1e-5) and got > 1e-3
+    assert got != pytest.approx(grounded_losses(*args, teacher)["self_attention"].item(), rel=1e-3)  # other inputs

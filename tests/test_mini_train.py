@@ -96,6 +96,8 @@ def test_config_rejects_bad_values():
 
 
 def test_keeping_self_attention_needs_a_loaded_denoiser_of_the_trained_kind(tmp_path):
+    with pytest.raises(DiffprobeError, match="keep_self_attention_at must be one of training, diffseg"):
+        TrainConfig.from_dict({"keep_self_attention": 1.0, "init_from": "packaged", "keep_self_attention_at": "t"})
     cfg = TrainConfig.from_dict({"keep_self_attention": 1.0, "denoiser": "pixart", "init_from": "packaged"})
     with pytest.raises(DiffprobeError, match="keep_self_attention keeps a loaded transformer"):
         train_mini(cfg, tmp_path / "work", tmp_path / "out")  # packaged mini has a UNet, not a transformer

@@ -32,7 +32,7 @@ from diffprobe.mini import grounding, models
 from diffprobe.mini.checkpoint import load_checkpoint, save_checkpoint
 from diffprobe.mini.dataset import TrainingSet, to_unit, tokenize, training_set
 from diffprobe.mini.export import export_pipeline, export_transformer
-from diffprobe.mini.preserve import AttentionTeacher, attention_kl
+from diffprobe.mini.preserve import KEEP_AT, AttentionTeacher, attention_kl, diffseg_call
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class TrainConfig:
     top_attention: bool = False  # add self- and cross-attention at the UNet's top up level (32 latent px)
     freeze_loaded: bool = False  # with top_attention: train only the grown level's attention (and new words' rows)
     keep_self_attention: float = 0.0  # weight of the KL keeping the loaded model's self-attention maps (init_from)
+    keep_self_attention_at: str = "training"  # the maps kept: on the training inputs, or at DiffSeg's call only
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -94,6 +95,9 @@ class TrainConfig:
         if cfg.keep_self_attention < 0 or (cfg.keep_self_attention > 0 and not cfg.init_from):
             raise DiffprobeError("train_mini.keep_self_attention must be >= 0, and > 0 only with init_from (it keeps "
                                  "the loaded model's self-attention)")
+        if cfg.keep_self_attention_at not in KEEP_AT:
+            raise DiffprobeError(f"train_mini.keep_self_attention_at must be one of {', '.join(KEEP_AT)}, "
+                                 f"not {cfg.keep_self_attention_at!r}")
         if cfg.freeze_loaded and not (cfg.top_attention and cfg.init_from):
             raise DiffprobeError("train_mini.freeze_loaded trains only a grown level: it needs top_attention=true "
                                  "and init_from")
@@ -132,9 +136,11 @@ def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: to
 
 def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents: torch.Tensor, ids: torch.Tensor,
                     noise: torch.Tensor, t: torch.Tensor, regions: torch.Tensor, parts: torch.Tensor,
-                    token_regions: torch.Tensor, teacher: AttentionTeacher | None = None) -> dict[str, torch.Tensor]:
+                    token_regions: torch.Tensor, teacher: AttentionTeacher | None = None,
+                    keep_on: tuple[torch.Tensor, torch.Tensor, Conditioning] | None = None) -> dict[str, torch.Tensor]:
     """{"loss": epsilon MSE, "tokens": token loss averaged over every cross-attention site}, and with a teacher
-    "self_attention": the KL from its self-attention to the student's on the same inputs, averaged over its sites.
+    "self_attention": the KL from its self-attention to the student's, averaged over its sites, on the inputs
+    keep_on (noisy, t, cond), or on the training inputs when None.
 
     regions and parts (B, H, W) and token_regions (B, T) as in diffprobe.mini.grounding; each sample's token loss
     is weighted by alpha_bar(t), the signal fraction of its noisy input.
@@ -142,14 +148,17 @@ def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents
     sites = [n for n, s in probe.sites.items() if s.kind == "cross_attn"]
     kept = teacher.sites if teacher is not None else []
     noisy, cond = noised_inputs(text_encoder, scheduler, latents, ids, noise, t)
-    with probe.capture(sites + kept, reduce=Reduce(heads="mean"), detach=False) as cache:
+    with probe.capture(sites + (kept if keep_on is None else []), reduce=Reduce(heads="mean"), detach=False) as cache:
         loss = epsilon_loss(unet, noisy, cond, noise, t)
     weights = scheduler.alphas_cumprod.to(latents.device)[t].float()
     tokens = torch.stack([grounding.token_loss(cache[n], grounding.region_fractions(regions, parts, cache.grid(n)),
                                                token_regions, weights) for n in sites]).mean()
     out = {"loss": loss, "tokens": tokens}
     if teacher is not None:
-        target = teacher.maps(noisy, t, cond)
+        if keep_on is not None:
+            with probe.capture(kept, reduce=Reduce(heads="mean"), detach=False) as cache:
+                backend_for(unet).denoise(unet, *keep_on)
+        target = teacher.maps(*(keep_on or (noisy, t, cond)))
         out["self_attention"] = torch.stack([attention_kl(cache[n], target[n]) for n in kept]).mean()
     return out
 
@@ -278,8 +287,11 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
         noise = torch.randn(lat.shape, generator=g)
         t = torch.randint(0, n_train, (cfg.batch,), generator=g)
         if cfg.token_grounding > 0 or teacher is not None:
+            keep_on = None
+            if teacher is not None and cfg.keep_self_attention_at == "diffseg":
+                keep_on = diffseg_call(lat, text_encoder(empty_ids[None]).last_hidden_state[0])
             parts = grounded_losses(unet, text_encoder, scheduler, probe, lat, tok, noise, t, data.regions[idx],
-                                    data.parts[idx], tok_regions, teacher)
+                                    data.parts[idx], tok_regions, teacher, keep_on)
         else:
             parts = {"loss": denoising_loss(unet, text_encoder, scheduler, lat, tok, noise, t)}
         total = (parts["loss"] + cfg.token_grounding * parts.get("tokens", 0.0)
