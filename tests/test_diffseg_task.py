@@ -185,10 +185,13 @@ def test_pipeline_on_diffprobe_mini_uses_its_own_resolutions():
     from diffprobe.mini import packaged_path
 
     bb = load_backbone({"name": "mini", "tiny": None, "path": str(packaged_path()), "repo_id": None})
-    head = DiffSegHead(DiffSegSettings(tau=0.002, merge="reference"), bb.sample_size)
     item = Item("demo", Image.fromarray(demo_scene(0).image), {"output_size": (64, 64)})
+    every = DiffSegHead(DiffSegSettings(tau=0.002, merge="reference"), bb.sample_size)
+    assert sorted(self_attention(bb, every, every.inputs(item))) == [(4, 4), (8, 8), (16, 16), (32, 32)]
+    levels = OmegaConf.load(CONF / "model" / "mini.yaml").attention_divisors  # what task=diffseg reads on mini
+    head = DiffSegHead(DiffSegSettings(tau=0.002, merge="reference", divisors=levels), bb.sample_size)
     maps = self_attention(bb, head, head.inputs(item))
-    assert sorted(maps) == [(4, 4), (8, 8), (16, 16)]  # latent 32 x 32, attention at divisors 2, 4, 8
+    assert sorted(maps) == [(4, 4), (8, 8), (16, 16)]  # latent 32 x 32: the flat 32 x 32 level left out
     (res,) = run_heads(bb, [head], item)
     assert res.labels.shape == (64, 64) and res.num_segments >= 1
 
