@@ -151,6 +151,11 @@ def build_scheduler():
                          steps_offset=1, prediction_type="epsilon")
 
 
+def has_transformer(path) -> bool:
+    """Whether the pipeline directory `path` holds a diffprobe-mini-dit transformer (transformer/config.json)."""
+    return (Path(path) / "transformer" / "config.json").is_file()
+
+
 def load_trained(path, denoiser: str = "unet", parts_from=None):
     """(vae, denoiser, text_encoder) of a diffprobe-mini pipeline directory, trainable (fp32, train mode).
 
@@ -175,8 +180,7 @@ def load_trained(path, denoiser: str = "unet", parts_from=None):
     with quiet_libraries():
         vae = diffusers_part(AutoencoderKL, "vae", parts)
         if denoiser == "pixart":
-            found = (Path(path) / "transformer" / "config.json").is_file()
-            model = diffusers_part(PixArtTransformer2DModel, "transformer") if found else None
+            model = diffusers_part(PixArtTransformer2DModel, "transformer") if has_transformer(path) else None
         else:
             model = diffusers_part(UNet2DConditionModel, "unet")
         text_encoder = CLIPTextModel.from_pretrained(parts, subfolder="text_encoder", use_safetensors=True)

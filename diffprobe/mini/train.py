@@ -315,7 +315,7 @@ def _pipeline_dir(init_from: str, denoiser: str = "unet") -> Path:
     from diffprobe.mini import packaged_path
 
     path = packaged_path() if init_from == "packaged" else Path(init_from)
-    if denoiser == "pixart" and (path / "transformer" / "config.json").is_file():
+    if denoiser == "pixart" and models.has_transformer(path):
         return path
     if not all((path / f).is_file() for f in ("unet/config.json", "tokenizer/vocab.json")):
         raise DiffprobeError(f"train_mini.init_from={init_from}: {path} is not a diffprobe-mini pipeline directory")
@@ -327,10 +327,9 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
     """Train all parts and export a diffusers pipeline (EMA weights) with config, curves and samples."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    source = _pipeline_dir(cfg.init_from, cfg.denoiser) if cfg.init_from else None
-    denoiser_dir = "transformer" if cfg.denoiser == "pixart" else "unet"
-    if cfg.keep_self_attention > 0 and source is not None and not (source / denoiser_dir).is_dir():
-        raise DiffprobeError(f"train_mini.keep_self_attention keeps a loaded {denoiser_dir}'s self-attention, but "
+    source = _pipeline_dir(cfg.init_from, cfg.denoiser) if cfg.init_from else None  # a UNet run's has unet/
+    if cfg.keep_self_attention > 0 and cfg.denoiser == "pixart" and source and not models.has_transformer(source):
+        raise DiffprobeError(f"train_mini.keep_self_attention keeps a loaded transformer's self-attention, but "
                              f"{source} has none (this run would build a new one): set it to 0")
     start = time.time()
     deadline = start + 60 * cfg.max_minutes if cfg.max_minutes else None
