@@ -4,13 +4,18 @@ It runs `diffprobe.tasks.NAME.run(cfg, out_dir)` with out_dir = Hydra's run dire
 package diffprobe.conf (the repository's conf/). Configuration mistakes (an unknown task, model, dataset or
 key) and DiffprobeError (bad input, missing weights, incompatible saved state) end with one line on stderr
 and exit code 2; `--help` lists the tasks.
+
+The run folder is created and locked (diffprobe.runfolder) before Hydra writes anything into it, and the task
+runs confined to it (diffprobe.io.confined): no file lands outside it.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
+import time
 from pathlib import Path
 
 from diffprobe.cli import TOP_LEVEL, config_error, help_text, namespace_overrides, rewrite_data_paths
@@ -28,11 +33,16 @@ def _run(cfg) -> None:
 
     from diffprobe.errors import DiffprobeError
 
+    from diffprobe.io import confined
+    from diffprobe.runfolder import hold
+
     runtime = HydraConfig.get().runtime
     task, out_dir = runtime.choices["task"], Path(runtime.output_dir)
     try:
+        _note(hold(out_dir))  # already held unless Hydra chose the folder itself (sweeps)
         module = importlib.import_module(f"diffprobe.tasks.{task}")
-        module.run(cfg, out_dir)
+        with confined(out_dir):
+            module.run(cfg, out_dir)
     except DiffprobeError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -42,9 +52,15 @@ def _run(cfg) -> None:
     print(f"diffprobe: outputs in {out_dir}")
 
 
-def prepare_overrides(overrides: list[str]) -> list[str]:
+def _note(notice: str | None) -> None:
+    if notice:
+        print(f"diffprobe: note: {notice}", file=sys.stderr)
+
+
+def prepare_overrides(overrides: list[str]) -> tuple[list[str], str]:
     """Compose the configuration before Hydra runs it: bare task keys get their namespace (tau=0.3 ->
-    diffseg.tau=0.3), and a mistake is one line and exit code 2 instead of Hydra's report and exit code 1."""
+    diffseg.tau=0.3), and a mistake is one line and exit code 2 instead of Hydra's report and exit code 1.
+    Returns the overrides and the run folder (hydra.run.dir, unresolved)."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -61,13 +77,28 @@ def prepare_overrides(overrides: list[str]) -> list[str]:
         keys = {ns: _dotted_keys(v) for ns, v in base.items() if isinstance(v, dict) and ns not in TOP_LEVEL}
         try:
             overrides = namespace_overrides(overrides, keys, task)
-            compose("config", overrides=overrides, return_hydra_config=True)
+            full = compose("config", overrides=overrides, return_hydra_config=True)
         except DiffprobeError as exc:
             _fail(str(exc))
         except HydraException as exc:
             known = [f"{ns}.{k}" for ns, ks in keys.items() for k in ks] + list(base)
             _fail(config_error(str(exc), known, task, getattr(exc, "override", None)))
-    return overrides
+    return overrides, OmegaConf.to_container(full.hydra.run, resolve=False)["dir"]
+
+
+def resolve_run_dir(template: str, task: str, chosen: bool) -> Path | None:
+    """The run folder from hydra.run.dir's text: ${hydra:runtime.choices.task} and ${now:FORMAT} filled in
+    (None if other interpolations remain: Hydra resolves those). A default folder (`chosen` False) that exists
+    already, from a run started in the same second, gets a suffix _2, _3, ..."""
+    text = template.replace("${hydra:runtime.choices.task}", task)
+    text = re.sub(r"\$\{now:([^}]*)\}", lambda m: time.strftime(m.group(1)), text)
+    if "${" in text:
+        return None
+    path, n = Path(text), 1
+    while not chosen and path.exists():
+        n += 1
+        path = Path(f"{text}_{n}")
+    return path
 
 
 def _dotted_keys(node: dict, prefix: str = "") -> list[str]:
@@ -112,10 +143,43 @@ def main() -> None:
 
     if launched() and not any(o.startswith("hydra.run.dir=") for o in overrides):
         _fail("a run over several processes needs hydra.run.dir=DIR: every process must write into the same folder")
+    run_dir = None
     if not any(f in ("-m", "--multirun") for f in flags):  # sweeps (a=1,2) are Hydra's to expand
-        overrides = prepare_overrides(overrides)
+        overrides, template = prepare_overrides(overrides)
+        if not any(f in NO_JOB_FLAGS for f in flags):
+            run_dir = take_run_dir(overrides, template)
+            if not any(o.startswith("hydra.run.dir=") for o in overrides):
+                overrides.append(f"hydra.run.dir={run_dir}")
     sys.argv = [sys.argv[0]] + flags + overrides
-    hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(_run)()
+    try:
+        hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")(_run)()
+    finally:
+        if run_dir is not None:
+            from diffprobe.runfolder import release
+
+            release(run_dir)
+
+
+NO_JOB_FLAGS = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--shell-completion", "-sc", "--resolve")
+
+
+def take_run_dir(overrides: list[str], template: str) -> Path | None:
+    """Create the run folder and lock it for this run, before Hydra writes into it; None when Hydra must
+    resolve its name (then the task takes the lock)."""
+    from diffprobe.errors import DiffprobeError
+    from diffprobe.runfolder import hold, make_run_dir
+
+    task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "probe")
+    chosen = any(o.startswith("hydra.run.dir=") for o in overrides)
+    run_dir = resolve_run_dir(template, task, chosen)
+    if run_dir is None:
+        return None
+    try:
+        make_run_dir(run_dir)
+        _note(hold(run_dir))
+    except DiffprobeError as exc:
+        _fail(str(exc))
+    return run_dir
 
 
 if __name__ == "__main__":

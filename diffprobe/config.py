@@ -58,6 +58,11 @@ def section(cfg: DictConfig, name: str, schema: type[T], model_defaults: dict[st
     return settings
 
 
+def run_fingerprint(cfg: DictConfig) -> dict:
+    """The whole resolved configuration of a run, as plain values: a rerun in the same folder must match it."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def run_config(cfg: DictConfig) -> RunConfig:
     run = typed(cfg, RunConfig, "run")
     if run.dtype not in ("float32", "float16", "bfloat16"):

@@ -221,15 +221,19 @@ def deferred_interrupt():
 
 def run_items(n: int, process: Callable[[int], Callable[[], None]], metrics: dict[str, Metric], out_dir: Path,
               fingerprint: dict, name: str = "eval", resume: str | Path | None = None, checkpoint_every: int = 25,
-              checkpoint_minutes: float = 5.0, desc: str = "items", shard: tuple[int, int] | None = None) -> ItemState:
+              checkpoint_minutes: float = 5.0, desc: str = "items", shard: tuple[int, int] | None = None,
+              on_save: Callable[[ItemState], None] | None = None,
+              redo: Callable[[object], bool] | None = None) -> ItemState:
     """For every item i of this shard not yet done, process(i) computes and returns a commit() that applies
     its updates to `metrics` (run with Ctrl-C deferred, so an update is whole) and may return a JSON row
     for the item (kept in state.records); the state is checkpointed every `checkpoint_every` items and
-    every `checkpoint_minutes`, at the end and on Ctrl-C.
+    every `checkpoint_minutes`, at the end and on Ctrl-C, each time followed by on_save(state) in a
+    one-process run.
 
-    Resumes from out_dir (a rerun in the same folder) or from `resume`. shard=(rank, world): this process
-    takes items i with i % world == rank (default: diffprobe.distributed's); with world > 1 the returned
-    state holds every shard's items, added once all processes are done.
+    Resumes from out_dir (a rerun in the same folder) or from `resume`; a resumed item whose record makes
+    redo(record) true (an item that failed) is done again. shard=(rank, world): this process takes items i
+    with i % world == rank (default: diffprobe.distributed's); with world > 1 the returned state holds every
+    shard's items, added once all processes are done.
     """
     from diffprobe import distributed
 
@@ -240,12 +244,23 @@ def run_items(n: int, process: Callable[[int], Callable[[], None]], metrics: dic
     for folder in ([Path(resume)] if resume else []) + [Path(out_dir)]:
         state.check_world(folder)
         if state.restore(folder):
+            for i, record in list(state.records.items()):
+                if redo is not None and redo(record):
+                    state.done[i] = False
+                    del state.records[i]
             log.info("resuming %s from %s: %d of %d items done", name, folder, int(state.done.sum()), n)
             break
     mine = [i for i in range(rank, n, world)]
     todo = [i for i in mine if not state.done[i]]
     last, since = time.time(), 0
     bar = tqdm(todo, desc=desc, initial=len(mine) - len(todo), total=len(mine), disable=len(mine) < 2)
+
+    def save() -> None:
+        with deferred_interrupt():
+            state.save()
+            if on_save is not None and world == 1:
+                on_save(state)
+
     try:
         for i in bar:
             commit = process(i)
@@ -256,12 +271,12 @@ def run_items(n: int, process: Callable[[int], Callable[[], None]], metrics: dic
                 state.done[i] = True
             since += 1
             if since >= checkpoint_every or time.time() - last >= 60 * checkpoint_minutes:
-                state.save()
+                save()
                 last, since = time.time(), 0
     except BaseException:  # Ctrl-C or a failing item: keep what is done
-        state.save()
+        save()
         raise
-    state.save()
+    save()
     if world > 1:
         distributed.wait_for_everyone()
         state.add_shards()

@@ -51,10 +51,11 @@ def test_an_unreadable_image_is_skipped_and_listed(tmp_path):
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     out = tmp_path / "r"
     res = cli("task=diffseg", "model=tiny_sd15", f"image={folder}", "tau=0.05", f"hydra.run.dir={out}", cwd=tmp_path)
-    one_line_error(res, "1 of 2 images could not be read")
+    one_line_error(res, "1 of 2 images failed and were skipped")
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["skipped"]) == [str(folder / "broken.png")]
     assert list(summary["images"]) == [str(folder / "good.png")] and (out / "good" / "labels.png").is_file()
+    assert summary["images"][str(folder / "good.png")]["dir"] == "good" and (summary["done"], summary["total"]) == (1, 2)
 
 
 def test_silent_surprises_are_warned_about(tmp_path, caplog):

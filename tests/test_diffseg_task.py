@@ -101,7 +101,7 @@ def test_diffseg_task_writes_labels_at_original_size(tmp_path):
         folder = tmp_path / "out" / stem
         labels = np.asarray(Image.open(folder / "labels.png"))
         record = json.loads((folder / "segments.json").read_text())
-        assert labels.shape == (h, w) and record["size"] == [h, w]
+        assert labels.shape == (h, w) and record["size"] == {"width": w, "height": h}
         left, top, bw, bh = record["analysed_box"]
         assert (bw, bh) == (min(w, h),) * 2
         inside = labels[top:top + bh, left:left + bw]

@@ -95,9 +95,10 @@ def test_extract_writes_descriptors(trained, tmp_path):
     root, out, _ = trained
     hyperfeatures.run(compose("hyperfeatures", mode="extract", weights=str(out / "model"), image=str(root / "s0.png")),
                       tmp_path)
-    tensors, meta = load_tensors(tmp_path / "s0.safetensors")
+    tensors, meta = load_tensors(tmp_path / "s0" / "descriptors.safetensors")
     assert tensors["descriptors"].shape == (32, 16, 16) and meta["height"] == "64"
-    assert (tmp_path / "s0_pca.png").is_file()
+    assert (tmp_path / "s0" / "pca.png").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["images"][str(root / "s0.png")]["dir"] == "s0"
 
 
 def test_correspond_with_weights_and_ground_truth(trained, tmp_path):

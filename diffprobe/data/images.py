@@ -34,7 +34,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DiffprobeError(f"{path} is too large to read safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError) as exc:
         raise DiffprobeError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
     if min(img.size) < TINY_SIDE:
         log.warning("%s is only %d x %d px: resized to the model's size it carries almost nothing", path, *img.size)
@@ -111,3 +113,8 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int], crop: str = "
     img = img.resize((w, h), Image.BILINEAR if resize == "bilinear" else Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
     return (arr / 127.5 - 1.0).unsqueeze(0)
+
+
+def size_of(image: Image.Image) -> dict[str, int]:
+    """An image's size as every output file writes it: {"width": W, "height": H} in pixels."""
+    return {"width": image.width, "height": image.height}

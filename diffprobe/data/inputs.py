@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from diffprobe.data.images import list_images
-from diffprobe.io import save_png
+from diffprobe.io import save_png, save_text
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,6 @@ def input_images(image: str | None, out_dir: Path) -> list[Path]:
 
     scene = demo_scene(0, DEMO_SIZE)
     path = save_png(Path(out_dir) / "demo_scene.png", scene.image)
-    (Path(out_dir) / "demo_scene.txt").write_text(scene.caption + "\n")
+    save_text(Path(out_dir) / "demo_scene.txt", scene.caption + "\n")
     log.info("no image= given: using a world scene (%s), written to %s", scene.caption, path)
     return [path]

@@ -6,13 +6,14 @@ summary.json; every head's keys are its task's (diffseg.*, localize.*, probe.*).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, section
+from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
 from diffprobe.data.inputs import input_images
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import save_json
@@ -33,7 +34,7 @@ class Job:
 
     name: str
     heads: list[Head]
-    write: Callable[[list, Path, object, Path], dict | str]
+    write: Callable[[list, Path, object, Path], dict]
 
 
 def job(name: str, cfg: DictConfig, bb) -> Job:
@@ -71,15 +72,25 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     jobs = [job(name, cfg, bb) for name in names]
     heads = [h for j in jobs for h in j.heads]
 
-    def write(results: list, path: Path, image) -> dict:
+    def write(results: list, path: Path, image, target: Path) -> dict:
         start, out = 0, {}
         for j in jobs:
-            out[j.name] = j.write(results[start:start + len(j.heads)], path, image, out_dir / j.name)
+            out[j.name] = j.write(results[start:start + len(j.heads)], path, image, out_dir / j.name / target.name)
             start += len(j.heads)
         return out
 
-    summary = process_with_heads(bb, heads, write, files, out_dir, "analyze", seed)
-    for j in jobs:
-        images = {path: record[j.name] for path, record in summary["images"].items()}
-        save_json(out_dir / j.name / "summary.json", {"images": images, "skipped": summary["skipped"]})
-    return summary
+    try:
+        return process_with_heads(bb, heads, write, files, out_dir, "analyze", seed, run_fingerprint(cfg))
+    finally:
+        task_summaries(out_dir, [j.name for j in jobs])
+
+
+def task_summaries(out_dir: Path, names: list[str]) -> None:
+    """Each task's own summary.json in out_dir/<task>/, as its task writes it (folders relative to it), from the
+    run's summary.json."""
+    if not (out_dir / "summary.json").is_file():
+        return
+    summary = json.loads((out_dir / "summary.json").read_text())
+    for name in names:
+        images = {path: {"dir": r["dir"], **r[name]} for path, r in summary["images"].items()}
+        save_json(out_dir / name / "summary.json", {**summary, "task": name, "images": images})

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, section
+from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
+from diffprobe.data.images import size_of
 from diffprobe.data.inputs import input_images
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead, default_tau, token_groups
 from diffprobe.heads.diffseg.semantics import vote_words
@@ -47,8 +48,9 @@ def heads_for(bb, settings: DiffSegTaskSettings) -> list:
 
 
 def write_segmentation(results: list, heads: list, settings: DiffSegTaskSettings, path: Path, image,
-                       out_dir: Path) -> dict:
-    """The files of one image from the heads' results (segmentation, and word maps when labels are given)."""
+                       target: Path) -> dict:
+    """The files of one image, in its folder `target`, from the heads' results (segmentation, and word maps when
+    labels are given)."""
     result = results[0]
     left, top, bw, bh = heads[0].box(image)
     k = result.num_segments
@@ -58,10 +60,10 @@ def write_segmentation(results: list, heads: list, settings: DiffSegTaskSettings
     words = None
     if settings.labels:
         words = [settings.labels[v] for v in vote_words(result.labels, results[1])]
-    info = {"image": str(path), "size": [image.height, image.width], "analysed_box": [left, top, bw, bh],
+    info = {"image": str(path), "size": size_of(image), "analysed_box": [left, top, bw, bh],
             "proposal_counts": result.counts, "settings": asdict(settings)}
-    record = write_outputs(out_dir / path.stem, path.name, image, labels, k, info, words)
-    return {"dir": str(out_dir / path.stem), "num_segments": record["num_segments"]}
+    record = write_outputs(target, path.name, image, labels, k, info, words)
+    return {"num_segments": record["num_segments"]}
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -70,6 +72,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)
     heads = heads_for(bb, settings)
-    return process_with_heads(bb, heads, lambda res, path, image: write_segmentation(res, heads, settings, path,
-                                                                                    image, out_dir),
-                              files, out_dir, "diffseg", seed)
+    return process_with_heads(bb, heads, lambda res, path, image, target: write_segmentation(res, heads, settings,
+                                                                                            path, image, target),
+                              files, out_dir, "diffseg", seed, run_fingerprint(cfg))

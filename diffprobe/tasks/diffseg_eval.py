@@ -23,7 +23,7 @@ from diffprobe.data.coco_stuff import CocoStuff27
 from diffprobe.data.labelled_images import center_crop_label
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.segmentation import DatasetHungarian, PerImageHungarian, SegmentCount
-from diffprobe.io import atomic_path, save_json
+from diffprobe.io import save_json, save_text
 from diffprobe.items import run_items
 from diffprobe.runner import Item, run_heads
 from diffprobe.tasks.diffseg import heads_for, settings_of
@@ -110,6 +110,5 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     report = {"title": title, "class_names": list(dataset.class_names), "results": results,
               "segments_per_image": segments, **fingerprint}
     save_json(out_dir / "metrics.json", report)
-    with atomic_path(out_dir / "metrics.md") as tmp:
-        tmp.write_text(table + "\n")
+    save_text(out_dir / "metrics.md", table + "\n")
     return report

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, section
+from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
 from diffprobe.data.images import load_image
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
@@ -39,6 +39,7 @@ from diffprobe.heads.hyperfeatures.model import (
 from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, check_batch_split, descriptor_fn, train
 from diffprobe.io import save_json, save_png, save_tensors
 from diffprobe.items import run_items
+from diffprobe.tasks.image_runs import process_images
 
 log = logging.getLogger(__name__)
 MODES = ("train", "eval", "ablate", "extract", "baseline")
@@ -227,14 +228,15 @@ def _extract(p: HyperfeaturesParams, cfg: DictConfig, model: HyperfeatureModel, 
     if not cfg.get("image"):
         raise DiffprobeError("mode=extract needs image=PATH (a file or a folder of images)")
     describe = hyperfeature_describer(model, bb, seed=run_config(cfg).seed)
-    written = []
-    for path in list_images(cfg.image):
+
+    def one(path: Path, image, name: str) -> dict:
         desc, hw = describe(path)
-        save_tensors(out_dir / f"{path.stem}.safetensors", {"descriptors": desc},
+        save_tensors(out_dir / name / "descriptors.safetensors", {"descriptors": desc},
                      metadata={"image": str(path), "height": str(hw[0]), "width": str(hw[1])})
-        save_png(out_dir / f"{path.stem}_pca.png", pca_rgb(desc))
-        written.append(str(path))
-    return {"mode": "extract", "images": written}
+        save_png(out_dir / name / "pca.png", pca_rgb(desc))
+        return {"descriptors": list(desc.shape)}
+
+    return process_images(list_images(cfg.image), one, out_dir, "hyperfeatures", run_fingerprint(cfg))
 
 
 def pca_rgb(desc: torch.Tensor) -> np.ndarray:
@@ -269,19 +271,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     model.check_backbone(bb.probe.sites)
     model.net.to(bb.device)
     if p.mode == "extract":
-        out = _extract(p, cfg, model, bb, out_dir)
-    else:
-        describers = {"hyperfeatures": hyperfeature_describer(model, bb, seed=seed)}
-        if p.mode == "ablate":
-            describers.update(pruned_describers(model, bb, seed=seed))
-            _mixing_figure(model, out_dir)
-        res = _evaluate(p, cfg, describers, model.extraction.image_size, out_dir)
-        out = {"mode": p.mode, "weights": p.weights, "pairs": res["pairs"], "pooling": res["pooling"],
-               "alpha": p.alpha, "method": p.method, **{k: v[0] for k, v in res["results"].items()}}
-        if p.mode == "ablate":
-            layer, step, weight = model.top_layer_step()
-            out["pruned"] = {"layer": model.net.config.layers[layer], "saved_step": step,
-                             "call": model.extraction.saved_calls()[step], "weight": weight}
-        save_json(out_dir / "pairs.json", {k: v[1] for k, v in res["results"].items()})
+        return _extract(p, cfg, model, bb, out_dir)
+    describers = {"hyperfeatures": hyperfeature_describer(model, bb, seed=seed)}
+    if p.mode == "ablate":
+        describers.update(pruned_describers(model, bb, seed=seed))
+        _mixing_figure(model, out_dir)
+    res = _evaluate(p, cfg, describers, model.extraction.image_size, out_dir)
+    out = {"mode": p.mode, "weights": p.weights, "pairs": res["pairs"], "pooling": res["pooling"],
+           "alpha": p.alpha, "method": p.method, **{k: v[0] for k, v in res["results"].items()}}
+    if p.mode == "ablate":
+        layer, step, weight = model.top_layer_step()
+        out["pruned"] = {"layer": model.net.config.layers[layer], "saved_step": step,
+                         "call": model.extraction.saved_calls()[step], "weight": weight}
+    save_json(out_dir / "pairs.json", {k: v[1] for k, v in res["results"].items()})
     save_json(out_dir / ("ablation.json" if p.mode == "ablate" else "metrics.json"), out)
     return out

@@ -1,67 +1,100 @@
-"""Running a task over the user's images (a file or a folder): one record per image, and an image that
-cannot be read is skipped with a warning instead of stopping the run; the run then ends with a one-line
-error naming how many were skipped (they are listed in summary.json), after every other image is done."""
+"""Running a task over the user's images (a file or a folder) through the one item loop (diffprobe.items): one
+record and one folder per image, progress, checkpoints, resume, shards.
+
+Each image gets its own folder, out_dir/<name>, name = image_folders(): its stem made safe (x.png and x.jpg
+become x_png and x_jpg). An image that fails, for any reason, is skipped and listed instead of stopping the run;
+the run then ends with a one-line error naming how many were skipped, after every other image is done. A rerun
+in the same folder continues: done images are kept, skipped ones are tried again.
+
+summary.json (written at every checkpoint, on Ctrl-C and at the end): {"task", "done", "total",
+"images": {image path: {"dir": folder relative to the run, ...the task's fields}}, "skipped": {image path: reason}}.
+"""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 from pathlib import Path
 from typing import Callable
 
-from tqdm.auto import tqdm
-
-from diffprobe import distributed
 from diffprobe.data.images import load_image
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import save_json
+from diffprobe.items import ItemState, run_items
+from diffprobe.runfolder import image_folders
 
 log = logging.getLogger(__name__)
 
 
-def process_images(files: list[Path], process: Callable[[Path, object], dict], out_dir: Path, desc: str) -> dict:
-    """process(path, PIL image) -> record for each file; writes out_dir/summary.json {"images": {path: record},
-    "skipped": {path: reason}} and returns it. Over several processes (diffprobe.distributed), process r of w
-    takes files r, r + w, ... and writes summary_rank<r>of<w>.json; summary.json joins them at the end."""
-    rank, world = distributed.shard()
-    mine = files[rank::world]
-    records, skipped = {}, {}
-    for path in tqdm(mine, desc=desc, disable=len(mine) < 2):
+def files_fingerprint(files: list[Path]) -> str:
+    """A short identity of the list of input images (their count and a hash of their paths)."""
+    digest = hashlib.sha1("\n".join(str(f) for f in files).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{len(files)} images ({digest})"
+
+
+def summary_of(state: ItemState, files: list[Path], task: str) -> dict:
+    """summary.json's content from the item state's records."""
+    images, skipped = {}, {}
+    for i in sorted(state.records):
+        record = dict(state.records[i])
+        if "skipped" in record:
+            skipped[str(files[i])] = record["skipped"]
+        else:
+            images[str(files[i])] = record
+    return {"task": task, "done": len(images), "total": len(files), "images": images, "skipped": skipped}
+
+
+def process_images(files: list[Path], process: Callable[[Path, object, str], dict], out_dir: Path, task: str,
+                   fingerprint: dict) -> dict:
+    """process(path, PIL image, folder name) -> the image's record (its files go to out_dir/<folder name>);
+    writes out_dir/summary.json and returns its content. `fingerprint`: the run's settings (a rerun with other
+    settings in the same folder is refused). Over several processes (diffprobe.distributed) each takes every
+    w-th image and summary.json joins them at the end."""
+    names = image_folders(files)
+    fingerprint = {**fingerprint, "images": files_fingerprint(files)}
+
+    def item(i: int):
+        path = files[i]
         try:
-            image = load_image(path)
+            record = {"dir": names[i], **process(path, load_image(path), names[i])}
         except DiffprobeError as exc:
             if len(files) == 1:
                 raise
             log.warning("skipping %s: %s", path, exc)
-            skipped[str(path)] = str(exc)
-            continue
-        records[str(path)] = process(path, image)
-    summary = {"images": records, "skipped": skipped}
-    if world > 1:
-        save_json(out_dir / f"summary_rank{rank}of{world}.json", summary)
-        distributed.wait_for_everyone()
-        parts = [json.loads((out_dir / f"summary_rank{r}of{world}.json").read_text()) for r in range(world)]
-        order = {str(p): i for i, p in enumerate(files)}
-        summary = {key: dict(sorted(((k, v) for part in parts for k, v in part[key].items()),
-                                    key=lambda kv: order.get(kv[0], len(order)))) for key in ("images", "skipped")}
-        skipped = summary["skipped"]
-    save_json(out_dir / "summary.json", summary)
-    if skipped:
-        raise DiffprobeError(f"{len(skipped)} of {len(files)} images could not be read and were skipped (listed in "
+            record = {"skipped": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - any failure of one image must not end a folder run
+            if len(files) == 1:
+                raise
+            log.warning("skipping %s: %s: %s", path, type(exc).__name__, exc, exc_info=log.isEnabledFor(10))
+            record = {"skipped": f"{type(exc).__name__}: {exc}"}
+        return lambda: record
+
+    def write_summary(state: ItemState) -> dict:
+        summary = summary_of(state, files, task)
+        save_json(out_dir / "summary.json", summary)
+        return summary
+
+    state = run_items(len(files), item, {}, out_dir, fingerprint, name="images", desc=task, checkpoint_every=10,
+                      checkpoint_minutes=2.0, on_save=write_summary, redo=lambda record: "skipped" in record)
+    from diffprobe import distributed
+
+    summary = write_summary(state) if distributed.shard()[0] == 0 else summary_of(state, files, task)
+    if summary["skipped"]:
+        raise DiffprobeError(f"{len(summary['skipped'])} of {len(files)} images failed and were skipped (listed in "
                              f"{out_dir / 'summary.json'}); the others are done")
     return summary
 
 
-def process_with_heads(bb, heads: list, write: Callable[[list, Path, object], dict | str], files: list[Path],
-                       out_dir: Path, desc: str, seed: int) -> dict:
+def process_with_heads(bb, heads: list, write: Callable[[list, Path, object, Path], dict], files: list[Path],
+                       out_dir: Path, task: str, seed: int, fingerprint: dict) -> dict:
     """process_images where each image gets one pass of `heads` (run_heads, noise seeded by `seed`) and its
-    record is write(the heads' results, path, PIL image)."""
+    record is write(the heads' results, path, PIL image, the image's folder)."""
     import torch
 
     from diffprobe.runner import Item, run_heads
 
-    def process(path: Path, image) -> dict | str:
-        return write(run_heads(bb, heads, Item(str(path), image), generator=torch.Generator().manual_seed(seed)),
-                     path, image)
+    def process(path: Path, image, name: str) -> dict:
+        results = run_heads(bb, heads, Item(str(path), image), generator=torch.Generator().manual_seed(seed))
+        return write(results, path, image, out_dir / name)
 
-    return process_images(files, process, out_dir, desc)
+    return process_images(files, process, out_dir, task, fingerprint)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, section
+from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
 from diffprobe.data.images import list_images
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.call import CROPS
@@ -29,6 +29,7 @@ from diffprobe.heads.keypoints.predict import PredictConfig, predict_image
 from diffprobe.heads.keypoints.state import KeypointModel, load_model, save_model
 from diffprobe.data.images import check_resize
 from diffprobe.io import save_json
+from diffprobe.runfolder import image_folders
 from diffprobe.tasks.keypoints_data import split_items
 from diffprobe.tasks.keypoints_eval import evaluate
 from diffprobe.tasks.keypoints_outputs import save_loss_curve, write_prediction
@@ -159,7 +160,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if params.mode == "predict":
         if not cfg.get("image"):
             raise DiffprobeError("mode=predict needs image=PATH (a file or a folder of images)")
-        return run_predict(ctx, model, predict_cfg, list_images(cfg.image), out_dir)
+        return run_predict(ctx, model, predict_cfg, list_images(cfg.image), out_dir, run_fingerprint(cfg))
     train = split_items(cfg.get("data"), "train")[: params.eval.train]
     test = split_items(cfg.get("data"), "test")[: params.eval.test]
     fingerprint = {"embeddings": str(Path(params.embeddings).resolve()), "data": dict(cfg.data),
@@ -203,27 +204,30 @@ def run_fit(ctx: Context, fit_cfg: FitConfig, predict_cfg: PredictConfig, items:
     path = save_model(out_dir / "keypoints", result.model)
     save_loss_curve(out_dir / "loss_curve.png", result.history)
     shown = ctx.images(items[:preview])
-    for i in range(len(shown)):
-        _write_item(ctx, result.model, predict_cfg, shown, i, out_dir / "preview")
-    summary = {"embeddings": str(path), "indices": result.model.indices.tolist(), "counts": result.model.counts,
+    for i, name in enumerate(image_folders([it.path for it in items[:preview]])):
+        _write_item(ctx, result.model, predict_cfg, shown, i, out_dir / "preview" / name)
+    summary = {"embeddings": path.name, "indices": result.model.indices.tolist(), "counts": result.model.counts,
                "final_loss": result.history[-1]["loss"] if result.history else None, "steps": fit_cfg.steps}
     save_json(out_dir / "summary.json", summary)
     return summary
 
 
-def _write_item(ctx: Context, model: KeypointModel, cfg: PredictConfig, images: ImageSet, i: int, root: Path) -> dict:
+def _write_item(ctx: Context, model: KeypointModel, cfg: PredictConfig, images: ImageSet, i: int,
+                target: Path) -> dict:
+    """Predict item i and write its files into the folder `target`."""
     from diffprobe.data.images import load_image
 
     points, conf, frame, _ = _predict_item(ctx, model, cfg, images, i)
     path = images.items[i].path
     extra = {"processed": {"size": ctx.image_size, "crop": ctx.crop, "points": points.tolist()},
              "readout": cfg.readout, "augmentations": cfg.augmentations}
-    return write_prediction(root / path.stem, path, load_image(path), frame.to_original(points), conf, extra)
+    return write_prediction(target, path, load_image(path), frame.to_original(points), conf, extra)
 
 
-def run_predict(ctx: Context, model: KeypointModel, cfg: PredictConfig, files: list[Path], out_dir: Path) -> dict:
-    def one(path: Path, image) -> dict:
-        record = _write_item(ctx, model, cfg, ctx.images([LandmarkItem(path)]), 0, out_dir)
-        return {"dir": str(out_dir / path.stem), "points": record["points"]}
+def run_predict(ctx: Context, model: KeypointModel, cfg: PredictConfig, files: list[Path], out_dir: Path,
+                fingerprint: dict) -> dict:
+    def one(path: Path, image, name: str) -> dict:
+        record = _write_item(ctx, model, cfg, ctx.images([LandmarkItem(path)]), 0, out_dir / name)
+        return {"points": record["points"]}
 
-    return process_images(files, one, out_dir, "keypoints")
+    return process_images(files, one, out_dir, "keypoints", fingerprint)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffprobe.data.images import size_of
 from diffprobe.io import save_figure, save_json, save_png
 from diffprobe.viz import palette
 
@@ -37,7 +38,7 @@ def write_prediction(out_dir: Path, image_path: Path, image, points: np.ndarray,
     """out_dir/keypoints.json (pixel coordinates in the original image) and out_dir/overlay.png."""
     record = {
         "image": str(image_path),
-        "size": {"width": image.width, "height": image.height},
+        "size": size_of(image),
         "points": [{"id": i, "x": float(x), "y": float(y), "confidence": float(c)}
                    for i, ((x, y), c) in enumerate(zip(points, confidence))],
         **extra,

@@ -1,8 +1,9 @@
 """task=localize: find words in an image (or a folder) by their cross-attention refined over the
 self-attention graph.
 
-Writes per image, in out_dir/<image stem>/: localization.json (per word: the box and every component's box in
-original pixels, mask size, peak), <word>_mask.png (0/255, original size), maps.safetensors (raw and refined
+Writes per image, in out_dir/<image folder>/: localization.json (per word: the box and every component's box in
+original pixels, mask size, peak, its mask file), <word>_mask.png (0/255, original size; the word made safe as
+a file name), maps.safetensors (raw and refined
 heat maps at the analysed size) and figure.png (per word: the box on the image, raw and refined heat, mask).
 """
 
@@ -15,12 +16,14 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from diffprobe.config import load_configured_backbone, run_config, section
+from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
+from diffprobe.data.images import size_of
 from diffprobe.data.inputs import input_images
 from diffprobe.heads.call import analysed_box
 from diffprobe.heads.diffseg.head import token_groups
 from diffprobe.heads.localize import Localization, LocalizeHead, LocalizeSettings
 from diffprobe.io import save_figure, save_json, save_png, save_tensors
+from diffprobe.runfolder import unique_names
 from diffprobe.tasks.image_runs import process_with_heads
 from diffprobe.viz import heat_overlay
 
@@ -77,33 +80,32 @@ def figure(image, result: Localization, analysed, title: str):
     return fig
 
 
-def write_localization(result: Localization, head: LocalizeHead, path: Path, image, out_dir: Path) -> dict:
-    """The files of one image from the head's result."""
+def write_localization(result: Localization, head: LocalizeHead, path: Path, image, target: Path) -> dict:
+    """The files of one image, in its folder `target`, from the head's result."""
     settings = head.settings
     analysed = analysed_box(image.width, image.height, settings.crop)
     size = tuple(result.masks.shape[1:])
-    target = out_dir / path.stem
     words = []
-    for k, word in enumerate(result.words):
+    for k, (word, name) in enumerate(zip(result.words, unique_names(result.words))):
         mask = np.zeros((image.height, image.width), np.uint8)
         left, top, bw, bh = analysed
         scaled = Image.fromarray(result.masks[k].numpy().astype(np.uint8) * 255).resize((bw, bh), Image.NEAREST)
         mask[top:top + bh, left:left + bw] = np.asarray(scaled)
-        save_png(target / f"{word}_mask.png", mask)
+        save_png(target / f"{name}_mask.png", mask)
         peak = int(result.refined[k].argmax())
         px, py = peak % size[1] + 0.5, peak // size[1] + 0.5
-        words.append({"word": word, "box": to_original(result.boxes[k], analysed, size),
+        words.append({"word": word, "mask": f"{name}_mask.png", "box": to_original(result.boxes[k], analysed, size),
                       "components": [to_original(b, analysed, size) for b in result.components[k]],
                       "mask_pixels": int((mask > 0).sum()),
                       "peak": to_original([px, py, px, py], analysed, size)[:2]})
-    record = {"image": str(path), "size": [image.height, image.width], "analysed_box": list(analysed),
+    record = {"image": str(path), "size": size_of(image), "analysed_box": list(analysed),
               "prompt": settings.full_prompt(), "words": words, "settings": asdict(settings)}
     save_json(target / "localization.json", record)
     save_tensors(target / "maps.safetensors", {"raw": result.raw, "refined": result.refined},
                  metadata={"words": ",".join(result.words)})
     save_figure(target / "figure.png", figure(image, result, analysed, f"{path.name}: {settings.method} "
                                                                           f"(threshold {settings.threshold})"))
-    return {"dir": str(target), "boxes": {w["word"]: w["box"] for w in words}}
+    return {"boxes": {w["word"]: w["box"] for w in words}}
 
 
 def settings_for_images(cfg: DictConfig) -> LocalizeSettings:
@@ -124,6 +126,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)
     head = make_head(bb, settings)
-    return process_with_heads(bb, [head], lambda res, path, image: write_localization(res[0], head, path, image,
-                                                                                     out_dir),
-                              files, out_dir, "localize", seed)
+    return process_with_heads(bb, [head], lambda res, path, image, target: write_localization(res[0], head, path,
+                                                                                             image, target),
+                              files, out_dir, "localize", seed, run_fingerprint(cfg))

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from diffprobe.config import load_configured_backbone, run_config, section
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.wsol import WSOLMeter
-from diffprobe.io import atomic_path, save_json
+from diffprobe.io import save_json, save_text
 from diffprobe.items import run_items
 from diffprobe.runner import Item, run_heads
 from diffprobe.tasks.localize import make_head, settings_of
@@ -90,6 +90,5 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     print(table)
     report = {"results": rows, **fingerprint}
     save_json(out_dir / "metrics.json", report)
-    with atomic_path(out_dir / "metrics.md") as tmp:
-        tmp.write_text(table + "\n")
+    save_text(out_dir / "metrics.md", table + "\n")
     return report

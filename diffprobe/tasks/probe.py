@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, section
+from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
 from diffprobe.data.inputs import input_images
 from diffprobe.heads.probe import ProbeHead, ProbeSettings
 from diffprobe.io import save_figure, save_json, save_tensors
@@ -44,11 +44,10 @@ def _picture_rows(view, names, tokens: list[str], show: int) -> list[tuple[str, 
     return rows
 
 
-def write_probe(view, head: ProbeHead, tokens: list[str], item: Item, out_dir: Path, model: str) -> str:
-    """The files of one image from the head's view of the pass."""
+def write_probe(view, head: ProbeHead, tokens: list[str], item: Item, target: Path, model: str) -> dict:
+    """The files of one image, in its folder `target`, from the head's view of the pass."""
     s = head.settings
     path = Path(item.key)
-    target = out_dir / path.stem
     names = head.names
     save_tensors(target / "captures.safetensors", {n: view[n] for n in names},
                  metadata={"timestep": str(s.timestep), "image": str(path)})
@@ -63,7 +62,7 @@ def write_probe(view, head: ProbeHead, tokens: list[str], item: Item, out_dir: P
                       "shape": list(view[n].shape), "grid": list(view.grid(n))} for n in names},
     }
     save_json(target / "index.json", index)
-    return str(target)
+    return {"sites": len(names)}
 
 
 def prompt_tokens(bb, prompt: str) -> list[str]:
@@ -86,7 +85,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     bb = load_configured_backbone(cfg)
     head = make_head(bb, settings)
     tokens = prompt_tokens(bb, settings.prompt)
-    return process_with_heads(bb, [head], lambda res, path, image: write_probe(res[0], head, tokens,
-                                                                              Item(str(path), image), out_dir,
-                                                                              cfg.model.name),
-                              files, out_dir, "probe", run_config(cfg).seed)
+    return process_with_heads(bb, [head], lambda res, path, image, target: write_probe(res[0], head, tokens,
+                                                                                      Item(str(path), image), target,
+                                                                                      cfg.model.name),
+                              files, out_dir, "probe", run_config(cfg).seed, run_fingerprint(cfg))

@@ -25,7 +25,7 @@ from PIL import Image
 from diffprobe.data.world.pairs import WorldPair
 from diffprobe.data.world.scene import Scene
 from diffprobe.data.world.vocab import CLASSES, COCO_FINE, COLOURS
-from diffprobe.io import atomic_path, save_json, save_png
+from diffprobe.io import atomic_path, save_json, save_png, save_text
 
 CELEBA_HEADER = "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
 CUB_PART_NAMES = ("back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing",
@@ -39,8 +39,7 @@ def save_jpeg(path: Path, image: np.ndarray) -> None:
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines))
+    save_text(path, "".join(line + "\n" for line in lines))
 
 
 def coco_fine_labels(scene: Scene) -> np.ndarray:
