@@ -77,6 +77,7 @@ def prepare_overrides(overrides: list[str]) -> tuple[list[str], str]:
         keys = {ns: _dotted_keys(v) for ns, v in base.items() if isinstance(v, dict) and ns not in TOP_LEVEL}
         try:
             overrides = namespace_overrides(overrides, keys, task)
+            overrides = model_task_settings(base.get("model") or {}, keys, overrides) + overrides
             full = compose("config", overrides=overrides, return_hydra_config=True)
         except DiffprobeError as exc:
             _fail(str(exc))
@@ -84,6 +85,20 @@ def prepare_overrides(overrides: list[str]) -> tuple[list[str], str]:
             known = [f"{ns}.{k}" for ns, ks in keys.items() for k in ks] + list(base)
             _fail(config_error(str(exc), known, task, getattr(exc, "override", None)))
     return overrides, OmegaConf.to_container(full.hydra.run, resolve=False)["dir"]
+
+
+def model_task_settings(model: dict, keys: dict[str, list[str]], overrides: list[str]) -> list[str]:
+    """The model config's `task_settings` ({namespace: {key: value}}: this model's defaults for task keys) as
+    overrides, for the namespaces of this task and the keys the command line does not set."""
+    from diffprobe.cli import flat_keys, override_value
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    out = []
+    for ns, settings in (model.get("task_settings") or {}).items():
+        for key, value in flat_keys(settings or {}):
+            if ns in keys and key in keys[ns] and f"{ns}.{key}" not in given:
+                out.append(f"{ns}.{key}={override_value(value)}")
+    return out
 
 
 def resolve_run_dir(template: str, task: str, chosen: bool) -> Path | None:

@@ -58,8 +58,12 @@ class Backbone:
             self._probe = ProbeRegistry(self.unet, self.family, self.family.text_tokens(self))
         return self._probe
 
-    def check_image_size(self, size: int) -> int:
-        """`size` if the model can take size x size images (a multiple of VAE factor x deepest divisor)."""
+    def check_image_size(self, size: int | None) -> int:
+        """`size` if the model can take size x size images (a multiple of VAE factor x deepest divisor); None: the
+        model's sample size."""
+        if size is None:
+            return self.sample_size
+        size = int(size)
         deepest = self.grid_factor * max(s.divisor for s in self.probe.sites.values())
         if size < deepest or size % deepest:
             raise DiffprobeError(f"image_size must be a positive multiple of {deepest} for this model, not {size}")

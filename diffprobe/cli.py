@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from importlib import resources
 
@@ -69,6 +70,35 @@ def namespace_overrides(argv: list[str], keys: dict[str, list[str]], task: str) 
     return out
 
 
+def flat_keys(node: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a nested dict."""
+    out = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out += flat_keys(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def override_value(value) -> str:
+    """A value written in Hydra's override syntax: null, true/false, numbers, quoted strings, [lists]."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def docs_folder() -> str:
+    """Where the installed documentation is (the package diffprobe.docs: docs/ of the source tree)."""
+    return str(resources.files("diffprobe.docs"))
+
+
 def help_text() -> str:
     """What `python -m diffprobe --help` prints: the tasks, models and datasets, and where to read more."""
     width = max(len(t) for t in config_options("task"))
@@ -81,13 +111,25 @@ def help_text() -> str:
               "",
               "Every task's keys and defaults: python -m diffprobe task=NAME --cfg job",
               "Outputs go to outputs/<task>/<date_time>/ (hydra.run.dir=DIR to choose; rerun there to resume).",
-              "Documentation: docs/ in the source tree (README.md, docs/<task>.md, docs/hooks.md for the Python API).",
+              f"Documentation: {docs_folder()} (<task>.md for each task, outputs.md for the files a run writes, "
+              "hooks.md for the Python API)",
               "Hydra's own options: python -m diffprobe --hydra-help"]
     return "\n".join(lines)
 
 
 def _choices(group: str) -> str:
     return ", ".join(config_options(group))
+
+
+def close_matches(word: str, options: list[str], cutoff: float = 0.75) -> list[str]:
+    """The options nearest to `word` (similarity ratio at least `cutoff`, ties broken by the longer common
+    prefix), all of those equally near: sd16 -> sd14, sd15; taus -> tau."""
+    def score(option: str) -> tuple[float, int]:
+        prefix = len(os.path.commonprefix([word.lower(), option.lower()]))
+        return round(difflib.SequenceMatcher(None, word.lower(), option.lower()).ratio(), 6), prefix
+
+    scored = sorted(((score(o), o) for o in options if score(o)[0] >= cutoff), key=lambda so: so[0], reverse=True)
+    return [o for sc, o in scored if sc == scored[0][0]] if scored else []
 
 
 def config_error(message: str, known_keys: list[str] | None = None, task: str | None = None,
@@ -97,19 +139,24 @@ def config_error(message: str, known_keys: list[str] | None = None, task: str | 
     missing = re.search(r"Could not find '(\w+)/([^']*)'", message)
     if missing and missing.group(1) in GROUPS:
         group, value = missing.groups()
-        hint = difflib.get_close_matches(value, config_options(group), n=1)
-        maybe = f" (did you mean {group}={hint[0]}?)" if hint else ""
+        hint = close_matches(value, config_options(group))
+        maybe = f" (did you mean {' or '.join(f'{group}={h}' for h in hint)}?)" if hint else ""
         return f"unknown {group} {value!r}{maybe}; choose one of: {_choices(group)}"
     unknown = re.search(r"Could not override '([^']+)'", message) or re.search(r"Key '([^']+)' is not in struct",
                                                                                  message)
     if unknown:
         key = unknown.group(1)
         known = known_keys or []
-        hint = difflib.get_close_matches(key, known, n=1)
-        if not hint:  # a bare key: compare it with the last part of every dotted key
-            last = {k.rsplit(".", 1)[-1]: k for k in known}
-            hint = [last[m] for m in difflib.get_close_matches(key, list(last), n=1)]
-        maybe = f" (did you mean {hint[0]}?)" if hint else ""
+        if "." in key:
+            hint = close_matches(key, known)
+        else:  # a bare key: the task's own keys (by their last part) first, then the run settings
+            last: dict[str, list[str]] = {}
+            for k in known:
+                last.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+            own = [k for k in last if any("." in full for full in last[k])]
+            hint = [full for m in close_matches(key, own) for full in last[m]]
+            hint = hint or close_matches(key, [k for k in known if "." not in k])
+        maybe = f" (did you mean {' or '.join(hint[:3])}?)" if hint else ""
         where = f" for task={task}" if task else ""
         return (f"unknown key {key!r}{where}{maybe}; list the keys with: python -m diffprobe "
                 f"task={task or 'NAME'} --cfg job")

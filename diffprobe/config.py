@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,7 +43,38 @@ def typed(node: Any, schema: type[T], what: str) -> T:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
     except OmegaConfBaseException as exc:
         raise DiffprobeError(f"bad {what} setting: {str(exc).splitlines()[0]}") from None
-    return OmegaConf.to_object(merged)
+    settings = OmegaConf.to_object(merged)
+    check_values(settings, what)
+    return settings
+
+
+def check_values(settings: Any, what: str) -> None:
+    """Refuse NaN and infinite numbers anywhere in a settings dataclass (nested ones and lists included: no setting
+    means anything at NaN, and "no limit" is written null), and values outside the class's LIMITS
+    ({field: ">= 1" | "> 0" | "0..1" (inclusive) | a tuple of such rules}, a subclass adding to its bases'; null
+    values pass)."""
+    limits = {k: v for cls in reversed(type(settings).__mro__) for k, v in cls.__dict__.get("LIMITS", {}).items()}
+    for name in getattr(settings, "__dataclass_fields__", {}):
+        value = getattr(settings, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise DiffprobeError(f"{what}.{name} must be a finite number, not {v}")
+            if hasattr(v, "__dataclass_fields__"):
+                check_values(v, f"{what}.{name}")
+            rules = limits.get(name, ())
+            rules = (rules,) if isinstance(rules, str) else rules
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not all(_obeys(v, r) for r in rules):
+                said = " and ".join(f"in {r}" if ".." in r else r for r in rules)
+                raise DiffprobeError(f"{what}.{name} must be {said}, not {v}")
+
+
+def _obeys(value: float, rule: str) -> bool:
+    if ".." in rule:
+        low, high = (float(x) for x in rule.split(".."))
+        return low <= value <= high
+    op, bound = rule.split()
+    return {">=": value >= float(bound), ">": value > float(bound), "<=": value <= float(bound),
+            "<": value < float(bound)}[op]
 
 
 def section(cfg: DictConfig, name: str, schema: type[T], model_defaults: dict[str, str] | None = None) -> T:

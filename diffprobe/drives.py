@@ -45,6 +45,19 @@ def _warn_unknown_words(tokenizer, prompts: list[str]) -> None:
                         ", ".join(repr(w) for w in words))
 
 
+def _warn_truncated(bb, prompts: list[str]) -> None:
+    """Warn (once per prompt) when a prompt has more tokens than the model reads: the rest is cut."""
+    for prompt in prompts:
+        n = len(bb.tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
+        key = (id(bb.tokenizer), f"long:{prompt}")
+        if n > bb.max_tokens and key not in _warned:
+            _warned.add(key)
+            log.warning("a prompt has %d tokens but %s reads %d: everything after %r is cut", n, bb.name,
+                        bb.max_tokens, bb.tokenizer.decode(bb.tokenizer(prompt, truncation=True,
+                                                                        max_length=bb.max_tokens).input_ids,
+                                                           skip_special_tokens=True)[-40:])
+
+
 @torch.no_grad()
 def encode_prompt(bb, prompts: list[str] | str, size: tuple[int, int] | None = None) -> Conditioning:
     """Text conditioning for `prompts` ("" is the unconditional prompt) as the model family builds it
@@ -52,6 +65,7 @@ def encode_prompt(bb, prompts: list[str] | str, size: tuple[int, int] | None = N
     states plus pooled embeddings and time ids for images of `size` (H, W), default the model's size)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _warn_unknown_words(bb.tokenizer, prompts)
+    _warn_truncated(bb, prompts)
     return bb.family.encode_prompt(bb, prompts, size or (bb.sample_size, bb.sample_size))
 
 

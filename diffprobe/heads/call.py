@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -24,6 +25,8 @@ class CallSettings:
     prompt: the text conditioning; image_size: side of the square the model sees (None: the model's);
     crop: "center" (the centre square) or "none" (the whole image squashed); resize: a filter of
     diffprobe.data.images.RESIZE_FILTERS."""
+
+    LIMITS: ClassVar[dict] = {"timestep": ">= 0", "image_size": "8..16384"}
 
     timestep: int = 0
     noise: bool = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import torch
 
@@ -20,6 +20,8 @@ CROSS = "cross"  # probe.sites=[cross]: every cross-attention map (UNet attn2, a
 @dataclass
 class ProbeSettings(CallSettings):
     """The probe.* keys: the call (CallSettings), the sites (globs), the head reduction, the picture."""
+
+    LIMITS: ClassVar[dict] = {"show": "1..1000"}
 
     sites: list[str] = field(default_factory=lambda: [CROSS])
     timestep: int = 100

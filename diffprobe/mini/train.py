@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
+    LIMITS: ClassVar[dict] = {"images": "1..10000000", "vae_batch": "1..4096", "vae_crop": "8..4096", "batch": "1..4096",
+                              "warmup": ">= 0", "samples": "0..64", "threads": "1..1024"}
+
     images: int = 32000
     vae_steps: int = 2000
     vae_batch: int = 32
@@ -73,7 +76,9 @@ class TrainConfig:
         unknown = set(values) - known
         if unknown:
             raise DiffprobeError(f"unknown train_mini key(s) {sorted(unknown)}; known: {sorted(known)}")
-        cfg = cls(**values)
+        from diffprobe.config import typed
+
+        cfg = typed(values, cls, "train_mini")  # types checked, NaN and infinities refused
         for name in ("images", "vae_steps", "vae_batch", "unet_steps", "batch", "checkpoint_every", "threads"):
             if name == "threads" and cfg.threads is None:
                 continue

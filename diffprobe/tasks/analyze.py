@@ -53,19 +53,28 @@ def job(name: str, cfg: DictConfig, bb) -> Job:
                                                                                           out))
     from diffprobe.tasks import probe
 
-    settings = section(cfg, "probe", probe.ProbeSettings)
-    settings.validate()
+    settings = probe.settings_of(cfg)
     head = probe.make_head(bb, settings)
     tokens = probe.prompt_tokens(bb, settings.prompt)
     return Job(name, [head], lambda res, path, image, out: probe.write_probe(res[0], head, tokens, Item(str(path), image),
                                                                             out, cfg.model.name))
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def settings_of(cfg: DictConfig) -> list[str]:
+    """The tasks analyze runs, each task's keys validated (no model needed)."""
+    import importlib
+
     names = list(section(cfg, "analyze", AnalyzeSettings).tasks)
     unknown = [n for n in names if n not in HEADS]
     if not names or unknown or len(set(names)) != len(names):
         raise DiffprobeError(f"analyze.tasks takes distinct tasks among {', '.join(HEADS)}, got {names}")
+    for name in names:
+        importlib.import_module(f"diffprobe.tasks.{name}").settings_of(cfg)
+    return names
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    names = settings_of(cfg)
     seed = run_config(cfg).seed
     files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CorrespondParams:
+    LIMITS: ClassVar[dict] = {"image_size": "8..16384", "grid": "1..1000", "num_steps": "1..10000", "alpha": ("> 0", "<= 1")}
+
     source: str | None = None
     target: str | None = None
     points: str | None = None  # "[[x, y], ...]" or a JSON file with such a list; null = salient grid
@@ -75,10 +78,15 @@ def _points(value, what: str) -> np.ndarray | None:
             value = json.loads(path.read_text()) if path.is_file() else json.loads(value)
         except json.JSONDecodeError:
             raise DiffprobeError(f"{what}: give [[x, y], ...] or a JSON file holding that list, got {value[:60]!r}") from None
-    return points_array(value, what)
+    points = points_array(value, what)
+    if len(points) == 0:
+        raise DiffprobeError(f"{what} is empty: there is nothing to match (leave points out to match a grid on the "
+                             "source's salient region)")
+    return points
 
 
-def _params(cfg: DictConfig) -> tuple[CorrespondParams, np.ndarray | None, np.ndarray | None]:
+def settings_of(cfg: DictConfig) -> tuple[CorrespondParams, np.ndarray | None, np.ndarray | None]:
+    """The correspond.* keys, validated, and the points and target points ((N, 2) pixels or None)."""
     keys = cfg.get("correspond") or {}
     raw = {k: keys.get(k) for k in ("points", "target_points")}
     node = {k: v for k, v in keys.items() if k not in raw}
@@ -108,7 +116,7 @@ def _real_pair(p: CorrespondParams, bb, model, seed: int):
         describe, size = hyperfeature_describer(model, bb, seed=seed), model.extraction.image_size
         used = {"descriptor": "hyperfeatures", "weights": p.weights}
     else:
-        size = bb.check_image_size(int(p.image_size or bb.sample_size))
+        size = bb.check_image_size(p.image_size)
         layer = resolve_raw_layer(bb.probe.sites, p.raw_layer)
         describe = raw_layer_describer(bb, layer, size, seed=seed)
         used = {"descriptor": "raw layer (no weights given)", "layer": layer, "step": "t=-1 (clean)"}
@@ -129,24 +137,28 @@ def _generated_pair(p: CorrespondParams, bb, model, seed: int, out_dir: Path):
     return (desc[0], (size, size)), (desc[1], (size, size)), size, used, pil
 
 
-def warn_outside(points: np.ndarray | None, image, what: str) -> None:
-    """Warn when given points lie outside the image (they are clipped to its border when matched)."""
+def check_inside(points: np.ndarray | None, width: int, height: int, what: str) -> None:
+    """Refuse points outside the width x height image (pixel coordinates: 0 <= x <= width, 0 <= y <= height)."""
     if points is None:
         return
-    out = (points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] >= image.width) | (points[:, 1] >= image.height)
+    out = (points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] > width) | (points[:, 1] > height)
     if out.any():
-        log.warning("%d of the %d %s lie outside the %d x %d image (first: %s); they are clipped to its border",
-                    int(out.sum()), len(points), what, image.width, image.height, points[out][0].tolist())
+        raise DiffprobeError(f"{int(out.sum())} of the {len(points)} {what} lie outside the {width} x {height} image "
+                             f"(first: {points[out][0].tolist()}); give (x, y) pixels inside it")
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    p, src_pts, tgt_pts = _params(cfg)
+    p, src_pts, tgt_pts = settings_of(cfg)
     synthetic = p.source_prompt is not None
     if not synthetic:
         src_img, tgt_img = load_image(p.source), load_image(p.target)  # fail on bad paths before loading a model
-        warn_outside(src_pts, src_img, "points")
-        warn_outside(tgt_pts, tgt_img, "target_points")
+        check_inside(src_pts, src_img.width, src_img.height, "points")
+        check_inside(tgt_pts, tgt_img.width, tgt_img.height, "target_points")
     bb = load_configured_backbone(cfg)
+    if synthetic:  # generated images have the model's size
+        side = bb.sample_size
+        check_inside(src_pts, side, side, "points")
+        check_inside(tgt_pts, side, side, "target_points")
     seed = run_config(cfg).seed
     model = None
     if p.weights:

@@ -39,7 +39,7 @@ def settings_of(cfg: DictConfig, dataset_tau: float | None = None) -> DiffSegTas
 
 def heads_for(bb, settings: DiffSegTaskSettings) -> list:
     """The DiffSeg head, and the word-maps head when labels are given (their pass is shared)."""
-    size = bb.check_image_size(int(settings.image_size or bb.sample_size))
+    size = bb.check_image_size(settings.image_size)
     heads = [DiffSegHead(settings, size)]
     if settings.labels:
         words = list(settings.labels)

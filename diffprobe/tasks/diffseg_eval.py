@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
@@ -26,17 +26,20 @@ from diffprobe.eval.segmentation import DatasetHungarian, PerImageHungarian, Seg
 from diffprobe.io import save_json, save_text
 from diffprobe.items import run_items
 from diffprobe.runner import Item, run_heads
-from diffprobe.tasks.diffseg import heads_for, settings_of
+from diffprobe.tasks import diffseg
+from diffprobe.tasks.diffseg import DiffSegTaskSettings, heads_for
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalSettings:
-    limit: Any = None  # evaluate the first `limit` images only
+    LIMITS: ClassVar[dict] = {"limit": ">= 1", "checkpoint_every": ">= 1", "checkpoint_minutes": "> 0"}
+
+    limit: int | None = None  # evaluate the first `limit` images only
     checkpoint_every: int = 25
     checkpoint_minutes: float = 5.0
-    resume: Any = None  # an earlier output folder of this task to continue
+    resume: str | None = None  # an earlier output folder of this task to continue
 
 
 @dataclass
@@ -65,13 +68,19 @@ def format_table(title: str, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def settings_of(cfg: DictConfig) -> tuple[EvalSettings, DataConfig, DiffSegTaskSettings]:
+    """The diffseg_eval.* keys, the data config and the diffseg.* keys (tau: the model's, else the dataset's),
+    validated."""
     ev = section(cfg, "diffseg_eval", EvalSettings)
     if cfg.get("data") is None:
         raise DiffprobeError("task=diffseg_eval needs a dataset: data=coco_stuff27 data.root=PATH (or data=cityscapes)")
     data = typed(cfg.data, DataConfig, "data")
+    return ev, data, diffseg.settings_of(cfg, data.diffseg_tau)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    ev, data, settings = settings_of(cfg)
     dataset = open_dataset(data)
-    settings = settings_of(cfg, data.diffseg_tau)
     count = len(dataset) if ev.limit is None else min(int(ev.limit), len(dataset))
     meters = {"per_image": PerImageHungarian(dataset.num_classes), "dataset": DatasetHungarian(dataset.num_classes),
               "segments": SegmentCount()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,12 @@ MODES = ("train", "eval", "ablate", "extract", "baseline")
 
 @dataclass
 class HyperfeaturesParams:
+    LIMITS: ClassVar[dict] = {"num_steps": "1..10000", "save_every": ">= 1", "image_size": "8..16384",
+                              "output_size": "1..4096", "projection_dim": "1..65536", "train_steps": ">= 0",
+                              "batch": "1..4096", "lr": "> 0", "weight_decay": ">= 0", "temperature": "> 0",
+                              "val_every": ">= 1", "checkpoint_minutes": "> 0", "val_pairs": ">= 1",
+                              "feature_store": ">= 0", "plot_pairs": "0..10000"}
+
     mode: str = "train"
     weights: str | None = None  # a model directory (eval, ablate, extract)
     resume: str | None = None  # a checkpoint directory to continue training from
@@ -75,7 +82,8 @@ class HyperfeaturesParams:
     plot_pairs: int = 4  # eval/ablate/baseline: match figures of the first pairs, in pairs/
 
 
-def _params(cfg: DictConfig) -> HyperfeaturesParams:
+def settings_of(cfg: DictConfig) -> HyperfeaturesParams:
+    """The hyperfeatures.* keys, validated (no model needed)."""
     p = section(cfg, "hyperfeatures", HyperfeaturesParams)
     if p.mode not in MODES:
         raise DiffprobeError(f"mode must be one of {MODES}, got {p.mode!r}")
@@ -129,7 +137,7 @@ def load_pairs(data: DictConfig | None, split: str, seed: int) -> tuple[list[Cor
 
 
 def _extraction(p: HyperfeaturesParams, bb) -> ExtractionConfig:
-    size = bb.check_image_size(int(p.image_size or bb.sample_size))
+    size = bb.check_image_size(p.image_size)
     layers = p.layers[0] if len(p.layers) == 1 else list(p.layers)
     return ExtractionConfig(layers=layers, process=p.process, num_steps=p.num_steps, save_every=p.save_every,
                             saved_steps=p.saved_steps, prompt=p.prompt, image_size=size)
@@ -252,13 +260,13 @@ def pca_rgb(desc: torch.Tensor) -> np.ndarray:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    p = _params(cfg)
+    p = settings_of(cfg)
     bb = load_configured_backbone(cfg)
     if p.mode == "train":
         return _train(p, cfg, bb, out_dir)
     seed = run_config(cfg).seed
     if p.mode == "baseline":
-        size = bb.check_image_size(int(p.image_size or bb.sample_size))
+        size = bb.check_image_size(p.image_size)
         layer = resolve_raw_layer(bb.probe.sites, p.raw_layer)
         describers = {"raw_layer": raw_layer_describer(bb, layer, size, seed=seed)}
         res = _evaluate(p, cfg, describers, size, out_dir)

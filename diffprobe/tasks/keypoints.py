@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -41,6 +42,8 @@ MODES = ("fit", "predict", "eval")
 
 @dataclass
 class AffineKeys:
+    LIMITS: ClassVar[dict] = {"degrees": "0..180", "translate": "0..1", "scale": ("> 0", "<= 10")}
+
     degrees: float = AffineRange.degrees
     scale: list[float] = field(default_factory=lambda: list(AffineRange.scale))
     translate: float = AffineRange.translate
@@ -49,6 +52,11 @@ class AffineKeys:
 @dataclass
 class FitKeys:
     """keypoints.fit.*: FitConfig's fields (their defaults are the head's)."""
+
+    LIMITS: ClassVar[dict] = {"num_tokens": "1..100000", "top_k": "1..10000", "candidates": "1..100000",
+                              "steps": ">= 0", "batch_size": "1..4096", "lr": "> 0", "sigma": "> 0",
+                              "localisation_weight": ">= 0", "equivariance_weight": ">= 0", "num_indices": ">= 1",
+                              "select_batch": "1..4096", "checkpoint_every": ">= 1", "checkpoint_minutes": "> 0"}
 
     num_tokens: int = FitConfig.num_tokens
     top_k: int = FitConfig.top_k
@@ -68,6 +76,8 @@ class FitKeys:
 
 @dataclass
 class PredictKeys:
+    LIMITS: ClassVar[dict] = {"augmentations": "1..1000", "batch_size": "1..4096", "soft_radius": "> 0"}
+
     augmentations: int = PredictConfig.augmentations
     batch_size: int = PredictConfig.batch_size
     readout: str = PredictConfig.readout
@@ -76,6 +86,8 @@ class PredictKeys:
 
 @dataclass
 class EvalKeys:
+    LIMITS: ClassVar[dict] = {"train": ">= 1", "test": ">= 1"}
+
     train: int | None = None
     test: int | None = None
 
@@ -83,6 +95,9 @@ class EvalKeys:
 @dataclass
 class KeypointsSettings:
     """The keypoints.* keys (conf/head/keypoints.yaml, conf/task/keypoints.yaml)."""
+
+    LIMITS: ClassVar[dict] = {"preview": "0..1000", "upsample_queries": "1..4096", "timestep": ">= 0",
+                              "image_size": "8..16384"}
 
     mode: str = "fit"
     embeddings: str | None = None
@@ -176,7 +191,7 @@ def _context(cfg: DictConfig, params: KeypointsSettings, model: KeypointModel | 
     if model is None:
         spec = MapSpec(tuple(resolve_sites(sites, params.sites)), params.upsample_queries, params.timestep, params.noise)
         data_crop = cfg.data.get("crop") if cfg.get("data") is not None else None
-        size = bb.check_image_size(int(params.image_size or bb.sample_size))
+        size = bb.check_image_size(params.image_size)
         return Context(bb, spec, size, params.crop or data_crop or "center", params.resize)
     spec = MapSpec.from_dict(model.config.get("maps", {}))
     missing = [s for s in spec.sites if s not in sites]

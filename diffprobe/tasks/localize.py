@@ -36,7 +36,7 @@ def settings_of(cfg: DictConfig) -> LocalizeSettings:
 
 
 def make_head(bb, settings: LocalizeSettings) -> LocalizeHead:
-    size = bb.check_image_size(int(settings.image_size or bb.sample_size))
+    size = bb.check_image_size(settings.image_size)
     words = [str(w) for w in settings.words]
     return LocalizeHead(settings, token_groups(bb.tokenizer, settings.full_prompt(), words), size)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,33 +24,44 @@ from diffprobe.eval.wsol import WSOLMeter
 from diffprobe.io import save_json, save_text
 from diffprobe.items import run_items
 from diffprobe.runner import Item, run_heads
-from diffprobe.tasks.localize import make_head, settings_of
+from diffprobe.heads.localize import LocalizeSettings
+from diffprobe.tasks import localize
+from diffprobe.tasks.localize import make_head
 
 
 @dataclass
 class EvalSettings:
+    LIMITS: ClassVar[dict] = {"limit": ">= 1", "checkpoint_every": ">= 1", "checkpoint_minutes": "> 0"}
+
     split: str = "test"
-    limit: Any = None
+    limit: int | None = None
     checkpoint_every: int = 25
     checkpoint_minutes: float = 5.0
-    resume: Any = None
+    resume: str | None = None
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def settings_of(cfg: DictConfig) -> tuple[EvalSettings, LocalizeSettings]:
+    """The localize_eval.* and localize.* keys, validated (the word defaults to "bird", the crop to none)."""
     ev = section(cfg, "localize_eval", EvalSettings)
     data = cfg.get("data")
     if data is None or data.get("name") != "cub" or not data.get("root"):
         raise DiffprobeError("task=localize_eval scores data=cub data.root=PATH (CUB-200-2011, or the world written "
                              "by task=world world.format=cub)")
-    from diffprobe.data.cub import CubDataset
-
     if not cfg.localize.words:
         cfg.localize.words = ["bird"]
     if cfg.localize.crop == "center":
         cfg.localize.crop = "none"
-    settings = settings_of(cfg)
+    settings = localize.settings_of(cfg)
     if len(settings.words) != 1:
         raise DiffprobeError(f"localize_eval scores one word per image (the dataset's class), got {settings.words}")
+    return ev, settings
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    from diffprobe.data.cub import CubDataset
+
+    ev, settings = settings_of(cfg)
+    data = cfg.data
     dataset = CubDataset(data.root, ev.split, classes=data.get("classes"))
     count = len(dataset) if ev.limit is None else min(int(ev.limit), len(dataset))
     if count == 0:

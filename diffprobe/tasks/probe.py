@@ -73,14 +73,20 @@ def prompt_tokens(bb, prompt: str) -> list[str]:
 
 def make_head(bb, settings: ProbeSettings) -> ProbeHead:
     """The probe head with its site globs resolved (a pattern matching nothing fails here)."""
-    head = ProbeHead(settings, bb.check_image_size(int(settings.image_size or bb.sample_size)))
+    head = ProbeHead(settings, bb.check_image_size(settings.image_size))
     head.plan(bb.probe.sites)
     return head
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def settings_of(cfg: DictConfig) -> ProbeSettings:
+    """The probe.* keys, validated (no model needed)."""
     settings = section(cfg, "probe", ProbeSettings)
     settings.validate()
+    return settings
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    settings = settings_of(cfg)
     files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)
     head = make_head(bb, settings)

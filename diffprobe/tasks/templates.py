@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ SOURCES = ("world", "data", "predictions")
 
 @dataclass
 class TemplateSettings:
+    LIMITS: ClassVar[dict] = {"n": "1..1000000", "k": ">= 1", "restarts": "1..1000"}
+
     source: str = "world"
     category: str = "face"
     n: int = 500
@@ -103,18 +106,56 @@ def data_sets(cfg: DictConfig) -> KeypointSets:
                         SKELETONS["face" if name == "celeba" else "bird"])
 
 
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DiffprobeError(f"{path} is not readable JSON ({exc}): {what}") from None
+
+
+def _points(rec: dict, path: Path) -> tuple[list[list[float]], float]:
+    """(K x [x, y], image height) of one keypoints.json: points as {"x", "y"} records or [x, y] pairs, all finite."""
+    pts = rec.get("points") if isinstance(rec, dict) else None
+    size = rec.get("size") if isinstance(rec, dict) else None
+    try:
+        xy = [[float(p["x"]), float(p["y"])] if isinstance(p, dict) else [float(p[0]), float(p[1])] for p in pts]
+        height = float(size["height"] if isinstance(size, dict) else size[0])
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise DiffprobeError(f"{path} does not hold keypoints as task=keypoints writes them (points: a list of "
+                             "{x, y} or [x, y]; size: {width, height})") from None
+    if not xy or not np.isfinite(xy).all() or not np.isfinite(height) or height <= 0:
+        raise DiffprobeError(f"{path} holds no points, or points or a size that are not finite numbers")
+    return xy, height
+
+
 def prediction_sets(folder: str) -> KeypointSets:
-    path = Path(folder) / "summary.json"
+    """The keypoint sets of a task=keypoints mode=predict run folder (each image's keypoints.json, found through
+    summary.json; folders are relative to the run, so a moved run still reads). Everything is checked before any
+    output is written."""
+    root = Path(folder)
+    path = root / "summary.json"
     if not path.is_file():
         raise DiffprobeError(f"source=predictions needs the folder of a task=keypoints mode=predict run (no {path})")
-    summary = json.loads(path.read_text())
-    records = summary.get("images", summary)
+    summary = _read_json(path, "templates.predictions must be a task=keypoints mode=predict run folder")
+    records = summary.get("images") if isinstance(summary, dict) else None
+    if not isinstance(records, dict) or summary.get("task", "keypoints") != "keypoints":
+        raise DiffprobeError(f"{path} is not the summary of a task=keypoints mode=predict run")
     pts, ids, heights = [], [], []
     for image, record in records.items():
-        rec = json.loads((Path(record["dir"]) / "keypoints.json").read_text())
-        pts.append([[p["x"], p["y"]] for p in rec["points"]])
+        folder_name = Path(str(record.get("dir", ""))) if isinstance(record, dict) else Path()
+        where = root / folder_name if not folder_name.is_absolute() else folder_name
+        if not (where / "keypoints.json").is_file():  # runs of earlier releases stored absolute folders
+            where = root / folder_name.name
+        kp_path = where / "keypoints.json"
+        if not kp_path.is_file():
+            raise DiffprobeError(f"{root} is not a task=keypoints mode=predict run: no keypoints.json for {image} "
+                                 f"(looked in {where})")
+        xy, height = _points(_read_json(kp_path, "a keypoints file"), kp_path)
+        pts.append(xy)
         ids.append(image)
-        heights.append(rec["size"]["height"])
+        heights.append(height)
+    if not pts:
+        raise DiffprobeError(f"{path} lists no images with keypoints: nothing to build templates from")
     if len({len(p) for p in pts}) > 1:
         raise DiffprobeError(f"the predictions in {folder} have different numbers of keypoints per image")
     pts = np.asarray(pts, float)
@@ -131,16 +172,26 @@ def load_sets(cfg: DictConfig, s: TemplateSettings, seed: int) -> KeypointSets:
         if not s.predictions:
             raise DiffprobeError("source=predictions needs templates.predictions=RUN_FOLDER")
         return prediction_sets(s.predictions)
-    raise DiffprobeError(f"templates.source must be one of {', '.join(SOURCES)}, not {s.source!r}")
+    raise AssertionError(s.source)  # settings_of checked it
+
+
+def settings_of(cfg: DictConfig) -> TemplateSettings:
+    """The templates.* keys, validated."""
+    s = section(cfg, "templates", TemplateSettings)
+    if s.source not in SOURCES:
+        raise DiffprobeError(f"templates.source must be one of {', '.join(SOURCES)}, not {s.source!r}")
+    return s
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    s = section(cfg, "templates", TemplateSettings)
+    s = settings_of(cfg)
     seed = run_config(cfg).seed
     sets = load_sets(cfg, s, seed)
     norm = normalise(sets.points, sets.visible)
     if s.fit_to:
         tensors, _ = load_tensors(s.fit_to)
+        if "templates" not in tensors or "frequency" not in tensors:
+            raise DiffprobeError(f"templates.fit_to={s.fit_to} is not a templates.safetensors of task=templates")
         templates, frequency = tensors["templates"].double().numpy(), tensors["frequency"].double().numpy()
         assignment = None
     else:

@@ -13,6 +13,7 @@ full ground truth. Output goes to world.out (default: <run dir>/<format>).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -23,13 +24,17 @@ from diffprobe.data.world import export
 from diffprobe.data.world.pairs import world_pairs
 from diffprobe.data.world.vocab import FIGURES
 from diffprobe.errors import DiffprobeError
-from diffprobe.io import save_json, save_png
+from diffprobe.io import allow_writes, save_json, save_png
+from diffprobe.runfolder import make_run_dir
 
 FORMATS = ("coco_stuff", "celeba", "cub", "spair", "images")
+MAX_SCENES = 1_000_000  # a split is rendered in memory first
 
 
 @dataclass
 class WorldParams:
+    LIMITS: ClassVar[dict] = {"n": f"1..{MAX_SCENES}", "n_train": f"0..{MAX_SCENES}", "size": "16..4096"}
+
     format: str = "images"
     split: str = "test"  # the split written by coco_stuff / images (celeba, cub, spair write train and test)
     n: int = 100  # scenes (coco_stuff, images), test images (celeba, cub) or test pairs per category (spair)
@@ -45,14 +50,21 @@ def _scenes(split: str, n: int, size: int, seed: int, first: str | None = None, 
             for i in tqdm(range(n), desc=f"render {split}", leave=False)]
 
 
-def run(cfg, out_dir: Path) -> dict:
+def settings_of(cfg) -> WorldParams:
+    """The world.* keys, validated."""
     p = typed(cfg.get("world") or {}, WorldParams, "world")
     if p.format not in FORMATS:
         raise DiffprobeError(f"world.format must be one of {', '.join(FORMATS)}, not {p.format!r}")
-    if p.n < 1 or p.n_train < 0:
-        raise DiffprobeError("world.n must be positive and world.n_train non-negative")
+    return p
+
+
+def run(cfg, out_dir: Path) -> dict:
+    p = settings_of(cfg)
     seed = int(cfg.get("seed", 0) or 0)
     out = Path(p.out) if p.out else out_dir / p.format
+    if p.out:  # an output folder the user named: made (or refused) now, and written to like the run folder
+        make_run_dir(out, "world.out folder")
+        allow_writes(out)
     if p.format == "coco_stuff":
         root = export.write_coco_stuff(out, _scenes(p.split, p.n, p.size, seed))
     elif p.format in ("celeba", "cub"):

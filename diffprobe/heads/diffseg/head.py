@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -30,6 +30,8 @@ class DiffSegSettings(CallSettings):
     """The head's keys (conf/head/diffseg.yaml): the call (reference: t=300, clean latent, empty prompt,
     centre square, tf.image.resize) and the head's parameters (DiffSegParams)."""
 
+    LIMITS: ClassVar[dict] = {"iterations": "2..100", "anchors": "1..65536", "ncut_tau": "> 0", "ncut_alpha": "> 0"}
+
     timestep: int = 300
     resize: str = "bilinear_tf"
     tau: Any = None
@@ -47,6 +49,9 @@ class DiffSegSettings(CallSettings):
     pamr: bool = False
 
     def ncut_params(self) -> NcutParams:
+        if self.weights is not None and not isinstance(self.weights, (str, list, tuple, dict)):
+            raise DiffprobeError(f"diffseg.weights is one weight per attention level ([w1, w2, ...], finest first) "
+                                 f"or null, not {self.weights!r}")
         weights = self.weights if self.weights is None or isinstance(self.weights, str) else list(self.weights)
         return NcutParams(tau=float(self.ncut_tau), alpha=float(self.ncut_alpha), affinity=self.ncut_affinity,
                           weights=weights)

@@ -69,6 +69,9 @@ def load_model(path: str | Path) -> KeypointModel:
     if emb.ndim != 2 or idx.ndim != 1:
         raise DiffprobeError(f"{tensors_path}: embeddings must be (N, D) and indices (K,), got "
                              f"{tuple(emb.shape)} and {tuple(idx.shape)}")
+    if not torch.isfinite(emb).all():
+        raise DiffprobeError(f"{tensors_path}: the embeddings hold NaN or infinite values (a diverged fit?); fit again "
+                             "with a lower keypoints.fit.lr")
     if idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise DiffprobeError(f"{tensors_path}: keypoint indices must be integers, got {idx.dtype}")
     bad = [int(i) for i in idx if not 0 <= int(i) < emb.shape[0]]

@@ -31,8 +31,8 @@ class LocalizeSettings(CallSettings):
 
     timestep: int = 300
     resize: str = "bilinear_tf"
-    words: list = field(default_factory=list)
-    prompt: Any = None           # None: "a w1 and a w2 ..."
+    words: list[str] = field(default_factory=list)
+    prompt: str | None = None    # None: "a w1 and a w2 ..."
     method: str = RefineParams.method      # the refinement's keys default to RefineParams'
     power: int = RefineParams.power
     restart: float = RefineParams.restart
