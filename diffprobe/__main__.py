@@ -154,8 +154,12 @@ def main() -> None:
         print(help_text())
         return
     flags, overrides = split_flags(argv)
-    from diffprobe.distributed import launched
+    from diffprobe.distributed import launched, unstarted_processes
 
+    asked = unstarted_processes()
+    if asked:
+        _fail(f"accelerate launch asked for {asked} processes but started 1 process (it does so without GPUs): add "
+              f"--multi_gpu (gloo between CPU processes), or use torchrun --nproc_per_node {asked}")
     if launched() and not any(o.startswith("hydra.run.dir=") for o in overrides):
         _fail("a run over several processes needs hydra.run.dir=DIR: every process must write into the same folder")
     run_dir = None

@@ -16,6 +16,24 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def unstarted_processes() -> int | None:
+    """The number of processes `accelerate launch --num_processes N` asked for when it started only this one (it
+    does so on a machine without GPUs unless told --multi_gpu or --multi_cpu), else None."""
+    if launched() or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for flag, value in zip(parent, parent[1:]):
+        if flag == "--num_processes" and value.isdigit() and int(value) > 1:
+            return int(value)
+        if flag.startswith("--num_processes=") and flag.split("=", 1)[1].isdigit():
+            return int(flag.split("=", 1)[1]) if int(flag.split("=", 1)[1]) > 1 else None
+    return None
+
+
 @lru_cache(maxsize=1)
 def _state():
     import torch

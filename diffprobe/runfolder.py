@@ -113,7 +113,7 @@ def hold(folder: str | os.PathLike) -> str | None:
             info = _read(path)
             if info == {}:  # removed meanwhile: try again
                 continue
-            if info is not None and info["pid"] == mine["pid"] and info.get("host") == mine["host"]:
+            if info is not None and all(info.get(k) == mine[k] for k in ("pid", "start", "host")):
                 break  # another process of this launch took it
             if info is not None and (info.get("host") != mine["host"] or _alive(info["pid"], info.get("start"))):
                 raise DiffprobeError(

@@ -47,6 +47,20 @@ def test_a_launched_run_needs_one_output_folder(tmp_path):
     assert proc.returncode == 2 and "needs hydra.run.dir=DIR" in proc.stderr
 
 
+def test_accelerate_asked_for_processes_it_did_not_start_is_refused_and_multi_gpu_works_on_cpus(tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "diffprobe", "task=world", "world.n=4", f"hydra.run.dir={out}"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--num_processes", "2", "--main_process_port", "29541"]
+    one = subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # accelerate reports the exit code 2 as its own failure; the line before is diffprobe's
+    assert one.returncode != 0 and "diffprobe: error: accelerate launch asked for 2 processes but started 1" in one.stderr
+    assert "--multi_gpu" in one.stderr and not out.exists()
+    two = subprocess.run([*launch, "--multi_gpu", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("diffprobe: outputs in") == 2  # two processes ran
+
+
 def test_a_folder_is_split_between_processes_and_the_summary_joined(tmp_path):
     import numpy as np
     from PIL import Image
@@ -63,8 +77,8 @@ def test_a_folder_is_split_between_processes_and_the_summary_joined(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [Path(p).name for p in summary["images"]] == ["img0.png", "img1.png", "img2.png"]
     assert all((out / f"img{k}" / "labels.png").is_file() for k in range(3))
-    ranks = [json.loads((out / f"summary_rank{r}of2.json").read_text())["images"] for r in range(2)]
-    assert [len(r) for r in ranks] == [2, 1]
+    ranks = [json.loads((out / f"images_rank{r}of2_state.json").read_text())["done"] for r in range(2)]
+    assert ranks == [2, 1] and not (out / ".diffprobe.lock").exists()  # both processes shared the lock
 
 
 def test_data_parallel_gradients_equal_one_process_on_the_same_batch(tmp_path):

@@ -111,7 +111,7 @@ CHEAP = {  # tasks that run in seconds on a tiny model, with what they need
     "diffseg": ["model=tiny_sd15", "image=img.png"],
     "localize": ["model=tiny_sd15", "image=img.png", "localize.words=[cat]", "localize.prompt=a cat"],
     "probe": ["model=tiny_sd15", "image=img.png"],
-    "world": ["world.n=2", "world.size=32"],
+    "world": ["world.n=2"],
     "templates": ["templates.n=20", "templates.k=2", "templates.restarts=1"],
     "correspond": ["model=tiny_sd15", "correspond.source=img.png", "correspond.target=img.png"],
 }

@@ -33,7 +33,7 @@ MAX_SCENES = 1_000_000  # a split is rendered in memory first
 
 @dataclass
 class WorldParams:
-    LIMITS: ClassVar[dict] = {"n": f"1..{MAX_SCENES}", "n_train": f"0..{MAX_SCENES}", "size": "16..4096"}
+    LIMITS: ClassVar[dict] = {"n": f"1..{MAX_SCENES}", "n_train": f"0..{MAX_SCENES}", "size": "64..4096"}
 
     format: str = "images"
     split: str = "test"  # the split written by coco_stuff / images (celeba, cub, spair write train and test)
