@@ -32,14 +32,14 @@ def _run(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from diffprobe.errors import DiffprobeError
-
     from diffprobe.io import confined
-    from diffprobe.runfolder import hold
+    from diffprobe.runfolder import hold, holds, release
 
     runtime = HydraConfig.get().runtime
     task, out_dir = runtime.choices["task"], Path(runtime.output_dir)
+    sweep_job = not holds(out_dir)  # main() holds the folder of a single run; a sweep's jobs take their own
     try:
-        _note(hold(out_dir))  # already held unless Hydra chose the folder itself (sweeps)
+        _note(hold(out_dir))
         module = importlib.import_module(f"diffprobe.tasks.{task}")
         with confined(out_dir):
             module.run(cfg, out_dir)
@@ -48,6 +48,9 @@ def _run(cfg) -> None:
     except KeyboardInterrupt:
         print(f"diffprobe: interrupted; what was written is in {out_dir}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if sweep_job:
+            release(out_dir)
     logging.getLogger("diffprobe").info("outputs in %s", out_dir)
     print(f"diffprobe: outputs in {out_dir}")
 
@@ -101,19 +104,12 @@ def model_task_settings(model: dict, keys: dict[str, list[str]], overrides: list
     return out
 
 
-def resolve_run_dir(template: str, task: str, chosen: bool) -> Path | None:
+def resolve_run_dir(template: str, task: str) -> Path | None:
     """The run folder from hydra.run.dir's text: ${hydra:runtime.choices.task} and ${now:FORMAT} filled in
-    (None if other interpolations remain: Hydra resolves those). A default folder (`chosen` False) that exists
-    already, from a run started in the same second, gets a suffix _2, _3, ..."""
+    (None if other interpolations remain: Hydra resolves those)."""
     text = template.replace("${hydra:runtime.choices.task}", task)
     text = re.sub(r"\$\{now:([^}]*)\}", lambda m: time.strftime(m.group(1)), text)
-    if "${" in text:
-        return None
-    path, n = Path(text), 1
-    while not chosen and path.exists():
-        n += 1
-        path = Path(f"{text}_{n}")
-    return path
+    return None if "${" in text else Path(text)
 
 
 def _dotted_keys(node: dict, prefix: str = "") -> list[str]:
@@ -167,7 +163,7 @@ def main() -> None:
         overrides, template = prepare_overrides(overrides)
         if not any(f in NO_JOB_FLAGS for f in flags):
             run_dir = take_run_dir(overrides, template)
-            if not any(o.startswith("hydra.run.dir=") for o in overrides):
+            if run_dir is not None and not any(o.startswith("hydra.run.dir=") for o in overrides):
                 overrides.append(f"hydra.run.dir={run_dir}")
     sys.argv = [sys.argv[0]] + flags + overrides
     try:
@@ -184,15 +180,20 @@ NO_JOB_FLAGS = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--shell-completi
 
 def take_run_dir(overrides: list[str], template: str) -> Path | None:
     """Create the run folder and lock it for this run, before Hydra writes into it; None when Hydra must
-    resolve its name (then the task takes the lock)."""
+    resolve its name (then the task takes the lock). A default (timestamped) folder that exists already, from a
+    run started in the same second, is replaced by the next free one: _2, _3, ..."""
     from diffprobe.errors import DiffprobeError
     from diffprobe.runfolder import hold, make_run_dir
 
     task = next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "probe")
     chosen = any(o.startswith("hydra.run.dir=") for o in overrides)
-    run_dir = resolve_run_dir(template, task, chosen)
-    if run_dir is None:
+    base = resolve_run_dir(template, task)
+    if base is None:
         return None
+    run_dir, n = base, 1
+    while not chosen and run_dir.exists():
+        n += 1
+        run_dir = Path(f"{base}_{n}")
     try:
         make_run_dir(run_dir)
         _note(hold(run_dir))

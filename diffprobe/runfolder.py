@@ -136,6 +136,11 @@ def hold(folder: str | os.PathLike) -> str | None:
     return notice
 
 
+def holds(folder: str | os.PathLike) -> bool:
+    """True when this process holds the lock of `folder`."""
+    return Path(folder).resolve() in _held
+
+
 def release(folder: str | os.PathLike) -> None:
     """Remove the lock of `folder` if this run holds it (rank 0 of a multi-process launch removes it)."""
     from diffprobe import distributed

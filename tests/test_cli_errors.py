@@ -1,26 +1,11 @@
 """What a newcomer met: each mistake ends in one line and exit code 2, and nothing already done is lost."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_helpers import cli, one_line_error
 from PIL import Image
-
-
-def cli(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "diffprobe", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def one_line_error(res, expected: str) -> None:
-    assert res.returncode == 2, res.stderr
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("diffprobe: error: ") and expected in last, res.stderr
-    assert "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("args,expected", [

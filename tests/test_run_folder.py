@@ -10,25 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import cli, one_line_error
 from PIL import Image
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import confined, save_json, save_png
 from diffprobe.runfolder import LOCK_NAME, hold, image_folders, release, safe_name, unique_names
-
-
-def cli(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "diffprobe", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def one_line_error(res, expected: str) -> str:
-    assert res.returncode == 2, res.stderr
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("diffprobe: error: ") and expected in last, res.stderr
-    assert "Traceback" not in res.stderr
-    return last
 
 
 def _plant_lock(folder: Path, pid: int, start: str | None) -> None:

@@ -49,6 +49,7 @@ def test_wheel_carries_configs_and_weights(wheel_env):
     assert "diffprobe/conf/config.yaml" in names and "diffprobe/conf/task/diffseg.yaml" in names
     assert "diffprobe/assets/mini/unet/diffusion_pytorch_model.safetensors" in names
     assert "diffprobe/assets/mini_dit/transformer/diffusion_pytorch_model.safetensors" in names
+    assert "diffprobe/docs/outputs.md" in names and "diffprobe/docs/img/keypoints_world_faces.png" in names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Provides-Extra: test" in metadata and "Provides-Extra: cuda" in metadata  # pip install diffprobe[test]
     where = run(py, ["-c", "import diffprobe, diffprobe.conf; print(diffprobe.__file__)"], root)
@@ -68,4 +69,6 @@ def test_wheel_install_reports_config_mistakes_in_one_line(wheel_env):
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "diffseg" in res.stderr
     helped = run(py, ["-m", "diffprobe", "--help"], root)
-    assert helped.returncode == 0 and "keypoints" in helped.stdout and "docs" in helped.stdout
+    assert helped.returncode == 0 and "keypoints" in helped.stdout
+    docs = Path(next(x for x in helped.stdout.splitlines() if x.startswith("Documentation: ")).split()[1])
+    assert str(root / "venv") in str(docs) and (docs / "outputs.md").is_file() and (docs / "keypoints.md").is_file()

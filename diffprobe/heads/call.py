@@ -26,7 +26,7 @@ class CallSettings:
     crop: "center" (the centre square) or "none" (the whole image squashed); resize: a filter of
     diffprobe.data.images.RESIZE_FILTERS."""
 
-    LIMITS: ClassVar[dict] = {"timestep": ">= 0", "image_size": "8..16384"}
+    LIMITS: ClassVar[dict] = {"image_size": "8..16384"}  # timestep: checked against the model's schedule
 
     timestep: int = 0
     noise: bool = False

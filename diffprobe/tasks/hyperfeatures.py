@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
@@ -40,6 +39,7 @@ from diffprobe.heads.hyperfeatures.model import (
 from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, check_batch_split, descriptor_fn, train
 from diffprobe.io import save_json, save_png, save_tensors
 from diffprobe.items import run_items
+from diffprobe.runfolder import safe_name
 from diffprobe.tasks.image_runs import process_images
 
 log = logging.getLogger(__name__)
@@ -195,11 +195,6 @@ def _mixing_figure(model: HyperfeatureModel, out_dir: Path) -> None:
     })
 
 
-def _safe(name: str) -> str:
-    """A file-name-safe version of a pair name (SPair names contain ':')."""
-    return re.sub(r"[^\w.-]", "_", name)
-
-
 def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Describe], size: int,
               out_dir: Path) -> dict:
     """PCK of every describer over the pairs through the item loop (checkpointed, resumable, shardable);
@@ -223,7 +218,7 @@ def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Des
         log.info("%s: %s", name, metric.result())
         for pair, row in list(zip(pairs, rows))[: p.plot_pairs]:
             plot_matches(load_image(pair.source), load_image(pair.target), pair.source_points,
-                         np.asarray(row["predicted"]), out_dir / "pairs" / f"{name}_{_safe(pair.name)}.png",
+                         np.asarray(row["predicted"]), out_dir / "pairs" / f"{name}_{safe_name(pair.name)}.png",
                          correct=np.asarray(row["correct_img"]),
                          title=f"{name}: {pair.name}, PCK@{p.alpha:g}_img {row[f'pck@{p.alpha:g}_img']:.2f}")
     return {"pairs": desc, "pooling": "per point over all pairs (per_image: mean of per-pair PCK)",

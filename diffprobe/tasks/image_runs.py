@@ -65,7 +65,8 @@ def process_images(files: list[Path], process: Callable[[Path, object, str], dic
         except Exception as exc:  # noqa: BLE001 - any failure of one image must not end a folder run
             if len(files) == 1:
                 raise
-            log.warning("skipping %s: %s: %s", path, type(exc).__name__, exc, exc_info=log.isEnabledFor(10))
+            log.warning("skipping %s: %s: %s", path, type(exc).__name__, exc,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
             record = {"skipped": f"{type(exc).__name__}: {exc}"}
         return lambda: record
 

@@ -96,7 +96,7 @@ class EvalKeys:
 class KeypointsSettings:
     """The keypoints.* keys (conf/head/keypoints.yaml, conf/task/keypoints.yaml)."""
 
-    LIMITS: ClassVar[dict] = {"preview": "0..1000", "upsample_queries": "1..4096", "timestep": ">= 0",
+    LIMITS: ClassVar[dict] = {"preview": "0..1000", "upsample_queries": "1..4096",
                               "image_size": "8..16384"}
 
     mode: str = "fit"

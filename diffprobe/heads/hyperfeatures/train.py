@@ -195,8 +195,9 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
                 history["loss"].append([step + 1, loss.item()])
                 state["step"] = step + 1
             if step == first_step:
+                smaller = " image_size=256" if source.bb.sample_size > 256 else ""  # only SD-sized models gain
                 warn_if_long("hyperfeatures training", time.time() - last_save, cfg.steps - step - 1,
-                             "For a CPU: hyperfeatures.process=one_step image_size=256 (README, 'On a CPU').")
+                             f"For a CPU: hyperfeatures.process=one_step{smaller} (README, 'On a CPU').")
             bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
             if not main:
                 continue

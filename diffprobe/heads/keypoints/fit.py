@@ -88,6 +88,14 @@ def image_order(n: int, iteration: int, seed: int) -> int:
     return int(torch.randperm(n, generator=_generator(seed, 1, epoch))[pos])
 
 
+def cpu_hint(bb) -> str:
+    """Settings that make a fit on this model CPU-sized: a smaller image only helps an SD-sized model."""
+    if bb.sample_size > 256:
+        return "For a CPU: keypoints.fit.num_tokens=100 upsample_queries=64 image_size=256 (README, 'On a CPU')."
+    return ("For a CPU: keypoints.fit.num_tokens=100 and a smaller upsample_queries (32 on mini); a larger "
+            "image_size does not help a small model (docs/keypoints.md).")
+
+
 def iteration_loss(bb, spec: MapSpec, cfg: FitConfig, image: torch.Tensor, embeddings: torch.Tensor,
                    gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Weighted loss of one image (1, 3, S, S) and one random transform; also its parts as floats."""
@@ -158,9 +166,7 @@ def fit_embeddings(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir:
                 history.append({"step": step + 1, **{k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}})
                 done = step + 1
             if done == start + 1:
-                warn_if_long("keypoints fit", time.time() - last_save, cfg.steps - done,
-                             "For a CPU: keypoints.fit.num_tokens=100 upsample_queries=64 image_size=256 "
-                             "(README, 'On a CPU').")
+                warn_if_long("keypoints fit", time.time() - last_save, cfg.steps - done, cpu_hint(bb))
             bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
             due = done % cfg.checkpoint_every == 0 or time.time() - last_save >= 60 * cfg.checkpoint_minutes
             if out_dir is not None and (due or done == cfg.steps):
