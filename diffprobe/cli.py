@@ -121,7 +121,7 @@ def _choices(group: str) -> str:
     return ", ".join(config_options(group))
 
 
-def close_matches(word: str, options: list[str], cutoff: float = 0.75) -> list[str]:
+def close_matches(word: str, options: list[str], cutoff: float = 0.6) -> list[str]:
     """The options nearest to `word` (similarity ratio at least `cutoff`, ties broken by the longer common
     prefix), all of those equally near: sd16 -> sd14, sd15; taus -> tau."""
     def score(option: str) -> tuple[float, int]:
@@ -155,7 +155,7 @@ def config_error(message: str, known_keys: list[str] | None = None, task: str | 
                 last.setdefault(k.rsplit(".", 1)[-1], []).append(k)
             own = [k for k in last if any("." in full for full in last[k])]
             hint = [full for m in close_matches(key, own) for full in last[m]]
-            hint = hint or close_matches(key, [k for k in known if "." not in k])
+            hint = hint or close_matches(key, [k for k in known if "." not in k], cutoff=0.75)
         maybe = f" (did you mean {' or '.join(hint[:3])}?)" if hint else ""
         where = f" for task={task}" if task else ""
         return (f"unknown key {key!r}{where}{maybe}; list the keys with: python -m diffprobe "

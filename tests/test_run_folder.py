@@ -242,3 +242,14 @@ def test_a_killed_run_leaves_only_whole_files_and_its_folder_can_be_taken_over(t
             Image.open(path).load()  # every visible file is whole (the rest are hidden temporaries)
     res = cli("task=world", "world.n=2", f"hydra.run.dir={out}", cwd=tmp_path)
     assert res.returncode == 0 and "took over" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    from diffprobe.runfolder import make_run_dir
+
+    def refuse(self, *args, **kwargs):  # a read-only folder (root, who runs CI, may write anywhere)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "touch", refuse)
+    with pytest.raises(DiffprobeError, match="cannot write into the run folder .*: Permission denied"):
+        make_run_dir(tmp_path / "ro")

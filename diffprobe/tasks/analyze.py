@@ -48,7 +48,7 @@ def job(name: str, cfg: DictConfig, bb) -> Job:
     if name == "localize":
         from diffprobe.tasks import localize
 
-        head = localize.make_head(bb, localize.settings_for_images(cfg))
+        head = localize.make_head(bb, localize.settings_of(cfg))
         return Job(name, [head], lambda res, path, image, out: localize.write_localization(res[0], head, path, image,
                                                                                           out))
     from diffprobe.tasks import probe

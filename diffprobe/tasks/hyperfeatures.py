@@ -169,8 +169,10 @@ def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, out_dir: Path) -> dict:
                        temperature=p.temperature, val_every=p.val_every, alpha=p.alpha, seed=seed,
                        checkpoint_minutes=p.checkpoint_minutes)
     model.save_extraction(out_dir / "checkpoint")  # so a checkpoint directory also loads as a model
+    smaller = " image_size=256" if bb.sample_size > 256 else ""  # a smaller image helps SD-sized models only
     history = train(model.net, source, train_pairs, val_pairs, tcfg, out_dir / "checkpoint",
-                    resume=Path(p.resume) if p.resume else None)
+                    resume=Path(p.resume) if p.resume else None,
+                    hint=f"For a CPU: hyperfeatures.process=one_step{smaller} (README, 'On a CPU').")
     if rank != 0:  # the first process writes the model, curves and metrics
         return {"mode": "train", "process": rank}
     model.save(out_dir / "model")

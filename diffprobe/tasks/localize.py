@@ -28,13 +28,6 @@ from diffprobe.tasks.image_runs import process_with_heads
 from diffprobe.viz import heat_overlay
 
 
-def settings_of(cfg: DictConfig) -> LocalizeSettings:
-    """The localize.* keys, the attention levels resolved (the model's model.attention_divisors, else all), validated."""
-    settings = section(cfg, "localize", LocalizeSettings, model_defaults={"divisors": "attention_divisors"})
-    settings.params()  # fail on bad keys before loading a model
-    return settings
-
-
 def make_head(bb, settings: LocalizeSettings) -> LocalizeHead:
     size = bb.check_image_size(settings.image_size)
     words = [str(w) for w in settings.words]
@@ -108,8 +101,9 @@ def write_localization(result: Localization, head: LocalizeHead, path: Path, ima
     return {"boxes": {w["word"]: w["box"] for w in words}}
 
 
-def settings_for_images(cfg: DictConfig) -> LocalizeSettings:
-    """The localize.* keys; with no image= and no words, the demo scene's things and caption."""
+def settings_of(cfg: DictConfig) -> LocalizeSettings:
+    """The localize.* keys, the attention levels resolved (the model's model.attention_divisors, else all),
+    validated; with no image= and no words, the demo scene's things and caption."""
     if not cfg.get("image") and not cfg.localize.words:
         from diffprobe.data.inputs import DEMO_SIZE
         from diffprobe.data.world import demo_scene
@@ -117,11 +111,13 @@ def settings_for_images(cfg: DictConfig) -> LocalizeSettings:
         scene = demo_scene(0, DEMO_SIZE)
         cfg.localize.words = sorted({o.category for o in scene.objects})
         cfg.localize.prompt = scene.caption
-    return settings_of(cfg)
+    settings = section(cfg, "localize", LocalizeSettings, model_defaults={"divisors": "attention_divisors"})
+    settings.params()  # fail on bad keys before loading a model
+    return settings
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    settings = settings_for_images(cfg)
+    settings = settings_of(cfg)
     seed = run_config(cfg).seed
     files = input_images(cfg.get("image"), out_dir)
     bb = load_configured_backbone(cfg)

@@ -142,8 +142,9 @@ def load_checkpoint(directory: Path, net: AggregationNetwork, opt: torch.optim.O
 
 def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[CorrespondencePair],
           val_pairs: list[CorrespondencePair], cfg: TrainConfig, checkpoint_dir: Path,
-          resume: Path | None = None, progress: bool = True) -> dict:
+          resume: Path | None = None, progress: bool = True, hint: str = "") -> dict:
     """Train `net` in place; returns the history {"loss": [[step, loss]], "val": [[step, pck_img, pck_bbox]]}.
+    `hint`: what to change when the run will take long on this device (said once, after the first step).
 
     Validation (PCK@alpha, per point pooled over val_pairs) and a checkpoint every cfg.val_every steps and
     at the end; a checkpoint also every cfg.checkpoint_minutes and on Ctrl-C. `resume`: a checkpoint
@@ -195,9 +196,7 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
                 history["loss"].append([step + 1, loss.item()])
                 state["step"] = step + 1
             if step == first_step:
-                smaller = " image_size=256" if source.bb.sample_size > 256 else ""  # only SD-sized models gain
-                warn_if_long("hyperfeatures training", time.time() - last_save, cfg.steps - step - 1,
-                             f"For a CPU: hyperfeatures.process=one_step{smaller} (README, 'On a CPU').")
+                warn_if_long("hyperfeatures training", time.time() - last_save, cfg.steps - step - 1, hint)
             bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
             if not main:
                 continue
