@@ -227,6 +227,25 @@ def test_early_exit_stops_the_forward():
     assert ran_out == [] and after == [] and cache["down_blocks.1.hook_out"].shape == (1, 32, 2, 2)
 
 
+def test_an_inner_early_exit_does_not_cut_an_outer_capture_short():
+    bb = tiny_backbone("sd15")
+    x, cond = torch.randn(1, 4, 8, 8), encode_prompt(bb, ["a cat"])
+    with ProbeRegistry(bb.unet).capture("up_blocks.*.attn2.hook_probs") as bare:
+        expected = unet_call(bb, x, 10, cond)
+    after = []
+    with ProbeRegistry(bb.unet).capture("up_blocks.*.attn2.hook_probs") as outer:
+        with ProbeRegistry(bb.unet).capture("down_blocks.1.hook_out", early_exit=True) as inner:
+            out = unet_call(bb, x, 10, cond)
+            after.append(1)  # the forward ran to its end, so the inner block goes on
+    assert after == [1] and torch.equal(out, expected) and inner["down_blocks.1.hook_out"].shape == (1, 32, 2, 2)
+    assert outer.names == bare.names and len(bare.names) == 9  # every up-path cross-attention
+    assert all(torch.equal(outer[k], bare[k]) for k in bare.names)
+    with ProbeRegistry(bb.unet).capture("down_blocks.1.hook_out", early_exit=True) as again:  # alone: stops again
+        unet_call(bb, x, 10, cond)
+        after.append(2)
+    assert after == [1] and "down_blocks.1.hook_out" in again
+
+
 def test_storage_dtype_and_unsupported_attention_is_refused():
     bb = tiny_backbone("sd15")
     probe = ProbeRegistry(bb.unet)

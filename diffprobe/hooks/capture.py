@@ -36,6 +36,9 @@ class StopForward(Exception):
     """Raised inside the model's forward by an early-exit capture once its last site fired; the capture swallows it."""
 
 
+_ACTIVE: dict[int, list["Capture"]] = defaultdict(list)  # id(model) -> the captures installed on it, outermost first
+
+
 def _timestep_value(t) -> float:
     if isinstance(t, torch.Tensor):
         return float(t.flatten()[0]) if t.numel() else float("nan")
@@ -144,8 +147,13 @@ class Capture:
             cache._put(name, max(self.step, 0), value, grid=grid, key_grid=key_grid)
             cache.current[name] = value
         self.fired.add(name)
-        if self.early_exit and len(self.fired) == len(self.users):
+        if self.done and all(c.done for c in _ACTIVE[id(self.registry.model)]):  # no other capture still records
             raise StopForward(self)
+
+    @property
+    def done(self) -> bool:
+        """True for an early-exit capture whose sites have all fired in the current call."""
+        return self.early_exit and len(self.fired) == len(self.users)
 
     def _attention_hook(self, name: str, groups: list[list[int]]):
         site = self.registry.sites[name]
@@ -263,6 +271,7 @@ class Capture:
 
     def install(self) -> None:
         reg = self.registry
+        _ACTIVE[id(reg.model)].append(self)
         self.handles.append(reg.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
         self.handles.append(reg.model.register_forward_hook(self._model_post, with_kwargs=True))
         at_kernel: dict[str, list[str]] = defaultdict(list)  # module -> its sites answered at the SDPA call
@@ -302,3 +311,8 @@ class Capture:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        active = _ACTIVE[id(self.registry.model)]
+        if self in active:
+            active.remove(self)
+        if not active:
+            del _ACTIVE[id(self.registry.model)]

@@ -103,7 +103,8 @@ class ProbeRegistry:
                 is recomputed once), or a selection with the options below (one Need built from them).
             reduce, layout, detach, device, dtype, upsample_queries: the Need's fields (detach = not grad).
             early_exit: stop the forward once every site has fired in the current call (StopForward,
-                swallowed here): code after that call inside the block does not run.
+                swallowed here): code after that call inside the block does not run. Inside another capture
+                of the same model that still records, the forward runs on (the outer capture keeps its sites).
             on_step: fn(step, timestep, tensors) after every call: tensors is {site: tensor} of that call
                 (a list of such dicts, one per Need, when a list of Needs was given).
             attention: "recompute" (default: the model keeps its attention kernel, the probabilities are
