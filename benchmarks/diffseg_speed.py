@@ -29,18 +29,22 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from diffprobe.heads.diffseg import DiffSegParams, segment
-from diffprobe.heads.diffseg.literal import straightforward
-from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid
-from diffprobe.heads.diffseg.planted import planted_attention, voronoi_segmentation
-from diffprobe.hooks import ProbeRegistry, Reduce
-from diffprobe.io import load_tensors, save_tensors
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the planted maps, the literal baseline
+
+from diffseg_literal import straightforward  # noqa: E402
+from diffseg_planted import planted_attention, voronoi_segmentation  # noqa: E402
+
+from diffprobe.heads.diffseg import DiffSegParams, segment  # noqa: E402
+from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid  # noqa: E402
+from diffprobe.hooks import ProbeRegistry, Reduce  # noqa: E402
+from diffprobe.io import load_tensors, save_tensors  # noqa: E402
 
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:

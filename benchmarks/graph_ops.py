@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the planted maps
 
 OPS = ("attention graph", "feature grid graph", "power k=2", "random walk g=0.7", "diffusion beta=10 (grid)",
        "diffusion beta=10 (attention)", "Fiedler vector", "recursive ncut")
@@ -33,7 +34,7 @@ def _rss_mib() -> float:
 def inputs(side: int):
     import torch.nn.functional as F
 
-    from diffprobe.heads.diffseg.planted import planted_attention, voronoi_segmentation
+    from diffseg_planted import planted_attention, voronoi_segmentation
 
     seg = voronoi_segmentation(side, 12, seed=0)
     probs = planted_attention(seg, side, noise=0.2, seed=1)[0]

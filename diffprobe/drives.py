@@ -218,10 +218,6 @@ class Drive:
             raise DiffprobeError(f"num_steps must be at least 1, got {self.num_steps}")
 
     @property
-    def needs_images(self) -> bool:
-        return self.process != "generation"
-
-    @property
     def calls(self) -> int:
         """Denoiser calls one run makes."""
         return 1 if self.process == "one_step" else self.num_steps

@@ -1,7 +1,9 @@
-"""The one loop over the items of a dataset: progress, checkpoints by count and by time, resume, shards.
+"""The one loop over items (the rows of a dataset, the image files of a folder run): progress, checkpoints by
+count and by time, resume, shards.
 
-Metrics keep their whole state as a dict of arrays that add up (`update`, `state`, `load_state`, `result`):
-per-image counts summed, per-item rows filled in an (N, ...) array with a mask. So a resumed run continues
+Metrics keep their whole state as a dict of arrays that add up (`state`, `load_state`, `result`; each metric's
+own update method takes an item's values): per-image counts summed, per-item rows filled in an (N, ...) array
+with a mask. So a resumed run continues
 exactly, and shards of a run are reduced by adding their states.
 
     run_items(len(dataset), process, metrics, out_dir, fingerprint, checkpoint_every=25)

@@ -222,8 +222,8 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
 
     grad = any(n.grad for n in flat) and torch.is_grad_enabled()
     generated = None  # early exit leaves the block before the drive returns
-    mode = getattr(bb, "attention_capture", "recompute")
-    with torch.set_grad_enabled(grad), bb.probe.capture(flat, early_exit=drive.process == "one_step", attention=mode,
+    with torch.set_grad_enabled(grad), bb.probe.capture(flat, early_exit=drive.process == "one_step",
+                                                        attention=bb.attention_capture,
                                                         on_step=dispatch if on_call else None) as captured:
         caches[:] = captured
         generated = run_drive(bb, drive, latents, cond, generator, size, progress, noise=noise)

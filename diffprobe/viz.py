@@ -1,4 +1,4 @@
-"""Pictures shared by the tasks: a fixed colour palette, heat-map and label overlays, and grids of maps."""
+"""Pictures shared by the tasks: a fixed colour palette, heat-map overlays and grids of maps."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ def palette(n: int) -> np.ndarray:
     return (np.array(rows).reshape(n, 3) * 255).round().astype(np.uint8)
 
 
-def _resize(arr: np.ndarray, hw: tuple[int, int], nearest: bool = False) -> np.ndarray:
+def _resize(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     import cv2
 
-    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    return cv2.resize(arr, (hw[1], hw[0]), interpolation=interp)
+    return cv2.resize(arr, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
@@ -31,13 +30,6 @@ def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np
     norm = _resize(norm, image.shape[:2])
     colour = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     return (image * (1 - alpha) + colour * alpha).round().astype(np.uint8)
-
-
-def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend integer labels (h, w) (nearest-resized to the image) in palette colours over an RGB image."""
-    labels = _resize(labels.astype(np.int32), image.shape[:2], nearest=True) if labels.shape != image.shape[:2] else labels
-    colours = palette(int(labels.max()) + 1)[labels]
-    return (image * (1 - alpha) + colours * alpha).round().astype(np.uint8)
 
 
 def map_grid(image: np.ndarray, rows: list[tuple[str, np.ndarray, list[str]]], panel: float = 1.3):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.diffseg import DiffSegParams, aggregate, non_max_suppression, segment, symmetric_kl
 from diffprobe.heads.diffseg.semantics import vote_words, word_maps
-from diffprobe.heads.diffseg.planted import block_segmentation, planted_attention, same_partition
+from diffseg_planted import block_segmentation, planted_attention, same_partition
 
 
 def direct_symmetric_kl(p, q, eps=1e-12):
@@ -157,7 +157,7 @@ def test_word_voting():
 
 
 def test_planted_voronoi_regions_are_recovered():
-    from diffprobe.heads.diffseg.planted import voronoi_segmentation
+    from diffseg_planted import voronoi_segmentation
 
     seg = voronoi_segmentation(32, regions=12, seed=3)
     res = segment({32: planted_attention(seg, 32, noise=0.2)}, size=(32, 32), params=DiffSegParams(tau=1.1))

@@ -102,8 +102,8 @@ def test_kmeans_refinement_moves_to_cluster_means_and_drops_empty():
 @pytest.mark.parametrize("fp16", [False, True])
 def test_reference_mode_matches_the_literal_reference_algorithm(fp16):
     from diffprobe.heads.diffseg import DiffSegParams, segment
-    from diffprobe.heads.diffseg.literal import straightforward
-    from diffprobe.heads.diffseg.planted import planted_attention, voronoi_segmentation
+    from diffseg_literal import straightforward
+    from diffseg_planted import planted_attention, voronoi_segmentation
 
     seg = voronoi_segmentation(16, regions=9, seed=1)
     maps = {(s, s): planted_attention(seg, s, layers=2, noise=0.8, floor=1e-6, seed=s) for s in (16, 8, 4, 2)}

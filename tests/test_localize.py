@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.wsol import WSOLMeter, box_iou, component_boxes, largest_box, pixel_average_precision
-from diffprobe.heads.diffseg.planted import planted_attention
+from diffseg_planted import planted_attention
 from diffprobe.heads.localize import LocalizeHead, LocalizeSettings, RefineParams, refine
 from diffprobe.hooks import Site
 from diffprobe.runner import Item, View

@@ -7,7 +7,7 @@ from PIL import Image
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings
 from diffprobe.heads.diffseg.ncut import NcutParams, ncut_segment
-from diffprobe.heads.diffseg.planted import block_segmentation, planted_attention, same_partition, voronoi_segmentation
+from diffseg_planted import block_segmentation, planted_attention, same_partition, voronoi_segmentation
 from diffprobe.heads.pamr import affinity, pamr, refine_labels
 from diffprobe.hooks import Site
 from diffprobe.runner import Item, View

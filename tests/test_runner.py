@@ -10,7 +10,7 @@ from PIL import Image
 
 from diffprobe.backbones import tiny_backbone
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead, token_groups
-from diffprobe.heads.diffseg.planted import block_segmentation, planted_attention, same_partition
+from diffseg_planted import block_segmentation, planted_attention, same_partition
 from diffprobe.heads.keypoints.maps import KeypointMapsHead, MapSpec, default_sites
 from diffprobe.heads.probe import ProbeHead, ProbeSettings
 from diffprobe.hooks import Site

@@ -167,6 +167,13 @@ def call_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict:
 BACKENDS: list[Backend] = []
 
 
+def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    """(B, tokenizer.model_max_length) input ids of `prompts`, padded and cut to the tokenizer's length, on `device`."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.to(device)
+
+
 def register(backend: Backend) -> Backend:
     """Add a family to the table (families registered earlier are tried first)."""
     if any(b.name == backend.name for b in BACKENDS):

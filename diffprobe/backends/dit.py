@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffprobe.backends.base import Backend, Conditioning, call_arguments, register
-from diffprobe.backends.unet import StandardAttention, _tokens
+from diffprobe.backends.base import Backend, Conditioning, call_arguments, register, token_ids
+from diffprobe.backends.unet import StandardAttention
 from diffprobe.hooks.attention import split_heads, upsample_tokens
 from diffprobe.hooks.sites import JOINT_PARTS, OUT, PROBS, Site
 
@@ -162,7 +162,7 @@ class SD3Backend(JointAttentionBackend):
         """Both CLIP encoders' penultimate states side by side (B, 77, D1 + D2) and pooled embeddings (B, P1 + P2)."""
         states, pooled = [], []
         for encoder, tokenizer in ((bb.text_encoder, bb.tokenizer), (bb.text_encoder_2, bb.tokenizer_2)):
-            out = encoder(_tokens(tokenizer, prompts, bb.device), output_hidden_states=True)
+            out = encoder(token_ids(tokenizer, prompts, bb.device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled.append(out.text_embeds)
         return torch.cat(states, dim=-1), torch.cat(pooled, dim=-1)
@@ -174,7 +174,7 @@ class SD3Backend(JointAttentionBackend):
         width = int(bb.unet.config.joint_attention_dim)
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
         if bb.text_encoder_3 is not None:
-            t5 = bb.text_encoder_3(_tokens(bb.tokenizer_3, prompts, bb.device))[0]
+            t5 = bb.text_encoder_3(token_ids(bb.tokenizer_3, prompts, bb.device))[0]
         else:
             t5 = torch.zeros(len(prompts), bb.tokenizer.model_max_length, width, device=bb.device)
         context = torch.cat([clip, t5.to(clip.dtype)], dim=1)
@@ -246,8 +246,8 @@ class FluxBackend(JointAttentionBackend):
 
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """As FluxPipeline: T5's last states (its tokenizer's full length) as the context, CLIP's pooled output."""
-        pooled = bb.text_encoder(_tokens(bb.tokenizer, prompts, bb.device), output_hidden_states=False).pooler_output
-        context = bb.text_encoder_2(_tokens(bb.tokenizer_2, prompts, bb.device), output_hidden_states=False)[0]
+        pooled = bb.text_encoder(token_ids(bb.tokenizer, prompts, bb.device), output_hidden_states=False).pooler_output
+        context = bb.text_encoder_2(token_ids(bb.tokenizer_2, prompts, bb.device), output_hidden_states=False)[0]
         return Conditioning(context.to(bb.dtype), {"pooled_projections": pooled.to(bb.dtype)})
 
     def text_tokens(self, bb) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffprobe.backends.base import Backend, Conditioning, register
+from diffprobe.backends.base import Backend, Conditioning, register, token_ids
 from diffprobe.hooks.attention import split_heads
 from diffprobe.hooks.errors import UnsupportedAttention
 from diffprobe.hooks.sites import OUT, PROBS, RESIDUAL, Site
@@ -138,7 +138,7 @@ class UNetBackend(StandardAttention, Backend):
         return module.conv2 if site.kind == "resnet" else module
 
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
-        return Conditioning(bb.text_encoder(_tokens(bb.tokenizer, prompts, bb.device))[0].to(bb.dtype))
+        return Conditioning(bb.text_encoder(token_ids(bb.tokenizer, prompts, bb.device))[0].to(bb.dtype))
 
     def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
         return Conditioning(context.to(bb.device, bb.dtype).unsqueeze(0).expand(batch, -1, -1))
@@ -166,8 +166,8 @@ class SDXLBackend(UNetBackend):
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=bb.dtype, device=bb.device).expand(batch, 6)
 
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
-        out1 = bb.text_encoder(_tokens(bb.tokenizer, prompts, bb.device), output_hidden_states=True)
-        out2 = bb.text_encoder_2(_tokens(bb.tokenizer_2, prompts, bb.device), output_hidden_states=True)
+        out1 = bb.text_encoder(token_ids(bb.tokenizer, prompts, bb.device), output_hidden_states=True)
+        out2 = bb.text_encoder_2(token_ids(bb.tokenizer_2, prompts, bb.device), output_hidden_states=True)
         context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
         added = {"text_embeds": out2.text_embeds.to(bb.dtype), "time_ids": self._time_ids(bb, len(prompts), size)}
         return Conditioning(context.to(bb.dtype), added)
@@ -186,12 +186,6 @@ class SDXLBackend(UNetBackend):
         return StableDiffusionXLPipeline(vae=bb.vae, text_encoder=bb.text_encoder, text_encoder_2=bb.text_encoder_2,
                                          tokenizer=bb.tokenizer, tokenizer_2=bb.tokenizer_2, unet=bb.unet,
                                          scheduler=bb.scheduler)
-
-
-def _tokens(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return ids.to(device)
 
 
 def _sd_blocks(config) -> bool:

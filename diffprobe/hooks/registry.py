@@ -38,11 +38,6 @@ class ProbeRegistry:
             self.sites = {n: replace(s, text_tokens=int(text_tokens)) if s.kind in TEXT_KINDS else s
                           for n, s in self.sites.items()}
 
-    @property
-    def unet(self) -> nn.Module:
-        """The model (the name older code uses)."""
-        return self.model
-
     def select(self, selection: Selection) -> list[str]:
         """Site names matching `selection`, in execution order.
 

@@ -1,4 +1,4 @@
-"""Backbones load offline through the real path; runners call the UNet at the right timesteps."""
+"""Backbones load offline through the real path; the drives (diffprobe.drives) call the denoiser at the right timesteps."""
 
 import json
 

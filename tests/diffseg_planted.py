@@ -1,4 +1,4 @@
-"""Planted self-attention built from a known segmentation, for tests and benchmarks of the head.
+"""Planted self-attention built from a known segmentation, for the tests and benchmarks of the DiffSeg head.
 
 Each query attends uniformly to the pixels of its own region (plus a small floor), at any grid; the
 head must return that segmentation up to a permutation of labels.
