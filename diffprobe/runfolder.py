@@ -76,7 +76,7 @@ def _leader() -> int:
 def _record() -> dict:
     pid = _leader()
     return {"pid": pid, "start": _process_start(pid), "host": socket.gethostname(), "started": time.time(),
-            "command": " ".join(sys.argv)[:300]}
+            "command": " ".join(["diffprobe", *sys.argv[1:]])[:300]}
 
 
 def _describe(info: dict) -> str:
