@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
+from diffprobe.config import section
 from diffprobe.data.images import size_of
-from diffprobe.data.inputs import input_images
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead, default_tau, token_groups
 from diffprobe.heads.diffseg.semantics import vote_words
 from diffprobe.tasks.diffseg_outputs import label_dtype, write_outputs
-from diffprobe.tasks.image_runs import process_with_heads
+from diffprobe.tasks.image_runs import Job, run_job
 
 
 @dataclass
@@ -66,12 +65,12 @@ def write_segmentation(results: list, heads: list, settings: DiffSegTaskSettings
     return {"num_segments": record["num_segments"]}
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def job(cfg: DictConfig, bb) -> Job:
+    """The DiffSeg head (and the word-maps head with labels) and the writer of an image's files."""
     settings = settings_of(cfg)
-    seed = run_config(cfg).seed
-    files = input_images(cfg.get("image"), out_dir)
-    bb = load_configured_backbone(cfg)
     heads = heads_for(bb, settings)
-    return process_with_heads(bb, heads, lambda res, path, image, target: write_segmentation(res, heads, settings,
-                                                                                            path, image, target),
-                              files, out_dir, "diffseg", seed, run_fingerprint(cfg))
+    return Job(heads, lambda res, path, image, target: write_segmentation(res, heads, settings, path, image, target))
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    return run_job(cfg, out_dir, "diffseg")

@@ -13,7 +13,9 @@ summary.json (written at every checkpoint, on Ctrl-C and at the end): {"task", "
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -86,16 +88,39 @@ def process_images(files: list[Path], process: Callable[[Path, object, str], dic
     return summary
 
 
-def process_with_heads(bb, heads: list, write: Callable[[list, Path, object, Path], dict], files: list[Path],
-                       out_dir: Path, task: str, seed: int, fingerprint: dict) -> dict:
-    """process_images where each image gets one pass of `heads` (run_heads, noise seeded by `seed`) and its
-    record is write(the heads' results, path, PIL image, the image's folder)."""
+@dataclass
+class Job:
+    """A task's part of one pass over an image: its heads, and write(their results, image path, PIL image, the
+    image's folder) -> the image's record. A task over image files defines job(cfg, backbone) -> Job; run_job
+    runs it alone, task=analyze runs several tasks' jobs from one pass."""
+
+    heads: list
+    write: Callable[[list, Path, object, Path], dict]
+
+
+def process_with_heads(bb, job: Job, files: list[Path], out_dir: Path, task: str, seed: int,
+                       fingerprint: dict) -> dict:
+    """process_images where each image gets one pass of the job's heads (run_heads, noise seeded by `seed`)."""
     import torch
 
     from diffprobe.runner import Item, run_heads
 
     def process(path: Path, image, name: str) -> dict:
-        results = run_heads(bb, heads, Item(str(path), image), generator=torch.Generator().manual_seed(seed))
-        return write(results, path, image, out_dir / name)
+        results = run_heads(bb, job.heads, Item(str(path), image), generator=torch.Generator().manual_seed(seed))
+        return job.write(results, path, image, out_dir / name)
 
     return process_images(files, process, out_dir, task, fingerprint)
+
+
+def run_job(cfg, out_dir: Path, task: str) -> dict:
+    """The whole run of a task over image files: its keys validated (settings_of) before the model loads, the
+    images (image=, or the world's demo scene), then its job over every image."""
+    from diffprobe.config import load_configured_backbone, run_config, run_fingerprint
+    from diffprobe.data.inputs import input_images
+
+    module = importlib.import_module(f"diffprobe.tasks.{task}")
+    module.settings_of(cfg)
+    files = input_images(cfg.get("image"), out_dir)
+    bb = load_configured_backbone(cfg)
+    return process_with_heads(bb, module.job(cfg, bb), files, out_dir, task, run_config(cfg).seed,
+                              run_fingerprint(cfg))

@@ -16,15 +16,14 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
+from diffprobe.config import section
 from diffprobe.data.images import size_of
-from diffprobe.data.inputs import input_images
 from diffprobe.heads.call import analysed_box
 from diffprobe.heads.diffseg.head import token_groups
 from diffprobe.heads.localize import Localization, LocalizeHead, LocalizeSettings
 from diffprobe.io import save_figure, save_json, save_png, save_tensors
 from diffprobe.runfolder import unique_names
-from diffprobe.tasks.image_runs import process_with_heads
+from diffprobe.tasks.image_runs import Job, run_job
 from diffprobe.viz import heat_overlay
 
 
@@ -116,12 +115,11 @@ def settings_of(cfg: DictConfig) -> LocalizeSettings:
     return settings
 
 
+def job(cfg: DictConfig, bb) -> Job:
+    """The localize head and the writer of an image's files."""
+    head = make_head(bb, settings_of(cfg))
+    return Job([head], lambda res, path, image, target: write_localization(res[0], head, path, image, target))
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    settings = settings_of(cfg)
-    seed = run_config(cfg).seed
-    files = input_images(cfg.get("image"), out_dir)
-    bb = load_configured_backbone(cfg)
-    head = make_head(bb, settings)
-    return process_with_heads(bb, [head], lambda res, path, image, target: write_localization(res[0], head, path,
-                                                                                             image, target),
-                              files, out_dir, "localize", seed, run_fingerprint(cfg))
+    return run_job(cfg, out_dir, "localize")

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
-from diffprobe.data.inputs import input_images
+from diffprobe.config import section
 from diffprobe.heads.probe import ProbeHead, ProbeSettings
 from diffprobe.io import save_figure, save_json, save_tensors
 from diffprobe.runner import Item
-from diffprobe.tasks.image_runs import process_with_heads
+from diffprobe.tasks.image_runs import Job, run_job
 from diffprobe.viz import map_grid
 
 log = logging.getLogger(__name__)
@@ -85,13 +84,13 @@ def settings_of(cfg: DictConfig) -> ProbeSettings:
     return settings
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict:
+def job(cfg: DictConfig, bb) -> Job:
+    """The probe head and the writer of an image's files."""
     settings = settings_of(cfg)
-    files = input_images(cfg.get("image"), out_dir)
-    bb = load_configured_backbone(cfg)
-    head = make_head(bb, settings)
-    tokens = prompt_tokens(bb, settings.prompt)
-    return process_with_heads(bb, [head], lambda res, path, image, target: write_probe(res[0], head, tokens,
-                                                                                      Item(str(path), image), target,
-                                                                                      cfg.model.name),
-                              files, out_dir, "probe", run_config(cfg).seed, run_fingerprint(cfg))
+    head, tokens = make_head(bb, settings), prompt_tokens(bb, settings.prompt)
+    return Job([head], lambda res, path, image, target: write_probe(res[0], head, tokens, Item(str(path), image),
+                                                                    target, cfg.model.name))
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    return run_job(cfg, out_dir, "probe")
