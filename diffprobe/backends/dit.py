@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from einops import rearrange
 import torch
 from torch import nn
 
@@ -73,8 +74,7 @@ class TransformerBackend(Backend):
         if site.kind == "modulation":
             return output
         tokens = output[1] if isinstance(output, tuple) else output
-        b, n, c = tokens.shape
-        return tokens.transpose(1, 2).reshape(b, c, *grid)
+        return rearrange(tokens, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
 
 
 class PixArtBackend(StandardAttention, TransformerBackend):
@@ -257,7 +257,7 @@ class FluxBackend(JointAttentionBackend):
         """The flow velocity for latents (B, C, h, w): packed into 2x2 tokens with their position ids, the
         timestep as a fraction of 1000, unpacked again."""
         b, c, h, w = latents.shape
-        tokens = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        tokens = rearrange(latents, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)  # FLUX's 2 x 2 packing
         ids = torch.zeros(h // 2, w // 2, 3, device=latents.device, dtype=latents.dtype)
         ids[..., 1] += torch.arange(h // 2, device=latents.device)[:, None]
         ids[..., 2] += torch.arange(w // 2, device=latents.device)[None, :]
@@ -271,7 +271,7 @@ class FluxBackend(JointAttentionBackend):
         out = model(hidden_states=tokens, timestep=t, guidance=guidance, encoder_hidden_states=cond.context,
                     pooled_projections=cond.added["pooled_projections"], txt_ids=text_ids,
                     img_ids=ids.reshape(-1, 3)).sample
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h // 2, ph=2, pw=2)
 
     def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
         from diffprobe.errors import DiffprobeError

@@ -9,6 +9,7 @@ shifts of the same size at a time.
 
 from __future__ import annotations
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +60,7 @@ def refine_labels(labels: torch.Tensor, image: torch.Tensor, iterations: int = I
     from scipy.ndimage import median_filter
 
     used, inverse = torch.unique(labels, return_inverse=True)
-    masks = F.one_hot(inverse, len(used)).permute(2, 0, 1).float()
+    masks = rearrange(F.one_hot(inverse, len(used)), "h w k -> k h w").float()
     refined = pamr(image, masks, iterations).argmax(dim=0)
     filtered = torch.from_numpy(median_filter(refined.numpy(), size=3, mode="nearest")).long()
     return used[filtered]

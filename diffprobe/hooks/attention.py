@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -32,16 +33,14 @@ def query_grid(num_queries: int, latent_hw: tuple[int, int] | None) -> tuple[int
 
 def upsample_tokens(hidden: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """Bicubically upsample (B, h*w, C) hidden states laid out on `grid` to (B, H*W, C) on `size`."""
-    b, n, c = hidden.shape
-    x = hidden.transpose(1, 2).reshape(b, c, *grid)
+    x = rearrange(hidden, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
     x = F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False)
-    return x.flatten(2).transpose(1, 2)
+    return rearrange(x, "b c h w -> b (h w) c")
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, n, heads * d) -> (B, heads, n, d)."""
-    b, n, inner = x.shape
-    return x.view(b, n, heads, inner // heads).transpose(1, 2)
+    return rearrange(x, "b n (heads d) -> b heads n d", heads=heads)
 
 
 def _softmax(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from einops import rearrange
 import torch
 import torch.nn.functional as F
 
@@ -128,10 +129,10 @@ class ActivationCache:
         probs = self[name]
         if name in self._key_grids:
             h, w = self._key_grids[name]
-            maps = probs.reshape(*probs.shape[:-1], h, w)
+            maps = rearrange(probs, "... q (h w) -> ... q h w", h=h, w=w)
         else:
             h, w = self.grid(name)
-            maps = probs.transpose(-1, -2).reshape(*probs.shape[:-2], probs.shape[-1], h, w)
+            maps = rearrange(probs, "... (h w) t -> ... t h w", h=h, w=w)
         if size is None:
             return maps
         size = (size, size) if isinstance(size, int) else tuple(size)

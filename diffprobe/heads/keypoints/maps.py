@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from einops import rearrange
 import torch
 
 from diffprobe.drives import Drive
@@ -98,8 +99,8 @@ class KeypointMapsHead(Head):
                 probs = probs / probs.sum(-1, keepdim=True)     # tokens, as cross-attention's (image keys dropped)
             probs = probs if self.tokens is None else probs[..., self.tokens]   # (B, res*res, T)
             total = probs if total is None else total + probs
-        maps = (total / len(self.spec.sites)).transpose(1, 2)
-        return maps.reshape(*maps.shape[:2], *view.grid(self.spec.sites[0])).float()
+        h, w = view.grid(self.spec.sites[0])
+        return rearrange(total / len(self.spec.sites), "b (h w) t -> b t h w", h=h, w=w).float()
 
 
 def attention_maps(bb, spec: MapSpec, images: torch.Tensor, embeddings: torch.Tensor,
