@@ -49,7 +49,8 @@ def test_heads_with_equal_drives_share_one_pass_and_match_separate_runs(bb, imag
     finally:
         handle.remove()
     assert torch.equal(together[0].labels, alone[0].labels) and together[0].counts == alone[0].counts
-    for name in probe.names:
+    assert together[1].names == alone[1].names and len(alone[1].names) > 0
+    for name in alone[1].names:
         torch.testing.assert_close(together[1][name], alone[1][name], rtol=0, atol=0)
 
 

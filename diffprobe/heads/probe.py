@@ -42,13 +42,12 @@ class ProbeHead(Head):
     def __init__(self, settings: ProbeSettings, image_size: int):
         settings.validate()
         self.settings, self.size = settings, int(image_size)
-        self.names: list[str] = []
 
     def plan(self, sites: Mapping) -> Plan:
         chosen = list(self.settings.sites)
-        self.names = select_sites(sites, lambda s: s.kind == "cross_attn") if chosen == [CROSS] else \
+        names = select_sites(sites, lambda s: s.kind == "cross_attn") if chosen == [CROSS] else \
             select_sites(sites, chosen)
-        need = Need(tuple(self.names), Reduce(heads=self.settings.heads))
+        need = Need(tuple(names), Reduce(heads=self.settings.heads))
         return Plan(self.settings.drive(), (need,), prompt=self.settings.prompt)
 
     def inputs(self, item: Item) -> torch.Tensor:

@@ -47,7 +47,7 @@ def write_probe(view, head: ProbeHead, tokens: list[str], item: Item, target: Pa
     """The files of one image, in its folder `target`, from the head's view of the pass."""
     s = head.settings
     path = Path(item.key)
-    names = head.names
+    names = view.names
     save_tensors(target / "captures.safetensors", {n: view[n] for n in names},
                  metadata={"timestep": str(s.timestep), "image": str(path)})
     x = head.inputs(item)

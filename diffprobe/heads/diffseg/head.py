@@ -115,15 +115,18 @@ class DiffSegHead(Head):
         self.settings, self.size = settings, int(image_size)
         self.params = settings.params()
         self.ncut = settings.ncut_params()
-        self.groups: dict[int, list[str]] = {}
+
+    def groups(self, sites: Mapping) -> dict[int, list[str]]:
+        """{divisor: self-attention site names} of the levels read, from a model's sites or a view's."""
+        return select_divisors(attention_groups(sites, "self_attn"), self.settings.levels(), "diffseg.divisors")
 
     def plan(self, sites: Mapping) -> Plan:
-        self.groups = select_divisors(attention_groups(sites, "self_attn"), self.settings.levels(), "diffseg.divisors")
-        names = tuple(n for group in self.groups.values() for n in group)
-        finest = min(self.groups)
+        groups = self.groups(sites)
+        names = tuple(n for group in groups.values() for n in group)
+        finest = min(groups)
 
         def work(latent_hw: tuple[int, int]) -> int:  # the aggregated (S^2, S^2) maps and two more like it
-            h, w = sites[self.groups[finest][0]].resolution(latent_hw)
+            h, w = sites[groups[finest][0]].resolution(latent_hw)
             return 3 * (h * w) ** 2 * 4
 
         return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt,
@@ -140,7 +143,7 @@ class DiffSegHead(Head):
 
     def maps(self, view: View) -> dict[tuple[int, int], torch.Tensor]:
         """{query grid (h, w): (L, Q, Q)} head-averaged self-attention of the view's first image."""
-        return maps_by_grid(view, self.groups)
+        return maps_by_grid(view, self.groups(view.sites))
 
     def finish(self, view: View, item: Item) -> SegmentationResult:
         maps = self.maps(view)

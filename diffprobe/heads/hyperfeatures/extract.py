@@ -121,13 +121,13 @@ class FeatureHead(Head):
         self.timesteps: dict[int, float] = {}
 
     def plan(self, sites: Mapping[str, Site]) -> Plan:
-        self.layers = self.layers or layer_names(sites, self.cfg.layers)
+        layers = self.layers or layer_names(sites, self.cfg.layers)
         process = "generation" if self.cfg.process == "generation" else "inversion"
         drive = Drive(process, num_steps=self.cfg.num_steps, guidance=self.cfg.guidance,
                       sample_latent=self.cfg.sample_latent)
         prompt = tuple(self.prompts) if process == "generation" else self.cfg.prompt
         size = (self.cfg.image_size, self.cfg.image_size)
-        return Plan(drive, (Need(tuple(self.layers), Reduce(steps="last")),), prompt=prompt, size=size)
+        return Plan(drive, (Need(tuple(layers), Reduce(steps="last")),), prompt=prompt, size=size)
 
     def inputs(self, item) -> torch.Tensor | None:
         return item
@@ -135,7 +135,7 @@ class FeatureHead(Head):
     def on_call(self, call: int, t: float, view: View) -> None:
         if call in self.position:
             self.timesteps[self.position[call]] = t
-            self.consume(self.position[call], {n: view[n] for n in self.layers})
+            self.consume(self.position[call], {n: view[n] for n in view.names})
 
     def finish(self, view: View, item) -> list[float]:
         if len(self.timesteps) != len(self.position):

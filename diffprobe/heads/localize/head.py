@@ -89,17 +89,18 @@ class LocalizeHead(Head):
     def __init__(self, settings: LocalizeSettings, token_groups: list[list[int]], image_size: int):
         self.settings, self.token_groups, self.size = settings, token_groups, int(image_size)
         self.params = settings.params()
-        self.cross: dict[int, list[str]] = {}
-        self.self_attn: dict[int, list[str]] = {}
+
+    def groups(self, sites: Mapping, kind: str) -> dict[int, list[str]]:
+        """{divisor: site names} of the levels read, for kind "cross_attn" or "self_attn", from a model's sites or
+        a view's."""
+        return select_divisors(attention_groups(sites, kind), self.settings.levels(), "localize.divisors")
 
     def plan(self, sites: Mapping) -> Plan:
-        levels = self.settings.levels()
-        self.cross = select_divisors(attention_groups(sites, "cross_attn"), levels, "localize.divisors")
-        self.self_attn = select_divisors(attention_groups(sites, "self_attn"), levels, "localize.divisors")
-        names = tuple(n for groups in (self.cross, self.self_attn) for g in groups.values() for n in g)
+        cross, self_attn = self.groups(sites, "cross_attn"), self.groups(sites, "self_attn")
+        names = tuple(n for groups in (cross, self_attn) for g in groups.values() for n in g)
 
         def work(latent_hw: tuple[int, int]) -> int:  # the aggregated (Q, Q) map, its float64 copy, a P^k product
-            h, w = sites[self.self_attn[min(self.self_attn)][0]].resolution(latent_hw)
+            h, w = sites[self_attn[min(self_attn)][0]].resolution(latent_hw)
             return 4 * (h * w) ** 2 * 4
 
         return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.full_prompt(),
@@ -111,8 +112,8 @@ class LocalizeHead(Head):
     def attention(self, view: View) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(word maps (n, h, w), aggregated self-attention (Q, Q), grid (h, w)) of the view's first image, on
         the finest self-attention grid: each word's tokens summed, resolutions weighted as DiffSeg's."""
-        probs, grid = aggregate(maps_by_grid(view, self.self_attn))
-        return word_maps(maps_by_grid(view, self.cross), self.token_groups, grid), probs, grid
+        probs, grid = aggregate(maps_by_grid(view, self.groups(view.sites, "self_attn")))
+        return word_maps(maps_by_grid(view, self.groups(view.sites, "cross_attn")), self.token_groups, grid), probs, grid
 
     def finish(self, view: View, item: Item) -> Localization:
         words, probs, grid = self.attention(view)
