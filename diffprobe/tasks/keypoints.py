@@ -53,10 +53,9 @@ class AffineKeys:
 class FitKeys:
     """keypoints.fit.*: FitConfig's fields (their defaults are the head's)."""
 
-    LIMITS: ClassVar[dict] = {"num_tokens": "1..100000", "top_k": "1..10000", "candidates": "1..100000",
-                              "steps": ">= 0", "batch_size": "1..4096", "lr": "> 0", "sigma": "> 0",
-                              "localisation_weight": ">= 0", "equivariance_weight": ">= 0", "num_indices": ">= 1",
-                              "select_batch": "1..4096", "checkpoint_every": ">= 1", "checkpoint_minutes": "> 0"}
+    # upper bounds and signs FitConfig does not check itself (it refuses counts below 1 and lr, sigma <= 0)
+    LIMITS: ClassVar[dict] = {"num_tokens": "<= 100000", "candidates": "<= 100000", "batch_size": "<= 4096",
+                              "select_batch": "<= 4096", "localisation_weight": ">= 0", "equivariance_weight": ">= 0"}
 
     num_tokens: int = FitConfig.num_tokens
     top_k: int = FitConfig.top_k
@@ -76,7 +75,7 @@ class FitKeys:
 
 @dataclass
 class PredictKeys:
-    LIMITS: ClassVar[dict] = {"augmentations": "1..1000", "batch_size": "1..4096", "soft_radius": "> 0"}
+    LIMITS: ClassVar[dict] = {"augmentations": "<= 1000", "batch_size": "<= 4096", "soft_radius": "> 0"}
 
     augmentations: int = PredictConfig.augmentations
     batch_size: int = PredictConfig.batch_size
@@ -158,6 +157,7 @@ def settings_of(cfg: DictConfig) -> KeypointsSettings:
     """The keypoints.* keys, sites resolved (the model's model.keypoints_sites when null), validated."""
     params = section(cfg, "keypoints", KeypointsSettings, model_defaults={"sites": "keypoints_sites"})
     params.validate()
+    params.fit_config(0), params.predict_config(0)  # the head's own checks (top_k <= candidates <= num_tokens, ...)
     return params
 
 
