@@ -212,3 +212,12 @@ def test_sites_default_to_the_models_then_the_rule():
     cfg = make_cfg(model=model, sites=["up_blocks.1.attentions.0.*.attn2.hook_probs"])  # the task's key wins
     given = _context(cfg, settings_of(cfg), None).spec.sites
     assert given == ("up_blocks.1.attentions.0.transformer_blocks.0.attn2.hook_probs",)
+
+
+def test_data_defaults_live_in_the_shipped_config_only():
+    from diffprobe.tasks.keypoints_data import with_defaults
+
+    cub = with_defaults({"name": "cub", "root": "somewhere"})
+    assert cub["box_margin"] == 0.05 and cub["crop_to_box"] is True and cub["root"] == "somewhere"  # conf/data/cub.yaml
+    assert with_defaults({"name": "cub", "box_margin": 0.2, "classes": None})["box_margin"] == 0.2
+    assert with_defaults({"name": "celeba"})["variant"] == "aligned"

@@ -14,9 +14,17 @@ from diffprobe.heads.keypoints.image_sets import LandmarkItem
 DATASETS = ("folder", "celeba", "cub")
 
 
-def _get(data: Any, key: str, default=None):
-    value = data.get(key, default) if hasattr(data, "get") else getattr(data, key, default)
-    return default if value is None else value
+def with_defaults(data: Any) -> dict:
+    """The data config as a dict, the shipped conf/data/<name>.yaml filling the keys it leaves out or null (the
+    defaults live there only; a benchmark may pass a few keys as a dict)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    given = OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else dict(data)
+    shipped = resources.files("diffprobe.conf") / "data" / f"{given.get('name')}.yaml"
+    defaults = OmegaConf.to_container(OmegaConf.load(str(shipped))) if shipped.is_file() else {}
+    return {**defaults, **{k: v for k, v in given.items() if v is not None}}
 
 
 def split_items(data: Any, role: str) -> list[LandmarkItem]:
@@ -24,7 +32,8 @@ def split_items(data: Any, role: str) -> list[LandmarkItem]:
     if data is None:
         raise DiffprobeError("task=keypoints needs data: data=PATH (a folder of images), data=celeba or data=cub "
                              "with data.root=PATH")
-    name, root = _get(data, "name"), _get(data, "root")
+    data = with_defaults(data)
+    name, root = data.get("name"), data.get("root")
     if name not in DATASETS:
         raise DiffprobeError(f"task=keypoints reads data {DATASETS}, not {name!r}")
     if root is None:
@@ -33,17 +42,15 @@ def split_items(data: Any, role: str) -> list[LandmarkItem]:
         if role != "fit":
             raise DiffprobeError("mode=eval needs ground-truth landmarks: use data=celeba or data=cub with data.root=PATH")
         return [LandmarkItem(p) for p in list_images(root)]
-    split = _get(data, f"{role}_split")
+    split = data.get(f"{role}_split")
     if name == "celeba":
         from diffprobe.data.celeba import CelebaDataset
 
-        ds = CelebaDataset(root, split, variant=_get(data, "variant", "aligned"),
-                           min_face_fraction=float(_get(data, "min_face_fraction", 0.3)))
+        ds = CelebaDataset(root, split, variant=data["variant"], min_face_fraction=float(data["min_face_fraction"]))
         return [LandmarkItem(r.path, None, r.landmarks, None, {"name": r.name}) for r in ds]
     from diffprobe.data.cub import CubDataset, square_box
 
-    ds = CubDataset(root, split, classes=_get(data, "classes"))
-    crop = bool(_get(data, "crop_to_box", True))
-    margin = float(_get(data, "box_margin", 0.0))
+    ds = CubDataset(root, split, classes=data.get("classes"))
+    crop, margin = bool(data["crop_to_box"]), float(data["box_margin"])
     return [LandmarkItem(r.path, square_box(r.bbox, margin) if crop else None, r.keypoints, r.visible,
                          {"image_id": r.image_id}) for r in ds]
