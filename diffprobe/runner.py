@@ -207,7 +207,14 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
         cond = Conditioning.cat(uncond + conds)
     else:
         cond = Conditioning.cat(conds)
-        drawn = [_block_inputs(bb, drive, x, generator) for x, _, _ in blocks]
+        encoded: list[tuple[torch.Tensor, tuple]] = []  # blocks with equal images (other prompts) encode once:
+        drawn = []                                      # each block's draws come from the same fork, so they agree
+        for x, _, _ in blocks:
+            hit = next((d for ex, d in encoded if _same_images(ex, x)), None)
+            if hit is None:
+                hit = _block_inputs(bb, drive, x, generator)
+                encoded.append((x, hit))
+            drawn.append(hit)
         latents = torch.cat([d[0] for d in drawn])
         noise = torch.cat([d[1] for d in drawn]) if drive.noise and drive.process == "one_step" else None
         if generator is not None and drawn[0][2] is not None:  # advance as one block's draws would

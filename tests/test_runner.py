@@ -54,6 +54,22 @@ def test_heads_with_equal_drives_share_one_pass_and_match_separate_runs(bb, imag
         torch.testing.assert_close(together[1][name], alone[1][name], rtol=0, atol=0)
 
 
+def test_an_image_two_heads_share_with_other_prompts_is_encoded_once(bb, image, monkeypatch):
+    settings = DiffSegSettings(tau=0.05, anchors=8)
+    diffseg = DiffSegHead(settings, 64)
+    probe = ProbeHead(ProbeSettings(sites=["up_blocks.1.*.attn2.hook_probs"], timestep=300, prompt="a cat",
+                                    crop="center", resize="bilinear_tf"), 64)
+    item = Item("x", image)
+    encoded, encode = [], bb.vae.encode
+    monkeypatch.setattr(bb.vae, "encode", lambda x, *a, **k: encoded.append(x.shape) or encode(x, *a, **k))
+    together = run_heads(bb, [diffseg, probe], item, generator=torch.Generator().manual_seed(0))
+    assert len(encoded) == 1  # two conditioning blocks (prompts "" and "a cat"), one image, one VAE call
+    alone = [run_heads(bb, [h], item, generator=torch.Generator().manual_seed(0))[0] for h in (diffseg, probe)]
+    assert len(encoded) == 3 and torch.equal(together[0].labels, alone[0].labels)
+    for name in alone[1].names:  # a batch of two rows rounds differently from one row: equal to float tolerance
+        torch.testing.assert_close(together[1][name], alone[1][name])
+
+
 def test_a_site_two_heads_want_is_computed_once(bb, image, monkeypatch):
     computed = []
     original = type(bb.family).attention_qk
