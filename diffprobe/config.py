@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -75,6 +77,16 @@ def _obeys(value: float, rule: str) -> bool:
     op, bound = rule.split()
     return {">=": value >= float(bound), ">": value > float(bound), "<=": value <= float(bound),
             "<": value < float(bound)}[op]
+
+
+def keys_of(settings: type, exclude: tuple[str, ...] = (), limits: dict | None = None) -> type:
+    """The config schema of a head's settings dataclass: its fields, types and defaults (written once, there) but
+    `exclude` (what the task sets itself, e.g. the seed), as a new dataclass, with `limits` as its LIMITS."""
+    hints = typing.get_type_hints(settings)
+    specs = [(f.name, hints[f.name], dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING
+              else dataclasses.field(default_factory=f.default_factory))
+             for f in dataclasses.fields(settings) if f.name not in exclude]
+    return dataclasses.make_dataclass(f"{settings.__name__}Keys", specs, namespace={"LIMITS": limits or {}})
 
 
 def section(cfg: DictConfig, name: str, schema: type[T], model_defaults: dict[str, str] | None = None) -> T:

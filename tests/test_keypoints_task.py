@@ -221,3 +221,16 @@ def test_data_defaults_live_in_the_shipped_config_only():
     assert cub["box_margin"] == 0.05 and cub["crop_to_box"] is True and cub["root"] == "somewhere"  # conf/data/cub.yaml
     assert with_defaults({"name": "cub", "box_margin": 0.2, "classes": None})["box_margin"] == 0.2
     assert with_defaults({"name": "celeba"})["variant"] == "aligned"
+
+
+def test_the_keypoint_keys_are_the_heads_settings_written_once():
+    from dataclasses import asdict, fields
+
+    from diffprobe.heads.keypoints.affine import AffineRange
+    from diffprobe.heads.keypoints.fit import FitConfig
+    from diffprobe.heads.keypoints.predict import PredictConfig
+    from diffprobe.tasks.keypoints import AffineKeys, FitKeys, PredictKeys
+
+    for keys, head in ((FitKeys, FitConfig), (PredictKeys, PredictConfig), (AffineKeys, AffineRange)):
+        wanted = {k: v for k, v in asdict(head()).items() if k not in ("affine", "seed")}
+        assert asdict(keys()) == wanted and [f.name for f in fields(keys)] == list(wanted)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
+from diffprobe.config import keys_of, load_configured_backbone, run_config, run_fingerprint, section
 from diffprobe.data.images import list_images
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.call import CROPS
@@ -40,47 +40,14 @@ log = logging.getLogger(__name__)
 MODES = ("fit", "predict", "eval")
 
 
-@dataclass
-class AffineKeys:
-    LIMITS: ClassVar[dict] = {"degrees": "0..180", "translate": "0..1", "scale": ("> 0", "<= 10")}
-
-    degrees: float = AffineRange.degrees
-    scale: list[float] = field(default_factory=lambda: list(AffineRange.scale))
-    translate: float = AffineRange.translate
-
-
-@dataclass
-class FitKeys:
-    """keypoints.fit.*: FitConfig's fields (their defaults are the head's)."""
-
-    # upper bounds and signs FitConfig does not check itself (it refuses counts below 1 and lr, sigma <= 0)
-    LIMITS: ClassVar[dict] = {"num_tokens": "<= 100000", "candidates": "<= 100000", "batch_size": "<= 4096",
-                              "select_batch": "<= 4096", "localisation_weight": ">= 0", "equivariance_weight": ">= 0"}
-
-    num_tokens: int = FitConfig.num_tokens
-    top_k: int = FitConfig.top_k
-    candidates: int = FitConfig.candidates
-    steps: int = FitConfig.steps
-    batch_size: int = FitConfig.batch_size
-    lr: float = FitConfig.lr
-    sigma: float = FitConfig.sigma
-    localisation_weight: float = FitConfig.localisation_weight
-    equivariance_weight: float = FitConfig.equivariance_weight
-    masked_equivariance: bool = FitConfig.masked_equivariance
-    num_indices: int = FitConfig.num_indices
-    select_batch: int = FitConfig.select_batch
-    checkpoint_every: int = FitConfig.checkpoint_every
-    checkpoint_minutes: float = FitConfig.checkpoint_minutes
-
-
-@dataclass
-class PredictKeys:
-    LIMITS: ClassVar[dict] = {"augmentations": "<= 1000", "batch_size": "<= 4096", "soft_radius": "> 0"}
-
-    augmentations: int = PredictConfig.augmentations
-    batch_size: int = PredictConfig.batch_size
-    readout: str = PredictConfig.readout
-    soft_radius: float = PredictConfig.soft_radius
+# keypoints.affine, keypoints.fit and keypoints.predict: the head's settings classes as written there (the task sets
+# the seed, and the affine range once for both); LIMITS add the bounds those classes do not check themselves
+AffineKeys = keys_of(AffineRange, limits={"degrees": "0..180", "translate": "0..1", "scale": "<= 10"})
+FitKeys = keys_of(FitConfig, exclude=("affine", "seed"),
+                  limits={"num_tokens": "<= 100000", "candidates": "<= 100000", "batch_size": "<= 4096",
+                          "select_batch": "<= 4096", "localisation_weight": ">= 0", "equivariance_weight": ">= 0"})
+PredictKeys = keys_of(PredictConfig, exclude=("affine", "seed"),
+                      limits={"augmentations": "<= 1000", "batch_size": "<= 4096", "soft_radius": "> 0"})
 
 
 @dataclass
