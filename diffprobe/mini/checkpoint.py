@@ -12,19 +12,23 @@ from diffprobe.io import load_tensors, save_tensors
 
 
 def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-                    step: int, losses: dict[str, list[float]], ema: dict[str, torch.Tensor] | None = None) -> None:
-    """One file: "<module>.<param>" weights, "ema.<key>", "opt.<i>.<state>", metadata {step, losses}."""
+                    step: int, losses: dict[str, list[float]], ema: dict[str, torch.Tensor] | None = None,
+                    config: dict | None = None) -> None:
+    """One file: "<module>.<param>" weights, "ema.<key>", "opt.<i>.<state>", metadata {step, losses, config (the
+    run's settings, for the resume check)}."""
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in (ema or {}).items()})
     for i, state in optimizer.state_dict()["state"].items():
         for k, v in state.items():
             tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    save_tensors(path, tensors, metadata={"step": str(step), "losses": json.dumps(losses)})
+    save_tensors(path, tensors, metadata={"step": str(step), "losses": json.dumps(losses),
+                                          "config": json.dumps(config or {})})
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-                    ema: dict[str, torch.Tensor] | None = None) -> tuple[int, dict[str, list[float]]]:
-    """Restore what save_checkpoint wrote into the given objects; returns (step, {loss name: values}).
+                    ema: dict[str, torch.Tensor] | None = None) -> tuple[int, dict[str, list[float]], dict]:
+    """Restore what save_checkpoint wrote into the given objects; returns (step, {loss name: values}, the saved
+    settings ({} for a checkpoint of an earlier release)).
 
     A checkpoint of another architecture or an older layout raises DiffprobeError naming the file.
     """
@@ -49,4 +53,4 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
         reason = str(exc).strip().splitlines()[0]
         raise DiffprobeError(f"checkpoint {path} does not fit this training run ({reason}); use another "
                              "train_mini.work_dir or delete it") from None
-    return int(meta["step"]), losses
+    return int(meta["step"]), losses, json.loads(meta.get("config", "{}"))

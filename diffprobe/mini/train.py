@@ -34,6 +34,7 @@ from diffprobe.mini.dataset import TrainingSet, to_unit, tokenize, training_set
 from diffprobe.mini.export import export_pipeline, export_transformer
 from diffprobe.mini.preserve import KEEP_AT, AttentionTeacher, attention_kl, diffseg_call
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
+from diffprobe.training import check_resume, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class TrainConfig:
     token_grounding: float = 0.1  # weight of the cross-attention token loss (0: denoising only)
     ema_decay: float = 0.999
     checkpoint_every: int = 200
+    checkpoint_minutes: float = 5.0
     max_minutes: float | None = None  # stop the UNet phase after this long (this invocation) and export
     threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
     seed: int = 0
@@ -169,32 +171,37 @@ def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents
 
 
 def _run_phase(name: str, work_dir: Path, modules: dict, optimizer: torch.optim.Optimizer, steps: int,
-               step_fn: Callable[[int], dict[str, float]], every: int, ema: dict | None = None,
-               ema_decay: float = 0.0, deadline: float | None = None) -> tuple[dict[str, list[float]], int]:
-    """Run step_fn(step) -> {loss name: value} from the last checkpoint to `steps`; returns
-    ({loss name: value per step}, steps done)."""
+               step_fn: Callable[[int], dict[str, float]], cfg: "TrainConfig", ema: dict | None = None,
+               deadline: float | None = None) -> tuple[dict[str, list[float]], int]:
+    """Run step_fn(step) -> {loss name: value} (forward and backward; the optimiser step, the EMA and the history
+    are applied here, with Ctrl-C deferred) from the phase's checkpoint in work_dir to `steps`, through the one
+    training loop (diffprobe.training); returns ({loss name: value per step}, steps done)."""
     ckpt = work_dir / f"{name}.ckpt.safetensors"
-    step, losses = load_checkpoint(ckpt, modules, optimizer, ema) if ckpt.is_file() else (0, {})
+    config = asdict(cfg)
+    step, losses = 0, {}
+    if ckpt.is_file():
+        step, losses, saved = load_checkpoint(ckpt, modules, optimizer, ema)
+        check_resume(saved, config, work_dir)
     params = {f"{m}.{k}": p for m, mod in modules.items() for k, p in mod.named_parameters()}
-    bar = tqdm(total=steps, initial=step, desc=f"train {name}")
-    while step < steps:
-        if deadline is not None and time.time() > deadline:
-            log.warning("%s: time limit reached at step %d of %d", name, step, steps)
-            break
-        for key, value in step_fn(step).items():
-            losses.setdefault(key, []).append(value)
-        step += 1
-        if ema is not None:
-            with torch.no_grad():
-                for k, v in ema.items():
-                    v.lerp_(params[k].detach(), 1.0 - min(ema_decay, (1 + step) / (10 + step)))
-        bar.update(1)
-        bar.set_postfix({k: f"{sum(v[-50:]) / len(v[-50:]):.4f}" for k, v in losses.items()})
-        if step % every == 0:
-            save_checkpoint(ckpt, modules, optimizer, step, losses, ema)
-    bar.close()
-    save_checkpoint(ckpt, modules, optimizer, step, losses, ema)
-    return losses, step
+
+    def step_of(i: int):
+        values = step_fn(i)
+
+        def apply() -> None:
+            optimizer.step()
+            for key, value in values.items():
+                losses.setdefault(key, []).append(value)
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in ema.items():
+                        v.lerp_(params[k].detach(), 1.0 - min(cfg.ema_decay, (2 + i) / (11 + i)))
+
+        return apply, values
+
+    done = run_steps(f"train {name}", step, steps, step_of,
+                     lambda n, scheduled: save_checkpoint(ckpt, modules, optimizer, n, losses, ema, config),
+                     cfg.checkpoint_every, cfg.checkpoint_minutes, deadline=deadline)
+    return losses, done
 
 
 def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> tuple[dict[str, list[float]], int]:
@@ -209,10 +216,9 @@ def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> t
         rec_loss, loss = vae_loss(vae, x, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
         return {"loss": rec_loss.item()}
 
-    return _run_phase("vae", work_dir, {"vae": vae}, opt, cfg.vae_steps, step_fn, cfg.checkpoint_every)
+    return _run_phase("vae", work_dir, {"vae": vae}, opt, cfg.vae_steps, step_fn, cfg)
 
 
 def _latent_source(vae, images: torch.Tensor) -> str:
@@ -306,11 +312,9 @@ def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
         return {k: v.item() for k, v in parts.items()}
 
-    losses, done = _run_phase("unet", work_dir, modules, opt, cfg.unet_steps, step_fn, cfg.checkpoint_every,
-                              ema, cfg.ema_decay, deadline)
+    losses, done = _run_phase("unet", work_dir, modules, opt, cfg.unet_steps, step_fn, cfg, ema, deadline)
     return losses, done, ema
 
 

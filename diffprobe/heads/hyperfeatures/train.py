@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
+from diffprobe.training import check_resume, run_steps
 from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs, prepare_image
 from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_features, image_generator
 from diffprobe.heads.hyperfeatures.loss import correspondence_loss, to_grid
@@ -150,10 +150,6 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
     at the end; a checkpoint also every cfg.checkpoint_minutes and on Ctrl-C. `resume`: a checkpoint
     directory to continue from; without it, a checkpoint already in `checkpoint_dir` is continued.
     """
-    from tqdm.auto import tqdm
-
-    from diffprobe.items import deferred_interrupt, differing_keys, warn_if_long
-
     from diffprobe import distributed
 
     if not train_pairs:
@@ -168,53 +164,40 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
         resume = Path(checkpoint_dir)
     if resume is not None:
         state = load_checkpoint(resume, net, opt)
-        schedule = ("steps", "val_every", "checkpoint_minutes")  # may change between runs: training continues
-        keys = [k for k in differing_keys(state.get("train_config", {}), asdict(cfg)) if k not in schedule]
-        if keys:
-            raise DiffprobeError(f"the checkpoint in {resume} was trained with other settings ({', '.join(keys)}); "
-                                 "use another output folder or the same settings")
+        check_resume(state.get("train_config", {}), asdict(cfg), resume)
+        state["train_config"] = asdict(cfg)
         log.info("resumed from %s at step %d", resume, state["step"])
     distributed.broadcast_parameters(net)  # data-parallel: one start, gradients averaged after every backward
     history = state["history"]
-    bar = tqdm(range(state["step"], cfg.steps), desc="train hyperfeatures", disable=not progress or not main)
-    last_save, first_step = time.time(), state["step"]
-    try:
-        for step in bar:
-            losses = []
-            for j in range(rank, cfg.batch, world):  # this process's pairs of the step's batch
-                pair = train_pairs[pair_order(len(train_pairs), step * cfg.batch + j, cfg.seed)]
-                (fa, hw_a), (fb, hw_b) = source(pair.source), source(pair.target)
-                cells_a = to_grid(pair.source_points, hw_a, grid)  # original pixels straight to cells (reference)
-                cells_b = to_grid(pair.target_points, hw_b, grid)
-                losses.append(correspondence_loss(net(fa)[0], net(fb)[0], cells_a, cells_b, cfg.temperature))
-            loss = torch.stack(losses).mean()
-            opt.zero_grad()
-            loss.backward()
-            distributed.average_gradients(net)
-            with deferred_interrupt():
-                opt.step()
-                history["loss"].append([step + 1, loss.item()])
-                state["step"] = step + 1
-            if step == first_step:
-                warn_if_long("hyperfeatures training", time.time() - last_save, cfg.steps - step - 1, hint)
-            bar.set_postfix(loss=f"{history['loss'][-1][1]:.3f}")
-            if not main:
-                continue
-            if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
-                if val_pairs:
-                    ev = evaluate_pairs(descriptor_fn(net, source), val_pairs, size, cfg.alpha)
-                    s = ev.summary()
-                    history["val"].append([step + 1, s.get(f"pck@{cfg.alpha:g}_img_per_point"),
-                                           s.get(f"pck@{cfg.alpha:g}_bbox_per_point")])
-                    log.info("step %d: val %s", step + 1, s)
-                save_checkpoint(Path(checkpoint_dir), net, opt, state)
-                last_save = time.time()
-            elif time.time() - last_save >= 60 * cfg.checkpoint_minutes:
-                save_checkpoint(Path(checkpoint_dir), net, opt, state)
-                last_save = time.time()
-    except KeyboardInterrupt:
-        if state["step"] > 0 and main:
-            save_checkpoint(Path(checkpoint_dir), net, opt, state)
-            log.warning("training interrupted after step %d: rerun in the same folder to continue", state["step"])
-        raise
+
+    def step(i: int):
+        losses = []
+        for j in range(rank, cfg.batch, world):  # this process's pairs of the step's batch
+            pair = train_pairs[pair_order(len(train_pairs), i * cfg.batch + j, cfg.seed)]
+            (fa, hw_a), (fb, hw_b) = source(pair.source), source(pair.target)
+            cells_a = to_grid(pair.source_points, hw_a, grid)  # original pixels straight to cells (reference)
+            cells_b = to_grid(pair.target_points, hw_b, grid)
+            losses.append(correspondence_loss(net(fa)[0], net(fb)[0], cells_a, cells_b, cfg.temperature))
+        loss = torch.stack(losses).mean()
+        opt.zero_grad()
+        loss.backward()
+        distributed.average_gradients(net)
+
+        def apply() -> None:
+            opt.step()
+            history["loss"].append([i + 1, loss.item()])
+            state["step"] = i + 1
+
+        return apply, {"loss": loss.item()}
+
+    def save(done: int, scheduled: bool) -> None:
+        if scheduled and val_pairs:  # validation at val_every steps and at the end
+            s = evaluate_pairs(descriptor_fn(net, source), val_pairs, size, cfg.alpha).summary()
+            history["val"].append([done, s.get(f"pck@{cfg.alpha:g}_img_per_point"),
+                                   s.get(f"pck@{cfg.alpha:g}_bbox_per_point")])
+            log.info("step %d: val %s", done, s)
+        save_checkpoint(Path(checkpoint_dir), net, opt, state)
+
+    run_steps("train hyperfeatures", state["step"], cfg.steps, step, save, cfg.val_every, cfg.checkpoint_minutes,
+              hint=hint, progress=progress, main=main)
     return history

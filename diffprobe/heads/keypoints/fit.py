@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +27,7 @@ from diffprobe.heads.keypoints.losses import equivariance_loss, localisation_los
 from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
 from diffprobe.heads.keypoints.selection import most_frequent, rank_candidates, spread_tokens
 from diffprobe.heads.keypoints.state import KeypointModel, load_checkpoint, save_checkpoint
-from diffprobe.items import deferred_interrupt, warn_if_long
+from diffprobe.training import check_resume, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -130,54 +129,37 @@ def fit_embeddings(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir:
         resume = out_dir
     if resume is not None:
         info = load_checkpoint(resume, opt, embeddings)
-        saved = info.get("config", {})
-        if saved and saved != config_dict(cfg, spec):
-            from diffprobe.items import differing_keys
-
-            keys = ", ".join(differing_keys(saved, config_dict(cfg, spec))[:3])
-            raise DiffprobeError(f"the checkpoint in {resume} was made with other settings ({keys}); use another "
-                                 "output folder or the same settings")
+        check_resume(info.get("config", {}), config_dict(cfg, spec), resume)
         start, history = int(info["step"]), list(info.get("history", []))
         log.info("resuming keypoints fit at step %d of %d", start, cfg.steps)
 
-    def checkpoint(step: int) -> None:
+    def save(step: int, scheduled: bool) -> None:
         save_checkpoint(Path(out_dir) / "checkpoint", embeddings, opt,
                         {"step": step, "history": history, "config": config_dict(cfg, spec)})
         if on_checkpoint is not None:
             on_checkpoint(history)
 
-    bar = tqdm(range(start, cfg.steps), desc="keypoints fit", disable=not progress, initial=start, total=cfg.steps)
-    last_save, done = time.time(), start
-    try:
-        for step in bar:
-            opt.zero_grad(set_to_none=True)
-            parts = []
-            for j in range(cfg.batch_size):
-                it = step * cfg.batch_size + j
-                gen = _generator(cfg.seed, 2, it)
-                image = images.tensor(image_order(len(images), it, cfg.seed))
-                loss, info = iteration_loss(bb, spec, cfg, image, embeddings, gen)
-                (loss / cfg.batch_size).backward()
-                parts.append(info)
-            if not all(math.isfinite(p["loss"]) for p in parts):
-                raise DiffprobeError(f"keypoints loss became non-finite at step {step}; lower lr (now {cfg.lr})")
-            with deferred_interrupt():
-                opt.step()
-                history.append({"step": step + 1, **{k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}})
-                done = step + 1
-            if done == start + 1:
-                warn_if_long("keypoints fit", time.time() - last_save, cfg.steps - done, cpu_hint(bb))
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
-            due = done % cfg.checkpoint_every == 0 or time.time() - last_save >= 60 * cfg.checkpoint_minutes
-            if out_dir is not None and (due or done == cfg.steps):
-                checkpoint(done)
-                last_save = time.time()
-    except KeyboardInterrupt:
-        if out_dir is not None and done > start:
-            checkpoint(done)
-            log.warning("keypoints fit interrupted after step %d: rerun with hydra.run.dir=%s to continue",
-                        done, out_dir)
-        raise
+    def step(i: int):
+        opt.zero_grad(set_to_none=True)
+        parts = []
+        for j in range(cfg.batch_size):
+            it = i * cfg.batch_size + j
+            image = images.tensor(image_order(len(images), it, cfg.seed))
+            loss, info = iteration_loss(bb, spec, cfg, image, embeddings, _generator(cfg.seed, 2, it))
+            (loss / cfg.batch_size).backward()
+            parts.append(info)
+        if not all(math.isfinite(p["loss"]) for p in parts):
+            raise DiffprobeError(f"keypoints loss became non-finite at step {i}; lower lr (now {cfg.lr})")
+        row = {"step": i + 1, **{k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}}
+
+        def apply() -> None:
+            opt.step()
+            history.append(row)
+
+        return apply, {"loss": row["loss"]}
+
+    run_steps("keypoints fit", start, cfg.steps, step, save if out_dir is not None else None, cfg.checkpoint_every,
+              cfg.checkpoint_minutes, hint=cpu_hint(bb), progress=progress)
     return embeddings.detach(), history
 
 
