@@ -192,3 +192,47 @@ def test_whole_runs_with_hostile_values_end_cleanly(case, value, tmp_path_factor
     else:
         assert code in (0, None), (code, err)
     check_outputs(run, root, {"img.png"})
+
+
+def test_every_task_writes_strict_json_inside_its_run_folder(tmp_path, capsys):
+    """Each task run once on small settings through the command line: exit 0, and every file it wrote is inside
+    its run folder (or the output folder it was given), whole, strict JSON and of the umask's mode."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    tiny = ["model=tiny_sd15"]
+    kp = ["keypoints.fit.steps=2", "keypoints.fit.num_tokens=16", "keypoints.fit.top_k=2", "keypoints.fit.candidates=4",
+          "keypoints.fit.num_indices=2", "keypoints.fit.batch_size=1", "keypoints.upsample_queries=16",
+          "keypoints.predict.augmentations=2", "keypoints.predict.batch_size=2", "keypoints.preview=1"]
+    runs = [
+        ("world_coco", ["task=world", "world.format=coco_stuff", "world.n=2", f"world.out={tmp_path / 'data/coco'}"]),
+        ("world_celeba", ["task=world", "world.format=celeba", "world.n=2", "world.n_train=2",
+                          f"world.out={tmp_path / 'data/celeba'}"]),
+        ("world_cub", ["task=world", "world.format=cub", "world.n=2", "world.n_train=2",
+                       f"world.out={tmp_path / 'data/cub'}"]),
+        ("diffseg", ["task=diffseg", *tiny, "image=img.png", "diffseg.anchors=8", "diffseg.labels=[cat,sky]"]),
+        ("localize", ["task=localize", *tiny, "image=img.png", "localize.words=[cat]", "localize.prompt=a cat"]),
+        ("probe", ["task=probe", *tiny, "image=img.png"]),
+        ("analyze", ["task=analyze", *tiny, "image=img.png", "analyze.tasks=[diffseg,localize]", "diffseg.anchors=8",
+                     "localize.words=[cat]", "localize.prompt=a cat"]),
+        ("templates", ["task=templates", "templates.n=20", "templates.k=2"]),
+        ("correspond", ["task=correspond", *tiny, "correspond.source=img.png", "correspond.target=img.png",
+                        "correspond.points=[[10,10],[30,20]]", "correspond.target_points=[[10,10],[31,20]]"]),
+        ("diffseg_eval", ["task=diffseg_eval", *tiny, "data=coco_stuff27", f"data.root={tmp_path / 'data/coco'}",
+                          "diffseg.anchors=8"]),
+        ("localize_eval", ["task=localize_eval", *tiny, "data=cub", f"data.root={tmp_path / 'data/cub/CUB_200_2011'}"]),
+        ("keypoints_fit", ["task=keypoints", *tiny, "data=celeba", f"data.root={tmp_path / 'data/celeba'}", *kp]),
+        ("keypoints_predict", ["task=keypoints", *tiny, "mode=predict", "image=img.png", *kp,
+                               f"embeddings={tmp_path / 'keypoints_fit/keypoints.safetensors'}"]),
+        ("keypoints_eval", ["task=keypoints", *tiny, "mode=eval", "data=celeba", f"data.root={tmp_path / 'data/celeba'}",
+                            *kp, f"embeddings={tmp_path / 'keypoints_fit/keypoints.safetensors'}"]),
+    ]
+    old = os.umask(0o027)
+    try:
+        for name, args in runs:
+            code, err = run_cli([*args, f"hydra.run.dir={tmp_path / name}"], tmp_path, 120.0, capsys)
+            assert code == 0, (name, err[-3000:])
+    finally:
+        os.umask(old)
+    for name, _ in runs:
+        assert any((tmp_path / name).rglob("*.json")), name
+    assert {p.name for p in tmp_path.iterdir()} == {"img.png", "data", *(name for name, _ in runs)}  # nothing else
+    check_outputs(tmp_path, tmp_path, {"img.png"})
