@@ -27,6 +27,27 @@ SCHEDULE = ("steps", "unet_steps", "vae_steps", "checkpoint_every", "checkpoint_
             "max_minutes", "threads", "samples")
 
 
+def optimizer_tensors(optimizer, prefix: str = "") -> dict:
+    """An optimiser's per-parameter state as flat tensors "<prefix><param index>.<name>" (Adam's moments and
+    step), for a checkpoint's safetensors file; its param_groups (plain numbers) go to the JSON side."""
+    import torch
+
+    return {f"{prefix}{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+            for i, state in optimizer.state_dict()["state"].items() for k, v in state.items()}
+
+
+def load_optimizer_tensors(optimizer, tensors: dict, prefix: str = "", param_groups: list | None = None) -> None:
+    """Restore what optimizer_tensors wrote (the entries under `prefix`); param_groups None: the optimiser's own."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            i, name = key[len(prefix):].split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict({"state": state,
+                               "param_groups": optimizer.state_dict()["param_groups"] if param_groups is None
+                               else param_groups})
+
+
 def check_resume(saved: dict, current: dict, where: str | Path) -> None:
     """Refuse to continue a checkpoint made with other settings (a saved record of {} is an older checkpoint
     without one: accepted), naming up to three keys that differ; the schedule's keys (SCHEDULE) may differ."""

@@ -9,6 +9,7 @@ import torch
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import load_tensors, save_tensors
+from diffprobe.training import load_optimizer_tensors, optimizer_tensors
 
 
 def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
@@ -18,9 +19,7 @@ def save_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
     run's settings, for the resume check)}."""
     tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in (ema or {}).items()})
-    for i, state in optimizer.state_dict()["state"].items():
-        for k, v in state.items():
-            tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors.update(optimizer_tensors(optimizer, "opt."))
     save_tensors(path, tensors, metadata={"step": str(step), "losses": json.dumps(losses),
                                           "config": json.dumps(config or {})})
 
@@ -43,12 +42,7 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer: 
         if ema is not None:
             for k in ema:
                 ema[k].copy_(tensors[f"ema.{k}"])
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
-        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+        load_optimizer_tensors(optimizer, tensors, "opt.")
     except (RuntimeError, KeyError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise DiffprobeError(f"checkpoint {path} does not fit this training run ({reason}); use another "

@@ -18,7 +18,7 @@ import torch
 
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
-from diffprobe.training import check_resume, run_steps
+from diffprobe.training import check_resume, load_optimizer_tensors, optimizer_tensors, run_steps
 from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs, prepare_image
 from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_features, image_generator
 from diffprobe.heads.hyperfeatures.loss import correspondence_loss, to_grid
@@ -114,10 +114,8 @@ def descriptor_fn(net: AggregationNetwork, source: FeatureSource):
 def save_checkpoint(directory: Path, net: AggregationNetwork, opt: torch.optim.Optimizer, state: dict) -> None:
     """Aggregator (safetensors + JSON), optimiser moments (safetensors) and progress (JSON)."""
     net.save(directory)
-    sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
-    save_tensors(directory / "optimizer.safetensors", tensors)
-    save_json(directory / "optimizer.json", {"param_groups": sd["param_groups"]})
+    save_tensors(directory / "optimizer.safetensors", optimizer_tensors(opt))
+    save_json(directory / "optimizer.json", {"param_groups": opt.state_dict()["param_groups"]})
     save_json(directory / "state.json", state)
 
 
@@ -131,12 +129,8 @@ def load_checkpoint(directory: Path, net: AggregationNetwork, opt: torch.optim.O
         raise DiffprobeError(f"checkpoint {directory} was trained with a different aggregator config")
     net.load_state_dict(saved.state_dict())
     tensors, _ = load_tensors(directory / "optimizer.safetensors")
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = value
     groups = json.loads((directory / "optimizer.json").read_text())["param_groups"]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    load_optimizer_tensors(opt, tensors, param_groups=groups)
     return json.loads((directory / "state.json").read_text())
 
 
