@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.backbones import tiny_backbone
-from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
+from diffprobe.hooks import BatchLayout, Need, ProbeRegistry, Reduce
 from diffprobe.drives import Conditioning, encode_prompt, unet_call
 
 SITE_SELF = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.hook_probs"
@@ -112,12 +112,12 @@ def test_gradients_reach_the_context(setup):
     context = torch.randn(1, 6, bb.context_dim, requires_grad=True)
     added = encode_prompt(bb, [""]).added
     names = probe.select("up_blocks.*.attn2.hook_probs")
-    with probe.capture(names, detach=False) as cache:
+    with probe.capture(names, grad=True) as cache:
         unet_call(bb, latents[:1], 50, Conditioning(context, added))
     loss = sum((cache[n][..., 2] ** 2).sum() for n in names)
     loss.backward()
     assert context.grad is not None and context.grad.abs().sum() > 0
-    with probe.capture(names, detach=True) as cache:
+    with probe.capture(names, grad=False) as cache:
         unet_call(bb, latents[:1], 50, Conditioning(context, added))
     assert not cache[names[0]].requires_grad
 
@@ -304,7 +304,6 @@ def test_reused_probabilities_equal_recomputed_ones_and_outputs_stay(setup, head
     # attention="reuse": the probabilities the layer's output is computed from are kept; a second need on other
     # rows is served in the same capture; the processors are never swapped
     bb, probe, latents, cond = setup
-    from diffprobe.hooks import Need
 
     bare = unet_call(bb, latents, 50, cond)
     needs = lambda: [Need("*.hook_probs", Reduce(heads=heads)),  # noqa: E731
@@ -358,4 +357,18 @@ def test_reuse_leaves_no_mode_or_hook_behind_when_the_forward_raises(setup):
     torch.testing.assert_close(unet_call(bb, latents, 50, cond), unet_call(bb, latents, 50, cond), rtol=0, atol=0)
     with pytest.raises(Exception, match="attention must be one of"):
         with probe.capture("*.attn2.hook_probs", attention="fused"):
+            pass
+
+
+def test_capture_options_are_the_fields_of_a_need():
+    bb = tiny_backbone("sd15")
+    probe = ProbeRegistry(bb.unet)
+    x, cond = torch.randn(1, 4, 8, 8), encode_prompt(bb, ["a cat"])
+    with probe.capture(SITE_SELF, reduce=Reduce(heads="sum"), grad=False) as a:
+        unet_call(bb, x, 10, cond)
+    with probe.capture(Need(SITE_SELF, reduce=Reduce(heads="sum"))) as b:
+        unet_call(bb, x, 10, cond)
+    assert torch.equal(a[SITE_SELF], b[SITE_SELF])
+    with pytest.raises(TypeError, match="set them in the Needs"):
+        with probe.capture([Need(SITE_SELF)], reduce=Reduce(heads="sum")):
             pass

@@ -148,7 +148,7 @@ def test_gradients_flow_to_the_text_and_query_upsampling_is_refused_under_rope(t
     structure, model, probe, kwargs = tiny
     site = probe.select(lambda s: s.kind == "cross_attn")[0]
     ctx = kwargs["encoder_hidden_states"].clone().requires_grad_(True)
-    with probe.capture(site, detach=False) as cache:
+    with probe.capture(site, grad=True) as cache:
         model(**{**kwargs, "encoder_hidden_states": ctx})
     cache[site][..., 0].sum().backward()
     assert ctx.grad is not None and float(ctx.grad.abs().sum()) > 0
@@ -177,7 +177,7 @@ def test_upsampled_queries_of_the_image_to_text_block(tiny):
     n = GRID[structure][0] * GRID[structure][1]
     want = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)[..., n:].mean(1)   # (B, 30, T)
     text = kwargs["encoder_hidden_states"].clone().requires_grad_(True)
-    with probe.capture(site, upsample_queries=(6, 5), reduce=Reduce(heads="mean"), detach=False) as cache:
+    with probe.capture(site, upsample_queries=(6, 5), reduce=Reduce(heads="mean"), grad=True) as cache:
         out = model(**{**kwargs, "encoder_hidden_states": text}).sample
     torch.testing.assert_close(cache[site], want, rtol=0, atol=1e-5)
     assert cache.grid(site) == (6, 5) and torch.equal(out, model(**kwargs).sample)

@@ -143,7 +143,7 @@ def test_grown_top_attention_leaves_the_output_unchanged_and_its_maps_learn_from
     regions[:, :, :32] = 1  # token 1 names the left half
     token_regions = torch.zeros(2, 24, dtype=torch.long)
     token_regions[:, 1] = 1
-    with probe.capture(top, reduce=Reduce(heads="mean"), detach=False) as cache:
+    with probe.capture(top, reduce=Reduce(heads="mean"), grad=True) as cache:
         grown(x, t, context)
     loss = token_loss(cache[top[0]], region_fractions(regions, torch.zeros_like(regions), (32, 32)),
                       token_regions, torch.ones(2))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-import torch
 from torch import nn
 
 from diffprobe.hooks.cache import ActivationCache
 from diffprobe.hooks.capture import Capture, StepCallback, StopForward
-from diffprobe.hooks.needs import BatchLayout, Need, Reduce
+from diffprobe.hooks.needs import Need
 from diffprobe.hooks.sites import TEXT_KINDS, Selection, Site, select_sites
 
 
@@ -81,22 +80,18 @@ class ProbeRegistry:
     def capture(
         self,
         selection: Selection | Need | Sequence[Need],
-        reduce: Reduce = Reduce(),
-        layout: BatchLayout = BatchLayout(),
-        detach: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        upsample_queries: int | tuple[int, int] | None = None,
+        *,
         early_exit: bool = False,
         on_step: StepCallback | None = None,
         attention: str = "recompute",
+        **need: Any,
     ) -> Iterator[ActivationCache | tuple[ActivationCache, ...]]:
         """Capture sites during the model calls made inside the block.
 
         Args:
             selection: a Need, a list of Needs (one cache each, computed together: a site two needs share
-                is recomputed once), or a selection with the options below (one Need built from them).
-            reduce, layout, detach, device, dtype, upsample_queries: the Need's fields (detach = not grad).
+                is recomputed once), or a selection of sites with the Need's other fields as keywords (reduce,
+                upsample_queries, grad, layout, rows, device, dtype): one Need built from them.
             early_exit: stop the forward once every site has fired in the current call (StopForward,
                 swallowed here): code after that call inside the block does not run. Inside another capture
                 of the same model that still records, the forward runs on (the outer capture keeps its sites).
@@ -115,6 +110,7 @@ class ProbeRegistry:
         >>> import torch
         >>> from diffprobe.backbones import tiny_backbone
         >>> from diffprobe.drives import encode_prompt, unet_call
+        >>> from diffprobe.hooks import Reduce
         >>> bb = tiny_backbone("sd15")
         >>> probe = ProbeRegistry(bb.unet)
         >>> with probe.capture("up_blocks.1.*.attn2.hook_probs", reduce=Reduce(heads="mean")) as cache:
@@ -123,13 +119,12 @@ class ProbeRegistry:
         torch.Size([1, 4, 77])
         """
         single = not isinstance(selection, (list, tuple)) or not selection or not isinstance(selection[0], Need)
-        if isinstance(selection, Need):
-            needs = [selection]
-        elif not single:
-            needs = list(selection)
+        if isinstance(selection, Need) or not single:
+            if need:
+                raise TypeError(f"capture got Needs and Need fields ({', '.join(need)}): set them in the Needs")
+            needs = [selection] if isinstance(selection, Need) else list(selection)
         else:
-            needs = [Need(selection, reduce=reduce, upsample_queries=upsample_queries, grad=not detach,
-                          layout=layout, device=device, dtype=dtype)]
+            needs = [Need(selection, **need)]
         names = [self.select(n.sites) for n in needs]
         for name in {s for sel in names for s in sel}:
             if self.sites[name].is_attention:

@@ -155,7 +155,7 @@ def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents
     sites = [n for n, s in probe.sites.items() if s.kind == "cross_attn"]
     kept = teacher.sites if teacher is not None else []
     noisy, cond = noised_inputs(text_encoder, scheduler, latents, ids, noise, t)
-    with probe.capture(sites + (kept if keep_on is None else []), reduce=Reduce(heads="mean"), detach=False) as cache:
+    with probe.capture(sites + (kept if keep_on is None else []), reduce=Reduce(heads="mean"), grad=True) as cache:
         loss = epsilon_loss(unet, noisy, cond, noise, t)
     weights = scheduler.alphas_cumprod.to(latents.device)[t].float()
     tokens = torch.stack([grounding.token_loss(cache[n], grounding.region_fractions(regions, parts, cache.grid(n)),
@@ -163,7 +163,7 @@ def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents
     out = {"loss": loss, "tokens": tokens}
     if teacher is not None:
         if keep_on is not None:
-            with probe.capture(kept, reduce=Reduce(heads="mean"), detach=False) as cache:
+            with probe.capture(kept, reduce=Reduce(heads="mean"), grad=True) as cache:
                 backend_for(unet).denoise(unet, *keep_on)
         target = teacher.maps(*(keep_on or (noisy, t, cond)))
         out["self_attention"] = torch.stack([attention_kl(cache[n], target[n]) for n in kept]).mean()
