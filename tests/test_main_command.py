@@ -17,7 +17,8 @@ def test_readme_main_command_segments_a_world_scene_from_any_directory(tmp_path)
     assert res.returncode == 0, res.stderr
     assert "Loading weights" not in res.stderr and "%|" not in res.stderr  # no library progress bars
     summary = json.loads((out / "summary.json").read_text())
-    (record,) = summary["images"].values()
+    (key, record), = summary["images"].items()
+    assert key == "demo_scene.png" and record["dir"] == "demo_scene"  # an input inside the run: relative to it
     assert 2 <= record["num_segments"] <= 30  # the mini model's threshold splits the scene, not into noise
     labels = np.asarray(Image.open(out / "demo_scene" / "labels.png"))
     assert labels.shape == (256, 256) and len(np.unique(labels)) == record["num_segments"]

@@ -35,14 +35,17 @@ def files_fingerprint(files: list[Path]) -> str:
 
 
 def summary_of(state: ItemState, files: list[Path], task: str) -> dict:
-    """summary.json's content from the item state's records."""
+    """summary.json's content from the item state's records: images keyed by their path as given, or relative to
+    the run folder for an image inside it (the demo scene)."""
+    run = Path(state.out_dir).resolve()
+    keys = [str(f.resolve().relative_to(run)) if f.resolve().is_relative_to(run) else str(f) for f in map(Path, files)]
     images, skipped = {}, {}
     for i in sorted(state.records):
         record = dict(state.records[i])
         if "skipped" in record:
-            skipped[str(files[i])] = record["skipped"]
+            skipped[keys[i]] = record["skipped"]
         else:
-            images[str(files[i])] = record
+            images[keys[i]] = record
     return {"task": task, "done": len(images), "total": len(files), "images": images, "skipped": skipped}
 
 
