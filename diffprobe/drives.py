@@ -48,10 +48,12 @@ def _warn_unknown_words(tokenizer, prompts: list[str]) -> None:
 def _warn_truncated(bb, prompts: list[str]) -> None:
     """Warn (once per prompt) when a prompt has more tokens than the model reads: the rest is cut."""
     for prompt in prompts:
-        n = len(bb.tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
         key = (id(bb.tokenizer), f"long:{prompt}")
-        if n > bb.max_tokens and key not in _warned:
-            _warned.add(key)
+        if key in _warned:  # each prompt is counted once: encode_prompt runs once per pass
+            continue
+        _warned.add(key)
+        n = len(bb.tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
+        if n > bb.max_tokens:
             log.warning("a prompt has %d tokens but %s reads %d: everything after %r is cut", n, bb.name,
                         bb.max_tokens, bb.tokenizer.decode(bb.tokenizer(prompt, truncation=True,
                                                                         max_length=bb.max_tokens).input_ids,

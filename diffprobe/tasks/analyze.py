@@ -54,10 +54,11 @@ def job(cfg: DictConfig, bb) -> Job:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
+    names = settings_of(cfg)
     try:
         return run_job(cfg, out_dir, "analyze")
     finally:
-        task_summaries(out_dir, settings_of(cfg))
+        task_summaries(out_dir, names)
 
 
 def task_summaries(out_dir: Path, names: list[str]) -> None:
