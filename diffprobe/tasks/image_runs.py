@@ -62,17 +62,12 @@ def process_images(files: list[Path], process: Callable[[Path, object, str], dic
         path = files[i]
         try:
             record = {"dir": names[i], **process(path, load_image(path), names[i])}
-        except DiffprobeError as exc:
-            if len(files) == 1:
-                raise
-            log.warning("skipping %s: %s", path, exc)
-            record = {"skipped": str(exc)}
         except Exception as exc:  # noqa: BLE001 - any failure of one image must not end a folder run
             if len(files) == 1:
                 raise
-            log.warning("skipping %s: %s: %s", path, type(exc).__name__, exc,
-                        exc_info=log.isEnabledFor(logging.DEBUG))
-            record = {"skipped": f"{type(exc).__name__}: {exc}"}
+            reason = str(exc) if isinstance(exc, DiffprobeError) else f"{type(exc).__name__}: {exc}"
+            log.warning("skipping %s: %s", path, reason, exc_info=log.isEnabledFor(logging.DEBUG))
+            record = {"skipped": reason}
         return lambda: record
 
     def write_summary(state: ItemState) -> dict:
