@@ -53,7 +53,7 @@ def untrained(args, data_args: dict, out: Path, random_tokens: bool, seed: int =
     import torch
 
     from diffprobe.backbones import load_backbone
-    from diffprobe.heads.keypoints.fit import FitConfig, choose_keypoints, config_dict, initial_embeddings
+    from diffprobe.training.keypoints import FitConfig, choose_keypoints, config_dict, initial_embeddings
     from diffprobe.heads.keypoints.image_sets import ImageSet
     from diffprobe.heads.keypoints.maps import MapSpec, resolve_sites
     from diffprobe.heads.keypoints.state import KeypointModel, save_model

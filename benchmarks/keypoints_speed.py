@@ -36,9 +36,11 @@ def backbone(name: str):
 
 
 def case(model: str, what: str, iterations: int) -> dict:
-    from diffprobe.heads.keypoints.fit import FitConfig, initial_embeddings, iteration_loss
+    from diffprobe.training.keypoints import FitConfig, initial_embeddings, iteration_loss
     from diffprobe.heads.keypoints.maps import MapSpec, default_sites
-    from diffprobe.heads.keypoints.predict import PredictConfig, ensemble_maps
+    from diffprobe.heads.keypoints.predict import KeypointPredictHead, PredictConfig, ensemble
+    from diffprobe.runner import run_heads
+    from diffprobe.training.keypoints import attention_maps
     from diffprobe.heads.keypoints.state import KeypointModel
 
     torch.set_num_threads(1)
@@ -60,12 +62,21 @@ def case(model: str, what: str, iterations: int) -> dict:
         out = {"sec_per_iteration": sec, "iterations_per_s": 1 / sec, "adam_steps_per_s": 1 / (sec * cfg.batch_size)}
     else:
         model_state = KeypointModel(emb, torch.arange(10))
-        batch = 10 if what == "predict_batched" else 1
-        pcfg = PredictConfig(augmentations=10, batch_size=batch)
-        ensemble_maps(bb, spec, model_state, image, PredictConfig(augmentations=2, batch_size=2))  # warm-up
+        head = KeypointPredictHead(spec, model_state, PredictConfig(augmentations=10), size)
+
+        def predict():
+            if what == "predict_batched":                # the head: the 10 views in one batch
+                return run_heads(bb, [head], image)
+            views = head.inputs(image)                   # baseline: one denoiser call per view
+            with torch.no_grad():
+                maps = torch.cat([attention_maps(bb, spec, views[i:i + 1], emb, tokens=model_state.indices)
+                                  for i in range(len(views))])
+            return ensemble(maps, head.cfg.transforms()[0], (size, size))
+
+        run_heads(bb, [KeypointPredictHead(spec, model_state, PredictConfig(augmentations=2), size)], image)  # warm-up
         t0 = time.perf_counter()
         for _ in range(iterations):
-            ensemble_maps(bb, spec, model_state, image, pcfg, torch.Generator().manual_seed(0))
+            predict()
         out = {"sec_per_image": (time.perf_counter() - t0) / iterations}
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out

@@ -74,8 +74,9 @@ def main() -> None:
 
     from diffprobe.backbones import load_backbone
     from diffprobe.eval.landmarks import inter_ocular_error
-    from diffprobe.heads.keypoints.fit import FitConfig, initial_embeddings
-    from diffprobe.heads.keypoints.maps import MapSpec, attention_maps, resolve_sites
+    from diffprobe.training.keypoints import FitConfig, initial_embeddings
+    from diffprobe.heads.keypoints.maps import MapSpec, resolve_sites
+    from diffprobe.training.keypoints import attention_maps
 
     torch.manual_seed(0)
     conf = OmegaConf.load(REPO / "conf" / "model" / f"{args.model}.yaml")

@@ -106,9 +106,11 @@ def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
-    """Refuse to continue a run made with other settings, naming the keys that differ."""
+def check_fingerprint(saved: dict, current: dict, where: str | Path, may_change: tuple[str, ...] = ()) -> None:
+    """The one resume rule (item loops and trainers): refuse to continue a run made with other settings, naming
+    the keys that differ, except keys whose last part is in `may_change` (a trainer's schedule)."""
     keys = differing_keys(json.loads(json.dumps(saved, default=str)), json.loads(json.dumps(current, default=str)))
+    keys = [k for k in keys if k.rsplit(".", 1)[-1] not in may_change]
     if keys:
         shown = ", ".join(f"{k} ({_get(saved, k)!r} there, {_get(current, k)!r} now)" for k in keys[:3])
         more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""

@@ -45,7 +45,9 @@ class Plan:
     generation drive makes one image per prompt); context: a learned (T, D) context fed straight to
     cross-attention instead (keypoints). size: image (H, W) for generation drives and size-aware
     conditioning (default: the model's sample size). work: bytes the head's own computation holds for a
-    latent of (h, w) beside the captured tensors (checked with them before the pass starts).
+    latent of (h, w) beside the captured tensors (checked with them before the pass starts). batch: at most this
+    many of the plan's rows per denoiser call: more rows run as successive passes of their own, drawing on from one
+    generator, and their views are joined (memory for speed; the result is the one batch's).
     """
 
     drive: Drive
@@ -54,6 +56,7 @@ class Plan:
     context: torch.Tensor | None = None
     size: tuple[int, int] | None = None
     work: Callable[[tuple[int, int]], int] | None = None
+    batch: int | None = None
 
     def conditioning_key(self) -> tuple:
         return ("context", id(self.context)) if self.context is not None else ("prompt", self.prompt)
@@ -64,16 +67,34 @@ class View:
 
     view[name] -> the captured tensor (B, ...) of a site; view.maps / grid / key_grid / stack as
     ActivationCache; view.timesteps; view.images: the generated images (B, 3, H, W) of a generation drive.
-    During `on_call`, view[name] is that call's tensor.
+    During `on_call`, view[name] is that call's tensor. view.state: a dict that lives for one pass of one plan,
+    the same in every `on_call` and in `finish` (where a streaming head accumulates, so the head itself holds
+    nothing between items).
     """
 
-    def __init__(self, caches: Sequence[ActivationCache], images: torch.Tensor | None = None, current: bool = False):
+    def __init__(self, caches: Sequence[ActivationCache], images: torch.Tensor | None = None, current: bool = False,
+                 state: dict | None = None):
         self.caches, self.images, self.current = list(caches), images, current
+        self.state = {} if state is None else state
 
     @classmethod
     def from_tensors(cls, sites: Mapping[str, Site], tensors: Mapping[str, torch.Tensor], **kwargs) -> "View":
         """A view of given tensors (no model): for testing a head; kwargs as ActivationCache.from_tensors."""
         return cls([ActivationCache.from_tensors(sites, tensors, **kwargs)])
+
+    @classmethod
+    def join(cls, views: Sequence["View"]) -> "View":
+        """One view of the rows of several passes of one plan, in order (captures that keep one step per site)."""
+        caches = []
+        for parts in zip(*(v.caches for v in views)):
+            first = parts[0]
+            if first.reduce.stacks_steps:
+                raise DiffprobeError("a plan that keeps several steps per site cannot split its rows (Plan.batch)")
+            tensors = {n: torch.cat([p[n] for p in parts]) for n in first.names}
+            caches.append(ActivationCache.from_tensors(first.sites, tensors, grids={n: first.grid(n) for n in tensors},
+                                                       timesteps=first.timesteps, reduce=first.reduce))
+        images = None if views[0].images is None else torch.cat([v.images for v in views])
+        return cls(caches, images=images)
 
     def _cache(self, name: str) -> ActivationCache:
         for cache in self.caches:
@@ -116,7 +137,10 @@ class View:
 class Head:
     """Base of the heads: `plan` from site metadata, optional `on_call` streaming, `finish` from a View.
 
-    `inputs(item)` gives the (B, 3, H, W) images in [-1, 1] a head wants for an item (None for generation).
+    `inputs(item)` gives the (B, 3, H, W) images in [-1, 1] a head wants for an item (None for generation);
+    `draws(x)` the generator its latents and noise are drawn from for those inputs, when its result must not
+    depend on the pass it joins (None: the pass's generator). A head keeps nothing between calls: what `finish`
+    needs comes from the plan's sites, the item, or the view (view.state for what `on_call` gathered).
     """
 
     name = "head"
@@ -126,6 +150,9 @@ class Head:
 
     def inputs(self, item: Any) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def draws(self, x: torch.Tensor | None) -> torch.Generator | None:
+        return None
 
     def on_call(self, call: int, t: float, view: View) -> None:
         """Called after every denoiser call with that call's tensors (streaming consumers override it)."""
@@ -167,13 +194,14 @@ def _fork(generator: torch.Generator | None) -> torch.Generator | None:
 
 def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
               generator: torch.Generator | None = None, on_call: Sequence | None = None,
-              progress: bool = False) -> list[View]:
+              progress: bool = False, draws: Sequence[torch.Generator | None] | None = None) -> list[View]:
     """One pass of the denoiser for plans with equal drives; returns one View per plan.
 
     images[i]: the (B_i, 3, H, W) images of plan i in [-1, 1] (None for generation). Plans with equal
     images and conditioning share their rows; the others get their own rows of one batch. Latents (and
     the noise of a noisy one-step drive) are drawn per distinct image set from a copy of `generator`, so
-    each plan sees what it would see in a pass of its own. on_call[i]: fn(call, t, View) for plan i, or None.
+    each plan sees what it would see in a pass of its own; draws[i], when given and not None, is plan i's own
+    generator instead. on_call[i]: fn(call, t, View) for plan i, or None.
     """
     if not plans:
         return []
@@ -181,10 +209,11 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     if any(p.drive != drive for p in plans):
         raise DiffprobeError("run_plans needs plans with equal drives; group them first (run_heads does)")
     size = plans[0].size or (bb.sample_size, bb.sample_size)
-    blocks: list[tuple[torch.Tensor | None, tuple, int]] = []  # (images, conditioning key, first plan)
+    own = list(draws) if draws is not None else [None] * len(plans)
+    blocks: list[tuple[torch.Tensor | None, tuple, int]] = []  # (images, conditioning and draws key, first plan)
     block_of = []
     for i, (plan, x) in enumerate(zip(plans, images)):
-        key = plan.conditioning_key()
+        key = (plan.conditioning_key(), id(own[i]))
         found = next((b for b, (bx, bk, _) in enumerate(blocks) if bk == key and _same_images(bx, x)), None)
         if found is None:
             blocks.append((x, key, i))
@@ -207,25 +236,28 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
         cond = Conditioning.cat(uncond + conds)
     else:
         cond = Conditioning.cat(conds)
-        encoded: list[tuple[torch.Tensor, tuple]] = []  # blocks with equal images (other prompts) encode once:
-        drawn = []                                      # each block's draws come from the same fork, so they agree
-        for x, _, _ in blocks:
-            hit = next((d for ex, d in encoded if _same_images(ex, x)), None)
+        encoded: list[tuple[torch.Tensor, object, tuple]] = []  # blocks with equal images and generator (other
+        drawn, advanced = [], None                              # prompts) encode once: their draws agree
+        for x, _, first in blocks:
+            source = own[first] or generator
+            hit = next((d for ex, src, d in encoded if src is source and _same_images(ex, x)), None)
             if hit is None:
-                hit = _block_inputs(bb, drive, x, generator)
-                encoded.append((x, hit))
+                hit = _block_inputs(bb, drive, x, source)
+                encoded.append((x, source, hit))
             drawn.append(hit)
+            advanced = hit[2] if advanced is None and own[first] is None else advanced
         latents = torch.cat([d[0] for d in drawn])
         noise = torch.cat([d[1] for d in drawn]) if drive.noise and drive.process == "one_step" else None
-        if generator is not None and drawn[0][2] is not None:  # advance as one block's draws would
-            generator.set_state(drawn[0][2].get_state())
+        if generator is not None and advanced is not None:  # advance as one block's draws from it would
+            generator.set_state(advanced.get_state())
     bounds = [sum(len(g) for g in needs[:i]) for i in range(len(needs) + 1)]
     caches: list[ActivationCache] = []
+    states = [{} for _ in plans]
 
     def dispatch(call: int, t: float, current: list[dict]) -> None:
         for i, fn in enumerate(on_call or []):
             if fn is not None:
-                fn(call, t, View(caches[bounds[i]:bounds[i + 1]], current=True))
+                fn(call, t, View(caches[bounds[i]:bounds[i + 1]], current=True, state=states[i]))
 
     grad = any(n.grad for n in flat) and torch.is_grad_enabled()
     generated = None  # early exit leaves the block before the drive returns
@@ -237,7 +269,7 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     views = []
     for i, b in enumerate(block_of):
         rows = None if generated is None else generated[starts[b]:starts[b] + counts[b]]
-        views.append(View(caches[bounds[i]:bounds[i + 1]], images=rows))
+        views.append(View(caches[bounds[i]:bounds[i + 1]], images=rows, state=states[i]))
     return views
 
 
@@ -279,17 +311,33 @@ def group_by_drive(plans: Sequence[Plan]) -> list[list[int]]:
     return groups
 
 
+def _splits(plan: Plan, x: torch.Tensor | None) -> bool:
+    return plan.batch is not None and x is not None and len(x) > plan.batch
+
+
 def run_heads(bb, heads: Sequence[Head], item: Any, generator: torch.Generator | None = None,
               progress: bool = False) -> list[Any]:
     """Every head's result for one item: plans grouped by drive, one pass per group. Each pass draws from
     a copy of `generator` in its current state, so every head sees the noise it would see run alone."""
     plans = [h.plan(bb.probe.sites) for h in heads]
     inputs = [h.inputs(item) for h in heads]
+    draws = [h.draws(x) for h, x in zip(heads, inputs)]
     results: list[Any] = [None] * len(heads)
     for group in group_by_drive(plans):
+        for i in [i for i in group if _splits(plans[i], inputs[i])]:
+            if type(heads[i]).on_call is not Head.on_call:
+                raise DiffprobeError(f"the streaming head {heads[i].name} cannot split its rows (Plan.batch)")
+            source = draws[i] or _fork(generator)
+            x, n = inputs[i], plans[i].batch
+            views = [run_plans(bb, [plans[i]], [x[k:k + n]], source, progress=progress)[0] for k in range(0, len(x), n)]
+            results[i] = heads[i].finish(View.join(views), item)
+            group = [g for g in group if g != i]
+        if not group:
+            continue
         streams = [heads[i].on_call if type(heads[i]).on_call is not Head.on_call else None for i in group]
         views = run_plans(bb, [plans[i] for i in group], [inputs[i] for i in group], _fork(generator),
-                          on_call=streams if any(streams) else None, progress=progress)
+                          on_call=streams if any(streams) else None, progress=progress,
+                          draws=[draws[i] for i in group])
         for i, view in zip(group, views):
             results[i] = heads[i].finish(view, item)
     return results

@@ -1,5 +1,6 @@
 """task=analyze: several heads from one pass write, file for file, what their own tasks write."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,19 +23,47 @@ def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def learned_state(tmp: Path) -> tuple[Path, Path]:
+    """Keypoint embeddings and a hyperfeature aggregator for diffprobe-mini, random but saved as mode=fit and
+    mode=train save theirs."""
+    import torch
+
+    from diffprobe.backbones import load_backbone
+    from diffprobe.heads.hyperfeatures.extract import ExtractionConfig
+    from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
+    from diffprobe.heads.keypoints.maps import MapSpec
+    from diffprobe.heads.keypoints.state import KeypointModel, save_model
+    from diffprobe.mini import packaged_path
+
+    bb = load_backbone({"path": str(packaged_path())})
+    sites = ("up_blocks.3.attentions.0.transformer_blocks.0.attn2.hook_probs",)
+    spec = MapSpec(sites, res=32, timestep=0, noise=True)
+    emb = torch.randn(12, bb.context_dim, generator=torch.Generator().manual_seed(0))
+    keypoints = save_model(tmp / "keypoints", KeypointModel(emb, torch.tensor([3, 7, 1]), {
+        "maps": {**spec.__dict__, "sites": list(sites)}, "image_size": 64, "crop": "center", "resize": "bilinear"}))
+    extraction = ExtractionConfig(layers="up_blocks.*.resnets.*.hook_residual", num_steps=4, save_every=2,
+                                  image_size=64)
+    weights = HyperfeatureModel.build(bb.probe.sites, extraction, output_size=8, projection_dim=16).save(tmp / "hf")
+    return keypoints, weights
+
+
 def test_one_pass_writes_what_separate_runs_write(tmp_path):
     rng = np.random.default_rng(0)
     photo = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(photo)
+    embeddings, weights = learned_state(tmp_path)
     keys = {"diffseg": ["diffseg.tau=0.2", "diffseg.noise=true"],          # noisy latents: each head draws
             "localize": ["localize.words=[bird]", "localize.prompt=a red bird", "localize.noise=true"],
-            "probe": ["probe.timestep=300", "probe.noise=true"]}
-    cli(tmp_path / "all", "task=analyze", "analyze.tasks=[diffseg,localize,probe]", f"image={photo}",
+            "probe": ["probe.timestep=300", "probe.noise=true"],
+            "keypoints": [f"keypoints.embeddings={embeddings}", "keypoints.predict.augmentations=3"],
+            "hyperfeatures": [f"hyperfeatures.weights={weights}"]}
+    modes = {"keypoints": ["keypoints.mode=predict"], "hyperfeatures": ["hyperfeatures.mode=extract"]}
+    cli(tmp_path / "all", "task=analyze", f"analyze.tasks=[{','.join(keys)}]", f"image={photo}",
         *[k for ks in keys.values() for k in ks])
-    for task in ("diffseg", "localize", "probe"):
-        cli(tmp_path / task, f"task={task}", f"image={photo}", *keys[task])
+    for task in keys:
+        cli(tmp_path / task, f"task={task}", f"image={photo}", *keys[task], *modes.get(task, []))
         alone, together = files(tmp_path / task / "photo"), files(tmp_path / "all" / task / "photo")
-        assert alone.keys() == together.keys() and len(alone) >= 3, task
+        assert alone.keys() == together.keys() and len(alone) >= 2, task
         for name in alone:  # equal up to float rounding (the shared batch has more rows): tensors to 1e-5,
             a_path, b_path = tmp_path / task / "photo" / name, tmp_path / "all" / task / "photo" / name
             if name.endswith(".safetensors"):
@@ -47,6 +76,8 @@ def test_one_pass_writes_what_separate_runs_write(tmp_path):
                 assert a.shape == b.shape and (a != b).mean() < 1e-2 and np.abs(a - b).mean() < 0.05, (task, name)
             else:                        # JSON byte for byte
                 assert alone[name] == together[name], (task, name)
+        summaries = [json.loads((folder / "summary.json").read_text()) for folder in (tmp_path / task, tmp_path / "all" / task)]
+        assert summaries[0]["images"] == summaries[1]["images"], task
 
 
 def test_heads_that_share_a_drive_make_one_call_per_image(monkeypatch, tmp_path):
@@ -74,4 +105,4 @@ def test_unknown_tasks_are_refused(tmp_path):
     from diffprobe.tasks import analyze
 
     with pytest.raises(DiffprobeError, match="analyze.tasks"):
-        analyze.run(make_cfg("analyze", model="mini", **{"analyze.tasks": ["diffseg", "keypoints"]}), tmp_path)
+        analyze.run(make_cfg("analyze", model="mini", **{"analyze.tasks": ["diffseg", "templates"]}), tmp_path)

@@ -154,7 +154,7 @@ def test_help_points_to_documentation_that_exists(tmp_path):
 def test_the_keypoint_fit_hint_fits_the_model():
     from types import SimpleNamespace
 
-    from diffprobe.heads.keypoints.fit import cpu_hint
+    from diffprobe.training.keypoints import cpu_hint
 
     assert "image_size=256" in cpu_hint(SimpleNamespace(sample_size=512))
     assert "image_size=256" not in cpu_hint(SimpleNamespace(sample_size=64))

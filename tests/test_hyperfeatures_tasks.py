@@ -37,8 +37,8 @@ def trained(tmp_path_factory):
 
 def test_train_writes_model_curves_mixing_weights_and_metrics(trained):
     root, out, metrics = trained
-    for name in ("model/aggregator.safetensors", "model/aggregator.json", "model/extraction.json", "checkpoint/state.json",
-                 "curves.png", "mixing_weights.png", "history.json", "metrics.json"):
+    for name in ("model/aggregator.safetensors", "model/aggregator.json", "model/extraction.json",
+                 "checkpoint/checkpoint.safetensors", "curves.png", "mixing_weights.png", "history.json", "metrics.json"):
         assert (out / name).is_file(), name
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == 16 and [r[0] for r in history["val"]] == [8, 16]

@@ -8,7 +8,7 @@ from hyperfeatures_fixtures import SIZE, planted_pairs, tiny_sd15
 from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs
 from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, layer_names
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig
-from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, descriptor_fn, pair_order, train
+from diffprobe.training.hyperfeatures import FeatureSource, TrainConfig, descriptor_fn, pair_order, train
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -1,5 +1,7 @@
 """A short fit and a prediction on a tiny random SD 1.5-structured model."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -8,10 +10,10 @@ from PIL import Image
 from diffprobe.backbones import tiny_backbone
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange
-from diffprobe.heads.keypoints.fit import FitConfig, fit, fit_embeddings
+from diffprobe.training.keypoints import FitConfig, attention_maps, fit, fit_embeddings
 from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
-from diffprobe.heads.keypoints.maps import MapSpec, attention_maps, default_sites
-from diffprobe.heads.keypoints.predict import PredictConfig, ensemble_maps, predict_image
+from diffprobe.heads.keypoints.maps import MapSpec, default_sites
+from diffprobe.heads.keypoints.predict import PredictConfig
 from diffprobe.heads.keypoints.state import load_model, save_model
 from diffprobe.hooks import ProbeRegistry
 
@@ -66,7 +68,7 @@ def test_fit_writes_a_loadable_model(setup, tmp_path):
     torch.testing.assert_close(back.embeddings, res.model.embeddings)
     assert back.indices.tolist() == res.model.indices.tolist()
     assert MapSpec.from_dict(back.config["maps"]) == spec
-    assert (tmp_path / "checkpoint.safetensors").is_file() and (tmp_path / "checkpoint.json").is_file()
+    assert (tmp_path / "checkpoint.safetensors").is_file()
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DiffprobeError):
         load_model(tmp_path / "bad.safetensors")
@@ -91,25 +93,37 @@ def test_resume_continues_exactly(setup, tmp_path):
                        resume=tmp_path, progress=False)
 
 
-def test_predict_batched_equals_unbatched_and_reads_points(setup):
+def test_prediction_head_ensembles_its_views_as_computed_one_at_a_time_and_reads_points(setup):
     bb, probe, spec, images = setup
+    from diffprobe.heads.keypoints.affine import unwarp
+    from diffprobe.heads.keypoints.predict import KeypointPredictHead
     from diffprobe.heads.keypoints.state import KeypointModel
+    from diffprobe.runner import run_heads
 
     model = KeypointModel(torch.randn(8, bb.context_dim, generator=torch.Generator().manual_seed(1)),
                           torch.tensor([5, 2, 7]))
     image = images.tensor(0)
     spec0 = MapSpec(spec.sites, spec.res, noise=False)      # deterministic UNet input for the comparison
-    cfg = PredictConfig(augmentations=4, batch_size=4, affine=AffineRange(10, (0.9, 1.0), 0.1))
-    batched = ensemble_maps(bb, spec0, model, image, cfg, torch.Generator().manual_seed(0))
-    single = ensemble_maps(bb, spec0, model, image, PredictConfig(4, cfg.affine, batch_size=1),
-                           torch.Generator().manual_seed(0))
-    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+    cfg = PredictConfig(augmentations=4, affine=AffineRange(10, (0.9, 1.0), 0.1))
+    head = KeypointPredictHead(spec0, model, cfg, 64)
+    (pred,) = run_heads(bb, [head], image)
+    thetas, _ = cfg.transforms()
+    views = head.inputs(image)
+    with torch.no_grad():                                   # by hand: each view alone, upsampled, unwarped, averaged
+        one = [attention_maps(bb, spec0, views[i:i + 1], model.embeddings)[:, model.indices] for i in range(4)]
+    ups = torch.nn.functional.interpolate(torch.cat(one), size=(64, 64), mode="bilinear", align_corners=False)
+    seen = unwarp(torch.ones(4, 1, 64, 64), thetas).sum(0)
+    expected = torch.where(seen > 0, unwarp(ups, thetas).sum(0) / seen.clamp_min(1e-12), torch.zeros(()))
+    torch.testing.assert_close(pred.maps, expected, atol=1e-5, rtol=1e-4)
+    noisy = [run_heads(bb, [KeypointPredictHead(spec, model, replace(cfg, batch_size=n), 64)], image)[0].maps
+             for n in (4, 3, 1)]                          # views split over calls draw the noise one batch would
+    torch.testing.assert_close(noisy[1], noisy[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(noisy[2], noisy[0], atol=1e-5, rtol=1e-4)
     with torch.no_grad():                               # selecting tokens early == indexing all maps
         full = attention_maps(bb, spec0, image, model.embeddings)
         some = attention_maps(bb, spec0, image, model.embeddings, tokens=model.indices)
     torch.testing.assert_close(some, full[:, model.indices])
     torch.testing.assert_close(full.sum(1), torch.ones(1, 16, 16))      # a softmax over all 8 tokens
-    pred = predict_image(bb, spec0, model, image, cfg)
     assert pred.points.shape == (3, 2) and pred.maps.shape == (3, 64, 64)
     assert ((pred.points > 0) & (pred.points < 64)).all()
     for k in range(3):                                   # argmax read-out: the peak of each ensembled map
@@ -136,7 +150,7 @@ def test_maps_and_gradients_on_other_structures(structure):
 def test_localisation_is_on_the_original_images_maps_and_views_are_black_outside(setup, monkeypatch):
     # planted maps: x's maps are exact peak-1 Gaussians (localisation 0), T(x)'s are flat; the reference
     # takes the localisation loss on x's maps (optimize.py: sharpening_loss(attn_map[top_embedding_indices]))
-    import diffprobe.heads.keypoints.fit as fit_module
+    import diffprobe.training.keypoints as fit_module
     from diffprobe.heads.keypoints.losses import localisation_loss
     from diffprobe.heads.keypoints.targets import gaussian_maps
 
@@ -162,22 +176,15 @@ def test_localisation_is_on_the_original_images_maps_and_views_are_black_outside
     assert (view.abs() < 0.5).float().mean() < 0.05          # grey only where the edge is interpolated
 
 
-def test_prediction_views_are_black_outside(setup, monkeypatch):
-    import diffprobe.heads.keypoints.predict as predict_module
+def test_prediction_views_are_black_outside(setup):
+    from diffprobe.heads.keypoints.predict import KeypointPredictHead
     from diffprobe.heads.keypoints.state import KeypointModel
 
     bb, probe, spec, _ = setup
-    views = []
-
-    def planted(bb_, spec_, images, embeddings, generator=None, tokens=None):
-        views.append(images)
-        return torch.full((images.shape[0], len(tokens), 16, 16), 0.5)
-
-    monkeypatch.setattr(predict_module, "attention_maps", planted)
     model = KeypointModel(torch.zeros(8, bb.context_dim), torch.tensor([1, 3]))
-    cfg = PredictConfig(augmentations=3, batch_size=3, affine=AffineRange(0.0, (1.0, 1.0), 0.4))
-    ensemble_maps(bb, spec, model, torch.ones(1, 3, 64, 64), cfg, torch.Generator().manual_seed(1))
-    corners = torch.cat(views)[..., [0, 0, -1, -1], [0, -1, 0, -1]]
+    cfg = PredictConfig(augmentations=3, affine=AffineRange(0.0, (1.0, 1.0), 0.4), seed=1)
+    views = KeypointPredictHead(spec, model, cfg, 64).inputs(torch.ones(1, 3, 64, 64))
+    corners = views[..., [0, 0, -1, -1], [0, -1, 0, -1]]
     assert (corners.min(dim=-1).values == -1.0).all()       # every shifted view has black where it left the image
 
 

@@ -199,18 +199,20 @@ def test_damaged_keypoints_files_are_named_precisely(tmp_path):
 
 
 def test_sites_default_to_the_models_then_the_rule():
+    from diffprobe.backbones import tiny_backbone
     from diffprobe.tasks.keypoints import _context, settings_of
 
-    rule = _context(make_cfg(), settings_of(make_cfg()), None).spec.sites
+    bb = tiny_backbone("sd15")
+    rule = _context(make_cfg(), settings_of(make_cfg()), bb, None).spec.sites
     assert rule == tuple(f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn2.hook_probs" for i in range(3)) + (
         "up_blocks.2.attentions.0.transformer_blocks.0.attn2.hook_probs",)  # the reference's layers on SD 1.5
     model = OmegaConf.merge(OmegaConf.load(CONF / "model" / "tiny_sd15.yaml"),
                             {"keypoints_sites": ["up_blocks.3.*.attn2.hook_probs"]})
     cfg = make_cfg(model=model)
-    chosen = _context(cfg, settings_of(cfg), None).spec.sites
+    chosen = _context(cfg, settings_of(cfg), bb, None).spec.sites
     assert chosen == tuple(f"up_blocks.3.attentions.{i}.transformer_blocks.0.attn2.hook_probs" for i in range(3))
     cfg = make_cfg(model=model, sites=["up_blocks.1.attentions.0.*.attn2.hook_probs"])  # the task's key wins
-    given = _context(cfg, settings_of(cfg), None).spec.sites
+    given = _context(cfg, settings_of(cfg), bb, None).spec.sites
     assert given == ("up_blocks.1.attentions.0.transformer_blocks.0.attn2.hook_probs",)
 
 
@@ -227,7 +229,7 @@ def test_the_keypoint_keys_are_the_heads_settings_written_once():
     from dataclasses import asdict, fields
 
     from diffprobe.heads.keypoints.affine import AffineRange
-    from diffprobe.heads.keypoints.fit import FitConfig
+    from diffprobe.training.keypoints import FitConfig
     from diffprobe.heads.keypoints.predict import PredictConfig
     from diffprobe.tasks.keypoints import AffineKeys, FitKeys, PredictKeys
 

@@ -11,7 +11,7 @@ from diffprobe.mini import grounding, models
 from diffprobe.mini.dataset import tokenize
 from diffprobe.mini.grounding import BOTTOM, TOP, region_fractions, scene_regions, token_loss, token_shares
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
-from diffprobe.mini.train import grounded_losses
+from diffprobe.training.mini import grounded_losses
 
 
 def test_scene_regions_name_what_the_caption_words_name():

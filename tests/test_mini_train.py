@@ -12,7 +12,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.mini import models
 from diffprobe.mini.dataset import to_unit, tokenize
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
-from diffprobe.mini.train import TrainConfig, denoising_loss, train_mini, vae_loss
+from diffprobe.training.mini import TrainConfig, denoising_loss, train_mini, vae_loss
 
 TINY = models.MiniArch(vae_channels=(8, 16), unet_channels=(16, 16, 32, 32), unet_head_dim=8, text_dim=32,
                        text_layers=1, text_heads=2)
@@ -106,7 +106,7 @@ def test_keeping_self_attention_needs_a_loaded_denoiser_of_the_trained_kind(tmp_
 
 def test_cached_scenes_and_latents_are_made_again_when_what_they_came_from_changes(tmp_path, tokenizer):
     from diffprobe.mini.dataset import training_set
-    from diffprobe.mini.train import _encode_latents
+    from diffprobe.training.mini import _encode_latents
 
     cache, latents = tmp_path / "data.safetensors", tmp_path / "latents.safetensors"
     seed0 = training_set(cache, 2, 64, tokenizer, base_seed=0)
@@ -228,7 +228,7 @@ def test_continuing_with_new_words_learns_only_their_embeddings_when_the_text_en
     re-indexes its token embedding by token string, so old captions encode exactly as before, and trains only
     the new words' rows."""
     from diffprobe.data.world.vocab import CAPTION_PARTS
-    from diffprobe.mini import train as train_module
+    from diffprobe.training import mini as train_module
 
     new_words = {p for names in CAPTION_PARTS.values() for p in names} | {"with"}
     old_words = [w for w in vocabulary() if w not in new_words]

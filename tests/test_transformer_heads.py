@@ -57,7 +57,8 @@ def test_keypoints_fit_runs_on_a_transformer_with_its_cross_attention(tmp_path, 
 
 
 def test_keypoint_maps_on_joint_attention_are_distributions_over_the_tokens():
-    from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
+    from diffprobe.heads.keypoints.maps import MapSpec
+    from diffprobe.training.keypoints import attention_maps
 
     bb = tiny_backbone("sd3")
     spec = MapSpec(tuple(default_sites(bb.probe.sites)), res=12, timestep=100)

@@ -18,7 +18,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.io import save_json
 from diffprobe.tasks.image_runs import Job, run_job
 
-HEADS = ("diffseg", "localize", "probe")
+HEADS = ("diffseg", "localize", "probe", "keypoints", "hyperfeatures")
 
 
 @dataclass

@@ -6,7 +6,7 @@
                                            pairs/<descriptor>_<pair>.png (matches of the first plot_pairs pairs)
     mode=ablate   weights=DIR data=...  -> ablation.json: full model vs the pruned layer/step raw and through
                                            its bottleneck
-    mode=extract  weights=DIR image=... -> <stem>.safetensors descriptors (D, H, W) and <stem>_pca.png
+    mode=extract  weights=DIR image=... -> <image>/descriptors.safetensors (D, H, W) and <image>/pca.png
     mode=baseline data=...              -> metrics.json for one raw layer at t=-1 (SD-Layer-4), no training
 """
 
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, run_fingerprint, section
+from diffprobe.config import load_configured_backbone, run_config, section
 from diffprobe.data.images import load_image
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.evaluate import Describe, PairPCK, evaluate_pairs, match_pair
-from diffprobe.heads.hyperfeatures.extract import AUTO, ExtractionConfig
+from diffprobe.heads.hyperfeatures.extract import AUTO, DescriptorHead, ExtractionConfig
 from diffprobe.heads.hyperfeatures.figures import plot_matches, plot_mixing_weights, plot_training_curves
 from diffprobe.heads.hyperfeatures.matching import METHODS
 from diffprobe.heads.hyperfeatures.model import (
@@ -36,11 +36,11 @@ from diffprobe.heads.hyperfeatures.model import (
     raw_layer_describer,
     resolve_raw_layer,
 )
-from diffprobe.heads.hyperfeatures.train import FeatureSource, TrainConfig, check_batch_split, descriptor_fn, train
+from diffprobe.training.hyperfeatures import FeatureSource, TrainConfig, check_batch_split, descriptor_fn, train
 from diffprobe.io import save_json, save_png, save_tensors
 from diffprobe.items import run_items
 from diffprobe.runfolder import safe_name
-from diffprobe.tasks.image_runs import process_images
+from diffprobe.tasks.image_runs import Job, run_job
 
 log = logging.getLogger(__name__)
 MODES = ("train", "eval", "ablate", "extract", "baseline")
@@ -227,30 +227,37 @@ def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Des
             "results": results}
 
 
-def _extract(p: HyperfeaturesParams, cfg: DictConfig, model: HyperfeatureModel, bb, out_dir: Path) -> dict:
-    from diffprobe.data.images import list_images
+def job(cfg: DictConfig, bb) -> Job:
+    """Descriptors of each image with given weights (mode=extract, and task=analyze): the descriptor head; its
+    files are descriptors.safetensors ((D, H, W), the image's size in the metadata) and pca.png."""
+    p = settings_of(cfg)
+    if not p.weights:
+        raise DiffprobeError("hyperfeature descriptors need hyperfeatures.weights=DIR (a model folder written by "
+                             "mode=train)")
+    model = HyperfeatureModel.load(p.weights)
+    model.check_backbone(bb.probe.sites)
+    model.net.to(bb.device)
+    head = DescriptorHead(model.net, model.extraction, seed=run_config(cfg).seed)
 
-    if not cfg.get("image"):
-        raise DiffprobeError("mode=extract needs image=PATH (a file or a folder of images)")
-    describe = hyperfeature_describer(model, bb, seed=run_config(cfg).seed)
-
-    def one(path: Path, image, name: str) -> dict:
-        desc, hw = describe(path)
-        save_tensors(out_dir / name / "descriptors.safetensors", {"descriptors": desc},
-                     metadata={"image": str(path), "height": str(hw[0]), "width": str(hw[1])})
-        save_png(out_dir / name / "pca.png", pca_rgb(desc))
+    def write(results: list, path: Path, image, target: Path) -> dict:
+        desc = results[0][0]
+        save_tensors(target / "descriptors.safetensors", {"descriptors": desc},
+                     metadata={"image": str(path), "height": str(image.height), "width": str(image.width)})
+        save_png(target / "pca.png", pca_rgb(desc))
         return {"descriptors": list(desc.shape)}
 
-    return process_images(list_images(cfg.image), one, out_dir, "hyperfeatures", run_fingerprint(cfg))
+    return Job([head], write)
 
 
 def pca_rgb(desc: torch.Tensor) -> np.ndarray:
-    """(D, h, w) descriptors -> (h, w, 3) uint8: the first three principal components, min-max scaled."""
+    """(D, h, w) descriptors -> (h, w, 3) uint8: the first three principal components (exact SVD, each signed so its
+    largest loading is positive: the same descriptors give the same picture), min-max scaled."""
     d, h, w = desc.shape
-    x = desc.detach().reshape(d, -1).T.float().cpu()
+    x = desc.detach().reshape(d, -1).T.double().cpu()
     x = x - x.mean(0)
-    _, _, v = torch.pca_lowrank(x, q=min(3, d), center=False)
-    y = x @ v
+    v = torch.linalg.svd(x, full_matrices=False).Vh[: min(3, d)].T
+    v = v * torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
+    y = (x @ v).float()
     y = (y - y.min(0).values) / (y.max(0).values - y.min(0).values + 1e-8)
     y = torch.cat([y, torch.zeros(y.shape[0], 3 - y.shape[1])], 1) if y.shape[1] < 3 else y
     return (y.reshape(h, w, 3).numpy() * 255).astype(np.uint8)
@@ -258,6 +265,8 @@ def pca_rgb(desc: torch.Tensor) -> np.ndarray:
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     p = settings_of(cfg)
+    if p.mode == "extract":
+        return run_job(cfg, out_dir, "hyperfeatures")
     bb = load_configured_backbone(cfg)
     if p.mode == "train":
         return _train(p, cfg, bb, out_dir)
@@ -275,8 +284,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     model = HyperfeatureModel.load(p.weights)
     model.check_backbone(bb.probe.sites)
     model.net.to(bb.device)
-    if p.mode == "extract":
-        return _extract(p, cfg, model, bb, out_dir)
     describers = {"hyperfeatures": hyperfeature_describer(model, bb, seed=seed)}
     if p.mode == "ablate":
         describers.update(pruned_describers(model, bb, seed=seed))

@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from diffprobe.config import keys_of, load_configured_backbone, run_config, run_fingerprint, section
-from diffprobe.data.images import list_images
+from diffprobe.config import keys_of, load_configured_backbone, run_config, section
+from diffprobe.data.images import load_image
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.call import CROPS
 from diffprobe.heads.keypoints.affine import AffineRange
-from diffprobe.heads.keypoints.fit import FitConfig, fit
+from diffprobe.training.keypoints import FitConfig, fit
 from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
-from diffprobe.heads.keypoints.maps import MapSpec, resolve_sites, site_summary
-from diffprobe.heads.keypoints.predict import PredictConfig, predict_image
+from diffprobe.heads.keypoints.maps import MapSpec, check_width, resolve_sites, site_summary
+from diffprobe.heads.keypoints.predict import KeypointPredictHead, PredictConfig, Prediction
 from diffprobe.heads.keypoints.state import KeypointModel, load_model, save_model
 from diffprobe.data.images import check_resize
 from diffprobe.io import save_json
@@ -34,7 +34,8 @@ from diffprobe.runfolder import image_folders
 from diffprobe.tasks.keypoints_data import split_items
 from diffprobe.tasks.keypoints_eval import evaluate
 from diffprobe.tasks.keypoints_outputs import save_loss_curve, write_prediction
-from diffprobe.tasks.image_runs import process_images
+from diffprobe.tasks.image_runs import Job, run_job
+from diffprobe.runner import Item, run_heads
 
 log = logging.getLogger(__name__)
 MODES = ("fit", "predict", "eval")
@@ -130,30 +131,49 @@ def settings_of(cfg: DictConfig) -> KeypointsSettings:
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     params = settings_of(cfg)
-    seed = run_config(cfg).seed
-    predict_cfg = params.predict_config(seed)
-    if params.mode == "fit":
-        fit_cfg = params.fit_config(seed)
-        items = split_items(cfg.get("data"), "fit")
-        ctx = _context(cfg, params, None)
-        return run_fit(ctx, fit_cfg, predict_cfg, items, out_dir, params.resume, params.preview, cfg)
-    model = load_model(params.embeddings)
-    ctx = _context(cfg, params, model)
     if params.mode == "predict":
-        if not cfg.get("image"):
-            raise DiffprobeError("mode=predict needs image=PATH (a file or a folder of images)")
-        return run_predict(ctx, model, predict_cfg, list_images(cfg.image), out_dir, run_fingerprint(cfg))
+        return run_job(cfg, out_dir, "keypoints")
+    seed = run_config(cfg).seed
+    torch.manual_seed(seed)
+    bb = load_configured_backbone(cfg)
+    if params.mode == "fit":
+        items = split_items(cfg.get("data"), "fit")
+        ctx = _context(cfg, params, bb, None)
+        return run_fit(ctx, params.fit_config(seed), params.predict_config(seed), items, out_dir, params.resume,
+                       params.preview, cfg)
+    model = load_model(params.embeddings)
+    ctx = _context(cfg, params, bb, model)
+    head = _head(ctx, model, params, seed)
     train = split_items(cfg.get("data"), "train")[: params.eval.train]
     test = split_items(cfg.get("data"), "test")[: params.eval.test]
     fingerprint = {"embeddings": str(Path(params.embeddings).resolve()), "data": dict(cfg.data),
                    "predict": asdict(params.predict), "affine": asdict(params.affine), "seed": seed}
-    return evaluate(lambda item_set, i: _predict_item(ctx, model, predict_cfg, item_set, i),
+    return evaluate(lambda item_set, i: _predict_item(ctx, head, item_set, i),
                     ctx.images(train), ctx.images(test), cfg.data.name, out_dir, fingerprint, resume=params.resume)
 
 
-def _context(cfg: DictConfig, params: KeypointsSettings, model: KeypointModel | None) -> Context:
-    torch.manual_seed(run_config(cfg).seed)
-    bb = load_configured_backbone(cfg)
+def job(cfg: DictConfig, bb) -> Job:
+    """Keypoints of each image with given embeddings (mode=predict, and task=analyze): the prediction head; its
+    files are keypoints.json and overlay.png."""
+    params = settings_of(cfg)
+    if not params.embeddings:
+        raise DiffprobeError("keypoints prediction needs keypoints.embeddings=PATH (keypoints.safetensors written "
+                             "by mode=fit)")
+    model = load_model(params.embeddings)
+    ctx = _context(cfg, params, bb, model)
+    head = _head(ctx, model, params, run_config(cfg).seed)
+
+    def write(results: list, path: Path, image, target: Path) -> dict:
+        return {"points": _write_prediction(ctx, head, results[0], path, image, target)["points"]}
+
+    return Job([head], write)
+
+
+def _head(ctx: Context, model: KeypointModel, params: KeypointsSettings, seed: int) -> KeypointPredictHead:
+    return KeypointPredictHead(ctx.spec, model, params.predict_config(seed), ctx.image_size, ctx.crop, ctx.resize)
+
+
+def _context(cfg: DictConfig, params: KeypointsSettings, bb, model: KeypointModel | None) -> Context:
     sites = bb.probe.sites
     if model is None:
         spec = MapSpec(tuple(resolve_sites(sites, params.sites)), params.upsample_queries, params.timestep, params.noise)
@@ -164,18 +184,28 @@ def _context(cfg: DictConfig, params: KeypointsSettings, model: KeypointModel | 
     missing = [s for s in spec.sites if s not in sites]
     if missing:
         raise DiffprobeError(f"these keypoints were fit on another model (site {missing[0]} does not exist here)")
+    check_width(bb, model.embeddings)
     return Context(bb, spec, int(model.config.get("image_size", bb.sample_size)),
                    str(model.config.get("crop", "center")), str(model.config.get("resize", "bicubic")))
 
 
-def _predict_item(ctx: Context, model: KeypointModel, cfg: PredictConfig, images: ImageSet, i: int):
+def _predict_item(ctx: Context, head: KeypointPredictHead, images: ImageSet, i: int):
     """(points (K, 2) in processed pixels, confidence (K,), Frame, original size) of item i."""
-    tensor, frame, size = images.load(i)
-    pred = predict_image(ctx.bb, ctx.spec, model, tensor, cfg)
-    return pred.points.numpy(), pred.confidence.numpy(), frame, size
+    item = images.items[i]
+    image = load_image(item.path)
+    (pred,) = run_heads(ctx.bb, [head], Item(str(item.path), image, {"box": item.box}))
+    return pred.points.numpy(), pred.confidence.numpy(), pred.frame, image.size
 
 
-def run_fit(ctx: Context, fit_cfg: FitConfig, predict_cfg: PredictConfig, items: list[LandmarkItem],
+def _write_prediction(ctx: Context, head: KeypointPredictHead, pred: Prediction, path: Path, image,
+                      target: Path) -> dict:
+    """An image's keypoints.json and overlay.png in the folder `target`."""
+    extra = {"processed": {"size": ctx.image_size, "crop": ctx.crop, "points": pred.points.numpy().tolist()},
+             "readout": head.cfg.readout, "augmentations": head.cfg.augmentations}
+    return write_prediction(target, path, image, pred.original_points(), pred.confidence.numpy(), extra)
+
+
+def run_fit(ctx: Context, fit_cfg: FitConfig, predict: PredictConfig, items: list[LandmarkItem],
             out_dir: Path, resume: str | None, preview: int, cfg: DictConfig) -> dict:
     images = ctx.images(items)
     log.info("fitting %d keypoint embeddings on %d images", fit_cfg.num_tokens, len(images))
@@ -185,31 +215,12 @@ def run_fit(ctx: Context, fit_cfg: FitConfig, predict_cfg: PredictConfig, items:
                  on_checkpoint=lambda history: save_loss_curve(out_dir / "loss_curve.png", history))
     path = save_model(out_dir / "keypoints", result.model)
     save_loss_curve(out_dir / "loss_curve.png", result.history)
-    shown = ctx.images(items[:preview])
-    for i, name in enumerate(image_folders([it.path for it in items[:preview]])):
-        _write_item(ctx, result.model, predict_cfg, shown, i, out_dir / "preview" / name)
+    fitted = KeypointPredictHead(ctx.spec, result.model, predict, ctx.image_size, ctx.crop, ctx.resize)
+    for item, name in zip(items[:preview], image_folders([it.path for it in items[:preview]])):
+        image = load_image(item.path)
+        (pred,) = run_heads(ctx.bb, [fitted], Item(str(item.path), image, {"box": item.box}))
+        _write_prediction(ctx, fitted, pred, item.path, image, out_dir / "preview" / name)
     summary = {"embeddings": path.name, "indices": result.model.indices.tolist(), "counts": result.model.counts,
                "final_loss": result.history[-1]["loss"] if result.history else None, "steps": fit_cfg.steps}
     save_json(out_dir / "summary.json", summary)
     return summary
-
-
-def _write_item(ctx: Context, model: KeypointModel, cfg: PredictConfig, images: ImageSet, i: int,
-                target: Path) -> dict:
-    """Predict item i and write its files into the folder `target`."""
-    from diffprobe.data.images import load_image
-
-    points, conf, frame, _ = _predict_item(ctx, model, cfg, images, i)
-    path = images.items[i].path
-    extra = {"processed": {"size": ctx.image_size, "crop": ctx.crop, "points": points.tolist()},
-             "readout": cfg.readout, "augmentations": cfg.augmentations}
-    return write_prediction(target, path, load_image(path), frame.to_original(points), conf, extra)
-
-
-def run_predict(ctx: Context, model: KeypointModel, cfg: PredictConfig, files: list[Path], out_dir: Path,
-                fingerprint: dict) -> dict:
-    def one(path: Path, image, name: str) -> dict:
-        record = _write_item(ctx, model, cfg, ctx.images([LandmarkItem(path)]), 0, out_dir / name)
-        return {"points": record["points"]}
-
-    return process_images(files, one, out_dir, "keypoints", fingerprint)

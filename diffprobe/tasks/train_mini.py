@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import allow_writes, save_json
-from diffprobe.mini.train import TrainConfig, train_mini
+from diffprobe.training.mini import TrainConfig, train_mini
 from diffprobe.runfolder import hold, make_run_dir
 
 log = logging.getLogger(__name__)

@@ -102,13 +102,13 @@ class FeatureHead(Head):
     """Residual features over the saved steps of the configured process, handed to `consume(position,
     {layer: (B, C, h, w)})` as each denoiser call ends (streaming: one step held at a time).
 
-    Inversion: the images of the item; generation: one image per prompt (its saved calls mirrored into
+    Inversion: the item's images (B, 3, H, W); generation: one image per prompt (its saved calls mirrored into
     noise order, the cond half of the CFG batch kept). finish: the timestep of each saved position.
     """
 
-    name = "hyperfeatures"
+    name = "features"
 
-    def __init__(self, cfg: ExtractionConfig, consume: Consumer, layers: list[str] | None = None,
+    def __init__(self, cfg: ExtractionConfig, consume: Consumer | None = None, layers: list[str] | None = None,
                  prompts: list[str] | None = None):
         self.cfg, self.consume, self.layers, self.prompts = cfg, consume, layers, prompts
         calls = cfg.saved_calls()
@@ -118,7 +118,6 @@ class FeatureHead(Head):
             self.position = {cfg.num_steps - 1 - c: s for s, c in enumerate(calls)}  # generation: noisy -> clean
         else:
             self.position = {c: s for s, c in enumerate(calls)}
-        self.timesteps: dict[int, float] = {}
 
     def plan(self, sites: Mapping[str, Site]) -> Plan:
         layers = self.layers or layer_names(sites, self.cfg.layers)
@@ -132,16 +131,57 @@ class FeatureHead(Head):
     def inputs(self, item) -> torch.Tensor | None:
         return item
 
+    def add(self, state: dict, position: int, features: dict[str, torch.Tensor]) -> None:
+        """Take one saved step's features; `state` is the pass's view.state."""
+        self.consume(position, features)
+
     def on_call(self, call: int, t: float, view: View) -> None:
         if call in self.position:
-            self.timesteps[self.position[call]] = t
-            self.consume(self.position[call], {n: view[n] for n in view.names})
+            view.state.setdefault("timesteps", {})[self.position[call]] = t
+            self.add(view.state, self.position[call], {n: view[n] for n in view.names})
 
-    def finish(self, view: View, item) -> list[float]:
-        if len(self.timesteps) != len(self.position):
+    def timesteps(self, view: View) -> list[float]:
+        """The timestep of each saved position, once the pass is over."""
+        seen = view.state.get("timesteps", {})
+        if len(seen) != len(self.position):
             raise DiffprobeError(f"the {self.cfg.process} made {len(view.timesteps)} denoiser calls; saved steps "
                                  f"{self.cfg.saved_calls()} need more")
-        return [self.timesteps[s] for s in range(len(self.position))]
+        return [seen[s] for s in range(len(self.position))]
+
+    def finish(self, view: View, item) -> list[float]:
+        return self.timesteps(view)
+
+
+class DescriptorHead(FeatureHead):
+    """Hyperfeature descriptors of an item's image: every saved step of the extraction streamed through the
+    aggregator `net` (one step held at a time); finish -> (B, D, H, H). The item is an Item holding a PIL image
+    (resized whole to the extraction's size with PIL bilinear, the reference's) or a (B, 3, S, S) tensor; its
+    VAE sample is drawn from (seed, its pixels), so its descriptors do not depend on the pass it joins."""
+
+    name = "hyperfeatures"
+
+    def __init__(self, net, cfg: ExtractionConfig, seed: int = 0):
+        super().__init__(cfg, layers=net.config.layers)
+        self.net, self.seed = net, seed
+
+    def inputs(self, item) -> torch.Tensor:
+        from diffprobe.data.images import image_to_tensor
+
+        if isinstance(item, torch.Tensor):
+            return item
+        return image_to_tensor(item.image, size=self.cfg.image_size, crop="none", resize="bilinear")
+
+    def draws(self, x: torch.Tensor | None) -> torch.Generator:
+        return image_generator(self.seed, x)
+
+    def add(self, state: dict, position: int, features: dict[str, torch.Tensor]) -> None:
+        if "aggregate" not in state:
+            state["aggregate"] = self.net.stream()
+        state["aggregate"].add(position, features)
+
+    def finish(self, view: View, item) -> torch.Tensor:
+        self.timesteps(view)
+        return view.state["aggregate"].result()
 
 
 def run_extraction(bb, images: torch.Tensor | None, cfg: ExtractionConfig, consume: Consumer,
@@ -154,19 +194,20 @@ def run_extraction(bb, images: torch.Tensor | None, cfg: ExtractionConfig, consu
     (B, 3, H, W) in [0, 1] (else None). The denoiser runs without gradients.
     """
     head = FeatureHead(cfg, consume, layers, prompts)
-    plan = head.plan(bb.probe.sites)
     x = None if cfg.process == "generation" else images
     with torch.no_grad():
-        (view,) = run_plans(bb, [plan], [x], generator, on_call=[head.on_call])
+        (view,) = run_plans(bb, [head.plan(bb.probe.sites)], [x], generator, on_call=[head.on_call])
     return head.finish(view, x), view.images
 
 
 def extract_descriptors(bb, net, images: torch.Tensor, cfg: ExtractionConfig,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """Hyperfeature descriptors (B, D, H, H), streaming each saved step through the aggregator."""
-    agg = net.stream()
-    run_extraction(bb, images, cfg, agg.add, layers=net.config.layers, generator=generator)
-    return agg.result()
+    """Hyperfeature descriptors (B, D, H, H) of `images`: the DescriptorHead run alone (latents drawn from
+    `generator`)."""
+    head = DescriptorHead(net, cfg)
+    with torch.no_grad():
+        (view,) = run_plans(bb, [head.plan(bb.probe.sites)], [images], generator, on_call=[head.on_call])
+    return head.finish(view, images)
 
 
 def extract_features(bb, images: torch.Tensor, cfg: ExtractionConfig,

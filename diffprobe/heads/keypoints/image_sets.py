@@ -42,6 +42,28 @@ class LandmarkItem:
     extra: dict = field(default_factory=dict)
 
 
+def image_frame(image_size: tuple[int, int], box: tuple[float, float, float, float] | None, size: int,
+                crop: str = "center") -> tuple[Frame, tuple[int, int, int, int] | None]:
+    """(Frame, the box in whole pixels or None) of an image of (W, H) = `image_size` cut to `box` (x0, y0, x1, y1)
+    when given, then centre-cropped to a square (crop="center") or resized whole (crop="none") to `size`."""
+    (w, h), (ox, oy) = image_size, (0.0, 0.0)
+    if box is not None:
+        box = tuple(int(round(v)) for v in box)
+        (ox, oy), w, h = (float(box[0]), float(box[1])), box[2] - box[0], box[3] - box[1]
+    if crop == "center":
+        left, top, side = center_square(w, h)
+        return Frame((ox + left, oy + top), (size / side, size / side)), box
+    return Frame((ox, oy), (size / w, size / h)), box
+
+
+def prepare_image(img, box: tuple[float, float, float, float] | None, size: int, crop: str = "center",
+                  resize: str = "bilinear") -> tuple[torch.Tensor, Frame]:
+    """(tensor (1, 3, S, S) in [-1, 1], Frame) of a PIL image, as `image_frame` describes (S = `size`)."""
+    frame, box = image_frame(img.size, box, size, crop)
+    img = img.crop(box) if box is not None else img
+    return image_to_tensor(img, size, crop=crop, resize=resize), frame
+
+
 class ImageSet:
     """Items turned into (1, 3, S, S) tensors in [-1, 1] with their Frames; resize: a filter of
     diffprobe.data.images.RESIZE_FILTERS (the reference: PIL bilinear)."""
@@ -54,20 +76,8 @@ class ImageSet:
 
     def load(self, i: int):
         """(tensor (1, 3, S, S), Frame, original size (W, H)) of item i."""
-        item = self.items[i]
-        img = load_image(item.path)
-        size = img.size
-        ox, oy = 0.0, 0.0
-        if item.box is not None:
-            box = tuple(int(round(v)) for v in item.box)
-            img, (ox, oy) = img.crop(box), (float(box[0]), float(box[1]))
-        w, h = img.size
-        if self.crop == "center":
-            left, top, side = center_square(w, h)
-            frame = Frame((ox + left, oy + top), (self.size / side, self.size / side))
-        else:
-            frame = Frame((ox, oy), (self.size / w, self.size / h))
-        return image_to_tensor(img, self.size, crop=self.crop, resize=self.resize), frame, size
+        img = load_image(self.items[i].path)
+        return (*prepare_image(img, self.items[i].box, self.size, self.crop, self.resize), img.size)
 
     def tensor(self, i: int) -> torch.Tensor:
         return self.load(i)[0]

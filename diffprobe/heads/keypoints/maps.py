@@ -19,7 +19,7 @@ from diffprobe.drives import Drive
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import Need, Reduce, Site
 from diffprobe.hooks.sites import select_sites
-from diffprobe.runner import Head, Plan, View, run_plans
+from diffprobe.runner import Head, Plan, View
 
 # The reference layers: the first four cross-attention calls of the up path at 1/4 and 1/2 of the
 # latent side (SD 1.5: up_blocks[1].attentions[0..2] at 16x16 and up_blocks[2].attentions[0] at 32x32).
@@ -75,10 +75,32 @@ def resolve_sites(sites: Mapping[str, Site], selection) -> list[str]:
     return names
 
 
+def token_maps(view: View, names: tuple[str, ...], tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N, res, res) maps of the context tokens averaged over the sites `names` of `view` (captured head-averaged,
+    queries at res x res); only `tokens` (T,) -> (B, T, res, res)."""
+    total = None
+    for name in names:
+        probs = view[name]                                  # (B, res*res, N)
+        if view.sites[name].part is not None:   # a joint attention's image-to-text block: a softmax over the
+            probs = probs / probs.sum(-1, keepdim=True)     # tokens, as cross-attention's (image keys dropped)
+        probs = probs if tokens is None else probs[..., tokens]   # (B, res*res, T)
+        total = probs if total is None else total + probs
+    h, w = view.grid(names[0])
+    return rearrange(total / len(names), "b (h w) t -> b t h w", h=h, w=w).float()
+
+
+def maps_plan(spec: MapSpec, embeddings: torch.Tensor, image_size: int, grad: bool = False,
+              batch: int | None = None) -> Plan:
+    """One call at spec.timestep with `embeddings` (N, D) as the context, the spec's sites head-averaged with
+    queries upsampled to spec.res; `grad`: the maps keep the graph to the embeddings; `batch`: images per call."""
+    need = Need(spec.sites, Reduce(heads="mean"), upsample_queries=spec.res, grad=grad)
+    drive = Drive("one_step", timestep=spec.timestep, noise=spec.noise)
+    return Plan(drive, (need,), context=embeddings, size=(image_size, image_size), batch=batch)
+
+
 class KeypointMapsHead(Head):
-    """StableKeypoints' maps: one call at spec.timestep with `embeddings` (N, D) as the context; finish
-    gives (B, N, res, res) averaged over heads and sites (only `tokens` (T,) -> (B, T, res, res)); with
-    `grad` the maps keep the graph to the embeddings."""
+    """StableKeypoints' maps of given images (the item is the (B, 3, S, S) tensor): finish gives (B, N, res, res)
+    averaged over heads and sites (only `tokens` (T,) -> (B, T, res, res))."""
 
     name = "keypoint_maps"
 
@@ -87,35 +109,20 @@ class KeypointMapsHead(Head):
         self.spec, self.embeddings, self.size, self.tokens, self.grad = spec, embeddings, image_size, tokens, grad
 
     def plan(self, sites: Mapping[str, Site]) -> Plan:
-        need = Need(self.spec.sites, Reduce(heads="mean"), upsample_queries=self.spec.res, grad=self.grad)
-        drive = Drive("one_step", timestep=self.spec.timestep, noise=self.spec.noise)
-        return Plan(drive, (need,), context=self.embeddings, size=(self.size, self.size))
+        return maps_plan(self.spec, self.embeddings, self.size, self.grad)
+
+    def inputs(self, item: torch.Tensor) -> torch.Tensor:
+        return item
 
     def finish(self, view: View, item=None) -> torch.Tensor:
-        total = None
-        for name in self.spec.sites:
-            probs = view[name]                                  # (B, res*res, N)
-            if view.sites[name].part is not None:   # a joint attention's image-to-text block: a softmax over the
-                probs = probs / probs.sum(-1, keepdim=True)     # tokens, as cross-attention's (image keys dropped)
-            probs = probs if self.tokens is None else probs[..., self.tokens]   # (B, res*res, T)
-            total = probs if total is None else total + probs
-        h, w = view.grid(self.spec.sites[0])
-        return rearrange(total / len(self.spec.sites), "b (h w) t -> b t h w", h=h, w=w).float()
+        return token_maps(view, self.spec.sites, self.tokens)
 
 
-def attention_maps(bb, spec: MapSpec, images: torch.Tensor, embeddings: torch.Tensor,
-                   generator: torch.Generator | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Maps (B, N, res, res) for images (B, 3, S, S) in [-1, 1]; only `tokens` (T,) -> (B, T, res, res).
-
-    The softmax is always over all N tokens; selecting tokens early saves memory when predicting.
-    Gradients reach `embeddings` when grad mode is on (the capture keeps the graph then).
-    """
+def check_width(bb, embeddings: torch.Tensor) -> None:
+    """Refuse embeddings learned on a model of another context width."""
     if embeddings.shape[-1] != bb.context_dim:
         raise DiffprobeError(f"embeddings have width {embeddings.shape[-1]} but the model's cross-attention "
                              f"expects {bb.context_dim}; they were learned on another model")
-    head = KeypointMapsHead(spec, embeddings, images.shape[-1], tokens, grad=torch.is_grad_enabled())
-    (view,) = run_plans(bb, [head.plan(bb.probe.sites)], [images], generator)
-    return head.finish(view)
 
 
 def site_summary(sites: Mapping[str, Site], names: list[str]) -> list[dict]:

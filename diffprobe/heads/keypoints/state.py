@@ -3,7 +3,7 @@
     keypoints.safetensors   embeddings (N, D) float32, indices (K,) int64 (the keypoint tokens, in order)
     keypoints.json          {"format": ..., "config": {...}, "indices": [...], "counts": [...]}
 
-Checkpoints of an unfinished fit use the same pair of files with the Adam moments added.
+A fit's checkpoints are diffprobe.training.checkpoint files (checkpoint.safetensors in its run folder).
 """
 
 from __future__ import annotations
@@ -78,35 +78,3 @@ def load_model(path: str | Path) -> KeypointModel:
     if bad:
         raise DiffprobeError(f"{tensors_path}: keypoint index {bad[0]} is outside the {emb.shape[0]} embeddings")
     return KeypointModel(emb, idx.long(), config, counts)
-
-
-def save_checkpoint(path: str | Path, embeddings: torch.Tensor, optimizer: torch.optim.Adam, info: dict) -> Path:
-    """Embeddings and Adam moments as safetensors, progress (`info`, e.g. step and losses) as JSON."""
-    tensors_path, meta_path = _paths(path)
-    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
-    tensors = {"embeddings": embeddings.detach().float()}
-    if state:
-        tensors.update(exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"],
-                       adam_step=torch.as_tensor(state["step"], dtype=torch.float32).reshape(1))
-    save_tensors(tensors_path, tensors, metadata={"format": FORMAT + "-checkpoint"})
-    save_json(meta_path, {"format": FORMAT + "-checkpoint", **info})
-    return tensors_path
-
-
-def load_checkpoint(path: str | Path, optimizer: torch.optim.Adam, embeddings: torch.Tensor) -> dict:
-    """Restore embeddings (in place) and Adam moments from a checkpoint; returns its JSON info."""
-    tensors_path, meta_path = _paths(path)
-    if Path(path).is_dir():
-        tensors_path, meta_path = _paths(Path(path) / "checkpoint")
-    tensors, meta = load_tensors(tensors_path)
-    if meta.get("format") != FORMAT + "-checkpoint" or not meta_path.is_file():
-        raise DiffprobeError(f"{tensors_path} is not a keypoints checkpoint (or its .json is missing)")
-    if tensors["embeddings"].shape != embeddings.shape:
-        raise DiffprobeError(f"checkpoint embeddings are {tuple(tensors['embeddings'].shape)}, "
-                             f"this fit needs {tuple(embeddings.shape)} (num_tokens or model differ)")
-    with torch.no_grad():
-        embeddings.copy_(tensors["embeddings"])
-    if "exp_avg" in tensors:
-        optimizer.state[embeddings] = {"step": tensors["adam_step"][0].clone(), "exp_avg": tensors["exp_avg"].clone(),
-                                       "exp_avg_sq": tensors["exp_avg_sq"].clone()}
-    return json.loads(meta_path.read_text())

@@ -7,7 +7,6 @@ small LRU store (float16 by default), so repeated images cost no further UNet ca
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -18,16 +17,17 @@ import torch
 
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
-from diffprobe.training import check_resume, load_optimizer_tensors, optimizer_tensors, run_steps
 from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs, prepare_image
 from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_features, image_generator
 from diffprobe.heads.hyperfeatures.loss import correspondence_loss, to_grid
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork
-from diffprobe.io import load_tensors, save_json, save_tensors
+from diffprobe.training.checkpoint import load_checkpoint, module_tensors, restore, save_checkpoint
+from diffprobe.training.loop import run_steps
 
 log = logging.getLogger(__name__)
 
 Features = list[dict[str, torch.Tensor]]
+CHECKPOINT = "checkpoint.safetensors"
 
 
 class FeatureSource:
@@ -111,29 +111,6 @@ def descriptor_fn(net: AggregationNetwork, source: FeatureSource):
     return describe
 
 
-def save_checkpoint(directory: Path, net: AggregationNetwork, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Aggregator (safetensors + JSON), optimiser moments (safetensors) and progress (JSON)."""
-    net.save(directory)
-    save_tensors(directory / "optimizer.safetensors", optimizer_tensors(opt))
-    save_json(directory / "optimizer.json", {"param_groups": opt.state_dict()["param_groups"]})
-    save_json(directory / "state.json", state)
-
-
-def load_checkpoint(directory: Path, net: AggregationNetwork, opt: torch.optim.Optimizer) -> dict:
-    """Restore what save_checkpoint wrote into `net` and `opt`; returns the progress state."""
-    directory = Path(directory)
-    if not (directory / "state.json").is_file():
-        raise DiffprobeError(f"no training checkpoint (state.json) in {directory}")
-    saved = AggregationNetwork.load(directory)
-    if saved.config != net.config:
-        raise DiffprobeError(f"checkpoint {directory} was trained with a different aggregator config")
-    net.load_state_dict(saved.state_dict())
-    tensors, _ = load_tensors(directory / "optimizer.safetensors")
-    groups = json.loads((directory / "optimizer.json").read_text())["param_groups"]
-    load_optimizer_tensors(opt, tensors, param_groups=groups)
-    return json.loads((directory / "state.json").read_text())
-
-
 def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[CorrespondencePair],
           val_pairs: list[CorrespondencePair], cfg: TrainConfig, checkpoint_dir: Path,
           resume: Path | None = None, progress: bool = True, hint: str = "") -> dict:
@@ -141,8 +118,9 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
     `hint`: what to change when the run will take long on this device (said once, after the first step).
 
     Validation (PCK@alpha, per point pooled over val_pairs) and a checkpoint every cfg.val_every steps and
-    at the end; a checkpoint also every cfg.checkpoint_minutes and on Ctrl-C. `resume`: a checkpoint
-    directory to continue from; without it, a checkpoint already in `checkpoint_dir` is continued.
+    at the end; a checkpoint (checkpoint_dir/checkpoint.safetensors, diffprobe.training.checkpoint) also every
+    cfg.checkpoint_minutes and on Ctrl-C. `resume`: a checkpoint (or its folder) to continue from; without it, a
+    checkpoint already in `checkpoint_dir` is continued.
     """
     from diffprobe import distributed
 
@@ -153,16 +131,18 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
     grid = net.config.output_size
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     main = rank == 0
-    state = {"step": 0, "history": {"loss": [], "val": []}, "train_config": asdict(cfg)}
-    if resume is None and (Path(checkpoint_dir) / "state.json").is_file():
+    state = {"step": 0}
+    history = {"loss": [], "val": []}
+    config = {"train": asdict(cfg), "aggregator": asdict(net.config)}
+    if resume is None and (Path(checkpoint_dir) / CHECKPOINT).is_file():
         resume = Path(checkpoint_dir)
     if resume is not None:
-        state = load_checkpoint(resume, net, opt)
-        check_resume(state.get("train_config", {}), asdict(cfg), resume)
-        state["train_config"] = asdict(cfg)
-        log.info("resumed from %s at step %d", resume, state["step"])
+        path = Path(resume) / CHECKPOINT if Path(resume).is_dir() else Path(resume)
+        saved = load_checkpoint(path, opt, config)
+        restore(net, saved.tensors, "net", path)
+        state["step"], history = saved.step, saved.history
+        log.info("resumed from %s at step %d", resume, saved.step)
     distributed.broadcast_parameters(net)  # data-parallel: one start, gradients averaged after every backward
-    history = state["history"]
 
     def step(i: int):
         losses = []
@@ -190,7 +170,8 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
             history["val"].append([done, s.get(f"pck@{cfg.alpha:g}_img_per_point"),
                                    s.get(f"pck@{cfg.alpha:g}_bbox_per_point")])
             log.info("step %d: val %s", done, s)
-        save_checkpoint(Path(checkpoint_dir), net, opt, state)
+        save_checkpoint(Path(checkpoint_dir) / CHECKPOINT, module_tensors({"net": net}), opt, done, history, config)
+        net.save(Path(checkpoint_dir))  # so the checkpoint folder also loads as the aggregator
 
     run_steps("train hyperfeatures", state["step"], cfg.steps, step, save, cfg.val_every, cfg.checkpoint_minutes,
               hint=hint, progress=progress, main=main)

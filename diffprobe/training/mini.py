@@ -29,12 +29,12 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.io import load_tensors, save_tensors
 from diffprobe.hooks import ProbeRegistry, Reduce
 from diffprobe.mini import grounding, models
-from diffprobe.mini.checkpoint import load_checkpoint, save_checkpoint
+from diffprobe.training.checkpoint import load_checkpoint, module_tensors, restore, save_checkpoint
 from diffprobe.mini.dataset import TrainingSet, to_unit, tokenize, training_set
 from diffprobe.mini.export import export_pipeline, export_transformer
 from diffprobe.mini.preserve import KEEP_AT, AttentionTeacher, attention_kl, diffseg_call
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
-from diffprobe.training import check_resume, run_steps
+from diffprobe.training.loop import run_steps
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,12 @@ def _run_phase(name: str, work_dir: Path, modules: dict, optimizer: torch.optim.
     config = asdict(cfg)
     step, losses = 0, {}
     if ckpt.is_file():
-        step, losses, saved = load_checkpoint(ckpt, modules, optimizer, ema)
-        check_resume(saved, config, work_dir)
+        saved = load_checkpoint(ckpt, optimizer, config)
+        for m, module in modules.items():
+            restore(module, saved.tensors, m, ckpt)
+        for k, v in (ema or {}).items():
+            v.copy_(saved.tensors[f"ema.{k}"])
+        step, losses = saved.step, saved.history
     params = {f"{m}.{k}": p for m, mod in modules.items() for k, p in mod.named_parameters()}
 
     def step_of(i: int):
@@ -199,7 +203,8 @@ def _run_phase(name: str, work_dir: Path, modules: dict, optimizer: torch.optim.
         return apply, values
 
     done = run_steps(f"train {name}", step, steps, step_of,
-                     lambda n, scheduled: save_checkpoint(ckpt, modules, optimizer, n, losses, ema, config),
+                     lambda n, scheduled: save_checkpoint(ckpt, {**module_tensors(modules), **{
+                         f"ema.{k}": v for k, v in (ema or {}).items()}}, optimizer, n, losses, config),
                      cfg.checkpoint_every, cfg.checkpoint_minutes, deadline=deadline)
     return losses, done
 

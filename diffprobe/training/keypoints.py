@@ -24,12 +24,15 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, warp_image
 from diffprobe.heads.keypoints.image_sets import ImageSet
 from diffprobe.heads.keypoints.losses import equivariance_loss, localisation_loss
-from diffprobe.heads.keypoints.maps import MapSpec, attention_maps
+from diffprobe.heads.keypoints.maps import KeypointMapsHead, MapSpec, check_width
 from diffprobe.heads.keypoints.selection import most_frequent, rank_candidates, spread_tokens
-from diffprobe.heads.keypoints.state import KeypointModel, load_checkpoint, save_checkpoint
-from diffprobe.training import check_resume, run_steps
+from diffprobe.heads.keypoints.state import KeypointModel
+from diffprobe.runner import run_plans
+from diffprobe.training.checkpoint import load_checkpoint, save_checkpoint
+from diffprobe.training.loop import run_steps
 
 log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.safetensors"
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,16 @@ def cpu_hint(bb) -> str:
             "image_size does not help a small model (docs/keypoints.md).")
 
 
+def attention_maps(bb, spec: MapSpec, images: torch.Tensor, embeddings: torch.Tensor,
+                   generator: torch.Generator | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Maps (B, N, res, res) for images (B, 3, S, S) in [-1, 1], through the runner; only `tokens` (T,) ->
+    (B, T, res, res). The softmax is always over all N tokens. Gradients reach `embeddings` when grad mode is on."""
+    check_width(bb, embeddings)
+    head = KeypointMapsHead(spec, embeddings, images.shape[-1], tokens, grad=torch.is_grad_enabled())
+    (view,) = run_plans(bb, [head.plan(bb.probe.sites)], [images], generator)
+    return head.finish(view)
+
+
 def iteration_loss(bb, spec: MapSpec, cfg: FitConfig, image: torch.Tensor, embeddings: torch.Tensor,
                    gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Weighted loss of one image (1, 3, S, S) and one random transform; also its parts as floats."""
@@ -114,7 +127,7 @@ def fit_embeddings(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir:
                    on_checkpoint: Callable[[list[dict]], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Optimise embeddings (num_tokens, D); returns them and the per-step history.
 
-    Checkpoints go to out_dir/checkpoint.{safetensors,json} every `checkpoint_every` steps, every
+    Checkpoints go to out_dir/checkpoint.safetensors (diffprobe.training.checkpoint) every `checkpoint_every` steps, every
     `checkpoint_minutes`, at the end and on Ctrl-C (after the last whole step). `resume` (a checkpoint
     file or the folder holding it) continues an interrupted fit; without it, a checkpoint already in
     out_dir (a rerun in the same folder) is continued.
@@ -125,17 +138,22 @@ def fit_embeddings(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir:
     opt = torch.optim.Adam([embeddings], lr=cfg.lr)
     history: list[dict] = []
     start = 0
-    if resume is None and out_dir is not None and (Path(out_dir) / "checkpoint.json").is_file():
+    if resume is None and out_dir is not None and (Path(out_dir) / CHECKPOINT).is_file():
         resume = out_dir
     if resume is not None:
-        info = load_checkpoint(resume, opt, embeddings)
-        check_resume(info.get("config", {}), config_dict(cfg, spec), resume)
-        start, history = int(info["step"]), list(info.get("history", []))
+        path = Path(resume) / CHECKPOINT if Path(resume).is_dir() else Path(resume)
+        saved = load_checkpoint(path, opt, config_dict(cfg, spec))
+        if saved.tensors.get("embeddings") is None or saved.tensors["embeddings"].shape != embeddings.shape:
+            raise DiffprobeError(f"{path} holds no embeddings of shape {tuple(embeddings.shape)} (num_tokens or "
+                                 "model differ)")
+        with torch.no_grad():
+            embeddings.copy_(saved.tensors["embeddings"])
+        start, history = saved.step, list(saved.history.get("steps", []))
         log.info("resuming keypoints fit at step %d of %d", start, cfg.steps)
 
     def save(step: int, scheduled: bool) -> None:
-        save_checkpoint(Path(out_dir) / "checkpoint", embeddings, opt,
-                        {"step": step, "history": history, "config": config_dict(cfg, spec)})
+        save_checkpoint(Path(out_dir) / CHECKPOINT, {"embeddings": embeddings.float()}, opt, step,
+                        {"steps": history}, config_dict(cfg, spec))
         if on_checkpoint is not None:
             on_checkpoint(history)
 

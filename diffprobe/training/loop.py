@@ -6,21 +6,20 @@ step(i) computes step i (forward, backward) and returns (apply, losses): apply()
 step, the history row) and runs with Ctrl-C deferred, so a step is whole or absent. save(done, scheduled) writes a
 checkpoint: every `every` steps and at the end (scheduled=True: where a trainer also validates), every `minutes`
 (scheduled=False), and on Ctrl-C after the last whole step. After the first step, a run that will take long says
-so. One resume rule: check_resume refuses a checkpoint made with other settings and names the keys that differ,
-except the schedule's (how many steps, how often to save or validate), which may change between runs.
+so. Checkpoints have one format (checkpoint.py), and resuming one follows the item loops' rule
+(items.check_fingerprint): other settings are refused naming the keys that differ, except the schedule's
+(SCHEDULE: how many steps, how often to save or validate), which may change between runs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
 
-from diffprobe.errors import DiffprobeError
-from diffprobe.items import deferred_interrupt, differing_keys, warn_if_long
+from diffprobe.items import deferred_interrupt, warn_if_long
 
 log = logging.getLogger(__name__)
 SCHEDULE = ("steps", "unet_steps", "vae_steps", "checkpoint_every", "checkpoint_minutes", "val_every",
@@ -46,16 +45,6 @@ def load_optimizer_tensors(optimizer, tensors: dict, prefix: str = "", param_gro
     optimizer.load_state_dict({"state": state,
                                "param_groups": optimizer.state_dict()["param_groups"] if param_groups is None
                                else param_groups})
-
-
-def check_resume(saved: dict, current: dict, where: str | Path) -> None:
-    """Refuse to continue a checkpoint made with other settings (a saved record of {} is an older checkpoint
-    without one: accepted), naming up to three keys that differ; the schedule's keys (SCHEDULE) may differ."""
-    keys = [k for k in differing_keys(saved, current) if k.rsplit(".", 1)[-1] not in SCHEDULE] if saved else []
-    if keys:
-        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-        raise DiffprobeError(f"the checkpoint in {where} was made with other settings ({', '.join(keys[:3])}{more}); "
-                             "use another output folder, or the same settings to continue it")
 
 
 def run_steps(what: str, start: int, total: int, step: Callable[[int], tuple[Callable[[], None], dict]],
