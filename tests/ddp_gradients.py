@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from diffprobe import distributed
 from diffprobe.data.pairs_json import CorrespondencePair
-from diffprobe.heads.hyperfeatures import train as training
+from diffprobe.training import hyperfeatures as training
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig
 
 LAYERS, CHANNELS = ["a", "b"], [8, 16]
