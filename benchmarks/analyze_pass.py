@@ -24,8 +24,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffprobe.architectures import build_unet  # noqa: E402
-from diffprobe.backbones import tiny_backbone  # noqa: E402
+from diffprobe.loading import build_denoiser# noqa: E402
+from diffprobe.loading import tiny_backbone  # noqa: E402
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, token_groups  # noqa: E402
 from diffprobe.heads.localize import LocalizeHead, LocalizeSettings  # noqa: E402
 from diffprobe.heads.probe import ProbeHead, ProbeSettings  # noqa: E402
@@ -37,7 +37,7 @@ def backbone():
 
     bb = tiny_backbone("sd15")
     torch.manual_seed(0)
-    bb.unet = build_unet("sd15").eval().requires_grad_(False)
+    bb.unet = build_denoiser("sd15").eval().requires_grad_(False)
     tok = bb.tokenizer
     config = CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id, hidden_size=768, intermediate_size=3072, num_hidden_layers=1,

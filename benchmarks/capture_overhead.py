@@ -38,20 +38,23 @@ TEXT_TOKENS = {"sd15": 77, "sd3": 77 + 256, "flux": 512}   # the pipelines' defa
 
 def _setup(threads: int, model: str = "sd15", blocks: int | None = None):
     """(denoiser, registry, inputs(size) -> forward kwargs) with random weights initialised in place."""
+    import diffusers
     import torch
 
-    from diffprobe.architectures import TRANSFORMER_CONFIGS, build_transformer, build_unet
+    from diffprobe.loading import build_denoiser, family_of_structure
     from diffprobe.hooks import ProbeRegistry
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if model == "sd15":
-        net = build_unet("sd15", device="meta")
+        net = build_denoiser("sd15", device="meta")
     else:
-        if blocks is not None:
-            TRANSFORMER_CONFIGS[model].update(num_layers=blocks, **({"num_single_layers": blocks} if model == "flux"
-                                                                     else {}))
-        net = build_transformer(model, device="meta")
+        family = family_of_structure(model)
+        config = dict(family.configs[model])
+        if blocks is not None:   # the published widths with fewer blocks
+            config.update(num_layers=blocks, **({"num_single_layers": blocks} if model == "flux" else {}))
+        with torch.device("meta"):
+            net = getattr(diffusers, family.denoiser_class)(**config)
     net = net.to_empty(device="cpu")
     for module in net.modules():  # default init in place: no second copy of the weights at any time
         if hasattr(module, "reset_parameters"):

@@ -3,7 +3,7 @@ reference algorithm, on the same captured attention tensors, plus the UNet call 
 
     python benchmarks/diffseg_speed.py [--sides 64 32 16] [--threads 1] [--straight-chunk 4]
 
-The UNet is SD 1.5's architecture (diffprobe.architectures.unet_config("sd15"), the published config)
+The UNet is SD 1.5's architecture (the sd1 family's published config, the published config)
 with random weights: no download. Its call is timed at 512 px (latent 64), plain and under the capture
 of all self-attention sites (heads averaged). Two workloads of attention tensors per finest side S in
 --sides (grids S, S/2, S/4, S/8 with 5, 5, 5, 1 layers, as SD 1.5 at 8S px):
@@ -126,10 +126,10 @@ def main():
     torch.set_num_threads(args.threads)
     from diffusers import UNet2DConditionModel
 
-    from diffprobe.architectures import unet_config
+    from diffprobe.loading import family_of_structure
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_config("sd15")).eval()
+    unet = UNet2DConditionModel(**family_of_structure("sd15").configs["sd15"]).eval()
     names = ProbeRegistry(unet).select(lambda s: s.kind == "self_attn")
     context = torch.randn(1, 77, unet.config.cross_attention_dim)
     print(f"torch threads={args.threads}; one run per cell (no repeats); SD 1.5 UNet with random weights, "

@@ -56,11 +56,11 @@ def _backbone(size: int):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffprobe.architectures import build_unet
-    from diffprobe.backbones import tiny_backbone
+    from diffprobe.loading import build_denoiser
+    from diffprobe.loading import tiny_backbone
 
     bb = tiny_backbone("sd15", seed=0)
-    bb.unet = build_unet("sd15").eval().requires_grad_(False)
+    bb.unet = build_denoiser("sd15").eval().requires_grad_(False)
     tok = bb.tokenizer
     cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=768, num_hidden_layers=1,
                          num_attention_heads=12, max_position_embeddings=77, bos_token_id=tok.bos_token_id,

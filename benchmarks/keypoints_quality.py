@@ -52,7 +52,7 @@ def untrained(args, data_args: dict, out: Path, random_tokens: bool, seed: int =
     """The fit's initial embeddings with K tokens chosen by the fit's vote, or drawn at random."""
     import torch
 
-    from diffprobe.backbones import load_backbone
+    from diffprobe.loading import load_backbone
     from diffprobe.training.keypoints import FitConfig, choose_keypoints, config_dict, initial_embeddings
     from diffprobe.heads.keypoints.image_sets import ImageSet
     from diffprobe.heads.keypoints.maps import MapSpec, resolve_sites

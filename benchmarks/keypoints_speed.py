@@ -25,12 +25,12 @@ import torch
 
 
 def backbone(name: str):
-    from diffprobe.architectures import build_unet
-    from diffprobe.backbones import tiny_backbone
+    from diffprobe.loading import build_denoiser
+    from diffprobe.loading import tiny_backbone
 
     bb = tiny_backbone("sd15")
     if name == "sd15":
-        unet = build_unet("sd15").eval().requires_grad_(False)
+        unet = build_denoiser("sd15").eval().requires_grad_(False)
         bb = dataclasses.replace(bb, unet=unet, name="sd15-random")
     return bb
 

@@ -72,7 +72,7 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from diffprobe.backbones import load_backbone
+    from diffprobe.loading import load_backbone
     from diffprobe.eval.landmarks import inter_ocular_error
     from diffprobe.training.keypoints import FitConfig, initial_embeddings
     from diffprobe.heads.keypoints.maps import MapSpec, resolve_sites

@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffprobe.backbones import load_backbone  # noqa: E402
+from diffprobe.loading import load_backbone  # noqa: E402
 from diffprobe.data.images import image_to_tensor  # noqa: E402
 from diffprobe.data.world import render_scene, scene_seed  # noqa: E402
 from diffprobe.eval.wsol import WSOLMeter  # noqa: E402

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffprobe.backbones import load_backbone  # noqa: E402
+from diffprobe.loading import load_backbone  # noqa: E402
 from diffprobe.data.world import render_scene, scene_seed  # noqa: E402
 from diffprobe.data.world.vocab import PART_IDS  # noqa: E402
 from diffprobe.mini import packaged_path  # noqa: E402

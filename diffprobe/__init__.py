@@ -1,7 +1,9 @@
-"""diffprobe: probe the internals of Stable Diffusion-style UNets.
+"""diffprobe: probe the internals of text-to-image diffusion models.
 
 `diffprobe.hooks` is the shared capture registry and can be imported alone; heads live in
 `diffprobe.heads`, command-line tasks in `diffprobe.tasks`.
 """
 
 __version__ = "0.1.0"
+
+from diffprobe import families as _families  # noqa: E402,F401  (each family registers itself in diffprobe.hooks)

@@ -118,7 +118,7 @@ def run_config(cfg: DictConfig) -> RunConfig:
 
 def load_configured_backbone(cfg: DictConfig):
     """The backbone named by cfg.model, on cfg.device in cfg.dtype."""
-    from diffprobe.backbones import load_backbone
+    from diffprobe.loading import load_backbone
 
     run = run_config(cfg)
     model = typed(cfg.model, ModelConfig, "model")

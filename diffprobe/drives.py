@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from diffprobe.backends import Conditioning
+from diffprobe.families import Conditioning
 from diffprobe.errors import DiffprobeError
 
 PROCESSES = ("one_step", "inversion", "generation")
@@ -48,14 +48,14 @@ def _warn_unknown_words(tokenizer, prompts: list[str]) -> None:
 def _warn_truncated(bb, prompts: list[str]) -> None:
     """Warn (once per prompt) when a prompt has more tokens than the model reads: the rest is cut."""
     for prompt in prompts:
-        key = (id(bb.tokenizer), f"long:{prompt}")
+        key = (id(bb.context_tokenizer), f"long:{prompt}")
         if key in _warned:  # each prompt is counted once: encode_prompt runs once per pass
             continue
         _warned.add(key)
-        n = len(bb.tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
+        n = len(bb.context_tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
         if n > bb.max_tokens:
             log.warning("a prompt has %d tokens but %s reads %d: everything after %r is cut", n, bb.name,
-                        bb.max_tokens, bb.tokenizer.decode(bb.tokenizer(prompt, truncation=True,
+                        bb.max_tokens, bb.context_tokenizer.decode(bb.context_tokenizer(prompt, truncation=True,
                                                                         max_length=bb.max_tokens).input_ids,
                                                            skip_special_tokens=True)[-40:])
 
@@ -66,7 +66,7 @@ def encode_prompt(bb, prompts: list[str] | str, size: tuple[int, int] | None = N
     (SD 1.x/2.x: the text encoder's last hidden states (B, max_tokens, D); SDXL: both encoders' penultimate
     states plus pooled embeddings and time ids for images of `size` (H, W), default the model's size)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    _warn_unknown_words(bb.tokenizer, prompts)
+    _warn_unknown_words(bb.context_tokenizer, prompts)
     _warn_truncated(bb, prompts)
     return bb.family.encode_prompt(bb, prompts, size or (bb.sample_size, bb.sample_size))
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from diffprobe.backends import Conditioning
+from diffprobe.families import Conditioning
 from diffprobe.drives import Drive, encode_images, encode_prompt, run_drive
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import ActivationCache, Need, Site

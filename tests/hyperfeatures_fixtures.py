@@ -15,7 +15,7 @@ SIZE = 64
 def tiny_sd15():
     """One frozen tiny SD 1.5-structured backbone and its registry for all hyperfeatures test modules
     (captures remove their hooks, so sharing it is safe)."""
-    from diffprobe.backbones import tiny_backbone
+    from diffprobe.loading import tiny_backbone
 
     bb = tiny_backbone("sd15", seed=0)
     return bb, bb.probe

@@ -28,7 +28,7 @@ def learned_state(tmp: Path) -> tuple[Path, Path]:
     mode=train save theirs."""
     import torch
 
-    from diffprobe.backbones import load_backbone
+    from diffprobe.loading import load_backbone
     from diffprobe.heads.hyperfeatures.extract import ExtractionConfig
     from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
     from diffprobe.heads.keypoints.maps import MapSpec

@@ -44,7 +44,7 @@ def test_an_unreadable_image_is_skipped_and_listed(tmp_path):
 
 
 def test_silent_surprises_are_warned_about(tmp_path, caplog):
-    from diffprobe.backbones import load_backbone
+    from diffprobe.loading import load_backbone
     from diffprobe.data.images import load_image
     from diffprobe.drives import encode_prompt, unknown_words
     from diffprobe.heads.call import model_input

@@ -12,7 +12,7 @@ from PIL import Image
 
 from config_helpers import make_cfg
 
-from diffprobe.backbones import tiny_backbone
+from diffprobe.loading import tiny_backbone
 from diffprobe.data.coco_stuff import CocoStuff27
 from diffprobe.data.labelled_images import center_crop_label
 from diffprobe.errors import DiffprobeError
@@ -180,7 +180,7 @@ def test_diffseg_eval_matches_direct_metrics_and_resumes(tmp_path):
 @pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / "diffprobe/assets/mini/model_index.json").is_file(),
                     reason="diffprobe-mini weights not built yet")
 def test_pipeline_on_diffprobe_mini_uses_its_own_resolutions():
-    from diffprobe.backbones import load_backbone
+    from diffprobe.loading import load_backbone
     from diffprobe.data.world import demo_scene
     from diffprobe.mini import packaged_path
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffprobe.backbones import tiny_backbone
+from diffprobe.loading import tiny_backbone
 from diffprobe.hooks import BatchLayout, Need, ProbeRegistry, Reduce
 from diffprobe.drives import Conditioning, encode_prompt, unet_call
 

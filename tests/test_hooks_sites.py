@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffprobe.architectures import build_transformer, build_unet
+from diffprobe.families import FAMILIES
 from diffprobe.hooks import ProbeRegistry
+from diffprobe.loading import build_denoiser
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -20,39 +21,35 @@ def _mini_unet():
         return build_mini_unet(MiniArch())
 
 
-# every registered backend (model family): a model of it built from configs and its golden site list
-FAMILIES = {"sd1": (lambda: build_unet("sd15", device="meta"), "sites_sd15.json"),
-            "sd2": (lambda: build_unet("sd21", device="meta"), "sites_sd21.json"),
-            "sdxl": (lambda: build_unet("sdxl", device="meta"), "sites_sdxl.json"),
-            "custom": (_mini_unet, "sites_mini.json"),
-            "pixart": (lambda: build_transformer("pixart", device="meta"), "sites_pixart.json"),
-            "sd3": (lambda: build_transformer("sd3", device="meta"), "sites_sd3.json"),
-            "flux": (lambda: build_transformer("flux", device="meta"), "sites_flux.json")}
+# every structure of every registered family (its published config, on the meta device) and its golden site list
+# golden/sites_<structure>.json; the catch-all UNet family ("custom") is diffprobe-mini's
+STRUCTURES = {structure: (family.name, lambda s=structure: build_denoiser(s, device="meta"))
+              for family in FAMILIES for structure in family.configs}
+STRUCTURES["mini"] = ("custom", _mini_unet)
 
 
-def test_every_backend_has_a_model_and_a_golden_site_list():
-    from diffprobe.backends import BACKENDS
+def test_every_family_has_a_model_and_a_golden_site_list():
+    assert {name for name, _ in STRUCTURES.values()} == {f.name for f in FAMILIES}
+    assert all((GOLDEN / f"sites_{s}.json").is_file() for s in STRUCTURES), "a structure lacks its golden list"
 
-    assert {b.name for b in BACKENDS} == set(FAMILIES)
 
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=sorted(STRUCTURES))
 def real_registry(request):
-    build, golden = FAMILIES[request.param]
-    return request.param, golden, ProbeRegistry(build())
+    family, build = STRUCTURES[request.param]
+    return family, request.param, ProbeRegistry(build())
 
 
 def test_golden_site_list(real_registry):
-    family, golden_file, probe = real_registry
-    assert probe.backend.name == family  # the table picks this family for this model
-    golden = json.loads((GOLDEN / golden_file).read_text())
+    family, structure, probe = real_registry
+    assert probe.family.name == family  # the table picks this family for this model
+    golden = json.loads((GOLDEN / f"sites_{structure}.json").read_text())
     got = [[s.name, s.kind, s.divisor, s.heads, s.channels] for s in probe.sites.values()]
     assert got == golden
 
 
 def test_sd35_golden_site_list_and_transformer_structure_facts():
-    probe = ProbeRegistry(build_transformer("sd35", device="meta"))
-    assert probe.backend.name == "sd3"
+    probe = ProbeRegistry(build_denoiser("sd35", device="meta"))
+    assert probe.family.name == "sd3"
     golden = json.loads((GOLDEN / "sites_sd35.json").read_text())
     assert [[s.name, s.kind, s.divisor, s.heads, s.channels] for s in probe.sites.values()] == golden
     kinds = Counter(s.kind for s in probe.sites.values())
@@ -65,7 +62,12 @@ def test_sd35_golden_site_list_and_transformer_structure_facts():
     mods = [s.channels for s in probe.sites.values() if s.kind == "modulation"]
     assert mods == [9 * 1536] * 13 + [6 * 1536] * 11   # the image stream's norm1 (not the text stream's)
 
-    flux = ProbeRegistry(build_transformer("flux", device="meta"))
+    aura = ProbeRegistry(build_denoiser("auraflow", device="meta"))   # AuraFlow v0.3: 4 MMDiT + 32 single blocks
+    joint = [s for s in aura.sites.values() if s.kind == "joint_attn"]
+    assert [s.direction for s in joint] == ["dit"] * 4 + ["single"] * 32 and all(s.text_first for s in joint)
+    assert {(s.divisor, s.heads, s.channels) for s in joint} == {(2, 12, 3072)}
+
+    flux = ProbeRegistry(build_denoiser("flux", device="meta"))
     double = [s for s in flux.sites.values() if s.kind == "joint_attn" and s.direction == "dit"]
     single = [s for s in flux.sites.values() if s.kind == "joint_attn" and s.direction == "single"]
     assert len(double) == 19 and len(single) == 38 and {s.heads for s in double + single} == {24}
@@ -73,7 +75,7 @@ def test_sd35_golden_site_list_and_transformer_structure_facts():
 
 
 def test_sd15_structure_facts():
-    probe = ProbeRegistry(build_unet("sd15", device="meta"))
+    probe = ProbeRegistry(build_denoiser("sd15", device="meta"))
     kinds = Counter(s.kind for s in probe.sites.values())
     assert kinds == {"self_attn": 16, "cross_attn": 16, "resnet": 22, "block": 9}
     self_by_div = Counter(s.divisor for s in probe.sites.values() if s.kind == "self_attn")
@@ -86,7 +88,7 @@ def test_sd15_structure_facts():
 
 
 def test_sdxl_structure_facts():
-    probe = ProbeRegistry(build_unet("sdxl", device="meta"))
+    probe = ProbeRegistry(build_denoiser("sdxl", device="meta"))
     attn = [s for s in probe.sites.values() if s.kind == "self_attn"]
     assert len(attn) == 2 * 2 + 2 * 10 + 10 + 3 * 10 + 3 * 2  # down 1, down 2, mid, up 0, up 1
     assert not any(s.block == 0 and s.direction == "down" for s in attn)  # no attention at the top level
@@ -97,7 +99,7 @@ def test_sdxl_structure_facts():
 
 def test_order_matches_real_execution():
     """Site.order equals the order in which hooks actually fire in a forward pass (tiny SDXL and SD 1.5)."""
-    from diffprobe.backbones import tiny_backbone
+    from diffprobe.loading import tiny_backbone
     from diffprobe.drives import encode_prompt, unet_call
 
     for structure in ("sd15", "sdxl"):
@@ -118,7 +120,7 @@ def test_order_matches_real_execution():
 
 
 def test_select_by_glob_list_and_predicate():
-    probe = ProbeRegistry(build_unet("sd15", device="meta"))
+    probe = ProbeRegistry(build_denoiser("sd15", device="meta"))
     up_cross = probe.select("up_blocks.*.attn2.hook_probs")
     assert len(up_cross) == 9 and all(probe.sites[n].direction == "up" for n in up_cross)
     assert probe.select(lambda s: s.kind == "cross_attn" and s.divisor == 4) == [
@@ -131,6 +133,6 @@ def test_select_by_glob_list_and_predicate():
 
 
 def test_resolution_rounds_up_like_stride_two_convs():
-    probe = ProbeRegistry(build_unet("sd15", device="meta"))
+    probe = ProbeRegistry(build_denoiser("sd15", device="meta"))
     mid = probe.sites["mid_block.hook_out"]
     assert mid.divisor == 8 and mid.resolution((64, 64)) == (8, 8) and mid.resolution((60, 36)) == (8, 5)

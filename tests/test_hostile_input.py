@@ -102,7 +102,7 @@ def test_a_model_config_sets_its_own_task_defaults_and_the_command_line_wins(tmp
 
 
 def test_a_prompt_longer_than_the_model_reads_is_warned_about(caplog):
-    from diffprobe.backbones import load_backbone
+    from diffprobe.loading import load_backbone
     from diffprobe.drives import encode_prompt
 
     bb = load_backbone({"name": "tiny_sd15", "tiny": "sd15"})

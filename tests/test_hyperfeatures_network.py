@@ -4,7 +4,7 @@ save/load round trip."""
 import pytest
 import torch
 
-from diffprobe.architectures import build_unet
+from diffprobe.loading import build_denoiser
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig, Bottleneck, resize
 from diffprobe.hooks import ProbeRegistry
@@ -18,7 +18,7 @@ def _hand_count(channels, steps, d=384):
 
 
 def test_sd15_dims_give_about_6_5m_parameters_and_132_mixing_weights():
-    probe = ProbeRegistry(build_unet("sd15", device="meta"))
+    probe = ProbeRegistry(build_denoiser("sd15", device="meta"))
     sites = [probe.sites[n] for n in probe.select("up_blocks.*.resnets.*.hook_residual")]
     assert [s.channels for s in sites] == [1280] * 6 + [640] * 3 + [320] * 3
     net = AggregationNetwork(AggregatorConfig.from_sites(sites, num_steps=11))

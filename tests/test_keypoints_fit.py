@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffprobe.backbones import tiny_backbone
+from diffprobe.loading import tiny_backbone
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange
 from diffprobe.training.keypoints import FitConfig, attention_maps, fit, fit_embeddings

@@ -199,7 +199,7 @@ def test_damaged_keypoints_files_are_named_precisely(tmp_path):
 
 
 def test_sites_default_to_the_models_then_the_rule():
-    from diffprobe.backbones import tiny_backbone
+    from diffprobe.loading import tiny_backbone
     from diffprobe.tasks.keypoints import _context, settings_of
 
     bb = tiny_backbone("sd15")

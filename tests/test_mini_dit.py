@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffprobe.backbones import load_backbone
+from diffprobe.loading import load_backbone
 from diffprobe.data.world import render_scene, scene_seed
 from diffprobe.drives import generate
 from diffprobe.mini import PACKAGED
@@ -32,7 +32,7 @@ def test_package_data_of_both_models_is_small_and_mini_dit_ships_only_its_transf
 
 
 def test_loads_as_a_pixart_transformer_on_minis_parts(bb):
-    assert bb.kind == "pixart" and type(bb.unet).__name__ == "PixArtTransformer2DModel"
+    assert bb.family.name == "pixart" and type(bb.unet).__name__ == "PixArtTransformer2DModel"
     assert bb.unet.dtype == torch.float32 and (bb.sample_size, bb.vae_factor, bb.max_tokens) == (64, 2, 24)
     images, _ = generate(bb, ["a red circle on grass under sky"], guidance=3.0, num_steps=4,
                          generator=torch.Generator().manual_seed(0))

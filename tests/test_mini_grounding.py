@@ -155,7 +155,7 @@ def test_kept_self_attention_is_zero_for_the_loaded_model_and_pulls_a_changed_on
 
 
 def test_self_attention_kept_at_diffsegs_call_is_the_kl_of_that_call_alone(tmp_path):
-    from diffprobe.backends import backend_for
+    from diffprobe.families import family_for
     from diffprobe.hooks import Reduce
     from diffprobe.mini.preserve import attention_kl, diffseg_call
 
@@ -172,7 +172,7 @@ def test_self_attention_kept_at_diffsegs_call_is_the_kl_of_that_call_alone(tmp_p
     def maps(model):  # independently: capture each UNet's head-averaged self-attention on DiffSeg's call
         probe = ProbeRegistry(model)
         with torch.no_grad(), probe.capture(teacher.sites, reduce=Reduce(heads="mean")) as cache:
-            backend_for(model).denoise(model, *call)
+            family_for(model).denoise(model, *call)
         return {n: cache[n] for n in teacher.sites}
 
     student, target = maps(unet), maps(teacher.unet)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffprobe.backbones import load_backbone
+from diffprobe.loading import load_backbone
 from diffprobe.data.world import demo_scene, render_scene, scene_seed
 from diffprobe.hooks import ProbeRegistry
 from diffprobe.mini import PACKAGED, packaged_path

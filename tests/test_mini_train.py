@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffprobe.backbones import load_backbone
+from diffprobe.loading import load_backbone
 from diffprobe.data.world import render_scene, scene_seed, vocabulary
 from diffprobe.errors import DiffprobeError
 from diffprobe.mini import models

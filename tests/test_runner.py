@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffprobe.backbones import tiny_backbone
-from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead, token_groups
+from diffprobe.loading import tiny_backbone
+from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead
 from diffseg_planted import block_segmentation, planted_attention, same_partition
 from diffprobe.heads.keypoints.maps import KeypointMapsHead, MapSpec, default_sites
 from diffprobe.heads.probe import ProbeHead, ProbeSettings
@@ -88,7 +88,7 @@ def test_a_site_two_heads_want_is_computed_once(bb, image, monkeypatch):
 def test_diffseg_with_words_writes_the_files_of_two_separate_runs(bb, image, tmp_path):
     words = ["cat", "dog"]
     settings = DiffSegSettings(tau=0.05, anchors=8)
-    heads = [DiffSegHead(settings, 64), WordMapsHead(words, token_groups(bb.tokenizer, "cat, dog", words), settings, 64)]
+    heads = [DiffSegHead(settings, 64), WordMapsHead(words, bb.word_positions("cat, dog", words), settings, 64)]
     item = Item("x", image)
     shared = run_heads(bb, heads, item)           # one pass: rows [""; "cat, dog"] of one batch
     separate = [run_heads(bb, [h], item)[0] for h in heads]

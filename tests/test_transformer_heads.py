@@ -13,12 +13,17 @@ from safetensors.torch import load_file, save_file
 
 import config_helpers
 
-from diffprobe.backbones import load_backbone, save_backbone, tiny_backbone
+from diffprobe.loading import load_backbone, save_backbone, tiny_backbone
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.extract import layer_names
 from diffprobe.heads.hyperfeatures.model import RAW_LAYER, resolve_raw_layer
 from diffprobe.heads.keypoints.maps import default_sites
 from diffprobe.tasks import analyze, keypoints
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
+# the tiny model configs of every registered transformer family (conf/model/tiny_<structure>.yaml)
+TRANSFORMER_MODELS = [f"tiny_{s}" for f in __import__("diffprobe.families").families.FAMILIES
+                      if f.denoiser_folder == "transformer" for s in f.tiny_configs if (CONF / f"tiny_{s}.yaml").is_file()]
 
 
 def _images(folder: Path, n: int) -> Path:
@@ -29,7 +34,7 @@ def _images(folder: Path, n: int) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("model", ["tiny_pixart", "tiny_sd3", "tiny_flux"])
+@pytest.mark.parametrize("model", TRANSFORMER_MODELS)
 def test_one_pass_of_three_heads_on_a_transformer(tmp_path, model):
     photo = _images(tmp_path / "imgs", 1) / "img0.png"
     cfg = config_helpers.make_cfg("analyze", model=model, **{
@@ -41,7 +46,7 @@ def test_one_pass_of_three_heads_on_a_transformer(tmp_path, model):
     loc = json.loads((tmp_path / "out" / "localize" / "img0" / "localization.json").read_text())
     assert "cat" in json.dumps(loc)
     index = json.loads((tmp_path / "out" / "probe" / "img0" / "index.json").read_text())
-    assert any(name.startswith("transformer_blocks.") for name in json.dumps(index).split('"'))
+    assert any("transformer_blocks." in name for name in json.dumps(index).split('"'))
 
 
 @pytest.mark.parametrize("model, site", [("tiny_pixart", "attn2.hook_probs"), ("tiny_sd3", "attn.hook_img2txt")])
@@ -97,7 +102,7 @@ def test_transformer_directory_with_parts_from_another(tmp_path):
         (only / "transformer" / f.name).write_bytes(f.read_bytes())
     (only / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "PixArtTransformer2DModel"]}))
     loaded = load_backbone({"path": str(only), "parts_from": str(tmp_path / "full"), "name": "dit"})
-    assert loaded.kind == "pixart" and loaded.context_dim == 32
+    assert loaded.family.name == "pixart" and loaded.context_dim == 32
     x = torch.randn(1, 4, 8, 8)
     from diffprobe.drives import encode_prompt, unet_call
 
@@ -152,7 +157,7 @@ def test_sd3_conditioning_flow_drive_and_directory_round_trip(tmp_path):
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
     save_backbone(bb, tmp_path / "sd3")
     loaded = load_backbone({"path": str(tmp_path / "sd3"), "name": "sd3"})
-    assert loaded.kind == "sd3" and loaded.text_encoder_3 is not None and loaded.latent_shift == 0.1
+    assert loaded.family.name == "sd3" and loaded.text_encoder_3 is not None and loaded.latent_shift == 0.1
     assert type(loaded.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     with torch.no_grad():
         torch.testing.assert_close(unet_call(loaded, x, 500, encode_prompt(loaded, ["a cat"])),
@@ -190,10 +195,10 @@ def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round
     torch.testing.assert_close(final, FluxPipeline._unpack_latents(packed, 64, 64, 8), rtol=0, atol=1e-5)
     assert images.shape == (1, 3, 64, 64) and not torch.equal(final, start)
     # a guidance-distilled FLUX (FLUX.1-dev) gets the scale in its guidance embedding: 3.5 unless given
-    from diffprobe.architectures import TINY_TRANSFORMER_CONFIGS
+    from diffprobe.loading import family_of_structure
 
     torch.manual_seed(0)
-    bb.unet = FluxTransformer2DModel(**{**TINY_TRANSFORMER_CONFIGS["flux"], "guidance_embeds": True}).eval()
+    bb.unet = FluxTransformer2DModel(**{**family_of_structure("flux").tiny_configs["flux"], "guidance_embeds": True}).eval()
     bb.unet.register_to_config(sample_size=8)
     pipe = bb.family.pipeline(bb)
     for scale in (3.5, 7.5):
@@ -205,21 +210,23 @@ def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round
     assert not torch.equal(final, generate(bb, ["a cat"], num_steps=2, latents=start)[1])
     save_backbone(bb, tmp_path / "flux")
     loaded = load_backbone({"path": str(tmp_path / "flux"), "name": "flux"})
-    assert loaded.kind == "flux" and type(loaded.text_encoder_2).__name__ == "T5EncoderModel"
+    assert loaded.family.name == "flux" and type(loaded.text_encoder_2).__name__ == "T5EncoderModel"
     assert loaded.latent_shift == 0.1 and loaded.grid_factor == 16
     with torch.no_grad():
         torch.testing.assert_close(unet_call(loaded, x, 250, encode_prompt(loaded, ["a cat", ""])),
                                    unet_call(bb, x, 250, cond))
 
 
-@pytest.mark.parametrize("structure", ["sd15", "pixart", "sd3", "flux"])
+@pytest.mark.parametrize("structure", ["sd15"] + [m[len("tiny_"):] for m in TRANSFORMER_MODELS])
 def test_text_length_is_site_metadata_known_before_the_model_runs(structure):
     from diffprobe.drives import encode_prompt
     from diffprobe.hooks import Need, Reduce
 
     bb = tiny_backbone(structure)
-    tokens = encode_prompt(bb, ["a cat"]).context.shape[1]
-    assert tokens == {"sd15": 77, "pixart": 77, "sd3": 77 + 77, "flux": 77}[structure]
+    context = encode_prompt(bb, ["a cat"]).context.shape[1]
+    known = {"sd15": 77, "pixart": 77, "sd3": 77 + 77, "flux": 77, "auraflow": 256}   # the pipelines' lengths
+    assert context == known.get(structure, context)
+    tokens = context + bb.family.context_offset   # AuraFlow's model puts its 8 register tokens first
     sites = bb.probe.sites
     text = [s for s in sites.values() if s.kind in ("cross_attn", "joint_attn", "txt2img", "txt2txt")]
     assert text and all(s.text_tokens == tokens for s in text)

@@ -1,7 +1,8 @@
 """diffprobe.hooks: named capture sites of diffusion denoisers and a scoped capture of what they compute.
 
-Depends on torch and diffusers only (diffprobe.backends says, per model family, how sites are enumerated
-and attention is recomputed); import it alone in other research code::
+Depends on torch and diffusers only and never imports the model families: each registers itself in the table of
+diffprobe.hooks.families when `diffprobe` is imported (importing diffprobe.hooks does that first) and says how its
+sites are enumerated and its attention read. Import it alone in other research code::
 
     from diffprobe.hooks import ProbeRegistry, Reduce, BatchLayout, Need
     probe = ProbeRegistry(unet)

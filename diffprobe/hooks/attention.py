@@ -3,7 +3,7 @@
 The model's own forward keeps its fast kernel (SDPA, xformers); a capture recomputes the probabilities
 of the selected modules only, in fp32, a query chunk at a time, with heads reduced chunk by chunk so the
 full (B, heads, N, K) tensor never exists unless asked for. How q and k come out of a module is the model
-family's business (diffprobe.backends); the arithmetic here is shared.
+family's business (diffprobe.families); the arithmetic here is shared.
 """
 
 from __future__ import annotations

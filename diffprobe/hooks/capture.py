@@ -121,7 +121,7 @@ class Capture:
 
     # -- model-level hooks: call counting and the per-call callback -------------------------------------
     def _model_pre(self, module, args, kwargs):
-        self.latent_hw, t = self.registry.backend.model_call(module, args, kwargs)
+        self.latent_hw, t = self.registry.family.model_call(module, args, kwargs)
         self.step += 1
         for cache in self.caches:
             cache.timesteps.append(_timestep_value(t))
@@ -157,10 +157,10 @@ class Capture:
 
     def _attention_hook(self, name: str, groups: list[list[int]]):
         site = self.registry.sites[name]
-        backend = self.registry.backend
+        family = self.registry.family
 
         def hook(module, args, kwargs, output):
-            hidden, context, mask = backend.attention_call(args, kwargs)
+            hidden, context, mask = family.attention_call(args, kwargs)
             batch = hidden.shape[0]
             for users in groups:
                 need = self.needs[users[0]]
@@ -173,7 +173,7 @@ class Capture:
                     h, grid = upsample_tokens(h, grid, need.upsample_queries), need.upsample_queries
                 grad = need.grad and torch.is_grad_enabled()
                 with torch.set_grad_enabled(grad):
-                    q, k, bias = backend.attention_qk(module, h, ctx, m)
+                    q, k, bias = family.attention_qk(module, h, ctx, m)
                     probs = probs_from_qk(q, k, bias, need.reduce.heads, grad=grad)
                 self._store(name, probs, rows, batch, users, grid, key_grid)
         return hook
@@ -226,7 +226,7 @@ class Capture:
     def _store_upsampled(self, path: str, members: list[tuple[str, int]], k, bias, scale, grid, batch) -> None:
         """Image-to-text blocks with upsampled queries: the queries of the module's image input (kept by
         `_keep_input`) upsampled bicubically to each need's grid, through the module's own projection and qk norm
-        (the backend's `upsampled_queries`), against the call's exact keys; the softmax runs over all keys (image
+        (the family's `upsampled_queries`), against the call's exact keys; the softmax runs over all keys (image
         and text) as the model's does, and the text columns are kept."""
         hidden = self.inputs.pop(path)
         module = self.registry.model.get_submodule(path)
@@ -238,7 +238,7 @@ class Capture:
             _, cols, _, _ = part_slices(site, grid, k.shape[-2])
             grad = need.grad and torch.is_grad_enabled()
             with torch.set_grad_enabled(grad):
-                q = self.registry.backend.upsampled_queries(module, hidden[rows], grid, need.upsample_queries)
+                q = self.registry.family.upsampled_queries(module, hidden[rows], grid, need.upsample_queries)
                 value = probs_from_qk(q * scale, k[rows], _bias_rows(bias, rows), need.reduce.heads, grad=grad,
                                       keys=cols)
             self._store(name, value, rows, batch, [i], need.upsample_queries)
@@ -263,7 +263,7 @@ class Capture:
         site = self.registry.sites[name]
 
         def hook(module, args, output):
-            value = self.registry.backend.feature_tensor(site, output, site.resolution(self.latent_hw))
+            value = self.registry.family.feature_tensor(site, output, site.resolution(self.latent_hw))
             users = self.users[name]
             grid = tuple(value.shape[-2:]) if value.ndim == 4 else None
             self._store(name, value, slice(0, value.shape[0]), value.shape[0], users, grid)
@@ -279,16 +279,15 @@ class Capture:
         for name, users in self.users.items():
             site = reg.sites[name]
             if not site.is_attention:
-                module = reg.backend.feature_module(reg.model, site)
+                module = reg.family.feature_module(reg.model, site)
                 self.handles.append(module.register_forward_hook(self._feature_hook(name)))
                 continue
             needs = [self.needs[i] for i in users]
-            if reg.backend.captures_at_kernel:
+            if reg.family.captures_at_kernel:
                 if site.kind == "cross_attn" and any(n.upsample_queries is not None for n in needs):
-                    if not reg.backend.upsamples_queries:
-                        raise DiffprobeError(f"upsample_queries cannot be used at {name}: {reg.backend.name}'s "
-                                             "queries carry rotary embeddings of their positions, so queries at "
-                                             "upsampled positions would not be the model's")
+                    if not reg.family.upsamples_queries:
+                        raise DiffprobeError(f"upsample_queries cannot be used at {name}: {reg.family.name}: "
+                                             f"{reg.family.no_upsampled_queries}")
                     keep_input.add(site.module)
                 at_kernel[site.module].append(name)
             elif (self.attention == "reuse" and site.kind == "self_attn"

@@ -9,30 +9,29 @@ from typing import Any, Iterator, Sequence
 from torch import nn
 
 from diffprobe.hooks.cache import ActivationCache
+from diffprobe.hooks.families import family_for
 from diffprobe.hooks.capture import Capture, StepCallback, StopForward
 from diffprobe.hooks.needs import Need
 from diffprobe.hooks.sites import TEXT_KINDS, Selection, Site, select_sites
 
 
 class ProbeRegistry:
-    """Named capture sites of a denoiser (a diffusers UNet2DConditionModel today; the family's backend
-    says how sites are enumerated and attention recomputed, see diffprobe.backends).
+    """Named capture sites of a denoiser (its model family says how sites are enumerated and attention read, see
+    diffprobe.families; `family`: the record, else the table's family_for(model)).
 
-    >>> from diffprobe.backbones import tiny_backbone
+    >>> from diffprobe.loading import tiny_backbone
     >>> unet = tiny_backbone("sd15").unet
     >>> probe = ProbeRegistry(unet)
     >>> len(probe.select("*.attn2.hook_probs")), probe.sites["mid_block.hook_out"].divisor
     (16, 8)
     """
 
-    def __init__(self, model: nn.Module, backend=None, text_tokens: int | None = None):
+    def __init__(self, model: nn.Module, family=None, text_tokens: int | None = None):
         """`text_tokens`: the length of the model's prompt encoding, recorded on the sites with text on one side
         (`Site.text_tokens`; a Backbone's registry has it)."""
-        from diffprobe.backends import backend_for
-
         self.model = model
-        self.backend = backend or backend_for(model)
-        self.sites: dict[str, Site] = self.backend.sites(model)
+        self.family = family or family_for(model)
+        self.sites: dict[str, Site] = self.family.sites(model)
         if text_tokens is not None:
             self.sites = {n: replace(s, text_tokens=int(text_tokens)) if s.kind in TEXT_KINDS else s
                           for n, s in self.sites.items()}
@@ -45,7 +44,7 @@ class ProbeRegistry:
         Raises:
             SiteNotFound: a glob or name matches nothing.
 
-        >>> from diffprobe.backbones import tiny_backbone
+        >>> from diffprobe.loading import tiny_backbone
         >>> probe = ProbeRegistry(tiny_backbone("sd15").unet)
         >>> probe.select("up_blocks.3.*.attn1.hook_probs")[0]
         'up_blocks.3.attentions.0.transformer_blocks.0.attn1.hook_probs'
@@ -108,7 +107,7 @@ class ProbeRegistry:
         Only the hooks installed here are removed on exit, also when the block raises; captures nest.
 
         >>> import torch
-        >>> from diffprobe.backbones import tiny_backbone
+        >>> from diffprobe.loading import tiny_backbone
         >>> from diffprobe.drives import encode_prompt, unet_call
         >>> from diffprobe.hooks import Reduce
         >>> bb = tiny_backbone("sd15")
@@ -128,7 +127,7 @@ class ProbeRegistry:
         names = [self.select(n.sites) for n in needs]
         for name in {s for sel in names for s in sel}:
             if self.sites[name].is_attention:
-                self.backend.check_attention(self.model.get_submodule(self.sites[name].module), name)
+                self.family.check_attention(self.model.get_submodule(self.sites[name].module), name)
         cap = Capture(self, needs, names, early_exit, on_step, single, attention)
         try:
             cap.install()

@@ -1,7 +1,7 @@
 """Capture sites: what a name means, and selecting sites by glob, list or predicate.
 
-A site is a module path of the model plus a `hook_*` leaf; the model family's backend
-(diffprobe.backends) enumerates them without running the model:
+A site is a module path of the model plus a `hook_*` leaf; the model family
+(diffprobe.families) enumerates them without running the model:
 
 - `<...>.attn1.hook_probs` / `<...>.attn2.hook_probs`: attention probabilities (kind `self_attn` or
   `cross_attn`);
@@ -9,7 +9,7 @@ A site is a module path of the model plus a `hook_*` leaf; the model family's ba
   and `output_scale_factor`), kind `resnet`;
 - `down_blocks.N.hook_out`, `mid_block.hook_out`, `up_blocks.N.hook_out`: a block's (first) output, kind `block`.
 
-Diffusion transformers (diffprobe.backends.dit) add joint attention over image and text tokens (SD3, FLUX):
+Diffusion transformers (diffprobe.families.dit) add joint attention over image and text tokens (SD3, FLUX):
 `<...>.attn.hook_probs` is the whole (N + T) x (N + T) map (kind `joint_attn`), and its four blocks are sites of
 their own: `hook_img2img` (kind `self_attn`), `hook_img2txt` (kind `cross_attn`), `hook_txt2img` and
 `hook_txt2txt`. A block is a slice of the joint softmax, so its rows sum to the mass that falls inside it.

@@ -1,7 +1,7 @@
 """diffprobe-mini: a small text-to-image latent diffusion model trained on the procedural world.
 
 The trained pipeline ships as package data in diffusers layout (diffprobe/assets/mini) and loads
-through diffprobe.backbones.load_backbone like any Stable Diffusion directory.
+through diffprobe.loading.load_backbone like any Stable Diffusion directory.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def load_trained(path, denoiser: str = "unet", parts_from=None):
     from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from diffprobe.backbones import quiet_libraries
+    from diffprobe.loading import quiet_libraries
 
     from safetensors.torch import load_file
 

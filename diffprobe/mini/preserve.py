@@ -9,7 +9,7 @@ import copy
 
 import torch
 
-from diffprobe.backends import Conditioning, backend_for
+from diffprobe.families import Conditioning, family_for
 from diffprobe.heads.diffseg.head import DiffSegSettings
 from diffprobe.hooks import ProbeRegistry, Reduce
 
@@ -28,7 +28,7 @@ class AttentionTeacher:
     def maps(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
         """{site: (B, Q, Q)} head-averaged self-attention on noisy latents (B, C, h, w) at t (B,) under cond."""
         with self.probe.capture(self.sites, reduce=Reduce(heads="mean")) as cache:
-            backend_for(self.unet).denoise(self.unet, noisy, t, cond)
+            family_for(self.unet).denoise(self.unet, noisy, t, cond)
         return {n: cache[n] for n in self.sites}
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffprobe.backbones import Backbone
+from diffprobe.backbone import Backbone
 from diffprobe.data.world import Scene
 from diffprobe.data.world.vocab import PART_IDS
 from diffprobe.hooks import BatchLayout, Reduce
@@ -162,6 +162,6 @@ def untrained_control(bb: Backbone, seed: int = 0) -> Backbone:
 
     torch.manual_seed(seed)
     denoiser = type(bb.unet).from_config(bb.unet.config).eval().requires_grad_(False)
-    text = bb.text_encoder if bb.kind == "pixart" else CLIPTextModel(bb.text_encoder.config).eval().requires_grad_(False)
+    text = bb.text_encoder if bb.family.name == "pixart" else CLIPTextModel(bb.text_encoder.config).eval().requires_grad_(False)
     return Backbone(unet=denoiser, vae=bb.vae, text_encoder=text, tokenizer=bb.tokenizer, scheduler=bb.scheduler,
-                    kind=bb.kind, name="untrained")
+                    family=bb.family, name="untrained")

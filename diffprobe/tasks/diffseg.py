@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from diffprobe.config import section
 from diffprobe.data.images import size_of
-from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead, default_tau, token_groups
+from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead, default_tau
 from diffprobe.heads.diffseg.semantics import vote_words
 from diffprobe.tasks.diffseg_outputs import label_dtype, write_outputs
 from diffprobe.tasks.image_runs import Job, run_job
@@ -42,7 +42,7 @@ def heads_for(bb, settings: DiffSegTaskSettings) -> list:
     heads = [DiffSegHead(settings, size)]
     if settings.labels:
         words = list(settings.labels)
-        heads.append(WordMapsHead(words, token_groups(bb.tokenizer, ", ".join(words), words), settings, size))
+        heads.append(WordMapsHead(words, bb.word_positions(", ".join(words), words), settings, size))
     return heads
 
 

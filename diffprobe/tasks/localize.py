@@ -19,7 +19,6 @@ from PIL import Image
 from diffprobe.config import section
 from diffprobe.data.images import size_of
 from diffprobe.heads.call import analysed_box
-from diffprobe.heads.diffseg.head import token_groups
 from diffprobe.heads.localize import Localization, LocalizeHead, LocalizeSettings
 from diffprobe.io import save_figure, save_json, save_png, save_tensors
 from diffprobe.runfolder import unique_names
@@ -30,7 +29,7 @@ from diffprobe.viz import heat_overlay
 def make_head(bb, settings: LocalizeSettings) -> LocalizeHead:
     size = bb.check_image_size(settings.image_size)
     words = [str(w) for w in settings.words]
-    return LocalizeHead(settings, token_groups(bb.tokenizer, settings.full_prompt(), words), size)
+    return LocalizeHead(settings, bb.word_positions(settings.full_prompt(), words), size)
 
 
 def to_original(box, analysed: tuple[int, int, int, int], size: tuple[int, int]) -> list[float] | None:

@@ -64,12 +64,6 @@ def write_probe(view, head: ProbeHead, tokens: list[str], item: Item, target: Pa
     return {"sites": len(names)}
 
 
-def prompt_tokens(bb, prompt: str) -> list[str]:
-    """The tokens of the padded prompt, for the columns of the cross-attention picture."""
-    ids = bb.tokenizer([prompt], padding="max_length", max_length=bb.max_tokens, truncation=True).input_ids[0]
-    return bb.tokenizer.convert_ids_to_tokens(ids)
-
-
 def make_head(bb, settings: ProbeSettings) -> ProbeHead:
     """The probe head with its site globs resolved (a pattern matching nothing fails here)."""
     head = ProbeHead(settings, bb.check_image_size(settings.image_size))
@@ -87,7 +81,7 @@ def settings_of(cfg: DictConfig) -> ProbeSettings:
 def job(cfg: DictConfig, bb) -> Job:
     """The probe head and the writer of an image's files."""
     settings = settings_of(cfg)
-    head, tokens = make_head(bb, settings), prompt_tokens(bb, settings.prompt)
+    head, tokens = make_head(bb, settings), bb.context_tokens(settings.prompt)
     return Job([head], lambda res, path, image, target: write_probe(res[0], head, tokens, Item(str(path), image),
                                                                     target, cfg.model.name))
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffprobe.backbones import Backbone
-from diffprobe.backends import Conditioning, backend_for
+from diffprobe.backbone import Backbone
+from diffprobe.families import Conditioning, family_for, family_named
 from diffprobe.data.world import vocabulary
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import load_tensors, save_tensors
@@ -131,8 +131,8 @@ def noised_inputs(text_encoder, scheduler, latents: torch.Tensor, ids: torch.Ten
 
 def epsilon_loss(unet, noisy: torch.Tensor, cond: Conditioning, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Epsilon-prediction MSE on noisy latents (B, C, h, w) at t (B,); the denoiser (UNet or transformer) is
-    called as its diffprobe.backends family says."""
-    return F.mse_loss(backend_for(unet).denoise(unet, noisy, t, cond), noise)
+    called as its diffprobe.families family says."""
+    return F.mse_loss(family_for(unet).denoise(unet, noisy, t, cond), noise)
 
 
 def denoising_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor,
@@ -164,7 +164,7 @@ def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents
     if teacher is not None:
         if keep_on is not None:
             with probe.capture(kept, reduce=Reduce(heads="mean"), grad=True) as cache:
-                backend_for(unet).denoise(unet, *keep_on)
+                family_for(unet).denoise(unet, *keep_on)
         target = teacher.maps(*(keep_on or (noisy, t, cond)))
         out["self_attention"] = torch.stack([attention_kl(cache[n], target[n]) for n in kept]).mean()
     return out
@@ -408,7 +408,7 @@ def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
     if cfg.denoiser == "pixart":
         record["parts_from"] = str(parts)
         bb = Backbone(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                      scheduler=scheduler, kind="pixart", name="mini_dit")
+                      scheduler=scheduler, family=family_named("pixart"), name="mini_dit")
         export_transformer(export_to, bb, record, curves, n_samples=cfg.samples, seed=cfg.seed)
     else:
         export_pipeline(export_to, vae, text_encoder, tokenizer, unet, scheduler, record, curves,

@@ -167,19 +167,6 @@ class DiffSegHead(Head):
         return result
 
 
-def token_groups(tokenizer, prompt: str, words: list[str]) -> list[list[int]]:
-    """Positions of each word's tokens in the tokenised `prompt` (first occurrence)."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    groups = []
-    for word in words:
-        sub = tokenizer(word, add_special_tokens=False).input_ids
-        starts = [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
-        if not starts:
-            raise DiffprobeError(f"word {word!r} is not found in the tokenised prompt {prompt!r} (too many words?)")
-        groups.append(list(range(starts[0], starts[0] + len(sub))))
-    return groups
-
-
 class WordMapsHead(Head):
     """Cross-attention maps of words (DiffSeg's semantic labels): one call on the prompt "w1, w2, ...",
     each word's tokens summed, resolutions aggregated with DiffSeg's weights -> (n_words, H, W)."""
@@ -190,16 +177,18 @@ class WordMapsHead(Head):
         self.words, self.token_groups = list(words), groups
         self.settings = replace(settings, prompt=", ".join(words))
         self.size, self.weights = int(image_size), settings.params().weights
-        self.groups: dict[int, list[str]] = {}
+
+    def groups(self, sites: Mapping) -> dict[int, list[str]]:
+        """{divisor: cross-attention site names} of the levels read, from a model's sites or a view's."""
+        return select_divisors(attention_groups(sites, "cross_attn"), self.settings.levels(), "diffseg.divisors")
 
     def plan(self, sites: Mapping) -> Plan:
-        self.groups = select_divisors(attention_groups(sites, "cross_attn"), self.settings.levels(), "diffseg.divisors")
-        names = tuple(n for group in self.groups.values() for n in group)
+        names = tuple(n for group in self.groups(sites).values() for n in group)
         return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt)
 
     def inputs(self, item: Item) -> torch.Tensor:
         return model_input(item.image, self.size, self.settings.crop, self.settings.resize)[0]
 
     def finish(self, view: View, item: Item) -> torch.Tensor:
-        return word_maps(maps_by_grid(view, self.groups), self.token_groups,
+        return word_maps(maps_by_grid(view, self.groups(view.sites)), self.token_groups,
                          output_size(item, self.settings.crop), self.weights)

@@ -1,5 +1,7 @@
 """diffusers UNet2DConditionModel families: SD 1.x, SD 2.x, SDXL and other UNets with cross-attention
-(diffprobe-mini), and the standard `Attention` module they share.
+(diffprobe-mini), the standard `Attention` module they share, and their published and tiny configs (SD 1.5, SD 2.1
+(768) and SDXL base; the tiny ones keep block types, layers per block, transformer depth and added conditioning at
+a few channels).
 
 Sites come from the module tree (down/mid/up blocks; resnets[j] before attentions[j]; transformer blocks in
 order; attn1 before attn2); probabilities are recomputed as softmax(to_q(x) to_k(ctx)^T * scale) from the
@@ -12,12 +14,57 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffprobe.backends.base import Backend, Conditioning, register, token_ids
+from diffprobe.families import tiny
+from diffprobe.families.base import CLIP, Conditioning, Family, TextPart, register, token_ids
 from diffprobe.hooks.attention import split_heads
 from diffprobe.hooks.errors import UnsupportedAttention
 from diffprobe.hooks.sites import OUT, PROBS, RESIDUAL, Site
 
 SD1_DOWN_BLOCKS = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+
+_SD1_BLOCKS = dict(
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    layers_per_block=2,
+    in_channels=4,
+    out_channels=4,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+_SDXL_BLOCKS = dict(
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    layers_per_block=2,
+    in_channels=4,
+    out_channels=4,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    transformer_layers_per_block=[1, 2, 10],
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+)
+
+UNET_CONFIGS: dict[str, dict] = {
+    "sd15": dict(_SD1_BLOCKS, sample_size=64, block_out_channels=[320, 640, 1280, 1280],
+                 cross_attention_dim=768, attention_head_dim=8),
+    "sd21": dict(_SD1_BLOCKS, sample_size=96, block_out_channels=[320, 640, 1280, 1280],
+                 cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
+                 upcast_attention=True),
+    "sdxl": dict(_SDXL_BLOCKS, sample_size=128, block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+                 attention_head_dim=[5, 10, 20], addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+}
+
+TINY_UNET_CONFIGS: dict[str, dict] = {
+    "sd15": dict(_SD1_BLOCKS, sample_size=8, block_out_channels=[32, 32, 64, 64], norm_num_groups=8,
+                 cross_attention_dim=32, attention_head_dim=4),
+    "sd21": dict(_SD1_BLOCKS, sample_size=8, block_out_channels=[32, 32, 64, 64], norm_num_groups=8,
+                 cross_attention_dim=32, attention_head_dim=[2, 4, 8, 8], use_linear_projection=True,
+                 upcast_attention=True),
+    "sdxl": dict(_SDXL_BLOCKS, sample_size=8, block_out_channels=[32, 64, 64], norm_num_groups=8,
+                 cross_attention_dim=64, attention_head_dim=[2, 4, 8], addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=16 + 6 * 8),
+}
 UNREPRODUCED = ("norm_q", "norm_k", "norm_cross", "group_norm", "spatial_norm", "add_k_proj")
 
 
@@ -119,11 +166,28 @@ class StandardAttention:
 
 
 
-class UNetBackend(StandardAttention, Backend):
-    """A UNet2DConditionModel conditioned on one CLIP text encoder's last hidden states (SD 1.x / 2.x, mini)."""
+class UNetFamily(StandardAttention, Family):
+    """A UNet2DConditionModel conditioned on one CLIP text encoder's last hidden states (SD 1.x / 2.x, mini),
+    sampled with DDIM on SD's schedule at guidance 7.5 (SD's customary scale)."""
 
-    def __init__(self, name: str, structure):
+    denoiser_class = "UNet2DConditionModel"
+    denoiser_folder = "unet"
+    text_parts = (TextPart("", ("CLIPTextModel",), CLIP),)
+    scheduler_class = "DDIMScheduler"
+    default_guidance = 7.5
+
+    def __init__(self, name: str, structure, structures: tuple[str, ...] = ()):
         self.name, self._structure = name, structure
+        self.configs = {s: UNET_CONFIGS[s] for s in structures}
+        self.tiny_configs = {s: TINY_UNET_CONFIGS[s] for s in structures}
+
+    def tiny_parts(self, structure: str, words: list[str]) -> dict:
+        tokenizer = tiny.word_tokenizer(words)
+        parts = dict(unet=self.build(structure, tiny=True), vae=tiny.vae(), scheduler=tiny.ddim_schedule(),
+                     text_encoder=tiny.clip_encoder(tokenizer), tokenizer=tokenizer)
+        if len(self.text_parts) > 1:
+            parts.update(text_encoder_2=tiny.clip_encoder(tokenizer, projection=True), tokenizer_2=tokenizer)
+        return parts
 
     def matches(self, model: nn.Module) -> bool:
         from diffusers import UNet2DConditionModel
@@ -155,11 +219,14 @@ class UNetBackend(StandardAttention, Backend):
                                        requires_safety_checker=False)
 
 
-class SDXLBackend(UNetBackend):
+class SDXLFamily(UNetFamily):
     """SDXL: two text encoders' penultimate states side by side, pooled text embeddings and size time ids."""
 
+    text_parts = (TextPart("", ("CLIPTextModel",), CLIP),
+                  TextPart("_2", ("CLIPTextModelWithProjection",), CLIP))
+
     def __init__(self):
-        super().__init__("sdxl", lambda config: config.get("addition_embed_type") == "text_time")
+        super().__init__("sdxl", lambda config: config.get("addition_embed_type") == "text_time", ("sdxl",))
 
     def _time_ids(self, bb, batch: int, size: tuple[int, int]) -> torch.Tensor:
         h, w = size
@@ -192,7 +259,7 @@ def _sd_blocks(config) -> bool:
     return list(config.get("down_block_types", [])) == SD1_DOWN_BLOCKS
 
 
-register(SDXLBackend())
-register(UNetBackend("sd2", lambda c: _sd_blocks(c) and bool(c.get("use_linear_projection"))))
-register(UNetBackend("sd1", lambda c: _sd_blocks(c) and not c.get("use_linear_projection")))
-register(UNetBackend("custom", lambda c: c.get("addition_embed_type") is None))
+register(SDXLFamily())
+register(UNetFamily("sd2", lambda c: _sd_blocks(c) and bool(c.get("use_linear_projection")), ("sd21",)))
+register(UNetFamily("sd1", lambda c: _sd_blocks(c) and not c.get("use_linear_projection"), ("sd15",)))
+register(UNetFamily("custom", lambda c: c.get("addition_embed_type") is None))

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from diffprobe.backbones import load_backbone, save_backbone, tiny_backbone, word_tokenizer
+from diffprobe.families.tiny import word_tokenizer
+from diffprobe.loading import load_backbone, save_backbone, tiny_backbone
 from diffprobe.config import ModelConfig
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
@@ -22,7 +23,7 @@ def test_saved_tiny_pipeline_loads_back_offline(tmp_path, structure, monkeypatch
     assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["unet"][1] == "UNet2DConditionModel"
     assert not list((tmp_path / "pipe").rglob("*.bin"))  # safetensors only
     loaded = load_backbone(ModelConfig(name="saved", path=str(tmp_path / "pipe")))
-    assert loaded.kind == bb.kind and loaded.latent_scale == bb.latent_scale
+    assert loaded.family.name == bb.family.name and loaded.latent_scale == bb.latent_scale
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     lat = encode_images(loaded, x)
     torch.testing.assert_close(lat, encode_images(bb, x))

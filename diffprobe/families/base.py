@@ -1,7 +1,14 @@
-"""What a model family must say about itself (`Backend`), the registry of families, and Conditioning."""
+"""What a model family must say about itself (`Family`), and the Conditioning the denoiser is called with.
+
+A family is one record: how its denoiser's sites are enumerated and its attention read (diffprobe.hooks asks it),
+how prompts become conditioning and the denoiser is called, how it samples and guides, which tokenizer indexes the
+context, which classes load its parts, and its published and tiny configurations. Adding a family is one module in
+this package (it registers itself on import) and its golden site list under tests/golden/.
+"""
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -10,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffprobe.errors import DiffprobeError
 
 
 @dataclass
@@ -46,10 +52,42 @@ class Conditioning:
         return Conditioning(torch.cat([p.context for p in parts]), added)
 
 
-class Backend:
+@dataclass(frozen=True)
+class TextPart:
+    """One text encoder of a family with the tokenizer beside it, under the pipeline's names (slot "" ->
+    text_encoder and tokenizer, "_2" -> text_encoder_2 and tokenizer_2, ...), and the transformers classes that may
+    load them (the first: when model_index.json names none). optional: loaded only when model_index.json names it."""
+
+    slot: str
+    encoders: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+    optional: bool = False
+
+
+CLIP = ("CLIPTokenizer", "CLIPTokenizerFast")
+T5 = ("T5TokenizerFast", "T5Tokenizer")
+
+
+class Family:
     """Per-family facts. Subclasses override what differs; `name` identifies the family ("sd1", "sdxl", ...)."""
 
     name = "base"
+    denoiser_class = ""
+    """The diffusers class of the denoiser (loaded from its folder, `denoiser_folder`)."""
+    denoiser_folder = "transformer"
+    text_parts: tuple[TextPart, ...] = ()
+    context_tokenizer = "tokenizer"
+    """The backbone attribute of the tokenizer whose tokens are the positions of `encode_prompt`'s context."""
+    context_offset = 0
+    """Context positions before the first token of `context_tokenizer` (learned register tokens)."""
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    """The diffusers scheduler the family samples with (its saved schedule read into it)."""
+    default_guidance: float = 0.0
+    """The guidance scale generation uses when none is given (each family states its own)."""
+    configs: dict[str, dict] = {}
+    """Published denoiser configs by structure name (real-sized models built on the meta device: golden lists)."""
+    tiny_configs: dict[str, dict] = {}
+    """Tiny denoiser configs with the same structure, by structure name (tests; `tiny_parts`)."""
     latent_per_token = 1
     """Latent pixels per side of one unit of the spatial size `model_call` reports (FLUX packs 2x2 per token)."""
     default_sample_size: int | None = None
@@ -60,9 +98,11 @@ class Backend:
     upsamples_queries = False
     """For attention captured at its kernel: True when `upsampled_queries` can recompute the queries of the module's
     image input at a finer grid (no rotary embeddings tie them to the token positions)."""
+    no_upsampled_queries = "its queries at upsampled positions would not be the model's"
+    """Why a family that captures at the kernel cannot recompute upsampled queries (said when they are asked for)."""
 
     def matches(self, model: nn.Module) -> bool:
-        """True when this backend describes the denoiser `model`."""
+        """True when this family describes the denoiser `model`."""
         raise NotImplementedError
 
     def sites(self, model: nn.Module) -> dict:
@@ -117,25 +157,23 @@ class Backend:
         a = self.alpha_bar(bb, t).to(latents.device, latents.dtype)
         return a.sqrt() * latents + (1 - a).sqrt() * noise
 
-    default_guidance = 7.5
-    """The guidance scale generation uses when none is given (SD's customary 7.5)."""
     classifier_free = True
     """True when generation combines unconditional and conditional predictions (rows [uncond; cond]); False for
     guidance-distilled models (FLUX.1-dev), which take the guidance scale as conditioning ("guidance", (B,))."""
 
     def sampler(self, bb: Any, num_steps: int, size: tuple[int, int]) -> Any:
-        """A fresh scheduler for generating (H, W) = `size` images in `num_steps` steps, timesteps set: DDIM on
-        SD's schedule, or flow-matching Euler for a rectified-flow family."""
-        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+        """A fresh `scheduler_class` on the backbone's schedule for generating (H, W) = `size` images in
+        `num_steps` steps, timesteps set."""
+        import diffusers
 
-        cls = FlowMatchEulerDiscreteScheduler if self.flow_matching else DDIMScheduler
-        scheduler = cls.from_config(bb.scheduler.config)
+        scheduler = getattr(diffusers, self.scheduler_class).from_config(bb.scheduler.config)
         scheduler.set_timesteps(num_steps, device=bb.device)
         return scheduler
 
     def text_tokens(self, bb: Any) -> int | None:
-        """Length of `encode_prompt`'s context (B, T, D): the tokenizer's padded length."""
-        return None if bb.tokenizer is None else int(bb.tokenizer.model_max_length)
+        """Length of `encode_prompt`'s context (B, T, D): the context tokenizer's padded length after the offset."""
+        tokenizer = getattr(bb, self.context_tokenizer, None)
+        return None if tokenizer is None else self.context_offset + int(tokenizer.model_max_length)
 
     def encode_prompt(self, bb: Any, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """Text conditioning of `prompts` ("" = unconditional) for images of `size` (H, W) pixels."""
@@ -153,6 +191,22 @@ class Backend:
         """A diffusers pipeline holding bb's parts (for saving in diffusers layout)."""
         raise NotImplementedError
 
+    def build(self, structure: str, tiny: bool = False, device: str = "cpu") -> nn.Module:
+        """A denoiser of `structure` with random weights from its published (or tiny) config; device="meta"
+        allocates nothing."""
+        import diffusers
+
+        table = self.tiny_configs if tiny else self.configs
+        if structure not in table:
+            raise KeyError(f"{self.name} has no {'tiny ' if tiny else ''}structure {structure!r}; known: {', '.join(table)}")
+        with torch.device(device):
+            return getattr(diffusers, self.denoiser_class)(**copy.deepcopy(table[structure]))
+
+    def tiny_parts(self, structure: str, words: list[str]) -> dict[str, Any]:
+        """The parts of a tiny random model of `structure` (Backbone fields: unet, vae, scheduler, text encoders
+        and tokenizers), 64 px images, its tokenizers knowing `words` as whole tokens."""
+        raise NotImplementedError
+
 
 @functools.lru_cache(maxsize=None)
 def _signature_of(cls: type) -> inspect.Signature:
@@ -164,9 +218,6 @@ def call_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     return _signature_of(type(model)).bind_partial(None, *args, **kwargs).arguments
 
 
-BACKENDS: list[Backend] = []
-
-
 def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
     """(B, tokenizer.model_max_length) input ids of `prompts`, padded and cut to the tokenizer's length, on `device`."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -174,25 +225,8 @@ def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return ids.to(device)
 
 
-def register(backend: Backend) -> Backend:
-    """Add a family to the table (families registered earlier are tried first)."""
-    if any(b.name == backend.name for b in BACKENDS):
-        raise ValueError(f"a backend named {backend.name!r} is already registered")
-    BACKENDS.append(backend)
-    return backend
+def register(family: Family) -> Family:
+    """Add a family to the table the hooks read (diffprobe.hooks.families)."""
+    from diffprobe.hooks.families import register as add
 
-
-def backend_for(model: nn.Module) -> Backend:
-    """The registered backend that describes `model`; a DiffprobeError naming the class when none does."""
-    for backend in BACKENDS:
-        if backend.matches(model):
-            return backend
-    names = ", ".join(b.name for b in BACKENDS)
-    raise DiffprobeError(f"no diffprobe backend describes a {type(model).__name__} (known families: {names})")
-
-
-def backend_named(name: str) -> Backend:
-    for backend in BACKENDS:
-        if backend.name == name:
-            return backend
-    raise DiffprobeError(f"unknown model family {name!r}; known: {', '.join(b.name for b in BACKENDS)}")
+    return add(family)
