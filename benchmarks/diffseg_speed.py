@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the
 from diffseg_literal import straightforward  # noqa: E402
 from diffseg_planted import planted_attention, voronoi_segmentation  # noqa: E402
 
-from diffprobe.heads.diffseg import DiffSegParams, segment  # noqa: E402
+from diffprobe.heads.diffseg import SegmentSettings, segment  # noqa: E402
 from diffprobe.heads.diffseg.sites import attention_groups, maps_by_grid  # noqa: E402
 from diffprobe.hooks import ProbeRegistry, Reduce  # noqa: E402
 from diffprobe.io import load_tensors, save_tensors  # noqa: E402
@@ -86,7 +86,7 @@ def measured(fn, *args):
 
 
 def fast(maps_by_grid, side, tau, points, merge, out_px):
-    params = DiffSegParams(tau=tau, iterations=3, anchors=points, merge=merge)
+    params = SegmentSettings(tau=tau, iterations=3, anchors=points, merge=merge)
     return segment(maps_by_grid, size=(out_px, out_px), params=params).labels
 
 

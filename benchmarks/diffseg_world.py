@@ -37,15 +37,15 @@ from diffprobe.data.world import render_scene, scene_seed  # noqa: E402
 from diffprobe.data.world.export import coco_fine_labels  # noqa: E402
 from diffprobe.eval.segmentation import PerImageHungarian  # noqa: E402
 from diffprobe.eval.segmentation_baselines import colour_kmeans, one_segment, top_bottom  # noqa: E402
-from diffprobe.heads.diffseg import DiffSegParams, segment  # noqa: E402
-from diffprobe.heads.diffseg.ncut import NcutParams, ncut_segment  # noqa: E402
+from diffprobe.heads.diffseg import SegmentSettings, segment  # noqa: E402
+from diffprobe.heads.diffseg.ncut import NcutSettings, ncut_segment  # noqa: E402
 from diffprobe.heads.pamr import refine_labels  # noqa: E402
 from diffprobe.mini import packaged_path  # noqa: E402
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings  # noqa: E402
 from diffprobe.runner import run_plans  # noqa: E402
 
 TAUS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.7, 0.9, 1.1)
-MODES = {  # name: DiffSegParams overrides
+MODES = {  # name: SegmentSettings overrides
     "reference (float16 KL, default)": {"merge": "reference"},
     "reference, float32 KL": {"merge": "reference", "fp16_kl": False},
     "leaders": {"merge": "leaders"},
@@ -53,7 +53,7 @@ MODES = {  # name: DiffSegParams overrides
 }
 
 NCUT_TAUS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-NCUT = {  # name: NcutParams overrides
+NCUT = {  # name: NcutSettings overrides
     "attention rows, alpha 10 (DiffCut's affinity)": {"affinity": "attention_rows", "alpha": 10.0},
     "attention rows, alpha 3": {"affinity": "attention_rows", "alpha": 3.0},
     "attention (P + P^T) / 2": {"affinity": "attention"},
@@ -100,11 +100,11 @@ def scores(data: list[dict], rule, pamr: bool = False) -> dict:
     return s.row()
 
 
-def diffseg_scores(data: list[dict], params: DiffSegParams, pamr: bool = False) -> dict:
+def diffseg_scores(data: list[dict], params: SegmentSettings, pamr: bool = False) -> dict:
     return scores(data, lambda maps, size: segment(maps, size=size, params=params).labels, pamr)
 
 
-def ncut_scores(data: list[dict], params: NcutParams, pamr: bool = False) -> dict:
+def ncut_scores(data: list[dict], params: NcutSettings, pamr: bool = False) -> dict:
     return scores(data, lambda maps, size: ncut_segment(maps, size, params).labels, pamr)
 
 
@@ -145,25 +145,25 @@ def main() -> None:
     bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path()), "parts_from": args.parts_from})
     head = DiffSegHead(DiffSegSettings(tau=0.2, divisors=args.divisors), bb.sample_size)
     data = {split: scene_data(split, args.n, bb, head) for split in ("val", "test")}
-    sweep = {mode: {tau: diffseg_scores(data["val"], DiffSegParams(tau=tau, **kw)) for tau in TAUS}
+    sweep = {mode: {tau: diffseg_scores(data["val"], SegmentSettings(tau=tau, **kw)) for tau in TAUS}
              for mode, kw in MODES.items()}
     chosen = {mode: max(TAUS, key=lambda t: rows[t]["miou"]) for mode, rows in sweep.items()}
     test = {f"DiffSeg {mode}, tau {chosen[mode]} (best on val)": diffseg_scores(
-        data["test"], DiffSegParams(tau=chosen[mode], **MODES[mode])) for mode in MODES}
+        data["test"], SegmentSettings(tau=chosen[mode], **MODES[mode])) for mode in MODES}
     test["DiffSeg reference, tau 1.1 (the paper's COCO value)"] = diffseg_scores(
-        data["test"], DiffSegParams(tau=1.1))
+        data["test"], SegmentSettings(tau=1.1))
     ref = "reference (float16 KL, default)"
     test[f"DiffSeg {ref}, tau {chosen[ref]} + PAMR"] = diffseg_scores(
-        data["test"], DiffSegParams(tau=chosen[ref], **MODES[ref]), pamr=True)
-    ncut_sweep = {name: {tau: ncut_scores(data["val"], NcutParams(tau=tau, **kw)) for tau in NCUT_TAUS}
+        data["test"], SegmentSettings(tau=chosen[ref], **MODES[ref]), pamr=True)
+    ncut_sweep = {name: {tau: ncut_scores(data["val"], NcutSettings(tau=tau, **kw)) for tau in NCUT_TAUS}
                   for name, kw in NCUT.items()}
     ncut_chosen = {name: max(NCUT_TAUS, key=lambda t: rows[t]["miou"]) for name, rows in ncut_sweep.items()}
     for name, kw in NCUT.items():
-        params = NcutParams(tau=ncut_chosen[name], **kw)
+        params = NcutSettings(tau=ncut_chosen[name], **kw)
         test[f"normalised cut, {name}, tau {ncut_chosen[name]} (best on val)"] = ncut_scores(data["test"], params)
     best = max(NCUT, key=lambda name: ncut_sweep[name][ncut_chosen[name]]["miou"])
     test[f"normalised cut, {best}, tau {ncut_chosen[best]} + PAMR"] = ncut_scores(
-        data["test"], NcutParams(tau=ncut_chosen[best], **NCUT[best]), pamr=True)
+        data["test"], NcutSettings(tau=ncut_chosen[best], **NCUT[best]), pamr=True)
     baselines = {split: baseline_scores(data[split]) for split in ("val", "test")}
 
     print(f"\nDiffSeg on {args.n} world val + {args.n} test scenes, model {args.model or 'diffprobe-mini'}, "
@@ -190,7 +190,7 @@ def main() -> None:
         tau = chosen["reference (float16 KL, default)"]
         for name in RESIZE_FILTERS:
             resized[name] = diffseg_scores(scene_data("test", args.n, bb, head, args.resize_check, name),
-                                           DiffSegParams(tau=tau))
+                                           SegmentSettings(tau=tau))
         print(f"\nTest scenes rendered at {args.resize_check} px, resized to {head.size} px for the model, "
               f"DiffSeg reference at tau {tau}, labels at {args.resize_check} px:\n")
         print("| resize filter | segments per image | pixel accuracy (%) | mIoU (%) |\n|---|---|---|---|")

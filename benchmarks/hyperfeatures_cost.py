@@ -74,11 +74,11 @@ def run_one(S: int, mode: str, size: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_descriptors, extract_features
+    from diffprobe.heads.hyperfeatures.extract import ExtractionSettings, extract_descriptors, extract_features
     from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
 
     bb = _backbone(size)
-    ex = ExtractionConfig(num_steps=S, save_every=1, image_size=size, sample_latent=False)
+    ex = ExtractionSettings(num_steps=S, save_every=1, image_size=size, sample_latent=False)
     model = HyperfeatureModel.build(bb.probe.sites, ex, output_size=size // 8)
     x = torch.rand(1, 3, size, size) * 2 - 1
     held = 0

@@ -53,9 +53,9 @@ def untrained(args, data_args: dict, out: Path, random_tokens: bool, seed: int =
     import torch
 
     from diffprobe.loading import load_backbone
-    from diffprobe.training.keypoints import FitConfig, choose_keypoints, config_dict, initial_embeddings
+    from diffprobe.training.keypoints import FitSettings, choose_keypoints, config_dict, initial_embeddings
     from diffprobe.heads.keypoints.image_sets import ImageSet
-    from diffprobe.heads.keypoints.maps import MapSpec, resolve_sites
+    from diffprobe.heads.keypoints.maps import MapSettings, resolve_sites
     from diffprobe.heads.keypoints.state import KeypointModel, save_model
     from diffprobe.tasks.keypoints_data import split_items
 
@@ -66,8 +66,8 @@ def untrained(args, data_args: dict, out: Path, random_tokens: bool, seed: int =
     if args.model_path:
         model.path = args.model_path
     bb = load_backbone(model)
-    spec = MapSpec(tuple(resolve_sites(bb.probe.sites, args.sites or model.get("keypoints_sites"))), res=32)
-    cfg = FitConfig(sigma=1.0, seed=seed)
+    spec = MapSettings(tuple(resolve_sites(bb.probe.sites, args.sites or model.get("keypoints_sites"))), res=32)
+    cfg = FitSettings(sigma=1.0, seed=seed)
     crop = "none" if data_args["name"] == "celeba" else "center"
     images = ImageSet(split_items(data_args, "fit"), bb.sample_size, crop=crop)
     emb = initial_embeddings(cfg, bb.context_dim)

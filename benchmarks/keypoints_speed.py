@@ -36,19 +36,19 @@ def backbone(name: str):
 
 
 def case(model: str, what: str, iterations: int) -> dict:
-    from diffprobe.training.keypoints import FitConfig, initial_embeddings, iteration_loss
-    from diffprobe.heads.keypoints.maps import MapSpec, default_sites
-    from diffprobe.heads.keypoints.predict import KeypointPredictHead, PredictConfig, ensemble
+    from diffprobe.training.keypoints import FitSettings, initial_embeddings, iteration_loss
+    from diffprobe.heads.keypoints.maps import MapSettings, default_sites
+    from diffprobe.heads.keypoints.predict import KeypointPredictHead, PredictSettings, ensemble
     from diffprobe.runner import run_heads
     from diffprobe.training.keypoints import attention_maps
     from diffprobe.heads.keypoints.state import KeypointModel
 
     torch.set_num_threads(1)
     bb = backbone(model)
-    spec = MapSpec(tuple(default_sites(bb.probe.sites)), res=128)
+    spec = MapSettings(tuple(default_sites(bb.probe.sites)), res=128)
     size = 64 if model == "tiny" else 512
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    cfg = FitConfig()
+    cfg = FitSettings()
     emb = initial_embeddings(cfg, bb.context_dim)
     if what == "fit":
         emb.requires_grad_(True)
@@ -62,7 +62,7 @@ def case(model: str, what: str, iterations: int) -> dict:
         out = {"sec_per_iteration": sec, "iterations_per_s": 1 / sec, "adam_steps_per_s": 1 / (sec * cfg.batch_size)}
     else:
         model_state = KeypointModel(emb, torch.arange(10))
-        head = KeypointPredictHead(spec, model_state, PredictConfig(augmentations=10), size)
+        head = KeypointPredictHead(spec, model_state, PredictSettings(augmentations=10), size)
 
         def predict():
             if what == "predict_batched":                # the head: the 10 views in one batch
@@ -73,7 +73,7 @@ def case(model: str, what: str, iterations: int) -> dict:
                                   for i in range(len(views))])
             return ensemble(maps, head.cfg.transforms()[0], (size, size))
 
-        run_heads(bb, [KeypointPredictHead(spec, model_state, PredictConfig(augmentations=2), size)], image)  # warm-up
+        run_heads(bb, [KeypointPredictHead(spec, model_state, PredictSettings(augmentations=2), size)], image)  # warm-up
         t0 = time.perf_counter()
         for _ in range(iterations):
             predict()

@@ -74,8 +74,8 @@ def main() -> None:
 
     from diffprobe.loading import load_backbone
     from diffprobe.eval.landmarks import inter_ocular_error
-    from diffprobe.training.keypoints import FitConfig, initial_embeddings
-    from diffprobe.heads.keypoints.maps import MapSpec, resolve_sites
+    from diffprobe.training.keypoints import FitSettings, initial_embeddings
+    from diffprobe.heads.keypoints.maps import MapSettings, resolve_sites
     from diffprobe.training.keypoints import attention_maps
 
     torch.manual_seed(0)
@@ -83,11 +83,11 @@ def main() -> None:
     if args.path:
         conf.path = args.path
     bb = load_backbone(conf)
-    spec = MapSpec(tuple(resolve_sites(bb.probe.sites, args.sites)), res=args.res)
+    spec = MapSettings(tuple(resolve_sites(bb.probe.sites, args.sites)), res=args.res)
     x_train, y_train = load_split(args.data, "train", bb.sample_size)
     x_test, y_test = load_split(args.data, "test", bb.sample_size)
     n_marks = y_train.shape[1]
-    fixed = initial_embeddings(FitConfig(), bb.context_dim)
+    fixed = initial_embeddings(FitSettings(), bb.context_dim)
     learned = fixed[:n_marks].clone().requires_grad_(True)
     tokens = torch.arange(n_marks)
     opt = torch.optim.Adam([learned], lr=args.lr)

@@ -32,11 +32,11 @@ from diffprobe.data.images import image_to_tensor  # noqa: E402
 from diffprobe.data.world import render_scene, scene_seed  # noqa: E402
 from diffprobe.eval.wsol import WSOLMeter  # noqa: E402
 from diffprobe.heads.diffseg.head import token_groups  # noqa: E402
-from diffprobe.heads.localize import LocalizeHead, LocalizeSettings, RefineParams, refine  # noqa: E402
+from diffprobe.heads.localize import LocalizeHead, LocalizeSettings, RefineSettings, refine  # noqa: E402
 from diffprobe.mini import packaged_path  # noqa: E402
 from diffprobe.runner import run_plans  # noqa: E402
 
-GRID = {  # method: list of RefineParams overrides swept on val
+GRID = {  # method: list of RefineSettings overrides swept on val
     "raw": [{}],
     "power": [{"power": k} for k in (1, 2, 3, 4, 6, 8)],
     "walk": [{"restart": g} for g in (0.3, 0.5, 0.7, 0.9)],
@@ -66,7 +66,7 @@ def scene_words(split: str, n: int, bb, size: int = 64, divisors=None) -> list[d
     return out
 
 
-def score(data: list[dict], params: RefineParams) -> dict:
+def score(data: list[dict], params: RefineSettings) -> dict:
     meter = WSOLMeter()
     for d in data:
         x = refine(d["map"][None], d["probs"], d["grid"], params).reshape(1, 1, *d["grid"])
@@ -88,10 +88,10 @@ def main() -> None:
     start, load = time.time(), os.getloadavg()[0]
     bb = load_backbone({"name": "mini", "path": str(args.model or packaged_path())})
     data = {split: scene_words(split, args.n, bb, divisors=args.divisors) for split in ("val", "test")}
-    sweep = {m: [(kw, score(data["val"], RefineParams(method=m.split(",")[0], **kw))) for kw in grid]
+    sweep = {m: [(kw, score(data["val"], RefineSettings(method=m.split(",")[0], **kw))) for kw in grid]
              for m, grid in GRID.items()}
     chosen = {m: max(rows, key=lambda r: r[1]["max_box_acc_v2"]) for m, rows in sweep.items()}
-    test = {m: score(data["test"], RefineParams(method=m.split(",")[0], **kw)) for m, (kw, _) in chosen.items()}
+    test = {m: score(data["test"], RefineSettings(method=m.split(",")[0], **kw)) for m, (kw, _) in chosen.items()}
     print(f"\nLocalisation on {args.n} world val + {args.n} test scenes ({len(data['val'])} / {len(data['test'])} "
           f"words), model {args.model or 'diffprobe-mini'}, levels "
           f"{'all' if args.divisors is None else 'at divisors ' + str(args.divisors)}, {time.time() - start:.0f} s, "

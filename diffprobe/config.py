@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 
 @dataclass
-class ModelConfig:
+class ModelSettings:
     name: str = "tiny_sd15"
     tiny: str | None = None  # structure of a tiny random model ("sd15", "sd21", "sdxl", "pixart", "sd3"), else None
     path: str | None = None  # local diffusers directory
@@ -26,7 +26,7 @@ class ModelConfig:
 
 
 @dataclass
-class RunConfig:
+class RunSettings:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
@@ -86,7 +86,7 @@ def keys_of(settings: type, exclude: tuple[str, ...] = (), limits: dict | None =
     specs = [(f.name, hints[f.name], dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING
               else dataclasses.field(default_factory=f.default_factory))
              for f in dataclasses.fields(settings) if f.name not in exclude]
-    return dataclasses.make_dataclass(f"{settings.__name__}Keys", specs, namespace={"LIMITS": limits or {}})
+    return dataclasses.make_dataclass(settings.__name__, specs, namespace={"LIMITS": limits or {}})
 
 
 def section(cfg: DictConfig, name: str, schema: type[T], model_defaults: dict[str, str] | None = None) -> T:
@@ -107,8 +107,8 @@ def run_fingerprint(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def run_config(cfg: DictConfig) -> RunConfig:
-    run = typed(cfg, RunConfig, "run")
+def run_config(cfg: DictConfig) -> RunSettings:
+    run = typed(cfg, RunSettings, "run")
     if run.dtype not in ("float32", "float16", "bfloat16"):
         raise DiffprobeError(f"dtype must be float32, float16 or bfloat16, not {run.dtype!r}")
     if run.attention_capture not in ("recompute", "reuse"):
@@ -121,7 +121,7 @@ def load_configured_backbone(cfg: DictConfig):
     from diffprobe.loading import load_backbone
 
     run = run_config(cfg)
-    model = typed(cfg.model, ModelConfig, "model")
+    model = typed(cfg.model, ModelSettings, "model")
     from diffprobe import distributed
 
     device = distributed.device() if distributed.launched() and run.device == "cuda" else run.device

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from diffprobe import distributed
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.training import hyperfeatures as training
-from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig
+from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorSettings
 
 LAYERS, CHANNELS = ["a", "b"], [8, 16]
 
@@ -35,7 +35,7 @@ class Source:
 def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = AggregationNetwork(AggregatorConfig(LAYERS, CHANNELS, num_steps=2, output_size=8, projection_dim=16))
+    net = AggregationNetwork(AggregatorSettings(LAYERS, CHANNELS, num_steps=2, output_size=8, projection_dim=16))
     source = Source()
     rng = np.random.default_rng(0)
     pairs = [CorrespondencePair(f"s{k}", f"t{k}", rng.uniform(0, 32, (5, 2)), rng.uniform(0, 32, (5, 2)))
@@ -48,7 +48,7 @@ def main() -> None:
             return super().step(closure)
 
     training.torch.optim.AdamW = Recording
-    training.train(net, source, pairs, [], training.TrainConfig(steps=1, batch=2, val_every=1), sys.argv[2],
+    training.train(net, source, pairs, [], training.AggregatorTrainSettings(steps=1, batch=2, val_every=1), sys.argv[2],
                    progress=False)
     if distributed.shard()[0] == 0:
         save_file(seen, sys.argv[1])

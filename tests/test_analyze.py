@@ -29,19 +29,19 @@ def learned_state(tmp: Path) -> tuple[Path, Path]:
     import torch
 
     from diffprobe.loading import load_backbone
-    from diffprobe.heads.hyperfeatures.extract import ExtractionConfig
+    from diffprobe.heads.hyperfeatures.extract import ExtractionSettings
     from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
-    from diffprobe.heads.keypoints.maps import MapSpec
+    from diffprobe.heads.keypoints.maps import MapSettings
     from diffprobe.heads.keypoints.state import KeypointModel, save_model
     from diffprobe.mini import packaged_path
 
     bb = load_backbone({"path": str(packaged_path())})
     sites = ("up_blocks.3.attentions.0.transformer_blocks.0.attn2.hook_probs",)
-    spec = MapSpec(sites, res=32, timestep=0, noise=True)
+    spec = MapSettings(sites, res=32, timestep=0, noise=True)
     emb = torch.randn(12, bb.context_dim, generator=torch.Generator().manual_seed(0))
     keypoints = save_model(tmp / "keypoints", KeypointModel(emb, torch.tensor([3, 7, 1]), {
         "maps": {**spec.__dict__, "sites": list(sites)}, "image_size": 64, "crop": "center", "resize": "bilinear"}))
-    extraction = ExtractionConfig(layers="up_blocks.*.resnets.*.hook_residual", num_steps=4, save_every=2,
+    extraction = ExtractionSettings(layers="up_blocks.*.resnets.*.hook_residual", num_steps=4, save_every=2,
                                   image_size=64)
     weights = HyperfeatureModel.build(bb.probe.sites, extraction, output_size=8, projection_dim=16).save(tmp / "hf")
     return keypoints, weights

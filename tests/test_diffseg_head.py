@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.diffseg import DiffSegParams, aggregate, non_max_suppression, segment, symmetric_kl
+from diffprobe.heads.diffseg import SegmentSettings, aggregate, non_max_suppression, segment, symmetric_kl
 from diffprobe.heads.diffseg.semantics import vote_words, word_maps
 from diffseg_planted import block_segmentation, planted_attention, same_partition
 
@@ -94,7 +94,7 @@ def test_aggregation_custom_weights_and_errors():
 def test_planted_segmentation_is_recovered(merge, fp16_kl, refine):
     seg = block_segmentation(16)
     maps = {s: planted_attention(seg, s, layers=2, noise=0.05, seed=s) for s in (16, 8, 4)}
-    params = DiffSegParams(tau=0.9, iterations=3, anchors=8, merge=merge, fp16_kl=fp16_kl, refine=refine)
+    params = SegmentSettings(tau=0.9, iterations=3, anchors=8, merge=merge, fp16_kl=fp16_kl, refine=refine)
     res = segment(maps, size=(16, 16), params=params)
     assert res.labels.shape == (16, 16)
     assert res.num_segments == 5
@@ -105,7 +105,7 @@ def test_planted_segmentation_is_recovered(merge, fp16_kl, refine):
 def test_planted_segmentation_any_output_size():
     seg = block_segmentation(16)
     maps = {s: planted_attention(seg, s) for s in (16, 8, 4)}
-    res = segment(maps, size=(40, 72), params=DiffSegParams(anchors=8))
+    res = segment(maps, size=(40, 72), params=SegmentSettings(anchors=8))
     assert res.labels.shape == (40, 72)
     truth = F.interpolate(seg[None, None].float(), size=(40, 72), mode="nearest")[0, 0].long()
     # away from region boundaries the labels agree exactly (up to permutation)
@@ -118,8 +118,8 @@ def test_planted_segmentation_any_output_size():
 def test_segment_is_deterministic():
     seg = block_segmentation(16)
     maps = {s: planted_attention(seg, s, noise=0.3, seed=7) for s in (16, 8)}
-    a = segment(maps, params=DiffSegParams(anchors=8, tau=0.5))
-    b = segment(maps, params=DiffSegParams(anchors=8, tau=0.5))
+    a = segment(maps, params=SegmentSettings(anchors=8, tau=0.5))
+    b = segment(maps, params=SegmentSettings(anchors=8, tau=0.5))
     assert a.labels.shape == (128, 128)
     assert torch.equal(a.labels, b.labels)
 
@@ -136,12 +136,12 @@ def test_nms_argmax_chunked_and_ties():
 
 def test_params_validation():
     with pytest.raises(DiffprobeError):
-        DiffSegParams(iterations=1)
+        SegmentSettings(iterations=1)
     with pytest.raises(DiffprobeError):
-        DiffSegParams(tau=[1.0, 1.0])
+        SegmentSettings(tau=[1.0, 1.0])
     with pytest.raises(DiffprobeError):
-        DiffSegParams(merge="greedy")
-    assert DiffSegParams(tau=[1.0, 0.5, 0.2]).taus() == [1.0, 0.5, 0.2]
+        SegmentSettings(merge="greedy")
+    assert SegmentSettings(tau=[1.0, 0.5, 0.2]).taus() == [1.0, 0.5, 0.2]
 
 
 def test_word_voting():
@@ -160,6 +160,6 @@ def test_planted_voronoi_regions_are_recovered():
     from diffseg_planted import voronoi_segmentation
 
     seg = voronoi_segmentation(32, regions=12, seed=3)
-    res = segment({32: planted_attention(seg, 32, noise=0.2)}, size=(32, 32), params=DiffSegParams(tau=1.1))
+    res = segment({32: planted_attention(seg, 32, noise=0.2)}, size=(32, 32), params=SegmentSettings(tau=1.1))
     assert res.num_segments == 12
     assert same_partition(res.labels, seg)

@@ -101,14 +101,14 @@ def test_kmeans_refinement_moves_to_cluster_means_and_drops_empty():
 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_reference_mode_matches_the_literal_reference_algorithm(fp16):
-    from diffprobe.heads.diffseg import DiffSegParams, segment
+    from diffprobe.heads.diffseg import SegmentSettings, segment
     from diffseg_literal import straightforward
     from diffseg_planted import planted_attention, voronoi_segmentation
 
     seg = voronoi_segmentation(16, regions=9, seed=1)
     maps = {(s, s): planted_attention(seg, s, layers=2, noise=0.8, floor=1e-6, seed=s) for s in (16, 8, 4, 2)}
     literal = straightforward(maps, 16, tau=1.1, points=8, chunk=16, out_px=40, fp16=fp16)
-    res = segment(maps, size=(40, 40), params=DiffSegParams(tau=1.1, anchors=8, merge="reference", fp16_kl=fp16))
+    res = segment(maps, size=(40, 40), params=SegmentSettings(tau=1.1, anchors=8, merge="reference", fp16_kl=fp16))
     assert len(torch.unique(literal)) > 3
     # same partition, and same label order (both number proposals in the reference's order)
     _, literal_compact = torch.unique(literal, return_inverse=True)

@@ -8,12 +8,12 @@ from hyperfeatures_fixtures import tiny_sd15
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.extract import (
-    ExtractionConfig,
+    ExtractionSettings,
     extract_descriptors,
     extract_features,
     run_extraction,
 )
-from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig
+from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorSettings
 
 LAYERS = "up_blocks.*.resnets.*.hook_residual"
 
@@ -55,21 +55,21 @@ def test_residual_site_equals_block_output_times_scale_minus_shortcut(model):
 
 
 def test_default_saved_steps_are_the_reference_calls():
-    cfg = ExtractionConfig()
+    cfg = ExtractionSettings()
     assert cfg.saved_calls() == [0, 4, 9, 14, 19, 24, 29, 34, 39, 44, 49]
     # with 50 inversion calls at t = -1, 0, 20, ..., 960 these are t = -1, 60, 160, ..., 960
     t = [-1] + [20 * i for i in range(49)]
     assert [t[i] for i in cfg.saved_calls()] == [-1, 60, 160, 260, 360, 460, 560, 660, 760, 860, 960]
-    assert ExtractionConfig(process="one_step").saved_calls() == [0]
+    assert ExtractionSettings(process="one_step").saved_calls() == [0]
     with pytest.raises(DiffprobeError):
-        ExtractionConfig(process="noise")
+        ExtractionSettings(process="noise")
     with pytest.raises(DiffprobeError):
-        ExtractionConfig(num_steps=4, saved_steps=[5])
+        ExtractionSettings(num_steps=4, saved_steps=[5])
 
 
 def test_consumer_gets_each_saved_step_once_with_its_timestep(model):
     bb, probe = model
-    cfg = ExtractionConfig(num_steps=5, save_every=2, image_size=64)  # calls t=-1,0,200,400,600 -> keep 0,2,4
+    cfg = ExtractionSettings(num_steps=5, save_every=2, image_size=64)  # calls t=-1,0,200,400,600 -> keep 0,2,4
     got = []
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     ts, generated = run_extraction(bb, x, cfg, lambda s, f: got.append((s, sorted(f))))
@@ -115,10 +115,10 @@ def test_streaming_memory_does_not_grow_with_saved_steps_but_holding_does(model)
     names = probe.select(LAYERS)
     peaks = {}
     for S in (1, 4):
-        cfg = ExtractionConfig(num_steps=S, save_every=1, image_size=64)
+        cfg = ExtractionSettings(num_steps=S, save_every=1, image_size=64)
         assert cfg.num_saved == S
         torch.manual_seed(0)
-        net = AggregationNetwork(AggregatorConfig.from_sites([probe.sites[n] for n in names], S,
+        net = AggregationNetwork(AggregatorSettings.from_sites([probe.sites[n] for n in names], S,
                                                              output_size=16, projection_dim=32))
         with torch.no_grad():
             agg = net.stream()
@@ -133,9 +133,9 @@ def test_streaming_memory_does_not_grow_with_saved_steps_but_holding_does(model)
 def test_descriptors_and_features_agree(model):
     bb, probe = model
     names = probe.select(LAYERS)
-    cfg = ExtractionConfig(num_steps=3, save_every=1, image_size=64, sample_latent=False)
+    cfg = ExtractionSettings(num_steps=3, save_every=1, image_size=64, sample_latent=False)
     torch.manual_seed(0)
-    net = AggregationNetwork(AggregatorConfig.from_sites([probe.sites[n] for n in names], 3,
+    net = AggregationNetwork(AggregatorSettings.from_sites([probe.sites[n] for n in names], 3,
                                                          output_size=16, projection_dim=32))
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -147,7 +147,7 @@ def test_descriptors_and_features_agree(model):
 
 def test_generation_steps_are_mirrored_into_noise_order_and_keep_the_cond_half(model):
     bb, probe = model
-    cfg = ExtractionConfig(process="generation", num_steps=4, save_every=2, image_size=64)  # inversion calls 0, 1, 3
+    cfg = ExtractionSettings(process="generation", num_steps=4, save_every=2, image_size=64)  # inversion calls 0, 1, 3
     got = {}
     ts, images = run_extraction(bb, None, cfg, lambda s, f: got.setdefault(s, f), prompts=["a cat", "a dog"])
     assert images.shape == (2, 3, 64, 64) and 0 <= images.min() and images.max() <= 1

@@ -6,7 +6,7 @@ import torch
 
 from diffprobe.loading import build_denoiser
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig, Bottleneck, resize
+from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorSettings, Bottleneck, resize
 from diffprobe.hooks import ProbeRegistry
 
 
@@ -21,7 +21,7 @@ def test_sd15_dims_give_about_6_5m_parameters_and_132_mixing_weights():
     probe = ProbeRegistry(build_denoiser("sd15", device="meta"))
     sites = [probe.sites[n] for n in probe.select("up_blocks.*.resnets.*.hook_residual")]
     assert [s.channels for s in sites] == [1280] * 6 + [640] * 3 + [320] * 3
-    net = AggregationNetwork(AggregatorConfig.from_sites(sites, num_steps=11))
+    net = AggregationNetwork(AggregatorSettings.from_sites(sites, num_steps=11))
     assert net.mixing.numel() == 132
     assert net.num_parameters() == _hand_count([1280] * 6 + [640] * 3 + [320] * 3, 11) == 6_529_668
     assert net.bottlenecks[0].conv1[1].num_groups == 32 and net.bottlenecks[0].conv3[1].num_groups == 32
@@ -29,7 +29,7 @@ def test_sd15_dims_give_about_6_5m_parameters_and_132_mixing_weights():
 
 def _small_net(steps=3, size=8):
     torch.manual_seed(0)
-    cfg = AggregatorConfig(layers=["a", "b"], channels=[6, 8], num_steps=steps, output_size=size, projection_dim=16)
+    cfg = AggregatorSettings(layers=["a", "b"], channels=[6, 8], num_steps=steps, output_size=size, projection_dim=16)
     return AggregationNetwork(cfg)
 
 

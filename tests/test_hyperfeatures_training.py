@@ -6,22 +6,22 @@ import torch
 from hyperfeatures_fixtures import SIZE, planted_pairs, tiny_sd15
 
 from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs
-from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, layer_names
-from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig
-from diffprobe.training.hyperfeatures import FeatureSource, TrainConfig, descriptor_fn, pair_order, train
+from diffprobe.heads.hyperfeatures.extract import ExtractionSettings, layer_names
+from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorSettings
+from diffprobe.training.hyperfeatures import FeatureSource, AggregatorTrainSettings, descriptor_fn, pair_order, train
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     bb, probe = tiny_sd15()
-    ex = ExtractionConfig(num_steps=2, save_every=1, image_size=SIZE)
+    ex = ExtractionSettings(num_steps=2, save_every=1, image_size=SIZE)
     names = layer_names(probe.sites, ex.layers)
     source = FeatureSource(bb, ex, names)
     sites = [probe.sites[n] for n in names]
 
     def new_net():
         torch.manual_seed(0)
-        return AggregationNetwork(AggregatorConfig.from_sites(sites, ex.num_saved, output_size=16, projection_dim=32))
+        return AggregationNetwork(AggregatorSettings.from_sites(sites, ex.num_saved, output_size=16, projection_dim=32))
 
     return planted_pairs(root), source, new_net
 
@@ -31,7 +31,7 @@ def test_training_lowers_loss_and_raises_pck(setup, tmp_path):
     net = new_net()
     before = evaluate_pairs(descriptor_fn(net, source), pairs, SIZE).summary()
     # the reference's c2_msra_fill start needs about twice the steps of PyTorch's default init here
-    history = train(net, source, pairs, pairs, TrainConfig(steps=48, val_every=24), tmp_path / "ck", progress=False)
+    history = train(net, source, pairs, pairs, AggregatorTrainSettings(steps=48, val_every=24), tmp_path / "ck", progress=False)
     loss = [v for _, v in history["loss"]]
     assert np.mean(loss[-6:]) < np.mean(loss[:6]) - 1.0
     assert [r[0] for r in history["val"]] == [24, 48]
@@ -44,11 +44,11 @@ def test_training_lowers_loss_and_raises_pck(setup, tmp_path):
 def test_resume_continues_exactly(setup, tmp_path):
     pairs, source, new_net = setup
     straight = new_net()
-    train(straight, source, pairs, [], TrainConfig(steps=8, val_every=4), tmp_path / "a", progress=False)
+    train(straight, source, pairs, [], AggregatorTrainSettings(steps=8, val_every=4), tmp_path / "a", progress=False)
     first = new_net()
-    train(first, source, pairs, [], TrainConfig(steps=4, val_every=4), tmp_path / "b", progress=False)
+    train(first, source, pairs, [], AggregatorTrainSettings(steps=4, val_every=4), tmp_path / "b", progress=False)
     resumed = new_net()
-    history = train(resumed, source, pairs, [], TrainConfig(steps=8, val_every=4), tmp_path / "c",
+    history = train(resumed, source, pairs, [], AggregatorTrainSettings(steps=8, val_every=4), tmp_path / "c",
                     resume=tmp_path / "b", progress=False)
     assert [s for s, _ in history["loss"]] == list(range(1, 9))
     for k, v in straight.state_dict().items():
@@ -65,13 +65,14 @@ def test_a_rerun_in_the_same_folder_continues_and_other_settings_are_refused(set
 
     pairs, source, new_net = setup
     straight = new_net()
-    train(straight, source, pairs, [], TrainConfig(steps=8, val_every=4), tmp_path / "a", progress=False)
+    train(straight, source, pairs, [], AggregatorTrainSettings(steps=8, val_every=4), tmp_path / "a", progress=False)
     first = new_net()
-    train(first, source, pairs, [], TrainConfig(steps=4, val_every=4), tmp_path / "b", progress=False)
+    train(first, source, pairs, [], AggregatorTrainSettings(steps=4, val_every=4), tmp_path / "b", progress=False)
     again = new_net()
-    history = train(again, source, pairs, [], TrainConfig(steps=8, val_every=4), tmp_path / "b", progress=False)
+    history = train(again, source, pairs, [], AggregatorTrainSettings(steps=8, val_every=4), tmp_path / "b", progress=False)
     assert [s for s, _ in history["loss"]] == list(range(1, 9))
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(again.state_dict()[k], v, msg=k)
     with pytest.raises(DiffprobeError, match="other settings.*lr"):
-        train(new_net(), source, pairs, [], TrainConfig(steps=9, val_every=4, lr=5e-3), tmp_path / "b", progress=False)
+        train(new_net(), source, pairs, [], AggregatorTrainSettings(steps=9, val_every=4, lr=5e-3), tmp_path / "b",
+              progress=False)

@@ -10,10 +10,10 @@ from PIL import Image
 from diffprobe.loading import tiny_backbone
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange
-from diffprobe.training.keypoints import FitConfig, attention_maps, fit, fit_embeddings
+from diffprobe.training.keypoints import FitSettings, attention_maps, fit, fit_embeddings
 from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
-from diffprobe.heads.keypoints.maps import MapSpec, default_sites
-from diffprobe.heads.keypoints.predict import PredictConfig
+from diffprobe.heads.keypoints.maps import MapSettings, default_sites
+from diffprobe.heads.keypoints.predict import PredictSettings
 from diffprobe.heads.keypoints.state import load_model, save_model
 from diffprobe.hooks import ProbeRegistry
 
@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
         items.append(LandmarkItem(root / f"{i}.png"))
     bb = tiny_backbone("sd15")
     probe = ProbeRegistry(bb.unet)
-    spec = MapSpec(tuple(default_sites(probe.sites)), res=16)
+    spec = MapSettings(tuple(default_sites(probe.sites)), res=16)
     return bb, probe, spec, ImageSet(items, 64)
 
 
@@ -45,9 +45,9 @@ def test_short_fit_lowers_the_loss(setup):
     bb, probe, spec, images = setup
     # a deterministic objective: one image, identity transform, clean latent; only Adam moves the loss
     one = ImageSet(images.items[:1], 64)
-    cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=8, batch_size=1, lr=0.05,
+    cfg = FitSettings(num_tokens=8, top_k=2, candidates=4, steps=8, batch_size=1, lr=0.05,
                     affine=AffineRange(0.0, (1.0, 1.0), 0.0))
-    _, history = fit_embeddings(bb, MapSpec(spec.sites, spec.res, noise=False), cfg, one, progress=False)
+    _, history = fit_embeddings(bb, MapSettings(spec.sites, spec.res, noise=False), cfg, one, progress=False)
     loss = [row["loss"] for row in history]
     assert loss[-1] < 0.97 * loss[0]
     assert all(b < a for a, b in zip(loss, loss[1:]))
@@ -55,7 +55,7 @@ def test_short_fit_lowers_the_loss(setup):
 
 def test_fit_writes_a_loadable_model(setup, tmp_path):
     bb, probe, spec, images = setup
-    cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=3, batch_size=2, lr=0.02, num_indices=3,
+    cfg = FitSettings(num_tokens=8, top_k=2, candidates=4, steps=3, batch_size=2, lr=0.02, num_indices=3,
                     checkpoint_every=2)
     res = fit(bb, spec, cfg, images, out_dir=tmp_path, progress=False)
     assert [row["step"] for row in res.history] == [1, 2, 3]
@@ -67,7 +67,7 @@ def test_fit_writes_a_loadable_model(setup, tmp_path):
     back = load_model(path)
     torch.testing.assert_close(back.embeddings, res.model.embeddings)
     assert back.indices.tolist() == res.model.indices.tolist()
-    assert MapSpec.from_dict(back.config["maps"]) == spec
+    assert MapSettings.from_dict(back.config["maps"]) == spec
     assert (tmp_path / "checkpoint.safetensors").is_file()
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DiffprobeError):
@@ -76,7 +76,7 @@ def test_fit_writes_a_loadable_model(setup, tmp_path):
 
 def test_resume_continues_exactly(setup, tmp_path):
     bb, probe, spec, images = setup
-    cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=2, lr=0.02, checkpoint_every=2)
+    cfg = FitSettings(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=2, lr=0.02, checkpoint_every=2)
     full, _ = fit_embeddings(bb, spec, cfg, images, progress=False)
 
     def interrupt(history):
@@ -89,7 +89,7 @@ def test_resume_continues_exactly(setup, tmp_path):
     assert [row["step"] for row in history] == [1, 2, 3, 4]
     torch.testing.assert_close(resumed, full)
     with pytest.raises(DiffprobeError, match="num_tokens"):
-        fit_embeddings(bb, spec, FitConfig(num_tokens=9, top_k=2, candidates=4, steps=4), images,
+        fit_embeddings(bb, spec, FitSettings(num_tokens=9, top_k=2, candidates=4, steps=4), images,
                        resume=tmp_path, progress=False)
 
 
@@ -103,8 +103,8 @@ def test_prediction_head_ensembles_its_views_as_computed_one_at_a_time_and_reads
     model = KeypointModel(torch.randn(8, bb.context_dim, generator=torch.Generator().manual_seed(1)),
                           torch.tensor([5, 2, 7]))
     image = images.tensor(0)
-    spec0 = MapSpec(spec.sites, spec.res, noise=False)      # deterministic UNet input for the comparison
-    cfg = PredictConfig(augmentations=4, affine=AffineRange(10, (0.9, 1.0), 0.1))
+    spec0 = MapSettings(spec.sites, spec.res, noise=False)      # deterministic UNet input for the comparison
+    cfg = PredictSettings(augmentations=4, affine=AffineRange(10, (0.9, 1.0), 0.1))
     head = KeypointPredictHead(spec0, model, cfg, 64)
     (pred,) = run_heads(bb, [head], image)
     thetas, _ = cfg.transforms()
@@ -135,7 +135,7 @@ def test_prediction_head_ensembles_its_views_as_computed_one_at_a_time_and_reads
 def test_maps_and_gradients_on_other_structures(structure):
     bb = tiny_backbone(structure)
     probe = ProbeRegistry(bb.unet)
-    spec = MapSpec(tuple(default_sites(probe.sites)), res=8)
+    spec = MapSettings(tuple(default_sites(probe.sites)), res=8)
     assert len(spec.sites) == 4 and all(probe.sites[s].direction == "up" for s in spec.sites)
     emb = torch.randn(6, bb.context_dim, requires_grad=True)
     maps = attention_maps(bb, spec, torch.zeros(1, 3, 64, 64), emb)
@@ -165,7 +165,7 @@ def test_localisation_is_on_the_original_images_maps_and_views_are_black_outside
         return torch.stack([sharp, flat]) + 0 * embeddings.sum()
 
     monkeypatch.setattr(fit_module, "attention_maps", planted)
-    cfg = FitConfig(num_tokens=8, top_k=2, candidates=4, affine=AffineRange(0.0, (1.0, 1.0), 0.4))
+    cfg = FitSettings(num_tokens=8, top_k=2, candidates=4, affine=AffineRange(0.0, (1.0, 1.0), 0.4))
     emb = torch.zeros(8, bb.context_dim, requires_grad=True)
     white = torch.ones(1, 3, 64, 64)
     _, parts = fit_module.iteration_loss(bb, spec, cfg, white, emb, torch.Generator().manual_seed(3))
@@ -182,7 +182,7 @@ def test_prediction_views_are_black_outside(setup):
 
     bb, probe, spec, _ = setup
     model = KeypointModel(torch.zeros(8, bb.context_dim), torch.tensor([1, 3]))
-    cfg = PredictConfig(augmentations=3, affine=AffineRange(0.0, (1.0, 1.0), 0.4), seed=1)
+    cfg = PredictSettings(augmentations=3, affine=AffineRange(0.0, (1.0, 1.0), 0.4), seed=1)
     views = KeypointPredictHead(spec, model, cfg, 64).inputs(torch.ones(1, 3, 64, 64))
     corners = views[..., [0, 0, -1, -1], [0, -1, 0, -1]]
     assert (corners.min(dim=-1).values == -1.0).all()       # every shifted view has black where it left the image
@@ -190,7 +190,7 @@ def test_prediction_views_are_black_outside(setup):
 
 def test_checkpoints_by_time_and_a_rerun_in_the_same_folder_continues(setup, tmp_path, caplog):
     bb, probe, spec, images = setup
-    every_step = FitConfig(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=1, lr=0.02,
+    every_step = FitSettings(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=1, lr=0.02,
                            checkpoint_every=100, checkpoint_minutes=1e-9)  # by count: never; by time: always
     full, _ = fit_embeddings(bb, spec, every_step, images, progress=False)
     seen = []
@@ -209,7 +209,7 @@ def test_checkpoints_by_time_and_a_rerun_in_the_same_folder_continues(setup, tmp
     assert [row["step"] for row in history] == [1, 2, 3, 4]
     torch.testing.assert_close(resumed, full)
     with pytest.raises(DiffprobeError, match="other settings"):
-        fit_embeddings(bb, spec, FitConfig(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=1, lr=0.05),
+        fit_embeddings(bb, spec, FitSettings(num_tokens=8, top_k=2, candidates=4, steps=4, batch_size=1, lr=0.05),
                        images, out_dir=tmp_path, progress=False)
 
 

@@ -229,10 +229,10 @@ def test_the_keypoint_keys_are_the_heads_settings_written_once():
     from dataclasses import asdict, fields
 
     from diffprobe.heads.keypoints.affine import AffineRange
-    from diffprobe.training.keypoints import FitConfig
-    from diffprobe.heads.keypoints.predict import PredictConfig
-    from diffprobe.tasks.keypoints import AffineKeys, FitKeys, PredictKeys
+    from diffprobe.training.keypoints import FitSettings
+    from diffprobe.heads.keypoints.predict import PredictSettings
+    from diffprobe.tasks.keypoints import AFFINE_KEYS, FIT_KEYS, PREDICT_KEYS
 
-    for keys, head in ((FitKeys, FitConfig), (PredictKeys, PredictConfig), (AffineKeys, AffineRange)):
+    for keys, head in ((FIT_KEYS, FitSettings), (PREDICT_KEYS, PredictSettings), (AFFINE_KEYS, AffineRange)):
         wanted = {k: v for k, v in asdict(head()).items() if k not in ("affine", "seed")}
         assert asdict(keys()) == wanted and [f.name for f in fields(keys)] == list(wanted)

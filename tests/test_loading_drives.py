@@ -7,7 +7,7 @@ import torch
 
 from diffprobe.families.tiny import word_tokenizer
 from diffprobe.loading import load_backbone, save_backbone, tiny_backbone
-from diffprobe.config import ModelConfig
+from diffprobe.config import ModelSettings
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import BatchLayout, ProbeRegistry, Reduce
 from diffprobe.drives import (
@@ -22,7 +22,7 @@ def test_saved_tiny_pipeline_loads_back_offline(tmp_path, structure, monkeypatch
     save_backbone(bb, tmp_path / "pipe")
     assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["unet"][1] == "UNet2DConditionModel"
     assert not list((tmp_path / "pipe").rglob("*.bin"))  # safetensors only
-    loaded = load_backbone(ModelConfig(name="saved", path=str(tmp_path / "pipe")))
+    loaded = load_backbone(ModelSettings(name="saved", path=str(tmp_path / "pipe")))
     assert loaded.family.name == bb.family.name and loaded.latent_scale == bb.latent_scale
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     lat = encode_images(loaded, x)
@@ -35,15 +35,15 @@ def test_saved_tiny_pipeline_loads_back_offline(tmp_path, structure, monkeypatch
 def test_missing_and_pickled_weights_give_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(DiffprobeError, match="not a diffusers model directory.*model.path="):
-        load_backbone(ModelConfig(name="x", path=str(tmp_path / "nowhere"), repo_id="org/model"))
+        load_backbone(ModelSettings(name="x", path=str(tmp_path / "nowhere"), repo_id="org/model"))
     with pytest.raises(DiffprobeError, match="org/model.*not in the Hugging Face cache.*`hf download org/model`"):
-        load_backbone(ModelConfig(name="x", repo_id="org/model"))
+        load_backbone(ModelSettings(name="x", repo_id="org/model"))
     bb = tiny_backbone("sd15")
     save_backbone(bb, tmp_path / "pipe")
     for f in (tmp_path / "pipe" / "unet").glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))  # as if only pickled weights were there
     with pytest.raises(DiffprobeError, match="unet/.*safetensors"):
-        load_backbone(ModelConfig(name="x", path=str(tmp_path / "pipe")))
+        load_backbone(ModelSettings(name="x", path=str(tmp_path / "pipe")))
 
 
 def test_word_tokenizer_keeps_words_whole():
@@ -123,7 +123,7 @@ def test_loads_from_the_hugging_face_cache_offline(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text(rev)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    bb = load_backbone(ModelConfig(name="cached", repo_id="someone/tiny-sd"))
+    bb = load_backbone(ModelSettings(name="cached", repo_id="someone/tiny-sd"))
     ref = tiny_backbone("sd15", seed=5)
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     torch.testing.assert_close(encode_images(bb, x), encode_images(ref, x))

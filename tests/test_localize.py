@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.wsol import WSOLMeter, box_iou, component_boxes, largest_box, pixel_average_precision
 from diffseg_planted import planted_attention
-from diffprobe.heads.localize import LocalizeHead, LocalizeSettings, RefineParams, refine
+from diffprobe.heads.localize import LocalizeHead, LocalizeSettings, RefineSettings, refine
 from diffprobe.hooks import Site
 from diffprobe.runner import Item, View
 
@@ -59,8 +59,8 @@ def planted(side=16):
     return seg, probs, blur.reshape(1, -1)
 
 
-@pytest.mark.parametrize("params", [RefineParams("diffusion", beta=10.0), RefineParams("diffusion", graph="attention"),
-                                    RefineParams("power", power=2), RefineParams("walk", restart=0.7)])
+@pytest.mark.parametrize("params", [RefineSettings("diffusion", beta=10.0), RefineSettings("diffusion", graph="attention"),
+                                    RefineSettings("power", power=2), RefineSettings("walk", restart=0.7)])
 def test_refinement_leaks_less_than_the_raw_map(params):
     seg, probs, word = planted()
     inside = seg.reshape(-1) == 1

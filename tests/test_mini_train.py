@@ -12,7 +12,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.mini import models
 from diffprobe.mini.dataset import to_unit, tokenize
 from diffprobe.mini.tokenizer import load_tokenizer, write_tokenizer
-from diffprobe.training.mini import TrainConfig, denoising_loss, train_mini, vae_loss
+from diffprobe.training.mini import MiniTrainSettings, denoising_loss, train_mini, vae_loss
 
 TINY = models.MiniArch(vae_channels=(8, 16), unet_channels=(16, 16, 32, 32), unet_head_dim=8, text_dim=32,
                        text_layers=1, text_heads=2)
@@ -84,21 +84,21 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tokenizer):
 
 def test_config_rejects_bad_values():
     with pytest.raises(DiffprobeError, match="unknown"):
-        TrainConfig.from_dict({"stepz": 3})
+        MiniTrainSettings.from_dict({"stepz": 3})
     with pytest.raises(DiffprobeError, match="batch"):
-        TrainConfig.from_dict({"batch": 0})
+        MiniTrainSettings.from_dict({"batch": 0})
     with pytest.raises(DiffprobeError):
-        TrainConfig.from_dict({"caption_dropout": 1.5})
+        MiniTrainSettings.from_dict({"caption_dropout": 1.5})
     with pytest.raises(DiffprobeError, match="new_word_lr_scale"):
-        TrainConfig.from_dict({"new_word_lr_scale": 0})
+        MiniTrainSettings.from_dict({"new_word_lr_scale": 0})
     with pytest.raises(DiffprobeError, match="top_attention"):
-        TrainConfig.from_dict({"top_attention": True, "denoiser": "pixart", "init_from": "packaged"})
+        MiniTrainSettings.from_dict({"top_attention": True, "denoiser": "pixart", "init_from": "packaged"})
 
 
 def test_keeping_self_attention_needs_a_loaded_denoiser_of_the_trained_kind(tmp_path):
     with pytest.raises(DiffprobeError, match="keep_self_attention_at must be one of training, diffseg"):
-        TrainConfig.from_dict({"keep_self_attention": 1.0, "init_from": "packaged", "keep_self_attention_at": "t"})
-    cfg = TrainConfig.from_dict({"keep_self_attention": 1.0, "denoiser": "pixart", "init_from": "packaged"})
+        MiniTrainSettings.from_dict({"keep_self_attention": 1.0, "init_from": "packaged", "keep_self_attention_at": "t"})
+    cfg = MiniTrainSettings.from_dict({"keep_self_attention": 1.0, "denoiser": "pixart", "init_from": "packaged"})
     with pytest.raises(DiffprobeError, match="keep_self_attention keeps a loaded transformer"):
         train_mini(cfg, tmp_path / "work", tmp_path / "out")  # packaged mini has a UNet, not a transformer
     assert not (tmp_path / "work").exists()  # refused before any work
@@ -155,9 +155,9 @@ def test_grown_top_attention_leaves_the_output_unchanged_and_its_maps_learn_from
 @pytest.mark.slow
 def test_resumed_training_equals_uninterrupted_and_exports_a_loadable_pipeline(tmp_path):
     cfg = dict(images=8, vae_steps=2, vae_batch=2, unet_steps=4, batch=2, checkpoint_every=1, samples=0, warmup=2)
-    full = train_mini(TrainConfig(**cfg), tmp_path / "a", tmp_path / "pipe_a", arch=TINY)
-    train_mini(TrainConfig(**{**cfg, "unet_steps": 2}), tmp_path / "b", tmp_path / "pipe_b", arch=TINY)
-    resumed = train_mini(TrainConfig(**cfg), tmp_path / "b", tmp_path / "pipe_b", arch=TINY)
+    full = train_mini(MiniTrainSettings(**cfg), tmp_path / "a", tmp_path / "pipe_a", arch=TINY)
+    train_mini(MiniTrainSettings(**{**cfg, "unet_steps": 2}), tmp_path / "b", tmp_path / "pipe_b", arch=TINY)
+    resumed = train_mini(MiniTrainSettings(**cfg), tmp_path / "b", tmp_path / "pipe_b", arch=TINY)
     la = json.loads((tmp_path / "pipe_a" / "losses.json").read_text())
     lb = json.loads((tmp_path / "pipe_b" / "losses.json").read_text())
     assert len(la["unet"]) == len(lb["unet"]) == 4 and resumed["unet_steps_done"] == 4
@@ -168,7 +168,7 @@ def test_resumed_training_equals_uninterrupted_and_exports_a_loadable_pipeline(t
     assert bb.vae_factor == 2 and bb.sample_size == 64 and bb.max_tokens == 24
     assert bb.latent_scale == pytest.approx(full["scaling_factor"]) and bb.latent_scale != 1.0
     with pytest.raises(DiffprobeError, match="does not fit"):  # another architecture in the same work_dir
-        train_mini(TrainConfig(**{**cfg, "unet_steps": 5}), tmp_path / "b", tmp_path / "pipe_c",
+        train_mini(MiniTrainSettings(**{**cfg, "unet_steps": 5}), tmp_path / "b", tmp_path / "pipe_c",
                    arch=models.MiniArch(**{**TINY.to_dict(), "unet_channels": (16, 32, 32, 32)}))
     for name in ("loss_curve.png", "training_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"):
         assert (tmp_path / "pipe_b" / name).is_file()
@@ -182,8 +182,8 @@ def test_training_continues_from_a_pipeline_on_closeups(tmp_path):
     closeup = render_training_scene(next(i for i in range(20) if is_closeup(i, 0.35)), 64, 0, "train", 0.35)
     assert len(closeup.objects) == 1
     base = dict(images=8, vae_steps=2, vae_batch=2, unet_steps=2, batch=2, checkpoint_every=1, samples=0, warmup=1)
-    first = train_mini(TrainConfig(**base), tmp_path / "a", tmp_path / "pipe_a", arch=TINY)
-    more = train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "closeup_fraction": 0.5,
+    first = train_mini(MiniTrainSettings(**base), tmp_path / "a", tmp_path / "pipe_a", arch=TINY)
+    more = train_mini(MiniTrainSettings(**{**base, "init_from": str(tmp_path / "pipe_a"), "closeup_fraction": 0.5,
                                      "unet_steps": 2}), tmp_path / "b", tmp_path / "pipe_b", arch=TINY)
     assert more["vae_steps_done"] == 0 and more["scaling_factor"] == pytest.approx(first["scaling_factor"])
     assert more["continued_from"]["unet_steps_done"] == 2  # the earlier run's record is kept
@@ -192,12 +192,12 @@ def test_training_continues_from_a_pipeline_on_closeups(tmp_path):
     va, vb = dict(a.vae.named_parameters()), dict(b.vae.named_parameters())
     assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE is kept as it was
     assert any(not torch.equal(pa, pb) for pa, pb in zip(a.unet.parameters(), b.unet.parameters()))
-    train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "top_attention": True}),
+    train_mini(MiniTrainSettings(**{**base, "init_from": str(tmp_path / "pipe_a"), "top_attention": True}),
                tmp_path / "g", tmp_path / "pipe_g", arch=TINY)
     grown = load_backbone({"name": "g", "path": str(tmp_path / "pipe_g")})
     assert grown.unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
     assert {s.divisor for s in grown.probe.sites.values() if s.kind == "cross_attn"} == {1, 2, 4, 8}
-    train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "top_attention": True,
+    train_mini(MiniTrainSettings(**{**base, "init_from": str(tmp_path / "pipe_a"), "top_attention": True,
                               "freeze_loaded": True, "lr": 1e-2}), tmp_path / "f", tmp_path / "pipe_f", arch=TINY)
     frozen = load_backbone({"name": "f", "path": str(tmp_path / "pipe_f")})
     loaded, kept = dict(a.unet.named_parameters()), dict(frozen.unet.named_parameters())
@@ -207,18 +207,18 @@ def test_training_continues_from_a_pipeline_on_closeups(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a.text_encoder.parameters(), frozen.text_encoder.parameters()))
     assert kept["up_blocks.3.attentions.0.proj_out.weight"].abs().sum() > 0  # the new level trained
     with pytest.raises(DiffprobeError, match="freeze_loaded"):
-        TrainConfig.from_dict({"freeze_loaded": True, "init_from": "packaged"})
-    train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "top_attention": True,
+        MiniTrainSettings.from_dict({"freeze_loaded": True, "init_from": "packaged"})
+    train_mini(MiniTrainSettings(**{**base, "init_from": str(tmp_path / "pipe_a"), "top_attention": True,
                               "keep_self_attention": 1.0}), tmp_path / "k", tmp_path / "pipe_k", arch=TINY)
     kl = json.loads((tmp_path / "pipe_k" / "losses.json").read_text())["unet self-attention KL to the loaded model"]
     assert len(kl) == 2 and kl[0] == pytest.approx(0.0, abs=1e-6)  # the first step's student is the loaded model
     with pytest.raises(DiffprobeError, match="keep_self_attention"):
-        TrainConfig.from_dict({"keep_self_attention": 1.0})
+        MiniTrainSettings.from_dict({"keep_self_attention": 1.0})
     with pytest.raises(DiffprobeError, match="not a diffprobe-mini pipeline"):
-        train_mini(TrainConfig(**{**base, "init_from": str(tmp_path)}), tmp_path / "c", tmp_path / "pipe_c", arch=TINY)
+        train_mini(MiniTrainSettings(**{**base, "init_from": str(tmp_path)}), tmp_path / "c", tmp_path / "pipe_c", arch=TINY)
     (tmp_path / "pipe_a" / "tokenizer" / "vocab.json").unlink()  # its vocabulary is what new words are matched by
     with pytest.raises(DiffprobeError, match="not a diffprobe-mini pipeline"):
-        train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a")}), tmp_path / "d", tmp_path / "pipe_d",
+        train_mini(MiniTrainSettings(**{**base, "init_from": str(tmp_path / "pipe_a")}), tmp_path / "d", tmp_path / "pipe_d",
                    arch=TINY)
 
 
@@ -235,9 +235,9 @@ def test_continuing_with_new_words_learns_only_their_embeddings_when_the_text_en
     base = dict(images=8, vae_steps=2, vae_batch=2, unet_steps=2, batch=2, checkpoint_every=1, samples=0, warmup=1,
                 closeup_fraction=0.0)
     monkeypatch.setattr(train_module, "vocabulary", lambda: old_words)  # ordinary scenes' captions use only these
-    train_mini(TrainConfig(**base), tmp_path / "a", tmp_path / "pipe_a", arch=TINY)
+    train_mini(MiniTrainSettings(**base), tmp_path / "a", tmp_path / "pipe_a", arch=TINY)
     monkeypatch.undo()
-    train_mini(TrainConfig(**{**base, "init_from": str(tmp_path / "pipe_a"), "closeup_fraction": 1.0, "lr": 1e-2,
+    train_mini(MiniTrainSettings(**{**base, "init_from": str(tmp_path / "pipe_a"), "closeup_fraction": 1.0, "lr": 1e-2,
                               "train_text_encoder": False}), tmp_path / "b", tmp_path / "pipe_b", arch=TINY)
     a = load_backbone({"name": "a", "path": str(tmp_path / "pipe_a")})
     b = load_backbone({"name": "b", "path": str(tmp_path / "pipe_b")})

@@ -6,7 +6,7 @@ from PIL import Image
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings
-from diffprobe.heads.diffseg.ncut import NcutParams, ncut_segment
+from diffprobe.heads.diffseg.ncut import NcutSettings, ncut_segment
 from diffseg_planted import block_segmentation, planted_attention, same_partition, voronoi_segmentation
 from diffprobe.heads.pamr import affinity, pamr, refine_labels
 from diffprobe.hooks import Site
@@ -17,7 +17,7 @@ from diffprobe.runner import Item, View
 def test_ncut_recovers_planted_regions(affinity_name):
     seg = block_segmentation(16)
     maps = {s: planted_attention(seg, s, layers=2, noise=0.05, seed=s) for s in (16, 8, 4)}
-    res = ncut_segment(maps, (16, 16), NcutParams(tau=0.5, affinity=affinity_name))
+    res = ncut_segment(maps, (16, 16), NcutSettings(tau=0.5, affinity=affinity_name))
     assert res.num_segments == 5 and same_partition(res.labels, seg)
     assert res.proposals.shape == (5, 16, 16) and res.counts == [5]
 
@@ -25,7 +25,7 @@ def test_ncut_recovers_planted_regions(affinity_name):
 def test_ncut_on_voronoi_regions():
     seg = voronoi_segmentation(16, 7, seed=3)
     maps = {16: planted_attention(seg, 16, noise=0.1, seed=1)}
-    res = ncut_segment(maps, (16, 16), NcutParams(tau=0.5))
+    res = ncut_segment(maps, (16, 16), NcutSettings(tau=0.5))
     assert res.num_segments == 7 and same_partition(res.labels, seg)
 
 

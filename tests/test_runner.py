@@ -11,7 +11,7 @@ from PIL import Image
 from diffprobe.loading import tiny_backbone
 from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead
 from diffseg_planted import block_segmentation, planted_attention, same_partition
-from diffprobe.heads.keypoints.maps import KeypointMapsHead, MapSpec, default_sites
+from diffprobe.heads.keypoints.maps import KeypointMapsHead, MapSettings, default_sites
 from diffprobe.heads.probe import ProbeHead, ProbeSettings
 from diffprobe.hooks import Site
 from diffprobe.runner import Item, View, run_heads, run_plans
@@ -108,7 +108,7 @@ def test_diffseg_with_words_writes_the_files_of_two_separate_runs(bb, image, tmp
 
 
 def test_noise_is_what_each_plan_draws_alone(bb):
-    spec = MapSpec(tuple(default_sites(bb.probe.sites)), res=8, timestep=500, noise=True)
+    spec = MapSettings(tuple(default_sites(bb.probe.sites)), res=8, timestep=500, noise=True)
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     heads = [KeypointMapsHead(spec, torch.randn(4, bb.context_dim, generator=torch.Generator().manual_seed(k)), 64)
              for k in range(2)]  # different contexts: own rows, own noise draw from the same generator state

@@ -58,7 +58,7 @@ def test_one_checkpoint_format_restores_the_optimiser_and_refuses_other_settings
 
 
 def test_mini_training_resumes_exactly_and_refuses_a_work_dir_of_other_settings(tmp_path):
-    from diffprobe.training.mini import TrainConfig, _run_phase
+    from diffprobe.training.mini import MiniTrainSettings, _run_phase
 
     def phase(cfg, steps, folder):
         torch.manual_seed(0)
@@ -74,10 +74,10 @@ def test_mini_training_resumes_exactly_and_refuses_a_work_dir_of_other_settings(
         losses, done = _run_phase("net", folder, {"net": net}, opt, steps, step_fn, cfg)
         return done, net.weight.detach().clone(), losses
 
-    cfg = TrainConfig(lr=1e-2, checkpoint_every=2)
+    cfg = MiniTrainSettings(lr=1e-2, checkpoint_every=2)
     assert phase(cfg, 3, tmp_path / "a")[0] == 3
     done, resumed, losses = phase(cfg, 5, tmp_path / "a")  # more steps: continues at step 3
     _, straight, straight_losses = phase(cfg, 5, tmp_path / "b")
     assert done == 5 and torch.equal(resumed, straight) and losses == straight_losses
     with pytest.raises(DiffprobeError, match=r"other settings: lr \(0.01 there, 0.05 now\)"):
-        phase(TrainConfig(lr=5e-2, checkpoint_every=2), 6, tmp_path / "a")
+        phase(MiniTrainSettings(lr=5e-2, checkpoint_every=2), 6, tmp_path / "a")

@@ -62,11 +62,11 @@ def test_keypoints_fit_runs_on_a_transformer_with_its_cross_attention(tmp_path, 
 
 
 def test_keypoint_maps_on_joint_attention_are_distributions_over_the_tokens():
-    from diffprobe.heads.keypoints.maps import MapSpec
+    from diffprobe.heads.keypoints.maps import MapSettings
     from diffprobe.training.keypoints import attention_maps
 
     bb = tiny_backbone("sd3")
-    spec = MapSpec(tuple(default_sites(bb.probe.sites)), res=12, timestep=100)
+    spec = MapSettings(tuple(default_sites(bb.probe.sites)), res=12, timestep=100)
     embeddings = torch.randn(6, bb.context_dim, requires_grad=True)
     maps = attention_maps(bb, spec, torch.rand(2, 3, 64, 64) * 2 - 1, embeddings, torch.Generator().manual_seed(0))
     assert maps.shape == (2, 6, 12, 12)
@@ -79,7 +79,7 @@ def test_keypoint_maps_on_joint_attention_are_distributions_over_the_tokens():
     torch.testing.assert_close(cond.added["pooled_projections"],                # CLIP embeddings, every row
                                encode_prompt(bb, [""]).added["pooled_projections"].expand(2, -1), rtol=0, atol=0)
     with pytest.raises(DiffprobeError, match="rotary embeddings"):
-        attention_maps(tiny_backbone("flux"), MapSpec(tuple(default_sites(tiny_backbone("flux").probe.sites)), 8),
+        attention_maps(tiny_backbone("flux"), MapSettings(tuple(default_sites(tiny_backbone("flux").probe.sites)), 8),
                        torch.zeros(1, 3, 64, 64), torch.randn(4, 32))
 
 

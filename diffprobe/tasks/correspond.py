@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class CorrespondParams:
+class CorrespondSettings:
     LIMITS: ClassVar[dict] = {"image_size": "8..16384", "grid": "1..1000", "num_steps": "1..10000", "alpha": ("> 0", "<= 1")}
 
     source: str | None = None
@@ -85,12 +85,12 @@ def _points(value, what: str) -> np.ndarray | None:
     return points
 
 
-def settings_of(cfg: DictConfig) -> tuple[CorrespondParams, np.ndarray | None, np.ndarray | None]:
+def settings_of(cfg: DictConfig) -> tuple[CorrespondSettings, np.ndarray | None, np.ndarray | None]:
     """The correspond.* keys, validated, and the points and target points ((N, 2) pixels or None)."""
     keys = cfg.get("correspond") or {}
     raw = {k: keys.get(k) for k in ("points", "target_points")}
     node = {k: v for k, v in keys.items() if k not in raw}
-    p = typed(node, CorrespondParams, "correspond")
+    p = typed(node, CorrespondSettings, "correspond")
     synthetic = bool(p.source_prompt or p.target_prompt)
     if synthetic and not (p.source_prompt and p.target_prompt) or not synthetic and not (p.source and p.target):
         raise DiffprobeError("task=correspond needs source=IMAGE and target=IMAGE, or source_prompt=TEXT and "
@@ -110,7 +110,7 @@ def settings_of(cfg: DictConfig) -> tuple[CorrespondParams, np.ndarray | None, n
     return p, src_pts, tgt_pts
 
 
-def _real_pair(p: CorrespondParams, bb, model, seed: int):
+def _real_pair(p: CorrespondSettings, bb, model, seed: int):
     """Descriptors of the two image files: (src, tgt) each ((D, h, w), original (H, W)), load size, description."""
     if model is not None:
         describe, size = hyperfeature_describer(model, bb, seed=seed), model.extraction.image_size
@@ -123,7 +123,7 @@ def _real_pair(p: CorrespondParams, bb, model, seed: int):
     return describe(Path(p.source)), describe(Path(p.target)), size, used
 
 
-def _generated_pair(p: CorrespondParams, bb, model, seed: int, out_dir: Path):
+def _generated_pair(p: CorrespondSettings, bb, model, seed: int, out_dir: Path):
     """Generate both images (written as source.png / target.png) with their generation features."""
     desc, images = generated_pair(bb, [p.source_prompt, p.target_prompt], model, p.raw_layer, p.num_steps, seed)
     size = images.shape[-1]

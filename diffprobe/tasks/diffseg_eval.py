@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalSettings:
+class DiffSegEvalSettings:
     LIMITS: ClassVar[dict] = {"limit": ">= 1", "checkpoint_every": ">= 1", "checkpoint_minutes": "> 0"}
 
     limit: int | None = None  # evaluate the first `limit` images only
@@ -43,7 +43,7 @@ class EvalSettings:
 
 
 @dataclass
-class DataConfig:
+class EvalDataSettings:
     name: str = ""
     root: Any = None
     list_file: Any = None
@@ -51,7 +51,7 @@ class DataConfig:
     diffseg_tau: Any = None
 
 
-def open_dataset(data: DataConfig):
+def open_dataset(data: EvalDataSettings):
     if not data.root:
         raise DiffprobeError(f"data.root is not set: data={data.name or 'coco_stuff27'} data.root=PATH")
     if data.name == "coco_stuff27":
@@ -68,13 +68,13 @@ def format_table(title: str, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def settings_of(cfg: DictConfig) -> tuple[EvalSettings, DataConfig, DiffSegTaskSettings]:
+def settings_of(cfg: DictConfig) -> tuple[DiffSegEvalSettings, EvalDataSettings, DiffSegTaskSettings]:
     """The diffseg_eval.* keys, the data config and the diffseg.* keys (tau: the model's, else the dataset's),
     validated."""
-    ev = section(cfg, "diffseg_eval", EvalSettings)
+    ev = section(cfg, "diffseg_eval", DiffSegEvalSettings)
     if cfg.get("data") is None:
         raise DiffprobeError("task=diffseg_eval needs a dataset: data=coco_stuff27 data.root=PATH (or data=cityscapes)")
-    data = typed(cfg.data, DataConfig, "data")
+    data = typed(cfg.data, EvalDataSettings, "data")
     return ev, data, diffseg.settings_of(cfg, data.diffseg_tau)
 
 

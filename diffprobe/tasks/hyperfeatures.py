@@ -26,7 +26,7 @@ from diffprobe.data.images import load_image
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.evaluate import Describe, PairPCK, evaluate_pairs, match_pair
-from diffprobe.heads.hyperfeatures.extract import AUTO, DescriptorHead, ExtractionConfig
+from diffprobe.heads.hyperfeatures.extract import AUTO, DescriptorHead, ExtractionSettings
 from diffprobe.heads.hyperfeatures.figures import plot_matches, plot_mixing_weights, plot_training_curves
 from diffprobe.heads.hyperfeatures.matching import METHODS
 from diffprobe.heads.hyperfeatures.model import (
@@ -36,7 +36,7 @@ from diffprobe.heads.hyperfeatures.model import (
     raw_layer_describer,
     resolve_raw_layer,
 )
-from diffprobe.training.hyperfeatures import FeatureSource, TrainConfig, check_batch_split, descriptor_fn, train
+from diffprobe.training.hyperfeatures import FeatureSource, AggregatorTrainSettings, check_batch_split, descriptor_fn, train
 from diffprobe.io import save_json, save_png, save_tensors
 from diffprobe.items import run_items
 from diffprobe.runfolder import safe_name
@@ -47,7 +47,7 @@ MODES = ("train", "eval", "ablate", "extract", "baseline")
 
 
 @dataclass
-class HyperfeaturesParams:
+class HyperfeaturesSettings:
     LIMITS: ClassVar[dict] = {"num_steps": "1..10000", "save_every": ">= 1", "image_size": "8..16384",
                               "output_size": "1..4096", "projection_dim": "1..65536", "train_steps": ">= 0",
                               "batch": "1..4096", "lr": "> 0", "weight_decay": ">= 0", "temperature": "> 0",
@@ -82,9 +82,9 @@ class HyperfeaturesParams:
     plot_pairs: int = 4  # eval/ablate/baseline: match figures of the first pairs, in pairs/
 
 
-def settings_of(cfg: DictConfig) -> HyperfeaturesParams:
+def settings_of(cfg: DictConfig) -> HyperfeaturesSettings:
     """The hyperfeatures.* keys, validated (no model needed)."""
-    p = section(cfg, "hyperfeatures", HyperfeaturesParams)
+    p = section(cfg, "hyperfeatures", HyperfeaturesSettings)
     if p.mode not in MODES:
         raise DiffprobeError(f"mode must be one of {MODES}, got {p.mode!r}")
     if p.method not in METHODS:
@@ -136,14 +136,14 @@ def load_pairs(data: DictConfig | None, split: str, seed: int) -> tuple[list[Cor
     raise DiffprobeError(f"task=hyperfeatures reads data=spair, data=cub or data=pairs, not data={name}")
 
 
-def _extraction(p: HyperfeaturesParams, bb) -> ExtractionConfig:
+def _extraction(p: HyperfeaturesSettings, bb) -> ExtractionSettings:
     size = bb.check_image_size(p.image_size)
     layers = p.layers[0] if len(p.layers) == 1 else list(p.layers)
-    return ExtractionConfig(layers=layers, process=p.process, num_steps=p.num_steps, save_every=p.save_every,
+    return ExtractionSettings(layers=layers, process=p.process, num_steps=p.num_steps, save_every=p.save_every,
                             saved_steps=p.saved_steps, prompt=p.prompt, image_size=size)
 
 
-def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, out_dir: Path) -> dict:
+def _train(p: HyperfeaturesSettings, cfg: DictConfig, bb, out_dir: Path) -> dict:
     rank, _ = check_batch_split(p.batch)
     seed = run_config(cfg).seed
     extraction = _extraction(p, bb)
@@ -165,7 +165,7 @@ def _train(p: HyperfeaturesParams, cfg: DictConfig, bb, out_dir: Path) -> dict:
         val_pairs = [val_pairs[i] for i in keep]
         val_desc += f", {p.val_pairs} of them drawn with seed {seed}"
     source = FeatureSource(bb, extraction, model.net.config.layers, capacity=p.feature_store, seed=seed)
-    tcfg = TrainConfig(steps=p.train_steps, batch=p.batch, lr=p.lr, weight_decay=p.weight_decay,
+    tcfg = AggregatorTrainSettings(steps=p.train_steps, batch=p.batch, lr=p.lr, weight_decay=p.weight_decay,
                        temperature=p.temperature, val_every=p.val_every, alpha=p.alpha, seed=seed,
                        checkpoint_minutes=p.checkpoint_minutes)
     model.save_extraction(out_dir / "checkpoint")  # so a checkpoint directory also loads as a model
@@ -197,7 +197,7 @@ def _mixing_figure(model: HyperfeatureModel, out_dir: Path) -> None:
     })
 
 
-def _evaluate(p: HyperfeaturesParams, cfg: DictConfig, describers: dict[str, Describe], size: int,
+def _evaluate(p: HyperfeaturesSettings, cfg: DictConfig, describers: dict[str, Describe], size: int,
               out_dir: Path) -> dict:
     """PCK of every describer over the pairs through the item loop (checkpointed, resumable, shardable);
     match figures of the first plot_pairs pairs."""

@@ -23,10 +23,10 @@ from diffprobe.data.images import load_image
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.call import CROPS
 from diffprobe.heads.keypoints.affine import AffineRange
-from diffprobe.training.keypoints import FitConfig, fit
+from diffprobe.training.keypoints import FitSettings, fit
 from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
-from diffprobe.heads.keypoints.maps import MapSpec, check_width, resolve_sites, site_summary
-from diffprobe.heads.keypoints.predict import KeypointPredictHead, PredictConfig, Prediction
+from diffprobe.heads.keypoints.maps import MapSettings, check_width, resolve_sites, site_summary
+from diffprobe.heads.keypoints.predict import KeypointPredictHead, PredictSettings, Prediction
 from diffprobe.heads.keypoints.state import KeypointModel, load_model, save_model
 from diffprobe.data.images import check_resize
 from diffprobe.io import save_json
@@ -43,16 +43,16 @@ MODES = ("fit", "predict", "eval")
 
 # keypoints.affine, keypoints.fit and keypoints.predict: the head's settings classes as written there (the task sets
 # the seed, and the affine range once for both); LIMITS add the bounds those classes do not check themselves
-AffineKeys = keys_of(AffineRange, limits={"degrees": "0..180", "translate": "0..1", "scale": "<= 10"})
-FitKeys = keys_of(FitConfig, exclude=("affine", "seed"),
+AFFINE_KEYS = keys_of(AffineRange, limits={"degrees": "0..180", "translate": "0..1", "scale": "<= 10"})
+FIT_KEYS = keys_of(FitSettings, exclude=("affine", "seed"),
                   limits={"num_tokens": "<= 100000", "candidates": "<= 100000", "batch_size": "<= 4096",
                           "select_batch": "<= 4096", "localisation_weight": ">= 0", "equivariance_weight": ">= 0"})
-PredictKeys = keys_of(PredictConfig, exclude=("affine", "seed"),
+PREDICT_KEYS = keys_of(PredictSettings, exclude=("affine", "seed"),
                       limits={"augmentations": "<= 1000", "batch_size": "<= 4096", "soft_radius": "> 0"})
 
 
 @dataclass
-class EvalKeys:
+class KeypointsEvalSettings:
     LIMITS: ClassVar[dict] = {"train": ">= 1", "test": ">= 1"}
 
     train: int | None = None
@@ -77,10 +77,10 @@ class KeypointsSettings:
     image_size: int | None = None
     crop: str | None = None  # null: the dataset's protocol (data.crop: celeba none, cub/folders center)
     resize: str = "bilinear"
-    fit: FitKeys = field(default_factory=FitKeys)
-    affine: AffineKeys = field(default_factory=AffineKeys)
-    predict: PredictKeys = field(default_factory=PredictKeys)
-    eval: EvalKeys = field(default_factory=EvalKeys)
+    fit: FIT_KEYS = field(default_factory=FIT_KEYS)
+    affine: AFFINE_KEYS = field(default_factory=AFFINE_KEYS)
+    predict: PREDICT_KEYS = field(default_factory=PREDICT_KEYS)
+    eval: KeypointsEvalSettings = field(default_factory=KeypointsEvalSettings)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -100,11 +100,11 @@ class KeypointsSettings:
         a = self.affine
         return AffineRange(a.degrees, (float(a.scale[0]), float(a.scale[1])), a.translate)
 
-    def fit_config(self, seed: int) -> FitConfig:
-        return FitConfig(**asdict(self.fit), affine=self.affine_range, seed=seed)
+    def fit_config(self, seed: int) -> FitSettings:
+        return FitSettings(**asdict(self.fit), affine=self.affine_range, seed=seed)
 
-    def predict_config(self, seed: int) -> PredictConfig:
-        return PredictConfig(affine=self.affine_range, seed=seed, **asdict(self.predict))
+    def predict_config(self, seed: int) -> PredictSettings:
+        return PredictSettings(affine=self.affine_range, seed=seed, **asdict(self.predict))
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Context:
     """What every mode needs: the backbone, the map settings and the image geometry."""
 
     bb: object
-    spec: MapSpec
+    spec: MapSettings
     image_size: int
     crop: str
     resize: str
@@ -176,11 +176,11 @@ def _head(ctx: Context, model: KeypointModel, params: KeypointsSettings, seed: i
 def _context(cfg: DictConfig, params: KeypointsSettings, bb, model: KeypointModel | None) -> Context:
     sites = bb.probe.sites
     if model is None:
-        spec = MapSpec(tuple(resolve_sites(sites, params.sites)), params.upsample_queries, params.timestep, params.noise)
+        spec = MapSettings(tuple(resolve_sites(sites, params.sites)), params.upsample_queries, params.timestep, params.noise)
         data_crop = cfg.data.get("crop") if cfg.get("data") is not None else None
         size = bb.check_image_size(params.image_size)
         return Context(bb, spec, size, params.crop or data_crop or "center", params.resize)
-    spec = MapSpec.from_dict(model.config.get("maps", {}))
+    spec = MapSettings.from_dict(model.config.get("maps", {}))
     missing = [s for s in spec.sites if s not in sites]
     if missing:
         raise DiffprobeError(f"these keypoints were fit on another model (site {missing[0]} does not exist here)")
@@ -205,7 +205,7 @@ def _write_prediction(ctx: Context, head: KeypointPredictHead, pred: Prediction,
     return write_prediction(target, path, image, pred.original_points(), pred.confidence.numpy(), extra)
 
 
-def run_fit(ctx: Context, fit_cfg: FitConfig, predict: PredictConfig, items: list[LandmarkItem],
+def run_fit(ctx: Context, fit_cfg: FitSettings, predict: PredictSettings, items: list[LandmarkItem],
             out_dir: Path, resume: str | None, preview: int, cfg: DictConfig) -> dict:
     images = ctx.images(items)
     log.info("fitting %d keypoint embeddings on %d images", fit_cfg.num_tokens, len(images))

@@ -30,7 +30,7 @@ from diffprobe.tasks.localize import make_head
 
 
 @dataclass
-class EvalSettings:
+class LocalizeEvalSettings:
     LIMITS: ClassVar[dict] = {"limit": ">= 1", "checkpoint_every": ">= 1", "checkpoint_minutes": "> 0"}
 
     split: str = "test"
@@ -40,9 +40,9 @@ class EvalSettings:
     resume: str | None = None
 
 
-def settings_of(cfg: DictConfig) -> tuple[EvalSettings, LocalizeSettings]:
+def settings_of(cfg: DictConfig) -> tuple[LocalizeEvalSettings, LocalizeSettings]:
     """The localize_eval.* and localize.* keys, validated (the word defaults to "bird", the crop to none)."""
-    ev = section(cfg, "localize_eval", EvalSettings)
+    ev = section(cfg, "localize_eval", LocalizeEvalSettings)
     data = cfg.get("data")
     if data is None or data.get("name") != "cub" or not data.get("root"):
         raise DiffprobeError("task=localize_eval scores data=cub data.root=PATH (CUB-200-2011, or the world written "

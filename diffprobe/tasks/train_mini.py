@@ -13,20 +13,20 @@ from omegaconf import OmegaConf
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.io import allow_writes, save_json
-from diffprobe.training.mini import TrainConfig, train_mini
+from diffprobe.training.mini import MiniTrainSettings, train_mini
 from diffprobe.runfolder import hold, make_run_dir
 
 log = logging.getLogger(__name__)
 
 
-def settings_of(cfg) -> tuple[TrainConfig, str | None, str | None]:
+def settings_of(cfg) -> tuple[MiniTrainSettings, str | None, str | None]:
     """The train_mini.* keys, validated: the training settings, work_dir and export_to (None: in the run folder)."""
     values = OmegaConf.to_container(cfg.get("train_mini"), resolve=True) if cfg.get("train_mini") else {}
     if not isinstance(values, dict):
         raise DiffprobeError("train_mini must be a mapping of training settings")
     work_dir, export_to = values.pop("work_dir", None), values.pop("export_to", None)
     values.setdefault("seed", int(cfg.get("seed", 0) or 0))
-    return TrainConfig.from_dict(values), work_dir, export_to
+    return MiniTrainSettings.from_dict(values), work_dir, export_to
 
 
 def run(cfg, out_dir: Path) -> dict:

@@ -32,7 +32,7 @@ MAX_SCENES = 1_000_000  # a split is rendered in memory first
 
 
 @dataclass
-class WorldParams:
+class WorldSettings:
     LIMITS: ClassVar[dict] = {"n": f"1..{MAX_SCENES}", "n_train": f"0..{MAX_SCENES}", "size": "64..4096"}
 
     format: str = "images"
@@ -50,9 +50,9 @@ def _scenes(split: str, n: int, size: int, seed: int, first: str | None = None, 
             for i in tqdm(range(n), desc=f"render {split}", leave=False)]
 
 
-def settings_of(cfg) -> WorldParams:
+def settings_of(cfg) -> WorldSettings:
     """The world.* keys, validated."""
-    p = typed(cfg.get("world") or {}, WorldParams, "world")
+    p = typed(cfg.get("world") or {}, WorldSettings, "world")
     if p.format not in FORMATS:
         raise DiffprobeError(f"world.format must be one of {', '.join(FORMATS)}, not {p.format!r}")
     return p

@@ -18,7 +18,7 @@ import torch
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.evaluate import evaluate_pairs, prepare_image
-from diffprobe.heads.hyperfeatures.extract import ExtractionConfig, extract_features, image_generator
+from diffprobe.heads.hyperfeatures.extract import ExtractionSettings, extract_features, image_generator
 from diffprobe.heads.hyperfeatures.loss import correspondence_loss, to_grid
 from diffprobe.heads.hyperfeatures.network import AggregationNetwork
 from diffprobe.training.checkpoint import load_checkpoint, module_tensors, restore, save_checkpoint
@@ -37,7 +37,7 @@ class FeatureSource:
     of each image is seeded from (seed, its pixels), so a resumed run sees the same features.
     """
 
-    def __init__(self, bb, extraction: ExtractionConfig, layers: list[str], capacity: int = 16,
+    def __init__(self, bb, extraction: ExtractionSettings, layers: list[str], capacity: int = 16,
                  store_dtype: torch.dtype | None = torch.float16, seed: int = 0):
         self.bb, self.extraction, self.layers = bb, extraction, layers
         self.capacity, self.store_dtype, self.seed = capacity, store_dtype, seed
@@ -61,7 +61,7 @@ class FeatureSource:
 
 
 @dataclass
-class TrainConfig:
+class AggregatorTrainSettings:
     """steps: optimiser steps (ref 5000) of `batch` pairs each (ref 1; over several processes the batch is
     split between them and their gradients averaged); val_every: validation + checkpoint period (ref 1000)."""
 
@@ -112,7 +112,7 @@ def descriptor_fn(net: AggregationNetwork, source: FeatureSource):
 
 
 def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[CorrespondencePair],
-          val_pairs: list[CorrespondencePair], cfg: TrainConfig, checkpoint_dir: Path,
+          val_pairs: list[CorrespondencePair], cfg: AggregatorTrainSettings, checkpoint_dir: Path,
           resume: Path | None = None, progress: bool = True, hint: str = "") -> dict:
     """Train `net` in place; returns the history {"loss": [[step, loss]], "val": [[step, pck_img, pck_bbox]]}.
     `hint`: what to change when the run will take long on this device (said once, after the first step).

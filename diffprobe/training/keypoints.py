@@ -24,7 +24,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, warp_image
 from diffprobe.heads.keypoints.image_sets import ImageSet
 from diffprobe.heads.keypoints.losses import equivariance_loss, localisation_loss
-from diffprobe.heads.keypoints.maps import KeypointMapsHead, MapSpec, check_width
+from diffprobe.heads.keypoints.maps import KeypointMapsHead, MapSettings, check_width
 from diffprobe.heads.keypoints.selection import most_frequent, rank_candidates, spread_tokens
 from diffprobe.heads.keypoints.state import KeypointModel
 from diffprobe.runner import run_plans
@@ -36,7 +36,7 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 @dataclass(frozen=True)
-class FitConfig:
+class FitSettings:
     """Optimisation settings; defaults are the reference code's."""
 
     num_tokens: int = 500
@@ -79,7 +79,7 @@ def _generator(seed: int, *salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed,) + salt) % (2**63))
 
 
-def initial_embeddings(cfg: FitConfig, dim: int) -> torch.Tensor:
+def initial_embeddings(cfg: FitSettings, dim: int) -> torch.Tensor:
     """Standard-normal start (num_tokens, dim), seeded by cfg.seed."""
     return torch.randn(cfg.num_tokens, dim, generator=_generator(cfg.seed, 0))
 
@@ -98,7 +98,7 @@ def cpu_hint(bb) -> str:
             "image_size does not help a small model (docs/keypoints.md).")
 
 
-def attention_maps(bb, spec: MapSpec, images: torch.Tensor, embeddings: torch.Tensor,
+def attention_maps(bb, spec: MapSettings, images: torch.Tensor, embeddings: torch.Tensor,
                    generator: torch.Generator | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Maps (B, N, res, res) for images (B, 3, S, S) in [-1, 1], through the runner; only `tokens` (T,) ->
     (B, T, res, res). The softmax is always over all N tokens. Gradients reach `embeddings` when grad mode is on."""
@@ -108,7 +108,7 @@ def attention_maps(bb, spec: MapSpec, images: torch.Tensor, embeddings: torch.Te
     return head.finish(view)
 
 
-def iteration_loss(bb, spec: MapSpec, cfg: FitConfig, image: torch.Tensor, embeddings: torch.Tensor,
+def iteration_loss(bb, spec: MapSettings, cfg: FitSettings, image: torch.Tensor, embeddings: torch.Tensor,
                    gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Weighted loss of one image (1, 3, S, S) and one random transform; also its parts as floats."""
     theta = sample_affine(1, cfg.affine, generator=gen)
@@ -122,7 +122,7 @@ def iteration_loss(bb, spec: MapSpec, cfg: FitConfig, image: torch.Tensor, embed
     return loss, {"loss": loss.item(), "localisation": loc.item(), "equivariance": eq.item()}
 
 
-def fit_embeddings(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir: Path | None = None,
+def fit_embeddings(bb, spec: MapSettings, cfg: FitSettings, images: ImageSet, out_dir: Path | None = None,
                    resume: str | Path | None = None, progress: bool = True,
                    on_checkpoint: Callable[[list[dict]], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Optimise embeddings (num_tokens, D); returns them and the per-step history.
@@ -182,7 +182,7 @@ def fit_embeddings(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir:
 
 
 @torch.no_grad()
-def choose_keypoints(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, embeddings: torch.Tensor,
+def choose_keypoints(bb, spec: MapSettings, cfg: FitSettings, images: ImageSet, embeddings: torch.Tensor,
                      progress: bool = True) -> tuple[torch.Tensor, list[int]]:
     """The top_k tokens chosen most often over `num_indices` images (candidates then FPS on each image's
     own maps); returns (indices (K,), their counts)."""
@@ -200,13 +200,13 @@ def choose_keypoints(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, embedd
     return indices, counts
 
 
-def config_dict(cfg: FitConfig, spec: MapSpec) -> dict:
+def config_dict(cfg: FitSettings, spec: MapSettings) -> dict:
     """JSON-friendly record of the fit and map settings (checkpoint timing left out: it does not change results)."""
     fit = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "checkpoint_minutes")}
     return json.loads(json.dumps({"fit": fit, "maps": asdict(spec)}))
 
 
-def fit(bb, spec: MapSpec, cfg: FitConfig, images: ImageSet, out_dir: Path | None = None,
+def fit(bb, spec: MapSettings, cfg: FitSettings, images: ImageSet, out_dir: Path | None = None,
         resume: str | Path | None = None, progress: bool = True, extra_config: dict | None = None,
         on_checkpoint=None) -> FitResult:
     """Fit embeddings, then choose the keypoint tokens; the returned model holds both and the config."""

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class MiniTrainSettings:
     LIMITS: ClassVar[dict] = {"images": "1..10000000", "vae_batch": "1..4096", "vae_crop": "8..4096", "batch": "1..4096",
                               "warmup": ">= 0", "samples": "0..64", "threads": "1..1024"}
 
@@ -73,7 +73,7 @@ class TrainConfig:
     keep_self_attention_at: str = "training"  # the maps kept: on the training inputs, or at DiffSeg's call only
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> "MiniTrainSettings":
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -171,7 +171,7 @@ def grounded_losses(unet, text_encoder, scheduler, probe: ProbeRegistry, latents
 
 
 def _run_phase(name: str, work_dir: Path, modules: dict, optimizer: torch.optim.Optimizer, steps: int,
-               step_fn: Callable[[int], dict[str, float]], cfg: "TrainConfig", ema: dict | None = None,
+               step_fn: Callable[[int], dict[str, float]], cfg: "MiniTrainSettings", ema: dict | None = None,
                deadline: float | None = None) -> tuple[dict[str, list[float]], int]:
     """Run step_fn(step) -> {loss name: value} (forward and backward; the optimiser step, the EMA and the history
     are applied here, with Ctrl-C deferred) from the phase's checkpoint in work_dir to `steps`, through the one
@@ -209,7 +209,7 @@ def _run_phase(name: str, work_dir: Path, modules: dict, optimizer: torch.optim.
     return losses, done
 
 
-def _train_vae(cfg: TrainConfig, vae, images: torch.Tensor, work_dir: Path) -> tuple[dict[str, list[float]], int]:
+def _train_vae(cfg: MiniTrainSettings, vae, images: torch.Tensor, work_dir: Path) -> tuple[dict[str, list[float]], int]:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     size = images.shape[-1]
 
@@ -257,7 +257,7 @@ def _encode_latents(vae, images: torch.Tensor, path: Path, scale: float | None =
     return lat
 
 
-def _train_unet(cfg: TrainConfig, unet, text_encoder, scheduler, latents: torch.Tensor, data: TrainingSet,
+def _train_unet(cfg: MiniTrainSettings, unet, text_encoder, scheduler, latents: torch.Tensor, data: TrainingSet,
                 empty_ids: torch.Tensor, work_dir: Path, deadline: float | None,
                 new_tokens: torch.Tensor | None = None,
                 teacher: AttentionTeacher | None = None) -> tuple[dict[str, list[float]], int, dict]:
@@ -336,7 +336,7 @@ def _pipeline_dir(init_from: str, denoiser: str = "unet") -> Path:
     return path
 
 
-def train_mini(cfg: TrainConfig, work_dir: Path, export_to: Path,
+def train_mini(cfg: MiniTrainSettings, work_dir: Path, export_to: Path,
                arch: models.MiniArch = models.MiniArch()) -> dict:
     """Train all parts and export a diffusers pipeline (EMA weights) with config, curves and samples."""
     if cfg.threads is not None:

@@ -6,6 +6,6 @@ resolution into a label map and its proposals; `vote_words` names segments with 
 
 from diffprobe.heads.diffseg.aggregate import aggregate
 from diffprobe.heads.diffseg.distance import symmetric_kl
-from diffprobe.heads.diffseg.segment import DiffSegParams, SegmentationResult, non_max_suppression, segment
+from diffprobe.heads.diffseg.segment import SegmentSettings, SegmentationResult, non_max_suppression, segment
 
-__all__ = ["DiffSegParams", "SegmentationResult", "aggregate", "non_max_suppression", "segment", "symmetric_kl"]
+__all__ = ["SegmentSettings", "SegmentationResult", "aggregate", "non_max_suppression", "segment", "symmetric_kl"]

@@ -13,8 +13,8 @@ import torch
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.call import CallSettings, model_input
-from diffprobe.heads.diffseg.ncut import NcutParams, ncut_segment
-from diffprobe.heads.diffseg.segment import DiffSegParams, SegmentationResult, compact_labels, segment
+from diffprobe.heads.diffseg.ncut import NcutSettings, ncut_segment
+from diffprobe.heads.diffseg.segment import SegmentSettings, SegmentationResult, compact_labels, segment
 from diffprobe.heads.diffseg.semantics import word_maps
 from diffprobe.heads.diffseg.sites import attention_groups, attention_levels, maps_by_grid, select_divisors
 from diffprobe.hooks import Need, Reduce
@@ -28,7 +28,7 @@ METHODS = ("diffseg", "ncut")
 @dataclass
 class DiffSegSettings(CallSettings):
     """The head's keys (conf/head/diffseg.yaml): the call (reference: t=300, clean latent, empty prompt,
-    centre square, tf.image.resize) and the head's parameters (DiffSegParams)."""
+    centre square, tf.image.resize) and the head's parameters (SegmentSettings)."""
 
     LIMITS: ClassVar[dict] = {"iterations": "2..100", "anchors": "1..65536", "ncut_tau": "> 0", "ncut_alpha": "> 0"}
 
@@ -48,15 +48,15 @@ class DiffSegSettings(CallSettings):
     ncut_affinity: str = "attention_rows"
     pamr: bool = False
 
-    def ncut_params(self) -> NcutParams:
+    def ncut_params(self) -> NcutSettings:
         if self.weights is not None and not isinstance(self.weights, (str, list, tuple, dict)):
             raise DiffprobeError(f"diffseg.weights is one weight per attention level ([w1, w2, ...], finest first) "
                                  f"or null, not {self.weights!r}")
         weights = self.weights if self.weights is None or isinstance(self.weights, str) else list(self.weights)
-        return NcutParams(tau=float(self.ncut_tau), alpha=float(self.ncut_alpha), affinity=self.ncut_affinity,
+        return NcutSettings(tau=float(self.ncut_tau), alpha=float(self.ncut_alpha), affinity=self.ncut_affinity,
                           weights=weights)
 
-    def params(self) -> DiffSegParams:
+    def params(self) -> SegmentSettings:
         """The head's parameters (validated: DiffprobeError on bad values); tau must be resolved first."""
         self.validate()
         if self.method not in METHODS:
@@ -67,7 +67,7 @@ class DiffSegSettings(CallSettings):
             raise DiffprobeError("DiffSeg needs tau (default_tau resolves the model's or the dataset's)")
         tau = self.tau if isinstance(self.tau, (int, float, str)) else list(self.tau)
         weights = self.weights if self.weights is None or isinstance(self.weights, str) else list(self.weights)
-        return DiffSegParams(tau=tau, iterations=self.iterations, anchors=self.anchors, merge=self.merge,
+        return SegmentSettings(tau=tau, iterations=self.iterations, anchors=self.anchors, merge=self.merge,
                              fp16_kl=self.fp16_kl, weights=weights, refine=self.refine)
 
     def levels(self) -> tuple[int, ...] | None:

@@ -25,7 +25,7 @@ AFFINITIES = ("attention_rows", "attention")
 
 
 @dataclass(frozen=True)
-class NcutParams:
+class NcutSettings:
     """tau: stop splitting a part when its best cut's Ncut is not below this (ref 0.5); alpha: the affinity
     exponent (ref 10; attention_rows only); affinity: one of AFFINITIES; weights: aggregation weights per
     resolution (None: DiffSeg's); max_segments: at most this many segments."""
@@ -43,17 +43,17 @@ class NcutParams:
             raise DiffprobeError(f"ncut_tau and ncut_alpha must be > 0, got {self.tau} and {self.alpha}")
 
 
-def affinity_of(maps: torch.Tensor, params: NcutParams) -> torch.Tensor:
+def affinity_of(maps: torch.Tensor, params: NcutSettings) -> torch.Tensor:
     """(Q, Q) affinity of the aggregated attention maps (Q, Q)."""
     if params.affinity == "attention":
         return attention_graph(maps).weights
     return cosine_affinity(maps, params.alpha)
 
 
-def ncut_segment(maps_by_grid: Mapping, size: tuple[int, int], params: NcutParams | None = None) -> SegmentationResult:
+def ncut_segment(maps_by_grid: Mapping, size: tuple[int, int], params: NcutSettings | None = None) -> SegmentationResult:
     """Segment one image from its self-attention maps ({grid: (Q, Q) or (L, Q, Q)}, heads averaged) into
     labels of `size` (H, W); `counts` holds the number of segments on the attention grid."""
-    params = params or NcutParams()
+    params = params or NcutSettings()
     maps, grid = aggregate(maps_by_grid, params.weights)
     cells, _ = recursive_ncut(affinity_of(maps, params), params.tau, max_segments=params.max_segments)
     k = int(cells.max()) + 1

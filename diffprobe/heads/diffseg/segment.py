@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DiffSegParams:
+class SegmentSettings:
     """Hyper-parameters of the head (defaults: the reference's demo settings).
 
     tau: merge threshold on the symmetric KL, one value or one per iteration (ref 1.1 on
@@ -69,7 +69,7 @@ class DiffSegParams:
         except (TypeError, ValueError):
             raise DiffprobeError(f"tau must be a number or a list of numbers, got {self.tau!r}") from None
 
-    def replace(self, **changes) -> "DiffSegParams":
+    def replace(self, **changes) -> "SegmentSettings":
         return dataclasses.replace(self, **changes)
 
 
@@ -117,14 +117,14 @@ def compact_labels(labels: torch.Tensor, proposals: torch.Tensor) -> tuple[torch
 
 
 def segment(maps_by_grid: Mapping, size: tuple[int, int] | None = None,
-            params: DiffSegParams | None = None) -> SegmentationResult:
+            params: SegmentSettings | None = None) -> SegmentationResult:
     """Segment one image from its self-attention probabilities.
 
     maps_by_grid: {(h, w) or side: (Q, K) or (L, Q, K) tensor}, Q = K = h*w, heads already averaged.
     size: (H_out, W_out) of the label map (default: 8x the finest grid, e.g. 512 for SD at 64x64).
     Deterministic: no randomness anywhere.
     """
-    params = params or DiffSegParams()
+    params = params or SegmentSettings()
     maps, grid = aggregate(maps_by_grid, params.weights, dtype=params.dtype)
     size = tuple(size) if size is not None else (8 * grid[0], 8 * grid[1])
     taus = params.taus()

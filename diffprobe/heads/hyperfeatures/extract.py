@@ -32,7 +32,7 @@ Consumer = Callable[[int, dict[str, torch.Tensor]], None]
 
 
 @dataclass
-class ExtractionConfig:
+class ExtractionSettings:
     """layers: site glob or list; process: inversion | one_step | generation; num_steps: T scheduler
     steps; save_every: keep every k-th call counted back from the noisiest, plus the first (ref 5 ->
     S=11 of T=50); saved_steps: explicit inversion call indices instead; prompt: text for inversion
@@ -108,7 +108,7 @@ class FeatureHead(Head):
 
     name = "features"
 
-    def __init__(self, cfg: ExtractionConfig, consume: Consumer | None = None, layers: list[str] | None = None,
+    def __init__(self, cfg: ExtractionSettings, consume: Consumer | None = None, layers: list[str] | None = None,
                  prompts: list[str] | None = None):
         self.cfg, self.consume, self.layers, self.prompts = cfg, consume, layers, prompts
         calls = cfg.saved_calls()
@@ -160,7 +160,7 @@ class DescriptorHead(FeatureHead):
 
     name = "hyperfeatures"
 
-    def __init__(self, net, cfg: ExtractionConfig, seed: int = 0):
+    def __init__(self, net, cfg: ExtractionSettings, seed: int = 0):
         super().__init__(cfg, layers=net.config.layers)
         self.net, self.seed = net, seed
 
@@ -184,7 +184,7 @@ class DescriptorHead(FeatureHead):
         return view.state["aggregate"].result()
 
 
-def run_extraction(bb, images: torch.Tensor | None, cfg: ExtractionConfig, consume: Consumer,
+def run_extraction(bb, images: torch.Tensor | None, cfg: ExtractionSettings, consume: Consumer,
                    layers: list[str] | None = None, prompts: list[str] | None = None,
                    generator: torch.Generator | None = None) -> tuple[list[float], torch.Tensor | None]:
     """Run the configured process and call consume(position, {layer: (B, C, h, w)}) once per saved step.
@@ -200,7 +200,7 @@ def run_extraction(bb, images: torch.Tensor | None, cfg: ExtractionConfig, consu
     return head.finish(view, x), view.images
 
 
-def extract_descriptors(bb, net, images: torch.Tensor, cfg: ExtractionConfig,
+def extract_descriptors(bb, net, images: torch.Tensor, cfg: ExtractionSettings,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Hyperfeature descriptors (B, D, H, H) of `images`: the DescriptorHead run alone (latents drawn from
     `generator`)."""
@@ -210,7 +210,7 @@ def extract_descriptors(bb, net, images: torch.Tensor, cfg: ExtractionConfig,
     return head.finish(view, images)
 
 
-def extract_features(bb, images: torch.Tensor, cfg: ExtractionConfig,
+def extract_features(bb, images: torch.Tensor, cfg: ExtractionSettings,
                      layers: list[str] | None = None, dtype: torch.dtype | None = None,
                      generator: torch.Generator | None = None) -> list[dict[str, torch.Tensor]]:
     """All raw maps, held: steps[position][layer] = (B, C, h, w), optionally cast to `dtype`

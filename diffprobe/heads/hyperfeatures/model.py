@@ -18,7 +18,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.heads.hyperfeatures.evaluate import Describe, prepare_image
 from diffprobe.heads.hyperfeatures.extract import (
     AUTO,
-    ExtractionConfig,
+    ExtractionSettings,
     default_layers,
     extract_descriptors,
     extract_features,
@@ -26,7 +26,7 @@ from diffprobe.heads.hyperfeatures.extract import (
     layer_names,
     run_extraction,
 )
-from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorConfig, read_config, resize
+from diffprobe.heads.hyperfeatures.network import AggregationNetwork, AggregatorSettings, read_config, resize
 from diffprobe.io import save_json
 
 EXTRACTION_FILE = "extraction.json"
@@ -36,16 +36,16 @@ RAW_LAYER = "up_blocks.1.resnets.0.hook_residual"  # layer 4 of SD 1.5: the pape
 @dataclass
 class HyperfeatureModel:
     net: AggregationNetwork
-    extraction: ExtractionConfig
+    extraction: ExtractionSettings
 
     @classmethod
-    def build(cls, sites, extraction: ExtractionConfig, output_size: int, projection_dim: int = 384,
+    def build(cls, sites, extraction: ExtractionSettings, output_size: int, projection_dim: int = 384,
               seed: int = 0, step_labels: list[float] | None = None) -> "HyperfeatureModel":
         """A fresh network for the extraction's layers (channels from the registry) and saved steps;
         step_labels: the timestep of each saved step (for figures)."""
         names = layer_names(sites, extraction.layers)
         torch.manual_seed(seed)
-        cfg = AggregatorConfig.from_sites([sites[n] for n in names], extraction.num_saved,
+        cfg = AggregatorSettings.from_sites([sites[n] for n in names], extraction.num_saved,
                                           output_size=output_size, projection_dim=projection_dim,
                                           step_labels=list(step_labels or []))
         return cls(AggregationNetwork(cfg), extraction)
@@ -63,7 +63,7 @@ class HyperfeatureModel:
     def load(cls, directory: str | Path) -> "HyperfeatureModel":
         d = Path(directory)
         net = AggregationNetwork.load(d)
-        extraction = read_config(d / EXTRACTION_FILE, ExtractionConfig)
+        extraction = read_config(d / EXTRACTION_FILE, ExtractionSettings)
         if extraction.num_saved != net.config.num_steps:
             raise DiffprobeError(f"{d}: {extraction.num_saved} saved steps but the aggregator has {net.config.num_steps}")
         return cls(net, extraction)
@@ -113,10 +113,10 @@ def hyperfeature_describer(model: HyperfeatureModel, bb, seed: int = 0) -> Descr
     return cached(describe)
 
 
-def single_map_describer(bb, extraction: ExtractionConfig, layer: str, call: int, output_size: int,
+def single_map_describer(bb, extraction: ExtractionSettings, layer: str, call: int, output_size: int,
                          project: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0) -> Describe:
     """path -> one layer at one inversion call, resized to output_size (raw), or through `project`."""
-    one = ExtractionConfig(**{**asdict(extraction), "layers": [layer], "saved_steps": [call]})
+    one = ExtractionSettings(**{**asdict(extraction), "layers": [layer], "saved_steps": [call]})
 
     def describe(path: Path):
         x, hw = prepare_image(path, one.image_size)
@@ -145,7 +145,7 @@ def raw_layer_describer(bb, layer: str, image_size: int, seed: int = 0) -> Descr
     layer = resolve_raw_layer(bb.probe.sites, layer)
     if layer not in bb.probe.sites:
         raise DiffprobeError(f"raw layer {layer!r} is not a site of this model")
-    one = ExtractionConfig(layers=[layer], process="one_step", image_size=image_size)
+    one = ExtractionSettings(layers=[layer], process="one_step", image_size=image_size)
     return single_map_describer(bb, one, layer, 0, image_size // bb.vae_factor, seed=seed)
 
 
@@ -180,7 +180,7 @@ def generated_pair(bb, prompts: list[str], model: HyperfeatureModel | None = Non
     raw_layer = resolve_raw_layer(bb.probe.sites, raw_layer)
     if raw_layer not in bb.probe.sites:
         raise DiffprobeError(f"raw layer {raw_layer!r} is not a site of this model")
-    one = ExtractionConfig(layers=[raw_layer], process="generation", num_steps=num_steps, saved_steps=[0])
+    one = ExtractionSettings(layers=[raw_layer], process="generation", num_steps=num_steps, saved_steps=[0])
     held: dict[str, torch.Tensor] = {}
     _, images = run_extraction(bb, None, one, lambda s, f: held.update(f), layers=[raw_layer],
                                prompts=prompts, generator=gen)

@@ -25,7 +25,7 @@ WEIGHTS_FILE = "aggregator.safetensors"
 
 
 @dataclass
-class AggregatorConfig:
+class AggregatorSettings:
     """What fixes the network's shape. layers: site names in order; channels: their widths;
     num_steps: S saved steps; output_size: descriptor side (ref 64 = latent side at 512 px)."""
 
@@ -47,7 +47,7 @@ class AggregatorConfig:
             self.bottleneck_dim = max(1, self.projection_dim // 4)
 
     @classmethod
-    def from_sites(cls, sites, num_steps: int, **kwargs) -> "AggregatorConfig":
+    def from_sites(cls, sites, num_steps: int, **kwargs) -> "AggregatorSettings":
         """From registry Site metadata (names and channels), before any image is seen."""
         sites = list(sites)
         return cls(layers=[s.name for s in sites], channels=[int(s.channels) for s in sites], num_steps=num_steps, **kwargs)
@@ -90,7 +90,7 @@ def resize(feat: torch.Tensor, size: int) -> torch.Tensor:
 class AggregationNetwork(nn.Module):
     """L bottlenecks shared across steps and an (L, S) table of mixing logits initialised to 1."""
 
-    def __init__(self, config: AggregatorConfig):
+    def __init__(self, config: AggregatorSettings):
         super().__init__()
         self.config = config
         c = config
@@ -137,7 +137,7 @@ class AggregationNetwork(nn.Module):
     def load(cls, directory: str | Path) -> "AggregationNetwork":
         """Rebuild from aggregator.json and load aggregator.safetensors; mismatches are DiffprobeErrors."""
         d = Path(directory)
-        net = cls(read_config(d / CONFIG_FILE, AggregatorConfig))
+        net = cls(read_config(d / CONFIG_FILE, AggregatorSettings))
         tensors, _ = load_tensors(d / WEIGHTS_FILE)
         try:
             net.load_state_dict(tensors)

@@ -28,7 +28,7 @@ DEFAULT_NUM_SITES = 4
 
 
 @dataclass(frozen=True)
-class MapSpec:
+class MapSettings:
     """How maps are made. sites: registry names; res: query grid side (reference 128); timestep: UNet t;
     noise: noise the latent to t with fresh Gaussian noise (reference) or feed the clean latent."""
 
@@ -38,10 +38,10 @@ class MapSpec:
     noise: bool = True
 
     @staticmethod
-    def from_dict(d: dict) -> "MapSpec":
+    def from_dict(d: dict) -> "MapSettings":
         """Inverse of dataclasses.asdict (as saved in a keypoints model's config)."""
         try:
-            return MapSpec(tuple(d["sites"]), int(d["res"]), int(d["timestep"]), bool(d["noise"]))
+            return MapSettings(tuple(d["sites"]), int(d["res"]), int(d["timestep"]), bool(d["noise"]))
         except (KeyError, TypeError) as exc:
             raise DiffprobeError(f"keypoints model config has no valid map settings ({exc})") from None
 
@@ -89,7 +89,7 @@ def token_maps(view: View, names: tuple[str, ...], tokens: torch.Tensor | None =
     return rearrange(total / len(names), "b (h w) t -> b t h w", h=h, w=w).float()
 
 
-def maps_plan(spec: MapSpec, embeddings: torch.Tensor, image_size: int, grad: bool = False,
+def maps_plan(spec: MapSettings, embeddings: torch.Tensor, image_size: int, grad: bool = False,
               batch: int | None = None) -> Plan:
     """One call at spec.timestep with `embeddings` (N, D) as the context, the spec's sites head-averaged with
     queries upsampled to spec.res; `grad`: the maps keep the graph to the embeddings; `batch`: images per call."""
@@ -104,7 +104,7 @@ class KeypointMapsHead(Head):
 
     name = "keypoint_maps"
 
-    def __init__(self, spec: MapSpec, embeddings: torch.Tensor, image_size: int, tokens: torch.Tensor | None = None,
+    def __init__(self, spec: MapSettings, embeddings: torch.Tensor, image_size: int, tokens: torch.Tensor | None = None,
                  grad: bool = False):
         self.spec, self.embeddings, self.size, self.tokens, self.grad = spec, embeddings, image_size, tokens, grad
 

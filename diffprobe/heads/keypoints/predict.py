@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.affine import AffineRange, sample_affine, unwarp, warp_image
 from diffprobe.heads.keypoints.image_sets import Frame, image_frame, prepare_image
-from diffprobe.heads.keypoints.maps import MapSpec, maps_plan, token_maps
+from diffprobe.heads.keypoints.maps import MapSettings, maps_plan, token_maps
 from diffprobe.heads.keypoints.state import KeypointModel
 from diffprobe.heads.keypoints.targets import argmax_points, peak_values, soft_argmax_points
 from diffprobe.hooks import Site
@@ -29,7 +29,7 @@ READOUTS = ("argmax", "soft_argmax")
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictSettings:
     """augmentations: transforms per image (1 = just the image); batch_size: transformed images per denoiser
     call (the result is the same for any); readout: "argmax" | "soft_argmax" (window `soft_radius` px at image
     resolution)."""
@@ -78,7 +78,7 @@ def ensemble(maps: torch.Tensor, thetas: torch.Tensor, size: tuple[int, int]) ->
     return torch.where(seen > 0, total / seen.clamp_min(1e-12), torch.zeros(()))
 
 
-def read_points(maps: torch.Tensor, cfg: PredictConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def read_points(maps: torch.Tensor, cfg: PredictSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """(points (K, 2), confidence (K,)) from ensembled maps (K, S, S)."""
     pts = argmax_points(maps) if cfg.readout == "argmax" else soft_argmax_points(maps, cfg.soft_radius)
     return pts, peak_values(maps)
@@ -93,7 +93,7 @@ class KeypointPredictHead(Head):
 
     name = "keypoints"
 
-    def __init__(self, spec: MapSpec, model: KeypointModel, cfg: PredictConfig, image_size: int,
+    def __init__(self, spec: MapSettings, model: KeypointModel, cfg: PredictSettings, image_size: int,
                  crop: str = "center", resize: str = "bilinear"):
         self.spec, self.model, self.cfg = spec, model, cfg
         self.size, self.crop, self.resize = int(image_size), crop, resize

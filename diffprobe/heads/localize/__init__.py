@@ -3,6 +3,6 @@ training-free): refine (the operators: raw, attention powers, random walk, Lapla
 (the runner's head: maps, masks and boxes per word)."""
 
 from diffprobe.heads.localize.head import Localization, LocalizeHead, LocalizeSettings
-from diffprobe.heads.localize.refine import METHODS, RefineParams, refine
+from diffprobe.heads.localize.refine import METHODS, RefineSettings, refine
 
-__all__ = ["METHODS", "Localization", "LocalizeHead", "LocalizeSettings", "RefineParams", "refine"]
+__all__ = ["METHODS", "Localization", "LocalizeHead", "LocalizeSettings", "RefineSettings", "refine"]

@@ -18,7 +18,7 @@ from diffprobe.heads.call import CallSettings, analysed_box, model_input
 from diffprobe.heads.diffseg.aggregate import aggregate
 from diffprobe.heads.diffseg.semantics import word_maps
 from diffprobe.heads.diffseg.sites import attention_groups, attention_levels, maps_by_grid, select_divisors
-from diffprobe.heads.localize.refine import RefineParams, refine
+from diffprobe.heads.localize.refine import RefineSettings, refine
 from diffprobe.hooks import Need, Reduce
 from diffprobe.runner import Head, Item, Plan, View
 
@@ -33,24 +33,24 @@ class LocalizeSettings(CallSettings):
     resize: str = "bilinear_tf"
     words: list[str] = field(default_factory=list)
     prompt: str | None = None    # None: "a w1 and a w2 ..."
-    method: str = RefineParams.method      # the refinement's keys default to RefineParams'
-    power: int = RefineParams.power
-    restart: float = RefineParams.restart
-    beta: float = RefineParams.beta
-    graph: str = RefineParams.graph
-    temperature: float = RefineParams.temperature
-    neighbours: int = RefineParams.neighbours
+    method: str = RefineSettings.method      # the refinement's keys default to RefineSettings'
+    power: int = RefineSettings.power
+    restart: float = RefineSettings.restart
+    beta: float = RefineSettings.beta
+    graph: str = RefineSettings.graph
+    temperature: float = RefineSettings.temperature
+    neighbours: int = RefineSettings.neighbours
     threshold: float = 0.5
     divisors: Any = None         # the attention levels read, by resolution divisor; None: all
 
-    def params(self) -> RefineParams:
+    def params(self) -> RefineSettings:
         self.validate()
         self.levels()
         if not self.words:
             raise DiffprobeError("localize needs words to find: words=[bird] (or words=[cat,sofa])")
         if not 0 <= self.threshold < 1:
             raise DiffprobeError(f"the mask threshold must lie in [0, 1), got {self.threshold}")
-        return RefineParams(self.method, int(self.power), float(self.restart), float(self.beta), self.graph,
+        return RefineSettings(self.method, int(self.power), float(self.restart), float(self.beta), self.graph,
                             float(self.temperature), int(self.neighbours))
 
     def levels(self) -> tuple[int, ...] | None:

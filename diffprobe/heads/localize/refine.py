@@ -25,7 +25,7 @@ GRAPHS = ("attention_rows", "attention")
 
 
 @dataclass(frozen=True)
-class RefineParams:
+class RefineSettings:
     """method: one of METHODS; power: k of P^k; restart: g of the random walk; beta: diffusion strength;
     graph: one of GRAPHS (diffusion); temperature: T of the attention_rows graph; neighbours: 4 or 8."""
 
@@ -47,7 +47,7 @@ class RefineParams:
                                  f"{self.power}, {self.restart}, {self.beta}, {self.temperature}")
 
 
-def refine(word_maps: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int], params: RefineParams) -> torch.Tensor:
+def refine(word_maps: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int], params: RefineSettings) -> torch.Tensor:
     """(n, Q) refined maps of word_maps (n, Q) over the self-attention probs (Q, Q) of the grid (h, w)."""
     if probs.shape != (grid[0] * grid[1],) * 2 or word_maps.shape[-1] != probs.shape[0]:
         raise DiffprobeError(f"word maps {tuple(word_maps.shape)} and self-attention {tuple(probs.shape)} do not "
