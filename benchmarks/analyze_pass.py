@@ -24,9 +24,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffprobe.loading import build_denoiser# noqa: E402
-from diffprobe.loading import tiny_backbone  # noqa: E402
-from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, token_groups  # noqa: E402
+from diffprobe.loading import build_denoiser, tiny_backbone  # noqa: E402
+from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings  # noqa: E402
 from diffprobe.heads.localize import LocalizeHead, LocalizeSettings  # noqa: E402
 from diffprobe.heads.probe import ProbeHead, ProbeSettings  # noqa: E402
 from diffprobe.runner import Item, run_heads  # noqa: E402
@@ -50,7 +49,7 @@ def heads(bb, size: int, shared: bool) -> list:
     prompt = "a cat"
     loc = LocalizeSettings(words=["cat"], prompt=prompt)
     return [DiffSegHead(DiffSegSettings(tau=0.2, prompt=prompt if shared else ""), size),
-            LocalizeHead(loc, token_groups(bb.tokenizer, prompt, ["cat"]), size),
+            LocalizeHead(loc, bb.word_positions(prompt, ["cat"]), size),
             ProbeHead(ProbeSettings(sites=["*.attn2.hook_probs"], timestep=300, prompt=prompt if shared else ""), size)]
 
 

@@ -31,7 +31,6 @@ from diffprobe.loading import load_backbone  # noqa: E402
 from diffprobe.data.images import image_to_tensor  # noqa: E402
 from diffprobe.data.world import render_scene, scene_seed  # noqa: E402
 from diffprobe.eval.wsol import WSOLMeter  # noqa: E402
-from diffprobe.heads.diffseg.head import token_groups  # noqa: E402
 from diffprobe.heads.localize import LocalizeHead, LocalizeSettings, RefineSettings, refine  # noqa: E402
 from diffprobe.mini import packaged_path  # noqa: E402
 from diffprobe.runner import run_plans  # noqa: E402
@@ -53,7 +52,7 @@ def scene_words(split: str, n: int, bb, size: int = 64, divisors=None) -> list[d
         scene = render_scene(scene_seed(split, i), size)
         words = sorted({o.category for o in scene.objects})
         settings = LocalizeSettings(words=words, prompt=scene.caption, divisors=divisors)
-        head = LocalizeHead(settings, token_groups(bb.tokenizer, scene.caption, words), bb.sample_size)
+        head = LocalizeHead(settings, bb.word_positions(scene.caption, words), bb.sample_size)
         plan = head.plan(bb.probe.sites)
         x = image_to_tensor(Image.fromarray(scene.image), head.size, crop="none", resize=settings.resize)
         (view,) = run_plans(bb, [plan], [x])

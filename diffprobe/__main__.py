@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffprobe.cli import TOP_LEVEL, config_error, help_text, namespace_overrides, rewrite_data_paths
+from diffprobe.cli import TOP_LEVEL, config_error, dotted_keys, help_text, namespace_overrides, rewrite_data_paths
 
 CONFIG_MODULE = "diffprobe.conf"
 
@@ -77,7 +77,7 @@ def prepare_overrides(overrides: list[str]) -> tuple[list[str], str]:
             base = OmegaConf.to_container(compose("config", overrides=choices))
         except HydraException as exc:
             _fail(config_error(str(exc), [], task, getattr(exc, "override", None)))
-        keys = {ns: _dotted_keys(v) for ns, v in base.items() if isinstance(v, dict) and ns not in TOP_LEVEL}
+        keys = {ns: dotted_keys(v) for ns, v in base.items() if isinstance(v, dict) and ns not in TOP_LEVEL}
         try:
             overrides = namespace_overrides(overrides, keys, task)
             overrides = model_task_settings(base.get("model") or {}, keys, overrides) + overrides
@@ -110,16 +110,6 @@ def resolve_run_dir(template: str, task: str) -> Path | None:
     text = template.replace("${hydra:runtime.choices.task}", task)
     text = re.sub(r"\$\{now:([^}]*)\}", lambda m: time.strftime(m.group(1)), text)
     return None if "${" in text else Path(text)
-
-
-def _dotted_keys(node: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        out.append(name)
-        if isinstance(value, dict):
-            out += _dotted_keys(value, name + ".")
-    return out
 
 
 VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",

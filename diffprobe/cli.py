@@ -70,15 +70,21 @@ def namespace_overrides(argv: list[str], keys: dict[str, list[str]], task: str) 
     return out
 
 
-def flat_keys(node: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, value) of every leaf of a nested dict."""
+def flat_keys(node: dict, prefix: str = "", sections: bool = False) -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a nested dict; with `sections`, of every nested dict too (before its
+    keys): the names a user may write."""
     out = []
     for key, value in node.items():
         if isinstance(value, dict):
-            out += flat_keys(value, f"{prefix}{key}.")
+            out += ([(f"{prefix}{key}", value)] if sections else []) + flat_keys(value, f"{prefix}{key}.", sections)
         else:
             out.append((f"{prefix}{key}", value))
     return out
+
+
+def dotted_keys(node: dict) -> list[str]:
+    """Every key of a nested config section a user may write, dotted (sections included)."""
+    return [key for key, _ in flat_keys(node, sections=True)]
 
 
 def override_value(value) -> str:

@@ -6,16 +6,7 @@ from __future__ import annotations
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from diffprobe.cli import TOP_LEVEL, namespace_overrides
-
-
-def _dotted(node: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in node.items():
-        out.append(prefix + k)
-        if isinstance(v, dict):
-            out += _dotted(v, prefix + k + ".")
-    return out
+from diffprobe.cli import TOP_LEVEL, dotted_keys, namespace_overrides
 
 
 def make_cfg(task: str, model="tiny_sd15", data=None, **overrides):
@@ -29,7 +20,7 @@ def make_cfg(task: str, model="tiny_sd15", data=None, **overrides):
     if data is not None:
         cfg.data = OmegaConf.create(OmegaConf.to_container(data) if OmegaConf.is_config(data) else data)
     plain = OmegaConf.to_container(cfg)
-    keys = {ns: _dotted(v) for ns, v in plain.items() if isinstance(v, dict) and ns not in TOP_LEVEL}
+    keys = {ns: dotted_keys(v) for ns, v in plain.items() if isinstance(v, dict) and ns not in TOP_LEVEL}
     for key, value in overrides.items():
         if key.split(".")[0] in TOP_LEVEL or key.split(".")[0] in keys:
             path = key
