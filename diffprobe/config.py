@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -79,13 +80,22 @@ def _obeys(value: float, rule: str) -> bool:
             "<": value < float(bound)}[op]
 
 
-def keys_of(settings: type, exclude: tuple[str, ...] = (), limits: dict | None = None) -> type:
-    """The config schema of a head's settings dataclass: its fields, types and defaults (written once, there) but
-    `exclude` (what the task sets itself, e.g. the seed), as a new dataclass, with `limits` as its LIMITS."""
+def keys_of(settings: type, exclude: tuple[str, ...] = (), limits: dict | None = None,
+            keys: dict[str, tuple[type, Any]] | None = None) -> type:
+    """The config schema of a head's (or trainer's) settings dataclass: its fields, types and defaults (written
+    once, there) but `exclude` (what the task sets itself, e.g. the seed), as a new dataclass, with `limits` as its
+    LIMITS. `keys` {field: (type, default)}: where the key a user writes differs from the field (a type the config
+    cannot hold, such as a union of a string and a list, or a default resolved from the model: null)."""
     hints = typing.get_type_hints(settings)
-    specs = [(f.name, hints[f.name], dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING
-              else dataclasses.field(default_factory=f.default_factory))
-             for f in dataclasses.fields(settings) if f.name not in exclude]
+
+    def spec(f: dataclasses.Field):
+        if f.name in (keys or {}):
+            kind, default = keys[f.name]
+            return f.name, kind, dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d))
+        return f.name, hints[f.name], (dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING
+                                       else dataclasses.field(default_factory=f.default_factory))
+
+    specs = [spec(f) for f in dataclasses.fields(settings) if f.name not in exclude]
     return dataclasses.make_dataclass(settings.__name__, specs, namespace={"LIMITS": limits or {}})
 
 

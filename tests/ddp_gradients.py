@@ -48,7 +48,7 @@ def main() -> None:
             return super().step(closure)
 
     training.torch.optim.AdamW = Recording
-    training.train(net, source, pairs, [], training.AggregatorTrainSettings(steps=1, batch=2, val_every=1), sys.argv[2],
+    training.train(net, source, pairs, [], training.AggregatorTrainSettings(train_steps=1, batch=2, val_every=1), sys.argv[2],
                    progress=False)
     if distributed.shard()[0] == 0:
         save_file(seen, sys.argv[1])

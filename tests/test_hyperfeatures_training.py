@@ -31,7 +31,8 @@ def test_training_lowers_loss_and_raises_pck(setup, tmp_path):
     net = new_net()
     before = evaluate_pairs(descriptor_fn(net, source), pairs, SIZE).summary()
     # the reference's c2_msra_fill start needs about twice the steps of PyTorch's default init here
-    history = train(net, source, pairs, pairs, AggregatorTrainSettings(steps=48, val_every=24), tmp_path / "ck", progress=False)
+    history = train(net, source, pairs, pairs, AggregatorTrainSettings(train_steps=48, val_every=24), tmp_path / "ck",
+                    progress=False)
     loss = [v for _, v in history["loss"]]
     assert np.mean(loss[-6:]) < np.mean(loss[:6]) - 1.0
     assert [r[0] for r in history["val"]] == [24, 48]
@@ -44,11 +45,11 @@ def test_training_lowers_loss_and_raises_pck(setup, tmp_path):
 def test_resume_continues_exactly(setup, tmp_path):
     pairs, source, new_net = setup
     straight = new_net()
-    train(straight, source, pairs, [], AggregatorTrainSettings(steps=8, val_every=4), tmp_path / "a", progress=False)
+    train(straight, source, pairs, [], AggregatorTrainSettings(train_steps=8, val_every=4), tmp_path / "a", progress=False)
     first = new_net()
-    train(first, source, pairs, [], AggregatorTrainSettings(steps=4, val_every=4), tmp_path / "b", progress=False)
+    train(first, source, pairs, [], AggregatorTrainSettings(train_steps=4, val_every=4), tmp_path / "b", progress=False)
     resumed = new_net()
-    history = train(resumed, source, pairs, [], AggregatorTrainSettings(steps=8, val_every=4), tmp_path / "c",
+    history = train(resumed, source, pairs, [], AggregatorTrainSettings(train_steps=8, val_every=4), tmp_path / "c",
                     resume=tmp_path / "b", progress=False)
     assert [s for s, _ in history["loss"]] == list(range(1, 9))
     for k, v in straight.state_dict().items():
@@ -65,14 +66,14 @@ def test_a_rerun_in_the_same_folder_continues_and_other_settings_are_refused(set
 
     pairs, source, new_net = setup
     straight = new_net()
-    train(straight, source, pairs, [], AggregatorTrainSettings(steps=8, val_every=4), tmp_path / "a", progress=False)
+    train(straight, source, pairs, [], AggregatorTrainSettings(train_steps=8, val_every=4), tmp_path / "a", progress=False)
     first = new_net()
-    train(first, source, pairs, [], AggregatorTrainSettings(steps=4, val_every=4), tmp_path / "b", progress=False)
+    train(first, source, pairs, [], AggregatorTrainSettings(train_steps=4, val_every=4), tmp_path / "b", progress=False)
     again = new_net()
-    history = train(again, source, pairs, [], AggregatorTrainSettings(steps=8, val_every=4), tmp_path / "b", progress=False)
+    history = train(again, source, pairs, [], AggregatorTrainSettings(train_steps=8, val_every=4), tmp_path / "b", progress=False)
     assert [s for s, _ in history["loss"]] == list(range(1, 9))
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(again.state_dict()[k], v, msg=k)
     with pytest.raises(DiffprobeError, match="other settings.*lr"):
-        train(new_net(), source, pairs, [], AggregatorTrainSettings(steps=9, val_every=4, lr=5e-3), tmp_path / "b",
+        train(new_net(), source, pairs, [], AggregatorTrainSettings(train_steps=9, val_every=4, lr=5e-3), tmp_path / "b",
               progress=False)

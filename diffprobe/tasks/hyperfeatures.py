@@ -13,15 +13,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass, fields
+from typing import ClassVar, Optional
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from diffprobe.config import load_configured_backbone, run_config, section
+from diffprobe.config import keys_of, load_configured_backbone, run_config, section
 from diffprobe.data.images import load_image
 from diffprobe.data.pairs_json import CorrespondencePair
 from diffprobe.errors import DiffprobeError
@@ -46,33 +46,27 @@ log = logging.getLogger(__name__)
 MODES = ("train", "eval", "ablate", "extract", "baseline")
 
 
+# hyperfeatures.*: the extraction's and the aggregator trainer's settings as written there (the model fixes the
+# image size when it is null; layers are a list of names/globs or [auto]), and the task's own keys
+EXTRACTION_KEYS = keys_of(ExtractionSettings, exclude=("sample_latent", "guidance"),
+                          keys={"layers": (list[str], [AUTO]), "image_size": (Optional[int], None)},
+                          limits={"num_steps": "1..10000", "save_every": ">= 1", "image_size": "8..16384"})
+TRAINING_KEYS = keys_of(AggregatorTrainSettings, exclude=("seed", "alpha"),
+                        limits={"train_steps": ">= 0", "batch": "1..4096", "lr": "> 0", "weight_decay": ">= 0",
+                                "temperature": "> 0", "val_every": ">= 1", "checkpoint_minutes": "> 0"})
+
+
 @dataclass
-class HyperfeaturesSettings:
-    LIMITS: ClassVar[dict] = {"num_steps": "1..10000", "save_every": ">= 1", "image_size": "8..16384",
-                              "output_size": "1..4096", "projection_dim": "1..65536", "train_steps": ">= 0",
-                              "batch": "1..4096", "lr": "> 0", "weight_decay": ">= 0", "temperature": "> 0",
-                              "val_every": ">= 1", "checkpoint_minutes": "> 0", "val_pairs": ">= 1",
-                              "feature_store": ">= 0", "plot_pairs": "0..10000"}
+class HyperfeaturesSettings(EXTRACTION_KEYS, TRAINING_KEYS):
+    LIMITS: ClassVar[dict] = {**EXTRACTION_KEYS.LIMITS, **TRAINING_KEYS.LIMITS, "output_size": "1..4096",
+                              "projection_dim": "1..65536", "val_pairs": ">= 1", "feature_store": ">= 0",
+                              "plot_pairs": "0..10000"}
 
     mode: str = "train"
     weights: str | None = None  # a model directory (eval, ablate, extract)
     resume: str | None = None  # a checkpoint directory to continue training from
-    process: str = "inversion"  # inversion | one_step
-    num_steps: int = 50
-    save_every: int = 5
-    saved_steps: list[int] | None = None
-    layers: list[str] = field(default_factory=lambda: [AUTO])
-    prompt: str = ""
-    image_size: int | None = None  # null: the model's sample size
     output_size: int | None = None  # null: image_size / VAE factor (ref 64)
     projection_dim: int = 384
-    train_steps: int = 5000
-    batch: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    temperature: float = 0.07
-    val_every: int = 1000
-    checkpoint_minutes: float = 5.0
     val_pairs: int = 360
     split: str = "test"  # eval/ablate split
     alpha: float = 0.1
@@ -80,6 +74,10 @@ class HyperfeaturesSettings:
     feature_store: int = 16
     raw_layer: str = AUTO  # mode=baseline
     plot_pairs: int = 4  # eval/ablate/baseline: match figures of the first pairs, in pairs/
+
+    def part(self, keys: type) -> dict:
+        """The values of one settings class's keys."""
+        return {f.name: getattr(self, f.name) for f in fields(keys)}
 
 
 def settings_of(cfg: DictConfig) -> HyperfeaturesSettings:
@@ -137,10 +135,9 @@ def load_pairs(data: DictConfig | None, split: str, seed: int) -> tuple[list[Cor
 
 
 def _extraction(p: HyperfeaturesSettings, bb) -> ExtractionSettings:
-    size = bb.check_image_size(p.image_size)
     layers = p.layers[0] if len(p.layers) == 1 else list(p.layers)
-    return ExtractionSettings(layers=layers, process=p.process, num_steps=p.num_steps, save_every=p.save_every,
-                            saved_steps=p.saved_steps, prompt=p.prompt, image_size=size)
+    return ExtractionSettings(**{**p.part(EXTRACTION_KEYS), "layers": layers,
+                                 "image_size": bb.check_image_size(p.image_size)})
 
 
 def _train(p: HyperfeaturesSettings, cfg: DictConfig, bb, out_dir: Path) -> dict:
@@ -165,9 +162,7 @@ def _train(p: HyperfeaturesSettings, cfg: DictConfig, bb, out_dir: Path) -> dict
         val_pairs = [val_pairs[i] for i in keep]
         val_desc += f", {p.val_pairs} of them drawn with seed {seed}"
     source = FeatureSource(bb, extraction, model.net.config.layers, capacity=p.feature_store, seed=seed)
-    tcfg = AggregatorTrainSettings(steps=p.train_steps, batch=p.batch, lr=p.lr, weight_decay=p.weight_decay,
-                       temperature=p.temperature, val_every=p.val_every, alpha=p.alpha, seed=seed,
-                       checkpoint_minutes=p.checkpoint_minutes)
+    tcfg = AggregatorTrainSettings(**p.part(TRAINING_KEYS), alpha=p.alpha, seed=seed)
     model.save_extraction(out_dir / "checkpoint")  # so a checkpoint directory also loads as a model
     smaller = " image_size=256" if bb.sample_size > 256 else ""  # a smaller image helps SD-sized models only
     history = train(model.net, source, train_pairs, val_pairs, tcfg, out_dir / "checkpoint",

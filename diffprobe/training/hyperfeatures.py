@@ -62,10 +62,11 @@ class FeatureSource:
 
 @dataclass
 class AggregatorTrainSettings:
-    """steps: optimiser steps (ref 5000) of `batch` pairs each (ref 1; over several processes the batch is
-    split between them and their gradients averaged); val_every: validation + checkpoint period (ref 1000)."""
+    """train_steps: optimiser steps (ref 5000) of `batch` pairs each (ref 1; over several processes the batch is
+    split between them and their gradients averaged); val_every: validation + checkpoint period (ref 1000);
+    alpha: the validation's PCK threshold."""
 
-    steps: int = 5000
+    train_steps: int = 5000
     batch: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -76,8 +77,8 @@ class AggregatorTrainSettings:
     checkpoint_minutes: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.val_every < 1 or self.batch < 1 or not self.lr > 0 or not self.temperature > 0:
-            raise DiffprobeError("training needs steps >= 1, val_every >= 1, batch >= 1, lr > 0 and temperature > 0")
+        if self.train_steps < 1 or self.val_every < 1 or self.batch < 1 or not self.lr > 0 or not self.temperature > 0:
+            raise DiffprobeError("training needs train_steps >= 1, val_every >= 1, batch >= 1, lr > 0 and temperature > 0")
         if not self.checkpoint_minutes > 0:
             raise DiffprobeError("checkpoint_minutes must be positive")
 
@@ -173,6 +174,6 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
         save_checkpoint(Path(checkpoint_dir) / CHECKPOINT, module_tensors({"net": net}), opt, done, history, config)
         net.save(Path(checkpoint_dir))  # so the checkpoint folder also loads as the aggregator
 
-    run_steps("train hyperfeatures", state["step"], cfg.steps, step, save, cfg.val_every, cfg.checkpoint_minutes,
+    run_steps("train hyperfeatures", state["step"], cfg.train_steps, step, save, cfg.val_every, cfg.checkpoint_minutes,
               hint=hint, progress=progress, main=main)
     return history

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from diffprobe.items import deferred_interrupt, warn_if_long
 
 log = logging.getLogger(__name__)
-SCHEDULE = ("steps", "unet_steps", "vae_steps", "checkpoint_every", "checkpoint_minutes", "val_every",
+SCHEDULE = ("steps", "train_steps", "unet_steps", "vae_steps", "checkpoint_every", "checkpoint_minutes", "val_every",
             "max_minutes", "threads", "samples")
 
 
