@@ -176,6 +176,8 @@ def generate_from(bb, cond: Conditioning, guidance: float | None = None, num_ste
     the guidance scale as conditioning instead): (images (B, 3, H, W), final latents). `guidance` None: the
     family's default (SD 7.5, FLUX 3.5)."""
     guidance = bb.family.default_guidance if guidance is None else guidance
+    if guidance is None:
+        raise DiffprobeError(f"the {bb.family.name} family states no default guidance scale; give one")
     cfg = bb.family.classifier_free
     n = cond.context.shape[0] // 2 if cfg else cond.context.shape[0]
     h, w = size or (bb.sample_size, bb.sample_size)

@@ -82,8 +82,9 @@ class Family:
     """Context positions before the first token of `context_tokenizer` (learned register tokens)."""
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     """The diffusers scheduler the family samples with (its saved schedule read into it)."""
-    default_guidance: float = 0.0
-    """The guidance scale generation uses when none is given (each family states its own)."""
+    default_guidance: float | None = None
+    """The guidance scale generation uses when none is given: each family states its pipeline's (none: a
+    generation must be given one)."""
     configs: dict[str, dict] = {}
     """Published denoiser configs by structure name (real-sized models built on the meta device: golden lists)."""
     tiny_configs: dict[str, dict] = {}
