@@ -79,7 +79,8 @@ class Family:
     context_tokenizer = "tokenizer"
     """The backbone attribute of the tokenizer whose tokens are the positions of `encode_prompt`'s context."""
     context_offset = 0
-    """Context positions before the first token of `context_tokenizer` (learned register tokens)."""
+    """Positions the model puts before the prompt encoding's tokens in its attentions' text stream (AuraFlow's 8
+    learned register tokens): a word's columns are its token positions plus this."""
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     """The diffusers scheduler the family samples with (its saved schedule read into it)."""
     default_guidance: float | None = None
