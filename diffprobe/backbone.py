@@ -95,9 +95,8 @@ class Backbone:
     def word_positions(self, prompt: str, words: list[str]) -> list[list[int]]:
         """The context positions of each word's tokens in `prompt` (first occurrence), as the family's context
         tokenizer splits them and after the positions its model puts first (AuraFlow's register tokens)."""
-        tokenizer = self.context_tokenizer
-        ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-        offset, groups = self.family.context_offset, []
+        ids = self._context_ids(prompt)
+        tokenizer, offset, groups = self.context_tokenizer, self.family.context_offset, []
         for word in words:
             sub = tokenizer(word, add_special_tokens=False).input_ids
             starts = [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
@@ -109,10 +108,15 @@ class Backbone:
     def context_tokens(self, prompt: str) -> list[str]:
         """What each position of `prompt`'s context holds: the context tokenizer's tokens, padded to its length,
         after the model's own leading positions ("<register 0>", ...)."""
+        tokens = self.context_tokenizer.convert_ids_to_tokens(self._context_ids(prompt))
+        return [f"<register {i}>" for i in range(self.family.context_offset)] + tokens
+
+    def _context_ids(self, prompt: str) -> list[int]:
+        """The context tokenizer's ids of `prompt` padded to its length as the prompt encoding pads them (on the
+        side the tokenizer pads: a left-padding tokenizer moves every word)."""
         tokenizer = self.context_tokenizer
-        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True).input_ids[0]
-        return [f"<register {i}>" for i in range(self.family.context_offset)] + tokenizer.convert_ids_to_tokens(ids)
+        return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True).input_ids[0]
 
     @property
     def max_tokens(self) -> int:
