@@ -34,9 +34,12 @@ class PixArtFamily(StandardAttention, TransformerFamily):
     tiny_configs = {"pixart": TINY}
 
     def tiny_parts(self, structure: str, words: list[str]) -> dict:
-        tokenizer = tiny.word_tokenizer(words)
+        """PixArt's parts, tiny: a T5 encoder as wide as the captions (32) on a T5 tokenizer, its padding mask
+        passed on as the pipeline does."""
+        tokenizer = tiny.t5_tokenizer(words)
+        width = int(self.tiny_configs[structure]["caption_channels"])
         return dict(unet=self.build(structure, tiny=True), vae=tiny.vae(), scheduler=tiny.ddim_schedule(),
-                    text_encoder=tiny.clip_encoder(tokenizer), tokenizer=tokenizer)
+                    text_encoder=tiny.t5_encoder(tokenizer, width), tokenizer=tokenizer)
 
     def matches(self, model: nn.Module) -> bool:
         from diffusers import PixArtTransformer2DModel
