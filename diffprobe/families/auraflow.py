@@ -52,7 +52,7 @@ class AuraFlowFamily(JointAttentionFamily):
     name = "auraflow"
     denoiser_class = "AuraFlowTransformer2DModel"
     text_parts = (TextPart("", ("UMT5EncoderModel",), LLAMA),)
-    context_offset = 8          # the model's register tokens come first in the text stream
+    context_offset = 8          # the model's register tokens (AuraFlowTransformer2DModel's fixed 8) come first
     default_guidance = 3.5      # AuraFlowPipeline's
     no_upsampled_queries = ("its single-stream blocks project text and image tokens as one input, whose queries "
                             "diffprobe does not recompute at upsampled positions")
@@ -63,9 +63,6 @@ class AuraFlowFamily(JointAttentionFamily):
         from diffusers import AuraFlowTransformer2DModel
 
         return isinstance(model, AuraFlowTransformer2DModel)
-
-    def text_tokens(self, bb) -> int:
-        return int(bb.unet.register_tokens.shape[1]) + int(bb.tokenizer.model_max_length)
 
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """UMT5's last states at the tokenizer's full length, zero where the prompt is padding (the pipeline's)."""

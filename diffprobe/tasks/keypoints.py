@@ -189,11 +189,16 @@ def _context(cfg: DictConfig, params: KeypointsSettings, bb, model: KeypointMode
                    str(model.config.get("crop", "center")), str(model.config.get("resize", "bicubic")))
 
 
-def _predict_item(ctx: Context, head: KeypointPredictHead, images: ImageSet, i: int):
-    """(points (K, 2) in processed pixels, confidence (K,), Frame, original size) of item i."""
-    item = images.items[i]
+def _predict(ctx: Context, head: KeypointPredictHead, item: LandmarkItem) -> tuple[Prediction, object]:
+    """(the prediction, the PIL image) of a dataset item (its crop box applied)."""
     image = load_image(item.path)
     (pred,) = run_heads(ctx.bb, [head], Item(str(item.path), image, {"box": item.box}))
+    return pred, image
+
+
+def _predict_item(ctx: Context, head: KeypointPredictHead, images: ImageSet, i: int):
+    """(points (K, 2) in processed pixels, confidence (K,), Frame, original size) of item i."""
+    pred, image = _predict(ctx, head, images.items[i])
     return pred.points.numpy(), pred.confidence.numpy(), pred.frame, image.size
 
 
@@ -217,8 +222,7 @@ def run_fit(ctx: Context, fit_cfg: FitSettings, predict: PredictSettings, items:
     save_loss_curve(out_dir / "loss_curve.png", result.history)
     fitted = KeypointPredictHead(ctx.spec, result.model, predict, ctx.image_size, ctx.crop, ctx.resize)
     for item, name in zip(items[:preview], image_folders([it.path for it in items[:preview]])):
-        image = load_image(item.path)
-        (pred,) = run_heads(ctx.bb, [fitted], Item(str(item.path), image, {"box": item.box}))
+        pred, image = _predict(ctx, fitted, item)
         _write_prediction(ctx, fitted, pred, item.path, image, out_dir / "preview" / name)
     summary = {"embeddings": path.name, "indices": result.model.indices.tolist(), "counts": result.model.counts,
                "final_loss": result.history[-1]["loss"] if result.history else None, "steps": fit_cfg.steps}
