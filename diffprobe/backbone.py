@@ -27,6 +27,7 @@ class Backbone:
     text_encoder_3: Any = None  # SD3's T5
     tokenizer_3: Any = None
     attention_capture: str = "recompute"  # how the runner's captures get attention: "recompute" | "reuse"
+    word_stream: str = "all"  # whose columns a word's map reads: "all" streams or one's name (SD3: "clip", "t5")
 
     @property
     def probe(self):
@@ -88,39 +89,55 @@ class Backbone:
         return int(config.get("caption_channels") or config.get("joint_attention_dim") or config.cross_attention_dim)
 
     @property
-    def context_tokenizer(self):
-        """The tokenizer whose tokens are the positions of the prompt encoding's context (the family says which)."""
-        return getattr(self, self.family.context_tokenizer)
+    def text_streams(self) -> tuple:
+        """The text streams of the prompt encoding in column order (diffprobe.families.TextStream: name, tokenizer
+        attribute, first column): SD's and SDXL's CLIP, PixArt's and FLUX's T5, SD3's CLIP then T5."""
+        return self.family.text_streams(self)
 
-    def word_positions(self, prompt: str, words: list[str]) -> list[list[int]]:
-        """The context positions of each word's tokens in `prompt` (first occurrence), as the family's context
-        tokenizer splits them and after the positions its model puts first (AuraFlow's register tokens)."""
-        ids = self._context_ids(prompt)
-        tokenizer, offset, groups = self.context_tokenizer, self.family.context_offset, []
+    def stream_ids(self, stream, prompt: str) -> list[int]:
+        """`stream`'s token ids of `prompt` padded and cut as the prompt encoding does it (on the side the tokenizer
+        pads: a left-padding tokenizer moves every word)."""
+        return stream.ids(self, [prompt])[0].tolist()
+
+    def word_positions(self, prompt: str, words: list[str], stream: str | None = None) -> list[list[int]]:
+        """The context columns of each word's tokens in `prompt` (first occurrence in each stream), as each
+        stream's tokenizer splits it. `stream` (default: the backbone's `word_stream`) names the stream to read, or
+        "all": a word in two streams (SD3's CLIP and T5 parts) gets its columns in both, so its map is the
+        attention the image pays that word in either (docs/transformers.md)."""
+        streams = self.streams_named(stream or self.word_stream)
+        groups = []
         for word in words:
-            sub = tokenizer(word, add_special_tokens=False).input_ids
-            starts = [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
-            if not starts:
+            columns = []
+            for s in streams:
+                ids, sub = self.stream_ids(s, prompt), getattr(self, s.tokenizer)(word, add_special_tokens=False).input_ids
+                start = next((i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub), None)
+                if start is not None:
+                    columns += [s.offset + i for i in range(start, start + len(sub))]
+            if not columns:
                 raise DiffprobeError(f"word {word!r} is not found in the tokenised prompt {prompt!r} (too many words?)")
-            groups.append([offset + i for i in range(starts[0], starts[0] + len(sub))])
+            groups.append(columns)
         return groups
 
-    def context_tokens(self, prompt: str) -> list[str]:
-        """What each position of `prompt`'s context holds: the context tokenizer's tokens, padded to its length,
-        after the model's own leading positions ("<register 0>", ...)."""
-        tokens = self.context_tokenizer.convert_ids_to_tokens(self._context_ids(prompt))
-        return [f"<register {i}>" for i in range(self.family.context_offset)] + tokens
+    def streams_named(self, name: str) -> tuple:
+        streams = tuple(s for s in self.text_streams if name in ("all", s.name))
+        if not streams:
+            known = ", ".join(["all"] + [s.name for s in self.text_streams])
+            raise DiffprobeError(f"word_stream {name!r} is not a text stream of {self.name}; known: {known}")
+        return streams
 
-    def _context_ids(self, prompt: str) -> list[int]:
-        """The context tokenizer's ids of `prompt` padded to its length as the prompt encoding pads them (on the
-        side the tokenizer pads: a left-padding tokenizer moves every word)."""
-        tokenizer = self.context_tokenizer
-        return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True).input_ids[0]
+    def context_tokens(self, prompt: str) -> list[str]:
+        """What each column of `prompt`'s context holds: each stream's tokens, padded to its length, at its
+        columns; the model's own positions ("<register 0>", ...) and columns no stream fills ("<zero>": SD3
+        without T5) named as such."""
+        tokens = [f"<register {i}>" for i in range(self.text_streams[0].offset)]
+        for s in self.text_streams:
+            tokens += getattr(self, s.tokenizer).convert_ids_to_tokens(self.stream_ids(s, prompt))
+        return tokens + ["<zero>"] * (self.family.text_tokens(self) - len(tokens))
 
     @property
     def max_tokens(self) -> int:
-        return int(self.context_tokenizer.model_max_length)
+        """Columns of the denoiser's text stream (every stream's padded tokens and the model's own positions)."""
+        return int(self.family.text_tokens(self))
 
     def parts(self) -> dict[str, Any]:
         """The torch modules, by diffusers component name."""

@@ -24,6 +24,7 @@ class ModelSettings:
     path: str | None = None  # local diffusers directory
     repo_id: str | None = None  # Hugging Face repo, read from the local cache only
     parts_from: str | None = None  # a directory holding every part but the denoiser (mini-dit: mini's)
+    word_stream: str = "all"  # text stream(s) whose columns a word's map reads: all, or one (SD3: clip or t5)
 
 
 @dataclass

@@ -46,18 +46,20 @@ def _warn_unknown_words(tokenizer, prompts: list[str]) -> None:
 
 
 def _warn_truncated(bb, prompts: list[str]) -> None:
-    """Warn (once per prompt) when a prompt has more tokens than the model reads: the rest is cut."""
-    for prompt in prompts:
-        key = (id(bb.context_tokenizer), f"long:{prompt}")
-        if key in _warned:  # each prompt is counted once: encode_prompt runs once per pass
-            continue
-        _warned.add(key)
-        n = len(bb.context_tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
-        if n > bb.max_tokens:
-            log.warning("a prompt has %d tokens but %s reads %d: everything after %r is cut", n, bb.name,
-                        bb.max_tokens, bb.context_tokenizer.decode(bb.context_tokenizer(prompt, truncation=True,
-                                                                        max_length=bb.max_tokens).input_ids,
-                                                           skip_special_tokens=True)[-40:])
+    """Warn (once per prompt and stream) when a prompt has more tokens than a text stream reads: the rest is cut."""
+    for stream in bb.text_streams:
+        tokenizer = getattr(bb, stream.tokenizer)
+        for prompt in prompts:
+            key = (id(tokenizer), f"long:{prompt}")
+            if key in _warned:  # each prompt is counted once: encode_prompt runs once per pass
+                continue
+            _warned.add(key)
+            n, length = len(tokenizer(prompt, truncation=False).input_ids), stream.padded_length(bb)
+            if n > length:
+                kept = tokenizer.decode(tokenizer(prompt, truncation=True, max_length=length).input_ids,
+                                        skip_special_tokens=True)
+                log.warning("a prompt has %d %s tokens but %s reads %d: everything after %r is cut", n, stream.name,
+                            bb.name, length, kept[-40:])
 
 
 @torch.no_grad()
@@ -66,7 +68,8 @@ def encode_prompt(bb, prompts: list[str] | str, size: tuple[int, int] | None = N
     (SD 1.x/2.x: the text encoder's last hidden states (B, max_tokens, D); SDXL: both encoders' penultimate
     states plus pooled embeddings and time ids for images of `size` (H, W), default the model's size)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    _warn_unknown_words(bb.context_tokenizer, prompts)
+    for stream in bb.text_streams:
+        _warn_unknown_words(getattr(bb, stream.tokenizer), prompts)
     _warn_truncated(bb, prompts)
     return bb.family.encode_prompt(bb, prompts, size or (bb.sample_size, bb.sample_size))
 

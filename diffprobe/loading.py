@@ -160,7 +160,11 @@ def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype 
     `tiny` set (e.g. "sd15") builds a tiny random model of that structure instead of loading weights.
     """
     with quiet_libraries():
-        return _load_backbone(model_cfg, device, dtype)
+        bb = _load_backbone(model_cfg, device, dtype)
+    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
+    bb.word_stream = str(get("word_stream") or "all")
+    bb.streams_named(bb.word_stream)  # an unknown stream is refused here, before any work
+    return bb
 
 
 SCHEDULER_CLASSES = {"DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",

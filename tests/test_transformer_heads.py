@@ -147,7 +147,10 @@ def test_sd3_conditioning_flow_drive_and_directory_round_trip(tmp_path):
 
     bb = tiny_backbone("sd3")
     cond = encode_prompt(bb, ["a cat", ""])
-    assert cond.context.shape == (2, 77 + 77, 32) and cond.added["pooled_projections"].shape == (2, 16)
+    assert cond.context.shape == (2, 77 + 256, 32) and cond.added["pooled_projections"].shape == (2, 16)
+    embeds, _, pooled, _ = bb.family.pipeline(bb).encode_prompt("a cat", None, None, do_classifier_free_guidance=False)
+    torch.testing.assert_close(cond.context[:1], embeds)     # the pipeline's: T5 padded to its 256, not T5's 512
+    torch.testing.assert_close(cond.added["pooled_projections"][:1], pooled)
     assert torch.equal(cond.context[:, :77, 16:], torch.zeros(2, 77, 16))   # CLIP states zero-padded to 32
     x, e = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     torch.testing.assert_close(bb.family.noisy_latents(bb, x, e, 250), 0.75 * x + 0.25 * e)   # rectified flow
@@ -175,7 +178,7 @@ def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round
         bb.check_image_size(56)
     cond = encode_prompt(bb, ["a cat", ""])
     pipe = bb.family.pipeline(bb)
-    context, pooled, text_ids = pipe.encode_prompt(["a cat", ""], None, max_sequence_length=77)
+    context, pooled, text_ids = pipe.encode_prompt(["a cat", ""], None)   # its default max_sequence_length, 512
     torch.testing.assert_close(cond.context, context, rtol=0, atol=0)
     torch.testing.assert_close(cond.added["pooled_projections"], pooled, rtol=0, atol=0)
     # one call: latents packed into 2x2 tokens with position ids, t as a fraction, unpacked, as the pipeline does
@@ -191,7 +194,7 @@ def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round
     start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     images, final = generate(bb, ["a cat"], num_steps=3, latents=start)   # FLUX's default guidance: 3.5
     packed = pipe(prompt="a cat", height=64, width=64, num_inference_steps=3, guidance_scale=3.5, output_type="latent",
-                  latents=FluxPipeline._pack_latents(start, 1, 4, 8, 8), max_sequence_length=77).images
+                  latents=FluxPipeline._pack_latents(start, 1, 4, 8, 8)).images
     torch.testing.assert_close(final, FluxPipeline._unpack_latents(packed, 64, 64, 8), rtol=0, atol=1e-5)
     assert images.shape == (1, 3, 64, 64) and not torch.equal(final, start)
     # a guidance-distilled FLUX (FLUX.1-dev) gets the scale in its guidance embedding: 3.5 unless given
@@ -204,7 +207,7 @@ def test_flux_conditioning_and_packing_are_its_pipelines_and_the_directory_round
     for scale in (3.5, 7.5):
         packed = pipe(prompt="a cat", height=64, width=64, num_inference_steps=2, guidance_scale=scale,
                       output_type="latent", latents=FluxPipeline._pack_latents(start, 1, 4, 8, 8),
-                      max_sequence_length=77).images
+                      ).images
         _, final = generate(bb, ["a cat"], num_steps=2, latents=start, guidance=None if scale == 3.5 else scale)
         torch.testing.assert_close(final, FluxPipeline._unpack_latents(packed, 64, 64, 8), rtol=0, atol=1e-5)
     assert not torch.equal(final, generate(bb, ["a cat"], num_steps=2, latents=start)[1])
@@ -224,9 +227,9 @@ def test_text_length_is_site_metadata_known_before_the_model_runs(structure):
 
     bb = tiny_backbone(structure)
     context = encode_prompt(bb, ["a cat"]).context.shape[1]
-    known = {"sd15": 77, "pixart": 77, "sd3": 77 + 77, "flux": 77, "auraflow": 256}   # the pipelines' lengths
+    known = {"sd15": 77, "pixart": 300, "sd3": 77 + 256, "flux": 512, "auraflow": 256}   # the pipelines' lengths
     assert context == known.get(structure, context)
-    tokens = context + bb.family.context_offset   # AuraFlow's model puts its 8 register tokens first
+    tokens = context + bb.text_streams[0].offset   # AuraFlow's model puts its 8 register tokens first
     sites = bb.probe.sites
     text = [s for s in sites.values() if s.kind in ("cross_attn", "joint_attn", "txt2img", "txt2txt")]
     assert text and all(s.text_tokens == tokens for s in text)
@@ -247,6 +250,6 @@ def test_a_generation_pass_on_flux_captures_its_rows_without_unconditional_ones(
     plan = Plan(Drive(process="generation", num_steps=2, guidance=3.5), (need,), prompt=("a cat", "a dog"))
     (view,) = run_plans(bb, [plan], [None], torch.Generator().manual_seed(0))
     site = "transformer_blocks.0.attn.hook_img2txt"
-    assert view[site].shape == (2, 2, 16, 77) and len(view.timesteps) == 2   # (steps, prompts, 4 x 4 tokens, T)
+    assert view[site].shape == (2, 2, 16, 512) and len(view.timesteps) == 2   # (steps, prompts, 4 x 4 tokens, T5 512)
     images, _ = generate(bb, ["a cat", "a dog"], guidance=3.5, num_steps=2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(view.images, images)

@@ -7,7 +7,7 @@ adding one is a module here and its golden site list under tests/golden/.
 import importlib
 import pkgutil
 
-from diffprobe.families.base import Conditioning, Family, TextPart, register, token_ids
+from diffprobe.families.base import Conditioning, Family, TextPart, TextStream, register, token_ids
 from diffprobe.hooks.families import FAMILIES, family_for, family_named
 
 SHARED = ("base", "tiny", "transformer")   # modules of what families share, not families
@@ -16,4 +16,4 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in SHARED:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "TextPart", "family_for", "family_named", "register", "token_ids"]
+__all__ = ["FAMILIES", "Conditioning", "Family", "TextPart", "TextStream", "family_for", "family_named", "register", "token_ids"]

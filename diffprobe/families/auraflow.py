@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from diffprobe.families import tiny
-from diffprobe.families.base import Conditioning, TextPart, register
+from diffprobe.families.base import Conditioning, TextPart, TextStream, register
 from diffprobe.families.transformer import JointAttentionFamily, attention_sites, modulation_site, numbered, out_site
 from diffprobe.hooks.sites import Site
 
@@ -52,7 +52,7 @@ class AuraFlowFamily(JointAttentionFamily):
     name = "auraflow"
     denoiser_class = "AuraFlowTransformer2DModel"
     text_parts = (TextPart("", ("UMT5EncoderModel",), LLAMA),)
-    context_offset = 8          # the model's register tokens (AuraFlowTransformer2DModel's fixed 8) come first
+    streams = (TextStream("umt5", "tokenizer", 8, 256),)  # after the model's 8 registers; AuraFlowPipeline's length
     default_guidance = 3.5      # AuraFlowPipeline's
     no_upsampled_queries = ("its single-stream blocks project text and image tokens as one input, whose queries "
                             "diffprobe does not recompute at upsampled positions")
@@ -66,8 +66,8 @@ class AuraFlowFamily(JointAttentionFamily):
 
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """UMT5's last states at the tokenizer's full length, zero where the prompt is padding (the pipeline's)."""
-        ids = bb.tokenizer(prompts, truncation=True, max_length=bb.tokenizer.model_max_length, padding="max_length",
-                           return_tensors="pt")
+        ids = bb.tokenizer(prompts, truncation=True, max_length=self.streams[0].padded_length(bb),
+                           padding="max_length", return_tensors="pt")
         mask = ids.attention_mask.to(bb.device)
         states = bb.text_encoder(input_ids=ids.input_ids.to(bb.device), attention_mask=mask)[0]
         return Conditioning((states * mask.unsqueeze(-1).to(states.dtype)).to(bb.dtype))

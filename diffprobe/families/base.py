@@ -64,6 +64,27 @@ class TextPart:
     optional: bool = False
 
 
+@dataclass(frozen=True)
+class TextStream:
+    """One run of the denoiser's text columns that one tokenizer's padded tokens fill: its name ("clip", "t5"), the
+    backbone attribute of that tokenizer, the column of its first token (after AuraFlow's registers, after SD3's
+    CLIP part), and the length the family's pipeline pads to (None: the tokenizer's model_max_length; a tokenizer
+    that reads fewer tokens caps it)."""
+
+    name: str
+    tokenizer: str
+    offset: int = 0
+    length: int | None = None
+
+    def padded_length(self, bb: Any) -> int:
+        limit = int(getattr(bb, self.tokenizer).model_max_length)
+        return limit if self.length is None else min(limit, self.length)
+
+    def ids(self, bb: Any, prompts: list[str]) -> torch.Tensor:
+        """(B, padded_length) token ids of `prompts` on the backbone's device, as the pipeline pads and cuts them."""
+        return token_ids(getattr(bb, self.tokenizer), prompts, bb.device, self.padded_length(bb))
+
+
 CLIP = ("CLIPTokenizer", "CLIPTokenizerFast")
 T5 = ("T5TokenizerFast", "T5Tokenizer")
 
@@ -76,11 +97,10 @@ class Family:
     """The diffusers class of the denoiser (loaded from its folder, `denoiser_folder`)."""
     denoiser_folder = "transformer"
     text_parts: tuple[TextPart, ...] = ()
-    context_tokenizer = "tokenizer"
-    """The backbone attribute of the tokenizer whose tokens are the positions of `encode_prompt`'s context."""
-    context_offset = 0
-    """Positions the model puts before the prompt encoding's tokens in its attentions' text stream (AuraFlow's 8
-    learned register tokens): a word's columns are its token positions plus this."""
+    streams: tuple[TextStream, ...] = (TextStream("clip", "tokenizer"),)
+    """The text streams of `encode_prompt`'s context in column order, for families whose streams do not depend on
+    which encoders are loaded (`text_streams` says for a backbone). SDXL's two CLIPs are one stream: their states
+    are concatenated along the width, token by token."""
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     """The diffusers scheduler the family samples with (its saved schedule read into it)."""
     default_guidance: float | None = None
@@ -172,10 +192,16 @@ class Family:
         scheduler.set_timesteps(num_steps, device=bb.device)
         return scheduler
 
+    def text_streams(self, bb: Any) -> tuple[TextStream, ...]:
+        """The text streams a backbone's prompt encoding feeds its denoiser, each with its tokenizer loaded."""
+        return tuple(s for s in self.streams if getattr(bb, s.tokenizer, None) is not None)
+
     def text_tokens(self, bb: Any) -> int | None:
-        """Length of `encode_prompt`'s context (B, T, D): the context tokenizer's padded length after the offset."""
-        tokenizer = getattr(bb, self.context_tokenizer, None)
-        return None if tokenizer is None else self.context_offset + int(tokenizer.model_max_length)
+        """Length of `encode_prompt`'s context (B, T, D): where its last stream's padded tokens end."""
+        streams = self.text_streams(bb)
+        if not streams:
+            return None
+        return streams[-1].offset + streams[-1].padded_length(bb)
 
     def encode_prompt(self, bb: Any, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """Text conditioning of `prompts` ("" = unconditional) for images of `size` (H, W) pixels."""
@@ -220,9 +246,9 @@ def call_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     return _signature_of(type(model)).bind_partial(None, *args, **kwargs).arguments
 
 
-def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    """(B, tokenizer.model_max_length) input ids of `prompts`, padded and cut to the tokenizer's length, on `device`."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+def token_ids(tokenizer, prompts: list[str], device, length: int | None = None) -> torch.Tensor:
+    """(B, length) input ids of `prompts` padded and cut to `length` (default the tokenizer's), on `device`."""
+    ids = tokenizer(prompts, padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return ids.to(device)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from diffprobe.families import tiny
-from diffprobe.families.base import CLIP, T5, Conditioning, TextPart, call_arguments, register, token_ids
+from diffprobe.families.base import CLIP, T5, Conditioning, TextPart, TextStream, call_arguments, register, token_ids
 from diffprobe.families.transformer import JointAttentionFamily, attention_sites, modulation_site, numbered, out_site
 from diffprobe.hooks.sites import Site
 
@@ -31,7 +31,8 @@ class FluxFamily(JointAttentionFamily):
     name = "flux"
     denoiser_class = "FluxTransformer2DModel"
     text_parts = (TextPart("", ("CLIPTextModel",), CLIP), TextPart("_2", ("T5EncoderModel",), T5))
-    context_tokenizer = "tokenizer_2"   # the context is T5's states
+    streams = (TextStream("t5", "tokenizer_2", length=512),)
+    """T5's states, padded to FluxPipeline's max_sequence_length; CLIP gives only the pooled vector."""
     no_upsampled_queries = ("its queries carry rotary embeddings of their positions, so queries at upsampled "
                             "positions would not be the model's")
     configs = {"flux": PUBLISHED}
@@ -44,7 +45,7 @@ class FluxFamily(JointAttentionFamily):
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """As FluxPipeline: T5's last states (its tokenizer's full length) as the context, CLIP's pooled output."""
         pooled = bb.text_encoder(token_ids(bb.tokenizer, prompts, bb.device), output_hidden_states=False).pooler_output
-        context = bb.text_encoder_2(token_ids(bb.tokenizer_2, prompts, bb.device), output_hidden_states=False)[0]
+        context = bb.text_encoder_2(self.streams[0].ids(bb, prompts), output_hidden_states=False)[0]
         return Conditioning(context.to(bb.dtype), {"pooled_projections": pooled.to(bb.dtype)})
 
     def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

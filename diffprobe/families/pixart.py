@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diffprobe.families import tiny
-from diffprobe.families.base import CLIP, T5, Conditioning, TextPart, register
+from diffprobe.families.base import CLIP, T5, Conditioning, TextPart, TextStream, register
 from diffprobe.families.transformer import TransformerFamily, attention_sites, numbered, out_site
 from diffprobe.families.unet import StandardAttention
 from diffprobe.hooks.sites import Site
@@ -41,6 +41,14 @@ class PixArtFamily(StandardAttention, TransformerFamily):
         return dict(unet=self.build(structure, tiny=True), vae=tiny.vae(), scheduler=tiny.ddim_schedule(),
                     text_encoder=tiny.t5_encoder(tokenizer, width), tokenizer=tokenizer)
 
+    def text_streams(self, bb) -> tuple[TextStream, ...]:
+        """One stream: T5's (PixArt's own encoder) or CLIP's (diffprobe-mini-dit)."""
+        if bb.tokenizer is None:
+            return ()
+        if getattr(bb.text_encoder.config, "model_type", "") == "t5":
+            return (TextStream("t5", "tokenizer", length=300),)   # PixArtSigmaPipeline's max_sequence_length
+        return (TextStream("clip", "tokenizer"),)
+
     def matches(self, model: nn.Module) -> bool:
         from diffusers import PixArtTransformer2DModel
 
@@ -49,8 +57,8 @@ class PixArtFamily(StandardAttention, TransformerFamily):
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """The text encoder's last hidden states; a T5 encoder (PixArt's own) also gets and passes on the
         padding mask, as PixArt's pipeline does. CLIP encoders (diffprobe-mini-dit) are used as in SD."""
-        ids = bb.tokenizer(prompts, padding="max_length", max_length=bb.tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
+        ids = bb.tokenizer(prompts, padding="max_length", max_length=self.text_streams(bb)[0].padded_length(bb),
+                           truncation=True, return_tensors="pt")
         if getattr(bb.text_encoder.config, "model_type", "") != "t5":
             return Conditioning(bb.text_encoder(ids.input_ids.to(bb.device))[0].to(bb.dtype))
         mask = ids.attention_mask.to(bb.device)

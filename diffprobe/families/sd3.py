@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from diffprobe.families import tiny
-from diffprobe.families.base import CLIP, T5, Conditioning, TextPart, register, token_ids
+from diffprobe.families.base import CLIP, T5, Conditioning, TextPart, TextStream, register, token_ids
 from diffprobe.families.transformer import JointAttentionFamily, attention_sites, modulation_site, numbered, out_site
 from diffprobe.hooks.attention import split_heads, upsample_tokens
 from diffprobe.hooks.sites import Site
@@ -27,6 +27,9 @@ TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attent
 TINY_SD35 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
                  out_channels=4, pos_embed_max_size=16, dual_attention_layers=[0], qk_norm="rms_norm")
+
+
+T5_LENGTH = 256   # StableDiffusion3Pipeline's max_sequence_length
 
 
 class SD3Family(JointAttentionFamily):
@@ -79,16 +82,24 @@ class SD3Family(JointAttentionFamily):
         width = int(bb.unet.config.joint_attention_dim)
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
         if bb.text_encoder_3 is not None:
-            t5 = bb.text_encoder_3(token_ids(bb.tokenizer_3, prompts, bb.device))[0]
+            t5 = bb.text_encoder_3(self.text_streams(bb)[1].ids(bb, prompts))[0]
         else:
             t5 = torch.zeros(len(prompts), bb.tokenizer.model_max_length, width, device=bb.device)
         context = torch.cat([clip, t5.to(clip.dtype)], dim=1)
         return Conditioning(context.to(bb.dtype), {"pooled_projections": pooled.to(bb.dtype)})
 
+    def text_streams(self, bb) -> tuple[TextStream, ...]:
+        """CLIP's tokens (both CLIPs' states side by side, 77), then T5's when a T5 is loaded (without it, the
+        columns after CLIP's are zeros: no stream)."""
+        clip = TextStream("clip", "tokenizer")
+        if bb.text_encoder_3 is None:
+            return (clip,)
+        return clip, TextStream("t5", "tokenizer_3", int(bb.tokenizer.model_max_length), T5_LENGTH)
+
     def text_tokens(self, bb) -> int:
-        """CLIP's states (77), then T5's (its tokenizer's length) or as many zeros as CLIP's."""
-        clip = int(bb.tokenizer.model_max_length)
-        return clip + (int(bb.tokenizer_3.model_max_length) if bb.text_encoder_3 is not None else clip)
+        """CLIP's states (77), then T5's (256, the pipeline's max_sequence_length) or as many zeros as CLIP's."""
+        streams = self.text_streams(bb)
+        return streams[-1].offset + streams[-1].padded_length(bb) * (2 if len(streams) == 1 else 1)
 
     def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
         """A learned context (T, D) as the whole text stream of the joint attention (keypoints), with the pooled

@@ -56,9 +56,9 @@ def ddim_schedule():
                          set_alpha_to_one=False, steps_offset=1)
 
 
-def t5_tokenizer(words: list[str] = (), max_length: int = 77):
+def t5_tokenizer(words: list[str] = (), max_length: int = 512):
     """A T5 (sentencepiece unigram) tokenizer built offline, as T5's: "▁word" for each of `words`, single
-    characters for everything else, </s> last."""
+    characters for everything else, </s> last; 512 long as T5's (each pipeline cuts it to its own length)."""
     import string
 
     from transformers import T5TokenizerFast
