@@ -1,8 +1,17 @@
-"""How much memory a run may use, and a one-line refusal before starting one that cannot fit."""
+"""How much memory a run may use, and a one-line refusal before starting one that cannot fit; the peak of a
+module call's activations from a dry run on fake tensors."""
 
 from __future__ import annotations
 
 import os
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from diffprobe.errors import DiffprobeError
 
@@ -28,3 +37,48 @@ def check_fits(needed: int, what: str, remedy: str, available: int | None = None
     if needed > available:
         raise DiffprobeError(f"{what} needs about {needed / GIB:.1f} GiB but {available / GIB:.1f} GiB is available; "
                              f"{remedy}")
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages an op creates and that are still referenced, and their peak. Storages that
+    exist before (weights, inputs: `known`) are not counted."""
+
+    def __init__(self, known: list[torch.Tensor]):
+        super().__init__()
+        self.now = self.peak = 0
+        self.refs = {id(t.untyped_storage()): None for t in known}
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self.refs:
+            return
+        size = storage.nbytes()
+
+        def freed(_, key=key, size=size):
+            self.now -= size
+            self.refs.pop(key, None)
+
+        self.refs[key] = weakref.ref(storage, freed)
+        self.now += size
+        self.peak = max(self.peak, self.now)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._count(value)
+        return out
+
+
+def forward_peak_bytes(build: Callable[[], nn.Module], inputs: Callable[[], dict]) -> int:
+    """Peak bytes of the activations one no-grad call `build()(**inputs())` holds at once, found by a dry run on
+    fake tensors (nothing is allocated or computed: a published-size denoiser takes seconds); the module's own
+    weights and the inputs are not counted."""
+    with FakeTensorMode():
+        model, kwargs = build(), inputs()
+        known = list(model.parameters()) + list(model.buffers()) + [v for v in kwargs.values()
+                                                                     if isinstance(v, torch.Tensor)]
+        with torch.no_grad(), _LiveBytes(known) as live:
+            model(**kwargs)
+    return live.peak
