@@ -190,6 +190,20 @@ def _named_class(index: dict, part: str, allowed, default: str, root: Path):
     return getattr(diffusers, name, None) or getattr(transformers, name)
 
 
+def _check_weights_fit(root: Path, parts: Path, folder: str, parts_index: dict, dtype: torch.dtype, name: str) -> None:
+    """Refuse, before loading anything, a model whose weights (read from the safetensors headers of the parts
+    model_index.json names) cannot fit in the memory available."""
+    from diffprobe.memory import check_fits, weights_bytes
+
+    loaded = [k for k, v in parts_index.items() if (k == "vae" or k.startswith("text_encoder")) and
+              isinstance(v, list) and v[0] is not None]   # what diffprobe loads beside the denoiser (no safety checker)
+    folders = [root / folder] + [parts / k for k in loaded + ([] if parts_index else ["vae"])]
+    needed = weights_bytes(folders, dtype)
+    smaller = "" if torch.finfo(dtype).bits <= 16 else "load it in dtype=bfloat16 (or float16 on a GPU), or "
+    check_fits(needed, f"loading the weights of {name} in {str(dtype).replace('torch.', '')}",
+               f"{smaller}use a machine with more memory")
+
+
 def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Backbone:
     """A model directory: unet/ or transformer/ beside vae/, the family's text encoders and tokenizers and
     scheduler/; with `parts_from` set, every part but the denoiser comes from that directory (diffprobe-mini-dit
@@ -207,6 +221,7 @@ def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Bac
     index = _model_index(root)
     parts_index = _model_index(parts)
     folder = "transformer" if (root / "transformer" / "config.json").is_file() else "unet"
+    _check_weights_fit(root, parts, folder, parts_index, torch_dtype, str(get("name", root.name)))
     denoisers = [f.denoiser_class for f in FAMILIES if f.denoiser_folder == folder]
     unet = _load_part(_named_class(index, folder, set(denoisers), denoisers[0], root), root, folder, torch_dtype)
     family = family_for(unet)

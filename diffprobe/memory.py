@@ -3,8 +3,11 @@ module call's activations from a dry run on fake tensors."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import weakref
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -35,8 +38,36 @@ def check_fits(needed: int, what: str, remedy: str, available: int | None = None
     exceed what is available."""
     available = available_bytes() if available is None else available
     if needed > available:
-        raise DiffprobeError(f"{what} needs about {needed / GIB:.1f} GiB but {available / GIB:.1f} GiB is available; "
-                             f"{remedy}")
+        raise DiffprobeError(f"{what} needs about {_size(needed)} but {_size(available)} is available; {remedy}")
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def weights_bytes(folders: list[Path], dtype: torch.dtype) -> int:
+    """Bytes the safetensors weights in `folders` take once loaded with floats in `dtype`, read from the files'
+    headers alone (nothing is loaded)."""
+    total, width = 0, torch.finfo(dtype).bits // 8
+    for folder in folders:
+        for path in Path(folder).glob("*.safetensors"):
+            with open(path, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = entry["data_offsets"]
+                if entry["dtype"] in FLOAT_DTYPES:
+                    numel = 1
+                    for n in entry["shape"]:
+                        numel *= n
+                    total += numel * width
+                else:
+                    total += end - start
+    return total
 
 
 class _LiveBytes(TorchDispatchMode):

@@ -25,3 +25,27 @@ def test_attention_peak_counts_the_score_matrix_and_its_softmax():
     assert peak == 2 * b * n * n * 4   # scores and softmax (B, N, N) together; the (B, N, C) output comes after
     half = forward_peak_bytes(Scores, lambda: {"x": torch.randn(b, n, c, dtype=torch.bfloat16)})
     assert half == peak // 2
+
+
+def test_a_model_whose_weights_cannot_fit_is_refused_before_loading(tmp_path, monkeypatch):
+    import pytest
+
+    from diffprobe import memory
+    from diffprobe.errors import DiffprobeError
+    from diffprobe.loading import load_backbone, save_backbone, tiny_backbone
+
+    bb = tiny_backbone("sd15")
+    save_backbone(bb, tmp_path / "pipe")
+    parts = [bb.unet, bb.vae, bb.text_encoder]
+    fp32 = sum(p.numel() * 4 for m in parts for p in m.parameters()) + sum(b.numel() * 4 for m in parts
+                                                                          for b in m.buffers() if b.is_floating_point())
+    folders = [tmp_path / "pipe" / f for f in ("unet", "vae", "text_encoder")]
+    assert abs(memory.weights_bytes(folders, torch.float32) - fp32) <= 4 * 77   # CLIP's saved position ids: int64
+    assert memory.weights_bytes(folders, torch.bfloat16) < 0.51 * fp32
+    monkeypatch.setattr(memory, "available_bytes", lambda: fp32 // 2)
+    loads = []
+    monkeypatch.setattr("diffprobe.loading._load_part", lambda *a: loads.append(a))
+    with pytest.raises(DiffprobeError, match=r"loading the weights of pipe in float32 needs about .* MiB but .* is "
+                                             r"available; load it in dtype=bfloat16"):
+        load_backbone({"path": str(tmp_path / "pipe")})
+    assert loads == []   # refused before any part was read
