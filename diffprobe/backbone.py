@@ -105,12 +105,13 @@ class Backbone:
         "all": a word in two streams (SD3's CLIP and T5 parts) gets its columns in both, so its map is the
         attention the image pays that word in either (docs/transformers.md)."""
         streams = self.streams_named(stream or self.word_stream)
+        ids = {s: self.stream_ids(s, prompt) for s in streams}   # the prompt tokenised once per stream
         groups = []
         for word in words:
             columns = []
             for s in streams:
-                ids, sub = self.stream_ids(s, prompt), getattr(self, s.tokenizer)(word, add_special_tokens=False).input_ids
-                start = next((i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub), None)
+                sub, row = getattr(self, s.tokenizer)(word, add_special_tokens=False).input_ids, ids[s]
+                start = next((i for i in range(len(row) - len(sub) + 1) if sub and row[i:i + len(sub)] == sub), None)
                 if start is not None:
                     columns += [s.offset + i for i in range(start, start + len(sub))]
             if not columns:
@@ -119,6 +120,7 @@ class Backbone:
         return groups
 
     def streams_named(self, name: str) -> tuple:
+        """The text streams `name` selects ("all" or one stream's name); an unknown name is a DiffprobeError."""
         streams = tuple(s for s in self.text_streams if name in ("all", s.name))
         if not streams:
             known = ", ".join(["all"] + [s.name for s in self.text_streams])

@@ -161,7 +161,7 @@ def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype 
     """
     with quiet_libraries():
         bb = _load_backbone(model_cfg, device, dtype)
-    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
+    get = _getter(model_cfg)
     bb.word_stream = str(get("word_stream") or "all")
     bb.streams_named(bb.word_stream)  # an unknown stream is refused here, before any work
     return bb
@@ -190,6 +190,11 @@ def _named_class(index: dict, part: str, allowed, default: str, root: Path):
     return getattr(diffusers, name, None) or getattr(transformers, name)
 
 
+def _getter(model_cfg: Any):
+    """`get(key, default)` over a model config given as a mapping or as a settings object."""
+    return model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
+
+
 def _check_weights_fit(root: Path, parts: Path, folder: str, parts_index: dict, dtype: torch.dtype, name: str) -> None:
     """Refuse, before loading anything, a model whose weights (read from the safetensors headers of the parts
     model_index.json names) cannot fit in the memory available."""
@@ -212,7 +217,7 @@ def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Bac
 
     from diffprobe.hooks.families import FAMILIES, family_for
 
-    get = model_cfg.get if hasattr(model_cfg, "get") else lambda k, d=None: getattr(model_cfg, k, d)
+    get = _getter(model_cfg)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if get("tiny"):
         return tiny_backbone(get("tiny"), seed=int(get("seed", 0) or 0), device=device, dtype=torch_dtype)

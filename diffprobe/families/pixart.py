@@ -57,9 +57,10 @@ class PixArtFamily(StandardAttention, TransformerFamily):
     def encode_prompt(self, bb, prompts: list[str], size: tuple[int, int]) -> Conditioning:
         """The text encoder's last hidden states; a T5 encoder (PixArt's own) also gets and passes on the
         padding mask, as PixArt's pipeline does. CLIP encoders (diffprobe-mini-dit) are used as in SD."""
-        ids = bb.tokenizer(prompts, padding="max_length", max_length=self.text_streams(bb)[0].padded_length(bb),
-                           truncation=True, return_tensors="pt")
-        if getattr(bb.text_encoder.config, "model_type", "") != "t5":
+        (stream,) = self.text_streams(bb)
+        ids = bb.tokenizer(prompts, padding="max_length", max_length=stream.padded_length(bb), truncation=True,
+                           return_tensors="pt")
+        if stream.name != "t5":
             return Conditioning(bb.text_encoder(ids.input_ids.to(bb.device))[0].to(bb.dtype))
         mask = ids.attention_mask.to(bb.device)
         context = bb.text_encoder(ids.input_ids.to(bb.device), attention_mask=mask)[0]

@@ -98,8 +98,8 @@ class SD3Family(JointAttentionFamily):
 
     def text_tokens(self, bb) -> int:
         """CLIP's states (77), then T5's (256, the pipeline's max_sequence_length) or as many zeros as CLIP's."""
-        streams = self.text_streams(bb)
-        return streams[-1].offset + streams[-1].padded_length(bb) * (2 if len(streams) == 1 else 1)
+        clip, *t5 = self.text_streams(bb)
+        return clip.padded_length(bb) + (t5[0].padded_length(bb) if t5 else clip.padded_length(bb))
 
     def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
         """A learned context (T, D) as the whole text stream of the joint attention (keypoints), with the pooled
