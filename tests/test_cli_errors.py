@@ -60,3 +60,10 @@ def test_silent_surprises_are_warned_about(tmp_path, caplog):
     text = caplog.text
     assert "'cat' are not in this model's vocabulary" in text and "only 1 x 1 px" in text
     assert "only its centre square (20 % of it)" in text
+
+
+def test_an_unknown_word_stream_is_one_line_naming_the_models_streams(tmp_path):
+    Image.new("RGB", (64, 64), (40, 90, 200)).save(tmp_path / "a.png")
+    res = cli("task=probe", "model=tiny_sd3", "model.word_stream=umt5", f"image={tmp_path / 'a.png'}",
+              f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    one_line_error(res, "word_stream 'umt5' is not a text stream of tiny_sd3; known: all, clip, t5")
