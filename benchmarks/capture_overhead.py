@@ -14,7 +14,7 @@ on a shared machine), with the bytes the cache holds and the peak RSS during one
 above the RSS of the loaded model. Per-block costs are equal in a transformer, so fewer blocks keep the ratios.
 
     python benchmarks/capture_overhead.py [--model sd15|sd3|flux] [--blocks N] [--sizes 32 64] [--reps 3]
-                                          [--threads N]
+                                          [--threads N] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ SELECT = {"sd15": {"cross": "*.attn2.hook_probs", "all": "*.hook_probs"},
 TEXT_TOKENS = {"sd15": 77, "sd3": 77 + 256, "flux": 512}   # the pipelines' default text lengths
 
 
-def _setup(threads: int, model: str = "sd15", blocks: int | None = None):
-    """(denoiser, registry, inputs(size) -> forward kwargs) with random weights initialised in place."""
+def _setup(threads: int, model: str = "sd15", blocks: int | None = None, dtype: str = "float32"):
+    """(denoiser, registry, inputs(size) -> forward kwargs) with random weights initialised in place, in `dtype`."""
     import diffusers
     import torch
 
@@ -60,9 +60,15 @@ def _setup(threads: int, model: str = "sd15", blocks: int | None = None):
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     net.eval().requires_grad_(False)
+    if dtype != "float32":
+        net.to(getattr(torch, dtype))
     cfg, text = net.config, TEXT_TOKENS[model]
 
     def inputs(size: int) -> dict:
+        return {k: v.to(getattr(torch, dtype)) if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in float_inputs(size).items()}
+
+    def float_inputs(size: int) -> dict:
         g = torch.Generator().manual_seed(size)
         if model == "sd15":
             return {"sample": torch.randn(1, 4, size, size, generator=g), "timestep": 300,
@@ -122,10 +128,10 @@ class _PeakSampler:
         self.peak = max(self.peak, _rss_mib())
 
 
-def peak_memory(mode: str, size: int, threads: int, model: str, blocks: int | None) -> dict:
+def peak_memory(mode: str, size: int, threads: int, model: str, blocks: int | None, dtype: str) -> dict:
     """Peak RSS while one call in `mode` runs, above the RSS just before it (forward working memory plus
     what the capture holds), in a fresh process so earlier calls leave nothing behind."""
-    net, probe, inputs = _setup(threads, model, blocks)
+    net, probe, inputs = _setup(threads, model, blocks, dtype)
     kwargs = inputs(size)
     before = _rss_mib()
     with _PeakSampler() as sampler:
@@ -133,14 +139,15 @@ def peak_memory(mode: str, size: int, threads: int, model: str, blocks: int | No
     return {"held_mib": held / 2**20, "peak_above_model_mib": sampler.peak - before}
 
 
-def timings(sizes: list[int], reps: int, threads: int, model: str, blocks: int | None) -> tuple[dict, dict]:
+def timings(sizes: list[int], reps: int, threads: int, model: str, blocks: int | None,
+            dtype: str) -> tuple[dict, dict]:
     """Median CPU seconds and wall seconds per call for each (size, mode), modes interleaved per repetition,
     and the largest difference of each mode's output from the bare call's.
 
     CPU time of this process is the ratio's basis: other jobs on a shared machine slow the wall clock of
     every mode, not the work a call does.
     """
-    net, probe, inputs = _setup(threads, model, blocks)
+    net, probe, inputs = _setup(threads, model, blocks, dtype)
     cpu = {(s, m): [] for s in sizes for m in MODES}
     wall = {(s, m): [] for s in sizes for m in MODES}
     diff = {}
@@ -155,7 +162,7 @@ def timings(sizes: list[int], reps: int, threads: int, model: str, blocks: int |
                 wall[(size, mode)].append(time.perf_counter() - w0)
                 if mode == "bare":
                     bare = out
-                diff[(size, mode)] = float((out - bare).abs().max())
+                diff[(size, mode)] = float((out.float() - bare.float()).abs().max())
             print(f"  rep done at {size}x{size}", file=sys.stderr)
     return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in cpu}, diff
 
@@ -167,22 +174,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", choices=sorted(SELECT), default="sd15")
     parser.add_argument("--blocks", type=int, default=None, help="transformers: blocks (FLUX: of each kind)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--memory", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
-        print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]), args.threads, args.model, args.blocks)))
+        print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]), args.threads, args.model, args.blocks,
+                                     args.dtype)))
         return
-    seconds, diff = timings(args.sizes, args.reps, args.threads, args.model, args.blocks)
+    seconds, diff = timings(args.sizes, args.reps, args.threads, args.model, args.blocks, args.dtype)
     memory = {}
     for size in args.sizes:
         for mode in MODES:
             cmd = [sys.executable, __file__, "--memory", mode, str(size), "--threads", str(args.threads),
-                   "--model", args.model] + (["--blocks", str(args.blocks)] if args.blocks else [])
+                   "--model", args.model, "--dtype", args.dtype] + (["--blocks", str(args.blocks)] if args.blocks else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             memory[(size, mode)] = json.loads(out.strip().splitlines()[-1])
     arch = {"sd15": "SD 1.5 UNet", "sd3": "SD3-medium transformer", "flux": "FLUX.1 transformer"}[args.model]
     depth = f", {args.blocks} block(s) of each kind" if args.blocks else ""
-    print(f"{arch} architecture{depth}, random weights, CPU, {args.threads} thread(s), {TEXT_TOKENS[args.model]} "
+    print(f"{arch} architecture{depth}, random weights, {args.dtype}, CPU, {args.threads} thread(s), {TEXT_TOKENS[args.model]} "
           f"text tokens, median of {args.reps} interleaved calls; ratios of process CPU time\n")
     print("| latent | capture | CPU s / call | wall s / call | ratio to bare | cache holds (MiB) | "
           "peak RSS above the loaded model (MiB) | max output difference from bare |")

@@ -47,7 +47,7 @@ def planted():
 
 def test_chunked_attention_keeps_the_probabilities_it_uses(planted, monkeypatch):
     q, k, v, mask = planted
-    monkeypatch.setattr(attention_module, "CHUNK_ELEMENTS", 3 * 4 * 10 * 3)   # 3 queries per chunk: 4 chunks
+    monkeypatch.setattr(attention_module, "HEAD_CHUNK_ELEMENTS", 3 * 10)   # 3 queries per chunk: 4 chunks
     want_out, want_probs = explicit(q, k, v, mask, 0.3)
     bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     out, (mean, one_head, every) = attend_keeping(q, k, v, bias, 0.3,

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# fp32 score elements per query chunk (4 Mi = 16 MiB): small enough to stay cache-friendly, which on a CPU
-# makes the recomputation about twice as fast as 256 MiB chunks.
+# fp32 score elements per query chunk of all heads with gradients (4 Mi = 16 MiB): small enough to stay
+# cache-friendly, which on a CPU makes the recomputation about twice as fast as 256 MiB chunks.
 CHUNK_ELEMENTS = 1 << 22
+# Score elements of one head's query chunk without gradients (2 Mi = 8 MiB in fp32; `_head_blocks`).
+HEAD_CHUNK_ELEMENTS = 1 << 21
 
 
 def query_grid(num_queries: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
@@ -53,20 +55,18 @@ def _softmax(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None) -> t
 
 def _softmax_over(scores: torch.Tensor, q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None,
                   lse: torch.Tensor | None = None) -> torch.Tensor:
-    """`_softmax` without gradients, written over the preallocated `scores` (B, h, n, K) when it is fp32.
+    """`_softmax` without gradients, written over the preallocated fp32 `scores` (n, K), for one head's fp32 q (n, d)
+    pre-scaled, k_t (d, K) and bias broadcastable to (n, K).
 
     The softmax runs in place (aten's out= variant with out aliasing its input: each row is read before it is
-    overwritten), which measured 25 % cheaper per 64x64 layer than allocating the scores and probabilities anew.
-    With `lse` (B, h, n), the rows' log normalisers, the probabilities are exp(scores - lse): columns of a
-    softmax over more keys than k_t holds.
+    overwritten). With `lse` (n,), the rows' log normalisers, the probabilities are exp(scores - lse): columns of
+    a softmax over more keys than k_t holds.
     """
-    torch.matmul(q, k_t, out=scores)
+    torch.mm(q, k_t, out=scores)
     if bias is not None:
         scores.add_(bias)
     if lse is not None:
-        return scores.sub_(lse[..., None]).exp_()
-    if scores.dtype != torch.float32:
-        return scores.softmax(dim=-1, dtype=torch.float32)
+        return scores.sub_(lse[:, None]).exp_()
     return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
 
 
@@ -81,16 +81,6 @@ def reduce_heads(probs: torch.Tensor, heads: str | int) -> torch.Tensor:
     return probs
 
 
-def _reduce_into(dest: torch.Tensor, probs: torch.Tensor, heads: str | int) -> None:
-    """`reduce_heads(probs, heads)` written into `dest` without an intermediate tensor."""
-    if heads in ("mean", "sum"):
-        torch.sum(probs, dim=1, out=dest)
-        if heads == "mean":
-            dest.mul_(1.0 / probs.shape[1])
-    else:
-        dest.copy_(reduce_heads(probs, heads))
-
-
 def _chunk_probs(q: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor | None, heads: str,
                  keys: slice = slice(None)) -> torch.Tensor:
     return reduce_heads(_softmax(q, k_t, bias)[..., keys], heads)
@@ -103,14 +93,65 @@ def _chunk_rows(bias: torch.Tensor | None, start: int, chunk: int) -> torch.Tens
     return bias[..., start : start + chunk, :]
 
 
-def _scores_view(buffer: torch.Tensor, b: int, h: int, n: int, num_keys: int) -> torch.Tensor:
-    """A contiguous (b, h, n, num_keys) view of the start of a flat scores buffer (a last, shorter chunk too)."""
-    return buffer[: b * h * n * num_keys].view(b, h, n, num_keys)
-
-
 def query_chunk(batch: int, heads: int, num_keys: int) -> int:
     """Queries per chunk so that one chunk's (batch, heads, chunk, num_keys) scores hold CHUNK_ELEMENTS."""
     return max(1, CHUNK_ELEMENTS // max(1, batch * heads * num_keys))
+
+
+def _head_blocks(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, lse: torch.Tensor | None = None):
+    """Yields (row, head, queries, probabilities) for q (B, h, N, d) pre-scaled, k (B, h, K, d), bias
+    broadcastable to (B, h, N, K): for each batch row, each chunk of queries (a slice), each head in turn, the
+    (n, K) fp32 softmax of those queries' scores (exp(scores - lse) with `lse` (B, h, N)); run it without
+    gradients.
+
+    Scores are computed in fp32 whatever the model's dtype (as PyTorch's fused CPU kernel accumulates them). One
+    head's chunk of scores (HEAD_CHUNK_ELEMENTS) stays in cache while it is scored, normalised, multiplied and
+    reduced, and the heads of a chunk reduce into the same rows; the keys are laid out transposed once, since a
+    matmul against a transposed view copies it at every call. The probabilities live in one reused buffer,
+    valid until the next block.
+    """
+    b, h, n, _ = q.shape
+    num_keys = k.shape[2]
+    q = q.float()
+    bias = None if bias is None else bias.float().expand(b, h, -1, -1)
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // max(1, num_keys))
+    buffer = torch.empty(min(chunk, n) * num_keys, dtype=torch.float32, device=q.device)
+    k_t = k.float().transpose(-1, -2).contiguous()
+    for i in range(b):
+        for start in range(0, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            scores = buffer[: (rows.stop - start) * num_keys].view(-1, num_keys)
+            for j in range(h):
+                yield i, j, rows, _softmax_over(scores, q[i, j, rows], k_t[i, j],
+                                                None if bias is None else _chunk_rows(bias[i, j], start, chunk),
+                                                None if lse is None else lse[i, j, rows].float())
+
+
+def _reduce_head(dest: torch.Tensor, probs: torch.Tensor, head: int, heads: int, mode: str | int) -> None:
+    """Head `head` (of `heads`) of one chunk's probabilities (n, K) into `dest`: (n, K) accumulating the heads for
+    "mean"/"sum" (the mean divided once the last is in), (n, K) for an int head index, (heads, n, K) for "none"."""
+    if mode == "none":
+        dest[head].copy_(probs)
+    elif isinstance(mode, int):
+        if head == mode:
+            dest.copy_(probs)
+    elif head == 0:
+        dest.copy_(probs)
+    else:
+        dest.add_(probs)
+    if mode == "mean" and head == heads - 1 and heads > 1:
+        dest.mul_(1.0 / heads)
+
+
+def _kept(b: int, h: int, n: int, num_keys: int, heads: str | int, device) -> torch.Tensor:
+    """The fp32 tensor a head reduction fills: (b, h, n, K) for "none", else (b, n, K)."""
+    return torch.empty((b, h, n, num_keys) if heads == "none" else (b, n, num_keys), dtype=torch.float32, device=device)
+
+
+def _row_in(rows: slice, batch: int, i: int) -> int | None:
+    """The position of batch row i among `rows`, or None."""
+    span = range(*rows.indices(batch))
+    return span.index(i) if i in span else None
 
 
 def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None, heads: str | int = "mean",
@@ -127,64 +168,53 @@ def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = 
     """
     q, k = q.float(), k.float()
     bias = None if bias is None else bias.float()
+    if grad and lse is not None:
+        raise ValueError("probabilities from given normalisers are computed without gradients")
     if isinstance(heads, int):
         q, k = q[:, heads : heads + 1], k[:, heads : heads + 1]
         bias = None if bias is None or bias.shape[1] == 1 else bias[:, heads : heads + 1]
         lse = None if lse is None else lse[:, heads : heads + 1]
-    if grad and lse is not None:
-        raise ValueError("probabilities from given normalisers are computed without gradients")
-    k_t = k.transpose(-1, -2)
+    mode = "mean" if isinstance(heads, int) else heads
     b, h, n, _ = q.shape
     num_keys = k.shape[2]
-    chunk = query_chunk(b, h, num_keys)
-    mode = "mean" if isinstance(heads, int) else heads
     if grad:
+        chunk = query_chunk(b, h, num_keys)
+        k_t = k.transpose(-1, -2)
         pieces = [checkpoint(_chunk_probs, q[:, :, s : s + chunk], k_t, _chunk_rows(bias, s, chunk), mode, keys,
                              use_reentrant=False)
                   for s in range(0, n, chunk)]
         return torch.cat(pieces, dim=-2)
-    kept = len(range(*keys.indices(num_keys)))
-    shape = (b, h, n, kept) if mode == "none" else (b, n, kept)
-    out = torch.empty(shape, dtype=torch.float32, device=q.device)
-    buffer = q.new_empty(b * h * min(chunk, n) * num_keys)
+    out = _kept(b, h, n, len(range(*keys.indices(num_keys))), mode, q.device)
     with torch.no_grad():
-        for start in range(0, n, chunk):
-            rows = min(chunk, n - start)
-            probs = _softmax_over(_scores_view(buffer, b, h, rows, num_keys), q[:, :, start : start + rows], k_t,
-                                  _chunk_rows(bias, start, chunk),
-                                  None if lse is None else lse[:, :, start : start + rows].float())
-            _reduce_into(out[..., start : start + rows, :], probs[..., keys], mode)
+        for i, j, rows, probs in _head_blocks(q, k, bias, lse):
+            _reduce_head(out[i][..., rows, :], probs[:, keys], j, h, mode)
     return out
 
 
 def attend_keeping(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
                    keep: list[tuple[slice, str | int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Attention softmax(q k^T * scale + bias) v computed from explicit probabilities a query chunk at a time,
-    keeping those probabilities as it goes.
+    """Attention softmax(q k^T * scale + bias) v computed from explicit probabilities, one head's chunk of queries
+    at a time (`_head_blocks`), keeping those probabilities as it goes.
 
     q (B, h, N, d), k (B, h, K, d), v (B, h, K, dv) in the model's dtype; bias broadcastable to (B, h, N, K).
-    Scores are in the model's dtype, the softmax in fp32, the output (B, h, N, dv) in v's dtype. `keep` lists
+    Scores and the softmax are in fp32, the output (B, h, N, dv) in v's dtype. `keep` lists
     (rows, heads) pairs: for each, the probabilities of those batch rows reduced as `reduce_heads` does, in fp32:
     (rows, N, K), or (rows, h, N, K) for "none".
     """
     b, h, n, _ = q.shape
     num_keys = k.shape[2]
-    k_t = k.transpose(-1, -2)
     out = torch.empty((b, h, n, v.shape[-1]), dtype=v.dtype, device=v.device)
-    kept = []
-    for rows, heads in keep:
-        r = len(range(*rows.indices(b)))
-        kept.append(torch.empty((r, h, n, num_keys) if heads == "none" else (r, n, num_keys),
-                                dtype=torch.float32, device=q.device))
-    chunk = query_chunk(b, h, num_keys)
-    buffer = q.new_empty(b * h * min(chunk, n) * num_keys)
-    for start in range(0, n, chunk):  # no autograd: the caller answers differentiable calls with the model's kernel
-        size = min(chunk, n - start)
-        probs = _softmax_over(_scores_view(buffer, b, h, size, num_keys), q[:, :, start : start + size] * scale, k_t,
-                              _chunk_rows(bias, start, chunk))
-        torch.matmul(probs.to(v.dtype), v, out=out[:, :, start : start + size])
-        for (rows, heads), dest in zip(keep, kept):
-            _reduce_into(dest[..., start : start + size, :], probs[rows], heads)
+    kept = [_kept(len(range(*rows.indices(b))), h, n, num_keys, heads, q.device) for rows, heads in keep]
+    positions = [[_row_in(rows, b, i) for rows, _ in keep] for i in range(b)]
+    low = None if v.dtype == torch.float32 else torch.empty(max(HEAD_CHUNK_ELEMENTS, num_keys), dtype=v.dtype,
+                                                            device=v.device)
+    with torch.no_grad():  # the caller answers differentiable calls with the model's kernel
+        for i, j, rows, probs in _head_blocks(q * scale, k, bias):
+            weights = probs if low is None else low[: probs.numel()].view_as(probs).copy_(probs)
+            torch.mm(weights, v[i, j], out=out[i, j, rows])
+            for (_, heads), dest, r in zip(keep, kept, positions[i]):
+                if r is not None:
+                    _reduce_head(dest[r][..., rows, :], probs, j, h, heads)
     return out, kept
 
 
