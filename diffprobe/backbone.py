@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ class Backbone:
     tokenizer_3: Any = None
     attention_capture: str = "recompute"  # how the runner's captures get attention: "recompute" | "reuse"
     word_stream: str = "all"  # whose columns a word's map reads: "all" streams or one's name (SD3: "clip", "t5")
+    activation_peaks: dict = field(default_factory=dict, repr=False, compare=False)  # the runner's dry runs, by shape
 
     @property
     def probe(self):

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from diffprobe.errors import DiffprobeError
 
@@ -38,10 +37,11 @@ def check_fits(needed: int, what: str, remedy: str, available: int | None = None
     exceed what is available."""
     available = available_bytes() if available is None else available
     if needed > available:
-        raise DiffprobeError(f"{what} needs about {_size(needed)} but {_size(available)} is available; {remedy}")
+        raise DiffprobeError(f"{what} needs about {size_text(needed)} but {size_text(available)} is available; {remedy}")
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """Bytes as MiB under a GiB, else GiB."""
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
@@ -71,13 +71,20 @@ def weights_bytes(folders: list[Path], dtype: torch.dtype) -> int:
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages an op creates and that are still referenced, and their peak. Storages that
-    exist before (weights, inputs: `known`) are not counted."""
+    """Bytes of the tensor storages operators create and that are still referenced, and their peak. A storage an
+    operator reads before any operator made it (weights, inputs, a view of either) existed before and is not
+    counted."""
 
-    def __init__(self, known: list[torch.Tensor]):
+    def __init__(self, fake: FakeTensorMode | None = None):
         super().__init__()
         self.now = self.peak = 0
-        self.refs = {id(t.untyped_storage()): None for t in known}
+        self.refs: dict[int, object] = {}
+        self.fake = fake   # real tensors an operator reads become its (memoised) fake tensors first
+
+    def _as_fake(self, value):
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            return self.fake.from_tensor(value)
+        return value
 
     def _count(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -95,6 +102,12 @@ class _LiveBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.now)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.fake is not None:
+            args, kwargs = tree_map(self._as_fake, (args, kwargs or {}))
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, torch.Tensor):   # held, so that its id is not reused by a new storage
+                storage = value.untyped_storage()
+                self.refs.setdefault(id(storage), storage)
         out = func(*args, **(kwargs or {}))
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
@@ -102,14 +115,22 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def forward_peak_bytes(build: Callable[[], nn.Module], inputs: Callable[[], dict]) -> int:
-    """Peak bytes of the activations one no-grad call `build()(**inputs())` holds at once, found by a dry run on
-    fake tensors (nothing is allocated or computed: a published-size denoiser takes seconds); the module's own
-    weights and the inputs are not counted."""
-    with FakeTensorMode():
-        model, kwargs = build(), inputs()
-        known = list(model.parameters()) + list(model.buffers()) + [v for v in kwargs.values()
-                                                                     if isinstance(v, torch.Tensor)]
-        with torch.no_grad(), _LiveBytes(known) as live:
-            model(**kwargs)
+def forward_peak_bytes(call: Callable[..., object], build: Callable[[], object] | None = None,
+                       grad: bool = False) -> int:
+    """Peak bytes of the tensors `call()` creates and holds at once, found by a dry run on fake tensors: the
+    tensors `call` makes are fake and the real ones it reads are read as fake, so nothing is allocated or
+    computed (a published-size denoiser takes seconds). `build()`, when given, runs first in the same fake mode,
+    uncounted, and `call(built)` gets what it returns (a model rebuilt from its config on fake weights).
+    Tensors that exist before the call are not counted; inputs `call` builds are. With `grad`, autograd records
+    what `call` does (a call that runs its own backward then counts the saved tensors and the gradients too)."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        args = () if build is None else (build(),)
+        with torch.set_grad_enabled(grad), _LiveBytes(fake) as live:
+            call(*args)
     return live.peak
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

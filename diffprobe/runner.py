@@ -14,16 +14,19 @@ model's output.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from diffprobe.families import Conditioning
-from diffprobe.drives import Drive, encode_images, encode_prompt, run_drive
+from diffprobe.drives import Drive, decode_latents, encode_images, encode_prompt, run_drive, unet_call
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import ActivationCache, Need, Site
-from diffprobe.memory import check_fits
+from diffprobe.memory import check_fits, forward_peak_bytes, rss_bytes, size_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -229,7 +232,10 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     needs = [[replace(n, rows=(offset + starts[b], offset + starts[b] + counts[b])) for n in p.needs]
              for p, b in zip(plans, block_of)]
     flat = [n for group in needs for n in group]
-    check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1])
+    rows = sum(counts) * (2 if cfg else 1)
+    grad = any(n.grad for n in flat) and torch.is_grad_enabled()
+    check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1],
+                    pass_activation_bytes(bb, drive.process, rows, max(counts), latent_hw, conds[0], grad))
     latents, noise = None, None
     if drive.process == "generation":  # each plan's rows are its cond rows, after the unconditional ones with CFG
         uncond = [encode_prompt(bb, [""], size).expand(sum(counts))] if cfg else []
@@ -259,7 +265,6 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
             if fn is not None:
                 fn(call, t, View(caches[bounds[i]:bounds[i + 1]], current=True, state=states[i]))
 
-    grad = any(n.grad for n in flat) and torch.is_grad_enabled()
     generated = None  # early exit leaves the block before the drive returns
     with torch.set_grad_enabled(grad), bb.probe.capture(flat, early_exit=drive.process == "one_step",
                                                         attention=bb.attention_capture,
@@ -273,18 +278,68 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     return views
 
 
-def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw: tuple[int, int], tokens: int) -> None:
-    """Refuse a pass whose captures and head computations cannot fit in memory, before it starts."""
+def _skeleton(model):
+    """A copy of a diffusers model rebuilt from its config, without its hooks, in its device and dtype: run inside
+    a fake mode, what a dry run calls (the model's own hooks, a capture's among them, never see it)."""
+    first, default = next(model.parameters()), torch.get_default_dtype()
+    torch.set_default_dtype(first.dtype)   # fake parameters cannot be converted after they are made
+    try:
+        with torch.device(first.device):
+            return type(model).from_config(model.config).eval().requires_grad_(False)   # frozen, as loaded
+    finally:
+        torch.set_default_dtype(default)
+
+
+def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_hw: tuple[int, int],
+                          cond: Conditioning, grad: bool = False) -> int:
+    """Peak bytes of the activations of a pass's largest stage: the VAE encoding one block of `image_rows`
+    images, one denoiser call on `rows` rows (with `grad`, and its backward to the context, as a fit runs it), or
+    the VAE decoding a generation's rows; found by dry runs on fake tensors (diffprobe.memory.forward_peak_bytes)
+    of the model's parts rebuilt from their configs, once per shape for a backbone."""
+    key = (process, rows, image_rows, latent_hw, grad)
+    if key not in bb.activation_peaks:
+        pixels = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
+        latent = (bb.vae.config.latent_channels, pixels[0] // bb.vae_factor, pixels[1] // bb.vae_factor)
+        added = None if cond.added is None else {k: v[:1].expand(rows, *v.shape[1:]) for k, v in cond.added.items()}
+        made = {"device": bb.device, "dtype": bb.dtype}
+
+        def denoise(dry):
+            context = torch.empty(rows, *cond.context.shape[1:], **made).requires_grad_(grad)
+            out = unet_call(dry, torch.empty(rows, *latent, **made), 0, Conditioning(context, added))
+            if grad:
+                out.sum().backward()
+
+        stages = [denoise]
+        if process == "generation":
+            stages.append(lambda dry: decode_latents(dry, torch.empty(rows, *latent, **made)))
+        else:
+            stages.append(lambda dry: dry.vae.encode(torch.empty(image_rows, 3, *pixels, **made)))
+        skeleton = lambda: replace(bb, unet=_skeleton(bb.unet), vae=_skeleton(bb.vae))  # noqa: E731
+        bb.activation_peaks[key] = max(forward_peak_bytes(stage, skeleton, grad) for stage in stages)
+    return bb.activation_peaks[key]
+
+
+def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw: tuple[int, int], tokens: int,
+                    activations: int = 0) -> None:
+    """Refuse a pass whose captures, head computations and largest stage's `activations` cannot fit in memory,
+    before it starts; log the process's estimated peak (what it holds now plus those) once per shape."""
     drive = plans[0].drive
-    total = 0
+    captures = 0
     for need in needs:
         steps = need.reduce.steps
         kept = drive.calls if steps == "all" else (len(steps) if not isinstance(steps, str) else 1)
-        total += bb.probe.bytes_per_call(need, latent_hw, need.rows[1] - need.rows[0], tokens) * (kept + 1)
-    total += sum(p.work(latent_hw) for p in plans if p.work is not None)
+        captures += bb.probe.bytes_per_call(need, latent_hw, need.rows[1] - need.rows[0], tokens) * (kept + 1)
+    work = sum(p.work(latent_hw) for p in plans if p.work is not None)
+    total = captures + work + activations
     image = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
-    check_fits(total, f"capturing these sites at {image[0]} x {image[1]} px", "lower image_size (the model's own "
-               f"is {bb.sample_size}), capture fewer sites, or keep fewer steps")
+    check_fits(total, f"this pass at {image[0]} x {image[1]} px (activations {size_text(activations)}, captures "
+               f"{size_text(captures)}, heads {size_text(work)})", "lower image_size (the model's own is "
+               f"{bb.sample_size}), capture fewer sites, keep fewer steps, or use dtype=bfloat16")
+    estimate = rss_bytes() + total
+    if estimate > bb.activation_peaks.get("logged", 0):
+        bb.activation_peaks["logged"] = estimate
+        log.info("peak memory estimate: %d bytes (%s: %s in use, activations %s, captures %s, heads %s)", estimate,
+                 size_text(estimate), size_text(rss_bytes()), size_text(activations), size_text(captures), size_text(work))
 
 
 def _block_inputs(bb, drive: Drive, x: torch.Tensor, generator: torch.Generator | None):

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from diffprobe import memory
 from diffprobe.memory import forward_peak_bytes
 
 
@@ -14,17 +15,22 @@ class Scores(nn.Module):
 
 
 def test_sequential_peak_is_one_layers_input_and_output():
-    model = lambda: nn.Sequential(nn.Linear(1000, 2000), nn.ReLU(), nn.Linear(2000, 10))  # noqa: E731
-    # ReLU's input (4 x 2000 fp32) is alive while its output is made: 2 x 32,000 bytes; the weights are not counted
-    assert forward_peak_bytes(model, lambda: {"input": torch.randn(4, 1000)}) == 2 * 4 * 2000 * 4
+    model = nn.Sequential(nn.Linear(1000, 2000), nn.ReLU(), nn.Linear(2000, 10))
+    # the call's input (4 x 1000 fp32, held by the call) and ReLU's input (4 x 2000) while its output is made; the
+    # weights (real here, on the meta device below) are not counted
+    want = (4 * 1000 + 2 * 4 * 2000) * 4
+    assert forward_peak_bytes(lambda: model(torch.randn(4, 1000))) == want
+    model = model.to("meta")
+    assert forward_peak_bytes(lambda: model(torch.randn(4, 1000, device="meta"))) == want
 
 
 def test_attention_peak_counts_the_score_matrix_and_its_softmax():
     b, n, c = 2, 300, 8
-    peak = forward_peak_bytes(Scores, lambda: {"x": torch.randn(b, n, c)})
+    x = torch.randn(b, n, c)   # a real input read by the call: not counted
+    peak = forward_peak_bytes(lambda: Scores()(x))
     assert peak == 2 * b * n * n * 4   # scores and softmax (B, N, N) together; the (B, N, C) output comes after
-    half = forward_peak_bytes(Scores, lambda: {"x": torch.randn(b, n, c, dtype=torch.bfloat16)})
-    assert half == peak // 2
+    half = forward_peak_bytes(lambda: Scores()(x.bfloat16()))
+    assert half == peak // 2 + b * n * c * 2   # the bfloat16 copy of x is made by the call
 
 
 def test_a_model_whose_weights_cannot_fit_is_refused_before_loading(tmp_path, monkeypatch):
@@ -49,3 +55,62 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_loading(tmp_path, mo
                                              r"available; load it in dtype=bfloat16"):
         load_backbone({"path": str(tmp_path / "pipe")})
     assert loads == []   # refused before any part was read
+
+
+def _live_peak(call, grad=False) -> int:
+    """The peak live bytes of `call()` on real tensors, tracked as the dry run tracks fake ones."""
+    with torch.set_grad_enabled(grad), memory._LiveBytes() as live:
+        call()
+    return live.peak
+
+
+def test_a_passs_dry_run_estimate_equals_the_bytes_a_real_pass_holds():
+    """The runner's estimate of a pass's activations (dry runs of the VAE encoding and the denoiser call on fake
+    tensors; with gradients, the call and its backward to the context, as a keypoint fit runs it) equals the peak
+    of the same calls run for real on tiny SD 1.5 and tiny FLUX (packed tokens)."""
+    from diffprobe.drives import encode_prompt, unet_call
+    from diffprobe.families import Conditioning
+    from diffprobe.loading import tiny_backbone
+    from diffprobe.runner import pass_activation_bytes
+
+    for family, grad in (("sd15", False), ("flux", False), ("sd15", True)):
+        bb = tiny_backbone(family)
+        cond = encode_prompt(bb, ["a cat"], (64, 64))
+        grid = (64 // bb.grid_factor, 64 // bb.grid_factor)
+        estimate = pass_activation_bytes(bb, "one_step", 3, 2, grid, cond, grad)
+        latents = torch.randn(3, bb.vae.config.latent_channels, 64 // bb.vae_factor, 64 // bb.vae_factor)
+        added = None if cond.added is None else {k: v.expand(3, *v.shape[1:]) for k, v in cond.added.items()}
+
+        def denoise():
+            context = torch.randn(3, *cond.context.shape[1:]).requires_grad_(grad)
+            out = unet_call(bb, latents.clone(), 0, Conditioning(context, added))
+            if grad:
+                out.sum().backward()
+
+        real = max(_live_peak(denoise, grad), _live_peak(lambda: bb.vae.encode(torch.randn(2, 3, 64, 64))))
+        assert estimate == real and estimate > 0, (family, grad)
+        if grad:
+            assert estimate > pass_activation_bytes(bb, "one_step", 3, 2, grid, cond)   # saved for backward
+
+
+def test_a_pass_whose_activations_cannot_fit_is_refused_before_the_denoiser_runs(monkeypatch):
+    import pytest
+    from PIL import Image
+
+    from diffprobe.errors import DiffprobeError
+    from diffprobe.heads.probe import ProbeHead, ProbeSettings
+    from diffprobe.loading import tiny_backbone
+    from diffprobe.runner import Item, run_heads
+
+    bb = tiny_backbone("sd15")
+    head = ProbeHead(ProbeSettings(sites=["up_blocks.1.*.attn2.hook_probs"], timestep=300), 64)
+    item = Item("x", Image.new("RGB", (64, 64)))
+    run_heads(bb, [head], item)   # the dry runs are cached on the backbone
+    activations = max(v for k, v in bb.activation_peaks.items() if k != "logged")
+    calls = []
+    bb.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    monkeypatch.setattr(memory, "available_bytes", lambda: activations // 2)
+    with pytest.raises(DiffprobeError, match=r"this pass at 64 x 64 px \(activations .* MiB, captures .*\) needs "
+                                             r"about .* but .* is available; lower image_size"):
+        run_heads(bb, [head], item)
+    assert calls == []
