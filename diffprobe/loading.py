@@ -198,15 +198,17 @@ def _getter(model_cfg: Any):
 def _check_weights_fit(root: Path, parts: Path, folder: str, parts_index: dict, dtype: torch.dtype, name: str) -> None:
     """Refuse, before loading anything, a model whose weights (read from the safetensors headers of the parts
     model_index.json names) cannot fit in the memory available."""
-    from diffprobe.memory import check_fits, weights_bytes
+    from diffprobe.memory import check_fits, loading_peak_bytes, rss_bytes, size_text
 
     loaded = [k for k, v in parts_index.items() if (k == "vae" or k.startswith("text_encoder")) and
               isinstance(v, list) and v[0] is not None]   # what diffprobe loads beside the denoiser (no safety checker)
     folders = [root / folder] + [parts / k for k in loaded + ([] if parts_index else ["vae"])]
-    needed = weights_bytes(folders, dtype)
+    needed = loading_peak_bytes(folders, dtype)
     smaller = "" if torch.finfo(dtype).bits <= 16 else "load it in dtype=bfloat16 (or float16 on a GPU), or "
     check_fits(needed, f"loading the weights of {name} in {str(dtype).replace('torch.', '')}",
                f"{smaller}use a machine with more memory")
+    log.info("peak memory estimate: %d bytes (%s: loading the weights)", rss_bytes() + needed,
+             size_text(rss_bytes() + needed))
 
 
 def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Backbone:

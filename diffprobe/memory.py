@@ -4,6 +4,7 @@ module call's activations from a dry run on fake tensors."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import weakref
@@ -48,26 +49,38 @@ def size_text(n: int) -> str:
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
+def _part_bytes(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes stored, bytes once loaded with floats in `dtype`) of the safetensors weights in `folder`, read from
+    the files' headers alone."""
+    stored = loaded = 0
+    width = torch.finfo(dtype).bits // 8
+    for path in Path(folder).glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            stored += end - start
+            loaded += math.prod(entry["shape"]) * width if entry["dtype"] in FLOAT_DTYPES else end - start
+    return stored, loaded
+
+
 def weights_bytes(folders: list[Path], dtype: torch.dtype) -> int:
-    """Bytes the safetensors weights in `folders` take once loaded with floats in `dtype`, read from the files'
-    headers alone (nothing is loaded)."""
-    total, width = 0, torch.finfo(dtype).bits // 8
+    """Bytes the safetensors weights in `folders` take once loaded with floats in `dtype` (headers only)."""
+    return sum(_part_bytes(folder, dtype)[1] for folder in folders)
+
+
+def loading_peak_bytes(folders: list[Path], dtype: torch.dtype) -> int:
+    """Peak bytes loading the parts in `folders`, in order, adds to a process: a part stored in `dtype` is used
+    from its mapped file; one stored in another dtype is read whole while its converted copy is made, so the file
+    and the copy are resident at once until that part is loaded (headers only)."""
+    held = peak = 0
     for folder in folders:
-        for path in Path(folder).glob("*.safetensors"):
-            with open(path, "rb") as f:
-                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                start, end = entry["data_offsets"]
-                if entry["dtype"] in FLOAT_DTYPES:
-                    numel = 1
-                    for n in entry["shape"]:
-                        numel *= n
-                    total += numel * width
-                else:
-                    total += end - start
-    return total
+        stored, loaded = _part_bytes(folder, dtype)
+        peak = max(peak, held + (loaded if stored == loaded else stored + loaded))
+        held += loaded
+    return peak
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -131,6 +144,32 @@ def forward_peak_bytes(call: Callable[..., object], build: Callable[[], object] 
 
 
 def rss_bytes() -> int:
-    """This process's resident memory now."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """This process's resident memory now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def resident_when_weights_read() -> int:
+    """This process's resident memory once every memory-mapped weight file has been read: what is resident now,
+    with each mapped .safetensors file counted whole (weights loaded by mapping their file, as diffusers and
+    transformers do when no dtype conversion is needed, are read from disk only as the model first runs)."""
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return rss_bytes()
+    total, name, size = 0, "", 0
+    for line in lines:
+        fields = line.split()
+        if not fields:
+            continue
+        if not fields[0].endswith(":"):            # a mapping's header: address perms offset dev inode [path]
+            name = fields[5] if len(fields) > 5 else ""
+        elif fields[0] == "Size:":
+            size = int(fields[1]) * 1024
+        elif fields[0] == "Rss:":
+            total += size if name.endswith(".safetensors") else int(fields[1]) * 1024
+    return total

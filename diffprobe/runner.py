@@ -24,7 +24,7 @@ from diffprobe.families import Conditioning
 from diffprobe.drives import Drive, decode_latents, encode_images, encode_prompt, run_drive, unet_call
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import ActivationCache, Need, Site
-from diffprobe.memory import check_fits, forward_peak_bytes, rss_bytes, size_text
+from diffprobe.memory import check_fits, forward_peak_bytes, resident_when_weights_read, rss_bytes, size_text
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,8 @@ def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_h
 def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw: tuple[int, int], tokens: int,
                     activations: int = 0) -> None:
     """Refuse a pass whose captures, head computations and largest stage's `activations` cannot fit in memory,
-    before it starts; log the process's estimated peak (what it holds now plus those) once per shape."""
+    before it starts; log the process's estimated peak (what it holds with its mapped weights read, plus those)
+    once per shape."""
     drive = plans[0].drive
     captures = 0
     for need in needs:
@@ -331,15 +332,19 @@ def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw:
         captures += bb.probe.bytes_per_call(need, latent_hw, need.rows[1] - need.rows[0], tokens) * (kept + 1)
     work = sum(p.work(latent_hw) for p in plans if p.work is not None)
     total = captures + work + activations
+    in_use = resident_when_weights_read()
+    unread = max(0, in_use - rss_bytes())   # mapped weights not yet read from disk will need memory too
     image = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
-    check_fits(total, f"this pass at {image[0]} x {image[1]} px (activations {size_text(activations)}, captures "
-               f"{size_text(captures)}, heads {size_text(work)})", "lower image_size (the model's own is "
-               f"{bb.sample_size}), capture fewer sites, keep fewer steps, or use dtype=bfloat16")
-    estimate = rss_bytes() + total
+    check_fits(total + unread, f"this pass at {image[0]} x {image[1]} px (activations {size_text(activations)}, "
+               f"captures {size_text(captures)}, heads {size_text(work)}, weights not yet read "
+               f"{size_text(unread)})", f"lower image_size (the model's own is {bb.sample_size}), capture fewer "
+               "sites, keep fewer steps, or use dtype=bfloat16")
+    estimate = in_use + total
     if estimate > bb.activation_peaks.get("logged", 0):
         bb.activation_peaks["logged"] = estimate
-        log.info("peak memory estimate: %d bytes (%s: %s in use, activations %s, captures %s, heads %s)", estimate,
-                 size_text(estimate), size_text(rss_bytes()), size_text(activations), size_text(captures), size_text(work))
+        log.info("peak memory estimate: %d bytes (%s: %s in use with the weights read, activations %s, captures "
+                 "%s, heads %s)", estimate, size_text(estimate), size_text(in_use), size_text(activations),
+                 size_text(captures), size_text(work))
 
 
 def _block_inputs(bb, drive: Drive, x: torch.Tensor, generator: torch.Generator | None):

@@ -48,6 +48,12 @@ def test_a_model_whose_weights_cannot_fit_is_refused_before_loading(tmp_path, mo
     folders = [tmp_path / "pipe" / f for f in ("unet", "vae", "text_encoder")]
     assert abs(memory.weights_bytes(folders, torch.float32) - fp32) <= 4 * 77   # CLIP's saved position ids: int64
     assert memory.weights_bytes(folders, torch.bfloat16) < 0.51 * fp32
+    # fp32 files loaded in fp32 are used from their mapping; in bf16 the UNet's file (read first, the largest part
+    # here) and its converted copy are resident at once
+    assert memory.loading_peak_bytes(folders, torch.float32) == memory.weights_bytes(folders, torch.float32)
+    unet32 = memory.weights_bytes(folders[:1], torch.float32)
+    assert memory.loading_peak_bytes(folders, torch.bfloat16) >= unet32 + memory.weights_bytes(folders[:1],
+                                                                                             torch.bfloat16)
     monkeypatch.setattr(memory, "available_bytes", lambda: fp32 // 2)
     loads = []
     monkeypatch.setattr("diffprobe.loading._load_part", lambda *a: loads.append(a))
