@@ -9,6 +9,9 @@ every task then runs as a user runs it, in its own process:
 
     python -m diffprobe task=<task> model=<family> model.path=<folder> dtype=<dtype> image=<native-size image> ...
 
+Tasks: diffseg, localize, probe, analyze (diffseg + localize + probe in one pass), a 2-step keypoint fit (one image
+per step), one-step hyperfeature extraction (an untrained aggregator: weights do not change the cost), and
+too_big: every attention map at 4x the native side, which must be refused before the model runs.
 Recorded per (family, dtype, task): the process's peak RSS (the kernel's count for that child), the seconds from
 the model being loaded to the process's end per image, and the largest "peak memory estimate" the run logged
 (diffprobe's estimate before each pass: memory in use + the pass's dry-run activations + captures + head work).
@@ -81,6 +84,8 @@ TASKS = {   # the task's arguments; {image}, {images}, {weights} are filled in
                   "keypoints.fit.batch_size=1", "keypoints.fit.num_indices=2", "keypoints.fit.select_batch=1",
                   "keypoints.preview=0"],
     "hyperfeatures": ["task=hyperfeatures", "mode=extract", "weights={weights}", "image={image}"],
+    # every attention map at 4x the native side: must be refused before the model runs
+    "too_big": ["task=probe", "image={image}", "probe.sites=[*.hook_probs]", "probe.image_size={big}"],
 }
 ESTIMATE = re.compile(r"peak memory estimate: (\d+) bytes")
 LOADED = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]\[diffprobe\.loading\]\[INFO\] - loaded ", re.M)
@@ -145,7 +150,8 @@ def run_task(family: str, dtype: str, task: str, model: Path, images: list[Path]
     """One task in its own process; its peak RSS, seconds per image after loading, and the estimate it logged."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    args = [a.format(image=images[0], images=images[0].parent, weights=weights) for a in TASKS[task]]
+    big = 4 * FAMILIES[family][3]
+    args = [a.format(image=images[0], images=images[0].parent, weights=weights, big=big) for a in TASKS[task]]
     cmd = [sys.executable, "-m", "diffprobe", *args, f"model={family}", f"model.path={model}", f"dtype={dtype}",
            f"hydra.run.dir={run_dir}"]
     start = time.time()
@@ -156,7 +162,9 @@ def run_task(family: str, dtype: str, task: str, model: Path, images: list[Path]
     end = time.time()
     text = log.read_text()
     if os.waitstatus_to_exitcode(status) != 0:
-        return {"error": text.strip().splitlines()[-1] if text.strip() else f"exit {status}"}
+        return {"error": text.strip().splitlines()[-1] if text.strip() else f"exit {status}",
+                "exit": os.waitstatus_to_exitcode(status), "seconds_total": end - start,
+                "peak_rss": usage.ru_maxrss * 1024, "load": os.getloadavg()[0]}
     loaded = LOADED.search(text)
     since = (time.mktime(time.strptime(loaded.group(1)[:19], "%Y-%m-%d %H:%M:%S")) if loaded else start)
     per_image = len(images) if task == "keypoints" else 1
@@ -172,7 +180,8 @@ def table(results: dict) -> str:
     for key, r in results.items():
         family, dtype, task = key.split("/")
         if "error" in r:
-            lines.append(f"| {family} | {dtype} | {task} | refused or failed: {r['error']} | | | | |")
+            lines.append(f"| {family} | {dtype} | {task} | exit {r.get('exit')} after {r.get('seconds_total', 0):.0f} s: "
+                         f"`{r['error']}` | {r.get('peak_rss', 0) / 2**30:.2f} | | | {r.get('load', 0):.1f} |")
             continue
         est = r["estimate"]
         ratio = f"{est / r['peak_rss']:.2f}" if est else "n/a"
