@@ -1,5 +1,6 @@
-"""How much memory a run may use, and a one-line refusal before starting one that cannot fit; the peak of a
-module call's activations from a dry run on fake tensors."""
+"""How much memory a run will use, and a one-line refusal before starting one that cannot fit: weights and the
+loading peak from safetensors headers, the resident memory once mapped weights are read, and the peak of a call's
+activations from a dry run on fake tensors."""
 
 from __future__ import annotations
 
