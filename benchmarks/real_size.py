@@ -119,13 +119,13 @@ def build_model(family: str, folder: Path) -> None:
 def build_weights(family: str, model: Path, folder: Path) -> None:
     """An untrained hyperfeature aggregator for the family's default layers, one-step extraction at its native
     size (the weights do not change the cost measured)."""
-    from diffprobe.heads.hyperfeatures.extract import ExtractionSettings
+    from diffprobe.heads.hyperfeatures.extract import AUTO, ExtractionSettings
     from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
     from diffprobe.loading import load_backbone
 
     native = FAMILIES[family][3]
     bb = load_backbone({"path": str(model)}, dtype="bfloat16")
-    extraction = ExtractionSettings(process="one_step", image_size=native)
+    extraction = ExtractionSettings(layers=[AUTO], process="one_step", image_size=native)
     HyperfeatureModel.build(bb.probe.sites, extraction, output_size=native // 8).save(folder)
 
 

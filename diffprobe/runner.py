@@ -234,8 +234,8 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     flat = [n for group in needs for n in group]
     rows = sum(counts) * (2 if cfg else 1)
     grad = any(n.grad for n in flat) and torch.is_grad_enabled()
-    check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1],
-                    pass_activation_bytes(bb, drive.process, rows, max(counts), latent_hw, conds[0], grad))
+    activations, new_shape = pass_activation_bytes(bb, drive.process, rows, max(counts), latent_hw, conds[0], grad)
+    check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1], activations, log_estimate=new_shape)
     latents, noise = None, None
     if drive.process == "generation":  # each plan's rows are its cond rows, after the unconditional ones with CFG
         uncond = [encode_prompt(bb, [""], size).expand(sum(counts))] if cfg else []
@@ -291,13 +291,14 @@ def _skeleton(model):
 
 
 def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_hw: tuple[int, int],
-                          cond: Conditioning, grad: bool = False) -> int:
+                          cond: Conditioning, grad: bool = False) -> tuple[int, bool]:
     """Peak bytes of the activations of a pass's largest stage: the VAE encoding one block of `image_rows`
     images, one denoiser call on `rows` rows (with `grad`, and its backward to the context, as a fit runs it), or
     the VAE decoding a generation's rows; found by dry runs on fake tensors (diffprobe.memory.forward_peak_bytes)
-    of the model's parts rebuilt from their configs, once per shape for a backbone."""
+    of the model's parts rebuilt from their configs, once per shape for a backbone; and whether the shape is new."""
     key = (process, rows, image_rows, latent_hw, grad)
-    if key not in bb.activation_peaks:
+    new = key not in bb.activation_peaks
+    if new:
         pixels = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
         latent = (bb.vae.config.latent_channels, pixels[0] // bb.vae_factor, pixels[1] // bb.vae_factor)
         added = None if cond.added is None else {k: v[:1].expand(rows, *v.shape[1:]) for k, v in cond.added.items()}
@@ -316,14 +317,14 @@ def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_h
             stages.append(lambda dry: dry.vae.encode(torch.empty(image_rows, 3, *pixels, **made)))
         skeleton = lambda: replace(bb, unet=_skeleton(bb.unet), vae=_skeleton(bb.vae))  # noqa: E731
         bb.activation_peaks[key] = max(forward_peak_bytes(stage, skeleton, grad) for stage in stages)
-    return bb.activation_peaks[key]
+    return bb.activation_peaks[key], new
 
 
 def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw: tuple[int, int], tokens: int,
-                    activations: int = 0) -> None:
+                    activations: int = 0, log_estimate: bool = False) -> None:
     """Refuse a pass whose captures, head computations and largest stage's `activations` cannot fit in memory,
-    before it starts; log the process's estimated peak (what it holds with its mapped weights read, plus those)
-    once per shape."""
+    before it starts; with `log_estimate` (a pass of a new shape: later passes of it reuse the memory the first
+    one freed), log the process's estimated peak: what it holds with its mapped weights read, plus those."""
     drive = plans[0].drive
     captures = 0
     for need in needs:
@@ -340,8 +341,7 @@ def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw:
                f"{size_text(unread)})", f"lower image_size (the model's own is {bb.sample_size}), capture fewer "
                "sites, keep fewer steps, or use dtype=bfloat16")
     estimate = in_use + total
-    if estimate > bb.activation_peaks.get("logged", 0):
-        bb.activation_peaks["logged"] = estimate
+    if log_estimate:
         log.info("peak memory estimate: %d bytes (%s: %s in use with the weights read, activations %s, captures "
                  "%s, heads %s)", estimate, size_text(estimate), size_text(in_use), size_text(activations),
                  size_text(captures), size_text(work))

@@ -192,6 +192,24 @@ def test_query_upsampling_shape_and_values():
     torch.testing.assert_close(same[name], plain[name], atol=1e-5, rtol=0)  # upsampling to its own grid is identity
 
 
+def test_query_upsampling_in_bfloat16_with_gradients_matches_float32():
+    """A bf16 model's upsampled queries (a keypoint fit's maps: gradients to the context) go through its bf16
+    projections: the maps are those of the fp32 model to bf16 rounding, and the gradient reaches the context."""
+    name = "up_blocks.2.attentions.0.transformer_blocks.0.attn2.hook_probs"
+    maps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        bb = tiny_backbone("sd15", dtype=dtype)
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+        cond = encode_prompt(bb, ["a bird"])
+        context = cond.context.detach().requires_grad_(True)
+        with torch.enable_grad(), bb.probe.capture(name, upsample_queries=(16, 16), grad=True) as cache:
+            unet_call(bb, latents, 50, Conditioning(context))
+            cache[name][..., 1].sum().backward()   # one token's map (a whole row sums to 1)
+        assert context.grad is not None and context.grad.abs().sum() > 0
+        maps[dtype] = cache[name].detach().float()
+    torch.testing.assert_close(maps[torch.bfloat16], maps[torch.float32], atol=2e-2, rtol=0)
+
+
 def test_steps_all_list_mean_and_callback():
     bb = tiny_backbone("sd15")
     probe = ProbeRegistry(bb.unet)

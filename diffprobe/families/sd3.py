@@ -117,7 +117,7 @@ class SD3Family(JointAttentionFamily):
                           size: tuple[int, int]) -> torch.Tensor:
         """As JointAttnProcessor2_0 builds the image queries: to_q, heads split, qk norm (SD3.5), on the input
         upsampled bicubically (the projection is linear, so this is to_q's output upsampled; the norm is not)."""
-        q = split_heads(attn.to_q(upsample_tokens(hidden, grid, size).to(hidden.dtype)), attn.heads)
+        q = split_heads(attn.to_q(upsample_tokens(hidden, grid, size)), attn.heads)
         return q if attn.norm_q is None else attn.norm_q(q)
 
     def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -34,10 +34,11 @@ def query_grid(num_queries: int, latent_hw: tuple[int, int] | None) -> tuple[int
 
 
 def upsample_tokens(hidden: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """Bicubically upsample (B, h*w, C) hidden states laid out on `grid` to (B, H*W, C) on `size`."""
+    """Bicubically upsample (B, h*w, C) hidden states laid out on `grid` to (B, H*W, C) on `size`, interpolated in
+    fp32 and returned in the states' dtype (the module's projections take them next)."""
     x = rearrange(hidden, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
     x = F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False)
-    return rearrange(x, "b c h w -> b (h w) c")
+    return rearrange(x, "b c h w -> b (h w) c").to(hidden.dtype)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
