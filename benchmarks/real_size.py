@@ -83,7 +83,8 @@ TASKS = {   # the task's arguments; {image}, {images}, {weights} are filled in
     "keypoints": ["task=keypoints", "mode=fit", "data={images}", "keypoints.fit.steps=2",
                   "keypoints.fit.batch_size=1", "keypoints.fit.num_indices=2", "keypoints.fit.select_batch=1",
                   "keypoints.preview=0"],
-    "hyperfeatures": ["task=hyperfeatures", "mode=extract", "weights={weights}", "image={image}"],
+    "hyperfeatures": ["task=hyperfeatures", "mode=extract", "weights={weights}", "image={image}",
+                      "hyperfeatures.process=one_step"],
     # every attention map at 4x the native side: must be refused before the model runs
     "too_big": ["task=probe", "image={image}", "probe.sites=[*.hook_probs]", "probe.image_size={big}"],
 }
@@ -147,7 +148,11 @@ def make_images(folder: Path, size: int) -> list[Path]:
 
 def run_task(family: str, dtype: str, task: str, model: Path, images: list[Path], weights: Path,
              run_dir: Path) -> dict:
-    """One task in its own process; its peak RSS, seconds per image after loading, and the estimate it logged."""
+    """One task in its own process; its peak RSS, seconds per image after loading, and the estimate it logged.
+
+    The peak is the child's ru_maxrss from wait4. Linux carries a process's high-water RSS across exec, so a
+    child forked from a large process reports at least that process's size: this process never loads a model
+    (building happens in children of its own), so its children's peaks are their own."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     big = 4 * FAMILIES[family][3]
@@ -199,7 +204,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "real_size.json")
     parser.add_argument("--keep", action="store_true", help="keep each family's saved model after its runs")
     parser.add_argument("--table", action="store_true", help="print the table of the results file and stop")
+    parser.add_argument("--build", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--build-weights", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        return build_model(args.build[0], Path(args.build[1]))
+    if args.build_weights:
+        return build_weights(args.build_weights[0], Path(args.build_weights[1]), Path(args.build_weights[2]))
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     if args.table:
         print(table(results))
@@ -210,11 +221,11 @@ def main() -> None:
         if not todo:
             continue
         model, weights = args.work / family, args.work / f"{family}_aggregator"
-        if not model.is_dir():
+        if not model.is_dir():   # built in a child: this process stays small (see run_task)
             print(f"building {family} ...", file=sys.stderr, flush=True)
-            build_model(family, model)
+            subprocess.run([sys.executable, __file__, "--build", family, str(model)], check=True)
         if any(t == "hyperfeatures" for _, t in todo) and not weights.is_dir():
-            build_weights(family, model, weights)
+            subprocess.run([sys.executable, __file__, "--build-weights", family, str(model), str(weights)], check=True)
         images = make_images(args.work / f"images_{FAMILIES[family][3]}", FAMILIES[family][3])
         for dtype, task in todo:
             print(f"{family} {dtype} {task} ...", file=sys.stderr, flush=True)

@@ -327,12 +327,13 @@ def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw:
     one freed), log the process's estimated peak: what it holds with its mapped weights read, plus those."""
     drive = plans[0].drive
     captures = 0
-    for need in needs:
+    for need in needs:   # the steps kept, and while a later call runs, its value beside them
         steps = need.reduce.steps
         kept = drive.calls if steps == "all" else (len(steps) if not isinstance(steps, str) else 1)
-        captures += bb.probe.bytes_per_call(need, latent_hw, need.rows[1] - need.rows[0], tokens) * (kept + 1)
-    work = sum(p.work(latent_hw) for p in plans if p.work is not None)
-    total = captures + work + activations
+        held = kept + (1 if drive.calls > 1 else 0)
+        captures += bb.probe.bytes_per_call(need, latent_hw, need.rows[1] - need.rows[0], tokens) * held
+    work = max((p.work(latent_hw) for p in plans if p.work is not None), default=0)
+    total = captures + max(activations, work)   # heads finish one after another, once the model's calls are done
     in_use = resident_when_weights_read()
     unread = max(0, in_use - rss_bytes())   # mapped weights not yet read from disk will need memory too
     image = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
