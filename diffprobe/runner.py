@@ -281,10 +281,12 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
 def _skeleton(model):
     """A copy of a diffusers model rebuilt from its config, without its hooks, in its device and dtype: run inside
     a fake mode, what a dry run calls (the model's own hooks, a capture's among them, never see it)."""
+    from diffprobe.loading import quiet_libraries
+
     first, default = next(model.parameters()), torch.get_default_dtype()
     torch.set_default_dtype(first.dtype)   # fake parameters cannot be converted after they are made
     try:
-        with torch.device(first.device):
+        with torch.device(first.device), quiet_libraries():   # from_config's notices are not the user's business
             return type(model).from_config(model.config).eval().requires_grad_(False)   # frozen, as loaded
     finally:
         torch.set_default_dtype(default)
