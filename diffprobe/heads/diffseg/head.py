@@ -125,9 +125,9 @@ class DiffSegHead(Head):
         names = tuple(n for group in groups.values() for n in group)
         finest = min(groups)
 
-        def work(latent_hw: tuple[int, int]) -> int:  # the aggregated (S^2, S^2) maps and two more like it
-            h, w = sites[groups[finest][0]].resolution(latent_hw)
-            return 3 * (h * w) ** 2 * 4
+        def work(latent_hw: tuple[int, int]) -> int:  # the finest layers' (S^2, S^2) maps stacked, their
+            h, w = sites[groups[finest][0]].resolution(latent_hw)   # aggregate and two more like it
+            return (len(groups[finest]) + 3) * (h * w) ** 2 * 4
 
         return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt,
                     work=work)

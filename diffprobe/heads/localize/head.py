@@ -99,9 +99,10 @@ class LocalizeHead(Head):
         cross, self_attn = self.groups(sites, "cross_attn"), self.groups(sites, "self_attn")
         names = tuple(n for groups in (cross, self_attn) for g in groups.values() for n in g)
 
-        def work(latent_hw: tuple[int, int]) -> int:  # the aggregated (Q, Q) map, its float64 copy, a P^k product
-            h, w = sites[self_attn[min(self_attn)][0]].resolution(latent_hw)
-            return 4 * (h * w) ** 2 * 4
+        def work(latent_hw: tuple[int, int]) -> int:  # the finest layers' (Q, Q) maps stacked, their aggregate,
+            finest = self_attn[min(self_attn)]                  # its float64 copy, a P^k product
+            h, w = sites[finest[0]].resolution(latent_hw)
+            return (len(finest) + 4) * (h * w) ** 2 * 4
 
         return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.full_prompt(),
                     work=work)
