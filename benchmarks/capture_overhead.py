@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,8 +88,9 @@ def _setup(threads: int, model: str = "sd15", blocks: int | None = None, dtype: 
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    from diffprobe.memory import rss_bytes
+
+    return rss_bytes() / 2**20
 
 
 def _call(net, probe, model: str, mode: str, kwargs: dict):

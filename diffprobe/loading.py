@@ -207,8 +207,8 @@ def _check_weights_fit(root: Path, parts: Path, folder: str, parts_index: dict, 
     smaller = "" if torch.finfo(dtype).bits <= 16 else "load it in dtype=bfloat16 (or float16 on a GPU), or "
     check_fits(needed, f"loading the weights of {name} in {str(dtype).replace('torch.', '')}",
                f"{smaller}use a machine with more memory")
-    log.info("peak memory estimate: %d bytes (%s: loading the weights)", rss_bytes() + needed,
-             size_text(rss_bytes() + needed))
+    estimate = rss_bytes() + needed
+    log.info("peak memory estimate: %d bytes (%s: loading the weights)", estimate, size_text(estimate))
 
 
 def _load_backbone(model_cfg: Any, device: str, dtype: str | torch.dtype) -> Backbone:

@@ -116,13 +116,14 @@ class _LiveBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.now)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if self.fake is not None:
-            args, kwargs = tree_map(self._as_fake, (args, kwargs or {}))
+            args, kwargs = tree_map(self._as_fake, (args, kwargs))
         for value in tree_flatten((args, kwargs))[0]:
             if isinstance(value, torch.Tensor):   # held, so that its id is not reused by a new storage
                 storage = value.untyped_storage()
                 self.refs.setdefault(id(storage), storage)
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
                 self._count(value)
