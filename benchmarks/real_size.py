@@ -10,8 +10,10 @@ every task then runs as a user runs it, in its own process:
     python -m diffprobe task=<task> model=<family> model.path=<folder> dtype=<dtype> image=<native-size image> ...
 
 Tasks: diffseg, localize, probe, analyze (diffseg + localize + probe in one pass), a 2-step keypoint fit (one image
-per step), one-step hyperfeature extraction (an untrained aggregator: weights do not change the cost), and
-too_big: every attention map at 4x the native side, which must be refused before the model runs.
+per step), one-step hyperfeature extraction (an untrained aggregator: weights do not change the cost), each over a
+folder of two images, and too_big: every attention map at 4x the native side, which must be refused before the model
+runs. Two images, because the first image's VAE encoding runs before the denoiser's mapped weights are read from
+disk: a one-image run can peak below what every later image of a folder needs (the estimate is of that steady state).
 Recorded per (family, dtype, task): the process's peak RSS (the kernel's count for that child), the seconds from
 the model being loaded to the process's end per image, and the largest "peak memory estimate" the run logged
 (diffprobe's estimate before each pass: memory in use + the pass's dry-run activations + captures + head work).
@@ -76,14 +78,14 @@ FAMILIES = {
 WORDS = ["cat", "dog", "photo"]
 LOCALIZE = ["localize.words=[cat]", "localize.prompt=a photo of a cat"]
 TASKS = {   # the task's arguments; {image}, {images}, {weights} are filled in
-    "diffseg": ["task=diffseg", "image={image}"],
-    "localize": ["task=localize", "image={image}", *LOCALIZE],
-    "probe": ["task=probe", "image={image}"],
-    "analyze": ["task=analyze", "image={image}", "analyze.tasks=[diffseg,localize,probe]", *LOCALIZE],
+    "diffseg": ["task=diffseg", "image={images}"],
+    "localize": ["task=localize", "image={images}", *LOCALIZE],
+    "probe": ["task=probe", "image={images}"],
+    "analyze": ["task=analyze", "image={images}", "analyze.tasks=[diffseg,localize,probe]", *LOCALIZE],
     "keypoints": ["task=keypoints", "mode=fit", "data={images}", "keypoints.fit.steps=2",
                   "keypoints.fit.batch_size=1", "keypoints.fit.num_indices=2", "keypoints.fit.select_batch=1",
                   "keypoints.preview=0"],
-    "hyperfeatures": ["task=hyperfeatures", "mode=extract", "weights={weights}", "image={image}",
+    "hyperfeatures": ["task=hyperfeatures", "mode=extract", "weights={weights}", "image={images}",
                       "hyperfeatures.process=one_step"],
     # every attention map at 4x the native side: must be refused before the model runs
     "too_big": ["task=probe", "image={image}", "probe.sites=[*.hook_probs]", "probe.image_size={big}"],
@@ -172,25 +174,27 @@ def run_task(family: str, dtype: str, task: str, model: Path, images: list[Path]
                 "peak_rss": usage.ru_maxrss * 1024, "load": os.getloadavg()[0]}
     loaded = LOADED.search(text)
     since = (time.mktime(time.strptime(loaded.group(1)[:19], "%Y-%m-%d %H:%M:%S")) if loaded else start)
-    per_image = len(images) if task == "keypoints" else 1
+    per_image = 1 if task == "too_big" else len(images)
     estimates = [int(m) for m in ESTIMATE.findall(text)]
     return {"seconds_per_image": (end - since) / per_image, "seconds_total": end - start,
             "peak_rss": usage.ru_maxrss * 1024, "estimate": max(estimates) if estimates else None,
-            "load": os.getloadavg()[0]}
+            "images": per_image, "load": os.getloadavg()[0]}
 
 
 def table(results: dict) -> str:
-    lines = ["| family | dtype | task | s / image | peak RSS (GiB) | estimate (GiB) | estimate / peak | load |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| family | dtype | task | images | s / image | peak RSS (GiB) | estimate (GiB) | estimate / peak | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         family, dtype, task = key.split("/")
+        images = r.get("images", 2 if task == "keypoints" else 1)   # results from before image tasks took two
         if "error" in r:
-            lines.append(f"| {family} | {dtype} | {task} | exit {r.get('exit')} after {r.get('seconds_total', 0):.0f} s: "
-                         f"`{r['error']}` | {r.get('peak_rss', 0) / 2**30:.2f} | | | {r.get('load', 0):.1f} |")
+            lines.append(f"| {family} | {dtype} | {task} | {images} | exit {r.get('exit')} after "
+                         f"{r.get('seconds_total', 0):.0f} s: `{r['error']}` | {r.get('peak_rss', 0) / 2**30:.2f} | | | "
+                         f"{r.get('load', 0):.1f} |")
             continue
         est = r["estimate"]
         ratio = f"{est / r['peak_rss']:.2f}" if est else "n/a"
-        lines.append(f"| {family} | {dtype} | {task} | {r['seconds_per_image']:.1f} | {r['peak_rss'] / 2**30:.2f} | "
+        lines.append(f"| {family} | {dtype} | {task} | {images} | {r['seconds_per_image']:.1f} | {r['peak_rss'] / 2**30:.2f} | "
                      f"{est / 2**30 if est else float('nan'):.2f} | {ratio} | {r['load']:.1f} |")
     return "\n".join(lines)
 

@@ -125,7 +125,10 @@ def unet_step(bb, latents: torch.Tensor, t: float | int, cond: Conditioning,
 
 
 def inversion_timesteps(bb, num_steps: int) -> list[int]:
-    """Timesteps of the calls of `ddim_inversion`: -1, then 0, r, 2r, ... (r = train steps / num_steps)."""
+    """Timesteps of the calls of `ddim_inversion`: -1, then 0, r, 2r, ... (r = train steps / num_steps); for a
+    flow-matching model's one-call inversion, [0] (sigma 0: the clean latent, as t=-1 is for DDPM)."""
+    if bb.family.flow_matching and num_steps == 1:
+        return [0]
     ratio = bb.scheduler.config.num_train_timesteps // num_steps
     return [-1] + [i * ratio for i in range(num_steps - 1)]
 
@@ -136,11 +139,15 @@ def ddim_inversion(bb, latents: torch.Tensor, cond: Conditioning, num_steps: int
     """Deterministic DDIM inversion (eta 0) of clean latents; returns the latent at the last timestep.
 
     Call i is at inversion_timesteps()[i] (the first at t=-1, alpha-bar 1, on the clean latent) and moves the
-    latent to timestep i * r. Run it inside a capture: the capture's step i is call i.
+    latent to timestep i * r. Run it inside a capture: the capture's step i is call i. A flow-matching model
+    has one-call inversion only (the call at sigma 0 on the clean latent, which leaves it where it is).
     """
     if bb.family.flow_matching:
-        raise DiffprobeError(f"DDIM inversion follows SD's noise schedule; {bb.name} is a flow-matching model: "
-                             "use process=one_step (noise=true) or generation")
+        if num_steps != 1:
+            raise DiffprobeError(f"DDIM inversion follows SD's noise schedule; {bb.name} is a flow-matching model: "
+                                 "use hyperfeatures process=one_step (one call on the clean latent) or generation")
+        unet_call(bb, latents, 0, cond)
+        return latents
     ratio = bb.scheduler.config.num_train_timesteps // num_steps
     x = latents
     calls = inversion_timesteps(bb, num_steps)

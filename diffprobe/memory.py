@@ -84,6 +84,16 @@ def loading_peak_bytes(folders: list[Path], dtype: torch.dtype) -> int:
     return peak
 
 
+def _storages(values) -> list:
+    """The storages of the tensors in a nest of values (a sparse COO tensor's: its indices' and values')."""
+    out = []
+    for value in tree_flatten(values)[0]:
+        if isinstance(value, torch.Tensor):
+            parts = (value._indices(), value._values()) if value.layout == torch.sparse_coo else (value,)
+            out.extend(part.untyped_storage() for part in parts)
+    return out
+
+
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the tensor storages operators create and that are still referenced, and their peak. A storage an
     operator reads before any operator made it (weights, inputs, a view of either) existed before and is not
@@ -100,8 +110,7 @@ class _LiveBytes(TorchDispatchMode):
             return self.fake.from_tensor(value)
         return value
 
-    def _count(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
+    def _count(self, storage) -> None:
         key = id(storage)
         if key in self.refs:
             return
@@ -119,14 +128,11 @@ class _LiveBytes(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.fake is not None:
             args, kwargs = tree_map(self._as_fake, (args, kwargs))
-        for value in tree_flatten((args, kwargs))[0]:
-            if isinstance(value, torch.Tensor):   # held, so that its id is not reused by a new storage
-                storage = value.untyped_storage()
-                self.refs.setdefault(id(storage), storage)
+        for storage in _storages((args, kwargs)):   # held, so that their ids are not reused by new storages
+            self.refs.setdefault(id(storage), storage)
         out = func(*args, **kwargs)
-        for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
-                self._count(value)
+        for storage in _storages(out):
+            self._count(storage)
         return out
 
 

@@ -15,6 +15,7 @@ model's output.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,7 +49,8 @@ class Plan:
     generation drive makes one image per prompt); context: a learned (T, D) context fed straight to
     cross-attention instead (keypoints). size: image (H, W) for generation drives and size-aware
     conditioning (default: the model's sample size). work: bytes the head's own computation holds for a
-    latent of (h, w) beside the captured tensors (checked with them before the pass starts). batch: at most this
+    latent of (h, w) beside the captured tensors (checked with them before the pass starts; run_heads sets it from
+    Head.work). batch: at most this
     many of the plan's rows per denoiser call: more rows run as successive passes of their own, drawing on from one
     generator, and their views are joined (memory for speed; the result is the one batch's).
     """
@@ -157,6 +159,11 @@ class Head:
     def draws(self, x: torch.Tensor | None) -> torch.Generator | None:
         return None
 
+    def work(self, sites: Mapping[str, Site], latent_hw: tuple[int, int], item: Any) -> int:
+        """Bytes `finish` holds for `item` beside the captured tensors, for a latent of (h, w): checked with the
+        captures before the pass starts (run_heads makes it the plan's `work`)."""
+        return 0
+
     def on_call(self, call: int, t: float, view: View) -> None:
         """Called after every denoiser call with that call's tensors (streaming consumers override it)."""
 
@@ -235,7 +242,7 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     rows = sum(counts) * (2 if cfg else 1)
     grad = any(n.grad for n in flat) and torch.is_grad_enabled()
     activations, new_shape = pass_activation_bytes(bb, drive.process, rows, max(counts), latent_hw, conds[0], grad)
-    check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1], activations, log_estimate=new_shape)
+    check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1], activations, new_shape=new_shape)
     latents, noise = None, None
     if drive.process == "generation":  # each plan's rows are its cond rows, after the unconditional ones with CFG
         uncond = [encode_prompt(bb, [""], size).expand(sum(counts))] if cfg else []
@@ -323,10 +330,11 @@ def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_h
 
 
 def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw: tuple[int, int], tokens: int,
-                    activations: int = 0, log_estimate: bool = False) -> None:
+                    activations: int = 0, new_shape: bool = False) -> None:
     """Refuse a pass whose captures, head computations and largest stage's `activations` cannot fit in memory,
-    before it starts; with `log_estimate` (a pass of a new shape: later passes of it reuse the memory the first
-    one freed), log the process's estimated peak: what it holds with its mapped weights read, plus those."""
+    before it starts. For a pass of a `new_shape` (later passes of it reuse the memory the first one freed), count
+    the mapped weights it has not read yet and log the process's estimated peak: what it holds with its mapped
+    weights read, plus those."""
     drive = plans[0].drive
     captures = 0
     for need in needs:   # the steps kept, and while a later call runs, its value beside them
@@ -336,15 +344,17 @@ def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw:
         captures += bb.probe.bytes_per_call(need, latent_hw, need.rows[1] - need.rows[0], tokens) * held
     work = max((p.work(latent_hw) for p in plans if p.work is not None), default=0)
     total = captures + max(activations, work)   # heads finish one after another, once the model's calls are done
-    in_use = resident_when_weights_read()
-    unread = max(0, in_use - rss_bytes())   # mapped weights not yet read from disk will need memory too
+    # mapped weights not yet read from disk will need memory too; a pass of a shape that ran before has read what
+    # it reads, so its resident size says it all (/proc/self/smaps, tens of ms to read, is read for new shapes only)
+    in_use = resident_when_weights_read() if new_shape else rss_bytes()
+    unread = max(0, in_use - rss_bytes())
     image = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
     check_fits(total + unread, f"this pass at {image[0]} x {image[1]} px (activations {size_text(activations)}, "
                f"captures {size_text(captures)}, heads {size_text(work)}, weights not yet read "
                f"{size_text(unread)})", f"lower image_size (the model's own is {bb.sample_size}), capture fewer "
                "sites, keep fewer steps, or use dtype=bfloat16")
     estimate = in_use + total
-    if log_estimate:
+    if new_shape:
         log.info("peak memory estimate: %d bytes (%s: %s in use with the weights read, activations %s, captures "
                  "%s, heads %s)", estimate, size_text(estimate), size_text(in_use), size_text(activations),
                  size_text(captures), size_text(work))
@@ -378,11 +388,16 @@ def _splits(plan: Plan, x: torch.Tensor | None) -> bool:
     return plan.batch is not None and x is not None and len(x) > plan.batch
 
 
+def _item_work(head: Head, sites: Mapping[str, Site], item: Any, latent_hw: tuple[int, int]) -> int:
+    return head.work(sites, latent_hw, item)
+
+
 def run_heads(bb, heads: Sequence[Head], item: Any, generator: torch.Generator | None = None,
               progress: bool = False) -> list[Any]:
     """Every head's result for one item: plans grouped by drive, one pass per group. Each pass draws from
     a copy of `generator` in its current state, so every head sees the noise it would see run alone."""
-    plans = [h.plan(bb.probe.sites) for h in heads]
+    sites = bb.probe.sites
+    plans = [replace(h.plan(sites), work=partial(_item_work, h, sites, item)) for h in heads]
     inputs = [h.inputs(item) for h in heads]
     draws = [h.draws(x) for h, x in zip(heads, inputs)]
     results: list[Any] = [None] * len(heads)

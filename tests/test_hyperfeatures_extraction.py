@@ -156,3 +156,24 @@ def test_generation_steps_are_mirrored_into_noise_order_and_keep_the_cond_half(m
     assert all(f.shape[0] == 2 for f in got[0].values())  # the [uncond; cond] batch of 4 keeps the cond half
     with pytest.raises(DiffprobeError, match="prompts"):
         run_extraction(bb, None, cfg, lambda s, f: None)
+
+
+def test_one_step_on_a_flow_matching_model_is_one_call_on_the_clean_latent():
+    """FLUX's one-step extraction is the one call at sigma 0 on the image's clean latent (what t=-1 is for DDPM);
+    a longer DDIM inversion of a flow-matching model is refused, pointing to what works."""
+    from diffprobe.drives import encode_images, encode_prompt, unet_call
+    from diffprobe.loading import tiny_backbone
+
+    bb = tiny_backbone("flux")
+    cfg = ExtractionSettings(layers="auto", process="one_step", image_size=64, sample_latent=False)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    got = {}
+    ts, _ = run_extraction(bb, x, cfg, lambda s, f: got.update({s: f}))
+    assert ts == [0.0] and list(got) == [0]
+    names = sorted(got[0])
+    with torch.no_grad(), bb.probe.capture(names) as cache:
+        unet_call(bb, encode_images(bb, x), 0, encode_prompt(bb, [""], (64, 64)))
+    for name in names:
+        torch.testing.assert_close(got[0][name], cache[name], rtol=0, atol=0)
+    with pytest.raises(DiffprobeError, match="process=one_step"):
+        run_extraction(bb, x, ExtractionSettings(layers="auto", num_steps=3, image_size=64), lambda s, f: None)

@@ -1,5 +1,8 @@
-"""The dry-run peak of a call's activations equals the hand-counted peak of planted modules."""
+"""The dry-run peak of a call's activations equals the hand-counted peak of planted modules and the real peak of a
+pass; the weights' and the heads' declared bytes bound what loading and each head's finish hold."""
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -121,3 +124,50 @@ def test_a_pass_whose_activations_cannot_fit_is_refused_before_the_denoiser_runs
                                              r"about .* but .* is available; lower image_size"):
         run_heads(bb, [head], item)
     assert calls == []
+
+
+def _head_cases():
+    from diffprobe.heads.diffseg.head import DiffSegHead, DiffSegSettings, WordMapsHead
+    from diffprobe.heads.localize import LocalizeHead, LocalizeSettings
+
+    def localize(bb, words):
+        settings = LocalizeSettings(words=words)
+        return LocalizeHead(settings, bb.word_positions(settings.full_prompt(), words), 64)
+
+    return {
+        "diffseg": lambda bb: DiffSegHead(DiffSegSettings(tau=0.05), 64),
+        "diffseg ncut": lambda bb: DiffSegHead(DiffSegSettings(tau=0.05, method="ncut"), 64),
+        "diffseg pamr": lambda bb: DiffSegHead(DiffSegSettings(tau=0.05, pamr=True), 64),
+        "words": lambda bb: WordMapsHead(["cat", "dog"], bb.word_positions("cat, dog", ["cat", "dog"]),
+                                         DiffSegSettings(tau=0.05), 64),
+        "localize": lambda bb: localize(bb, ["cat"]),
+        "localize 3 words": lambda bb: localize(bb, ["cat", "dog", "red"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_head_cases()))
+def test_a_heads_declared_work_bounds_what_its_finish_holds(case):
+    """Head.work (checked with the captures before a pass) is at least the peak of the tensors `finish` holds,
+    measured on real tensors, at an output of 384 x 512 px (where the pixel terms matter) and the model's size,
+    and not far above it."""
+    from PIL import Image
+
+    from diffprobe.loading import tiny_backbone
+    from diffprobe.runner import Item, run_heads
+
+    bb = tiny_backbone("sd15")
+    rgb = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    for out in ((384, 512), (64, 64)):
+        torch.manual_seed(0)
+        head, item = _head_cases()[case](bb), Item("x", Image.fromarray(rgb), {"output_size": out})
+        finish, peaks = head.finish, []
+
+        def measured(view, it):
+            result = []
+            peaks.append(_live_peak(lambda: result.append(finish(view, it))))
+            return result[0]
+
+        head.finish = measured
+        run_heads(bb, [head], item)
+        declared = head.work(bb.probe.sites, (64 // bb.grid_factor,) * 2, item)
+        assert peaks[0] <= declared <= 6 * peaks[0], (out, peaks[0], declared)

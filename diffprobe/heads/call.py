@@ -53,6 +53,15 @@ def analysed_box(width: int, height: int, crop: str) -> tuple[int, int, int, int
     return 0, 0, width, height
 
 
+def output_size(item, crop: str) -> tuple[int, int]:
+    """(H, W) a head's pixel results are made at: item.data["output_size"] if the task sets it, else the
+    analysed box of item.image."""
+    if "output_size" in item.data:
+        return tuple(item.data["output_size"])
+    _, _, bw, bh = analysed_box(item.image.width, item.image.height, crop)
+    return bh, bw
+
+
 def model_input(image, size: int, crop: str, resize: str) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """(1, 3, size, size) tensor in [-1, 1] of a PIL image as the model sees it, and the analysed box."""
     box = analysed_box(image.width, image.height, crop)

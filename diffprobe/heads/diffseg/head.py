@@ -12,10 +12,12 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.call import CallSettings, model_input
+from diffprobe.heads.call import CallSettings, model_input, output_size
 from diffprobe.heads.diffseg.ncut import NcutSettings, ncut_segment
-from diffprobe.heads.diffseg.segment import SegmentSettings, SegmentationResult, compact_labels, segment
+from diffprobe.heads.diffseg.segment import (SegmentSettings, SegmentationResult, compact_labels, labels_bytes,
+                                             segment)
 from diffprobe.heads.diffseg.semantics import word_maps
+from diffprobe.heads import pamr
 from diffprobe.heads.diffseg.sites import attention_groups, attention_levels, maps_by_grid, select_divisors
 from diffprobe.hooks import Need, Reduce
 from diffprobe.runner import Head, Item, Plan, View
@@ -23,6 +25,7 @@ from diffprobe.runner import Head, Item, Plan, View
 log = logging.getLogger(__name__)
 DEFAULT_TAU = 0.9  # the reference's merge threshold, when neither the model nor the dataset sets one
 METHODS = ("diffseg", "ncut")
+WORD_PIXEL_BYTES = 16   # a word's map at the output size and its upsampling: 12 measured
 
 
 @dataclass
@@ -81,16 +84,6 @@ def default_tau(model_cfg, dataset_tau: float | None = None) -> float:
     return next((v for v in (model_cfg.get("diffseg_tau"), dataset_tau) if v is not None), DEFAULT_TAU)
 
 
-def output_size(item: Item, crop: str) -> tuple[int, int]:
-    """(H, W) the labels are made at: item.data["output_size"] if the task sets it, else the analysed box."""
-    if "output_size" in item.data:
-        return tuple(item.data["output_size"])
-    from diffprobe.heads.call import analysed_box
-
-    _, _, bw, bh = analysed_box(item.image.width, item.image.height, crop)
-    return bh, bw
-
-
 def image_at(image, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
     """(3, H, W) float in [0, 1]: the analysed box (left, top, width, height) of a PIL image at size (H, W)."""
     import numpy as np
@@ -121,16 +114,18 @@ class DiffSegHead(Head):
         return select_divisors(attention_groups(sites, "self_attn"), self.settings.levels(), "diffseg.divisors")
 
     def plan(self, sites: Mapping) -> Plan:
+        names = tuple(n for group in self.groups(sites).values() for n in group)
+        return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt)
+
+    def work(self, sites: Mapping, latent_hw: tuple[int, int], item: Item) -> int:
+        """The finest layers' (Q, Q) maps stacked, their aggregate and two more like it; the labels at the
+        output size, and PAMR's refinement of them when on."""
         groups = self.groups(sites)
-        names = tuple(n for group in groups.values() for n in group)
-        finest = min(groups)
-
-        def work(latent_hw: tuple[int, int]) -> int:  # the finest layers' (S^2, S^2) maps stacked, their
-            h, w = sites[groups[finest][0]].resolution(latent_hw)   # aggregate and two more like it
-            return (len(groups[finest]) + 3) * (h * w) ** 2 * 4
-
-        return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.prompt,
-                    work=work)
+        finest = groups[min(groups)]
+        h, w = sites[finest[0]].resolution(latent_hw)
+        size = output_size(item, self.settings.crop)
+        refine = pamr.PIXEL_BYTES * size[0] * size[1] if self.settings.pamr else 0
+        return (len(finest) + 3) * (h * w) ** 2 * 4 + labels_bytes(size) + refine
 
     def inputs(self, item: Item) -> torch.Tensor:
         return model_input(item.image, self.size, self.settings.crop, self.settings.resize)[0]
@@ -159,9 +154,7 @@ class DiffSegHead(Head):
                 params = params.replace(anchors=finest)
             result = segment(maps, size=size, params=params)
         if self.settings.pamr:
-            from diffprobe.heads.pamr import refine_labels
-
-            labels = refine_labels(result.labels, image_at(item.image, self.box(item.image), size))
+            labels = pamr.refine_labels(result.labels, image_at(item.image, self.box(item.image), size))
             labels, proposals = compact_labels(labels, result.proposals)
             result = replace(result, labels=labels, proposals=proposals)
         return result
@@ -188,6 +181,15 @@ class WordMapsHead(Head):
 
     def inputs(self, item: Item) -> torch.Tensor:
         return model_input(item.image, self.size, self.settings.crop, self.settings.resize)[0]
+
+    def work(self, sites: Mapping, latent_hw: tuple[int, int], item: Item) -> int:
+        """Each level's (Q, T) maps stacked and averaged; each word's map at the output size and its upsampling."""
+        grids = 0
+        for group in self.groups(sites).values():
+            h, w = sites[group[0]].resolution(latent_hw)
+            grids += (len(group) + 1) * h * w * (sites[group[0]].text_tokens or 77) * 4
+        size = output_size(item, self.settings.crop)
+        return grids + len(self.words) * WORD_PIXEL_BYTES * size[0] * size[1]
 
     def finish(self, view: View, item: Item) -> torch.Tensor:
         return word_maps(maps_by_grid(view, self.groups(view.sites)), self.token_groups,

@@ -89,12 +89,22 @@ class SegmentationResult:
         return int(self.proposals.shape[0])
 
 
+def _chunk(size: tuple[int, int]) -> int:
+    return max(1, min(16, 2**25 // (size[0] * size[1])))
+
+
+def labels_bytes(size: tuple[int, int]) -> int:
+    """Bytes non_max_suppression holds for labels of `size` (H, W): one chunk of upsampled proposals, the
+    running best value and index and their updates (32 bytes a pixel)."""
+    return (4 * _chunk(size) + 32) * size[0] * size[1]
+
+
 def non_max_suppression(proposals: torch.Tensor, grid: Grid, size: tuple[int, int],
                         chunk: int | None = None) -> torch.Tensor:
     """Upsample (K, h*w) proposals bilinearly to `size` (H, W) and take the per-pixel argmax -> (H, W)
     int64; ties go to the lower index. Proposals are upsampled `chunk` at a time (default: at most 16
     and about 2^25 upsampled values per chunk, so large images stay within a few hundred MiB)."""
-    chunk = chunk or max(1, min(16, 2**25 // (size[0] * size[1])))
+    chunk = chunk or _chunk(size)
     best_val = best_idx = None
     for start in range(0, proposals.shape[0], chunk):
         part = proposals[start:start + chunk].reshape(-1, 1, *grid)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.wsol import component_boxes
-from diffprobe.heads.call import CallSettings, analysed_box, model_input
+from diffprobe.heads.call import CallSettings, model_input, output_size
 from diffprobe.heads.diffseg.aggregate import aggregate
 from diffprobe.heads.diffseg.semantics import word_maps
 from diffprobe.heads.diffseg.sites import attention_groups, attention_levels, maps_by_grid, select_divisors
@@ -23,6 +23,7 @@ from diffprobe.hooks import Need, Reduce
 from diffprobe.runner import Head, Item, Plan, View
 
 log = logging.getLogger(__name__)
+PIXEL_BYTES = 24   # a word's raw and refined maps, its mask and the upsampling's temporaries: 16 measured
 
 
 @dataclass
@@ -98,14 +99,16 @@ class LocalizeHead(Head):
     def plan(self, sites: Mapping) -> Plan:
         cross, self_attn = self.groups(sites, "cross_attn"), self.groups(sites, "self_attn")
         names = tuple(n for groups in (cross, self_attn) for g in groups.values() for n in g)
+        return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.full_prompt())
 
-        def work(latent_hw: tuple[int, int]) -> int:  # the finest layers' (Q, Q) maps stacked, their aggregate,
-            finest = self_attn[min(self_attn)]                  # its float64 copy, a P^k product
-            h, w = sites[finest[0]].resolution(latent_hw)
-            return (len(finest) + 4) * (h * w) ** 2 * 4
-
-        return Plan(self.settings.drive(), (Need(names, Reduce(heads="mean")),), prompt=self.settings.full_prompt(),
-                    work=work)
+    def work(self, sites: Mapping, latent_hw: tuple[int, int], item: Item) -> int:
+        """The finest layers' (Q, Q) maps stacked, their aggregate, its float64 copy and a P^k product; each
+        word's raw and refined maps, mask and their upsampling at the output size (PIXEL_BYTES a pixel)."""
+        self_attn = self.groups(sites, "self_attn")
+        finest = self_attn[min(self_attn)]
+        h, w = sites[finest[0]].resolution(latent_hw)
+        size = output_size(item, self.settings.crop)
+        return (len(finest) + 4) * (h * w) ** 2 * 4 + len(self.settings.words) * PIXEL_BYTES * size[0] * size[1]
 
     def inputs(self, item: Item) -> torch.Tensor:
         return model_input(item.image, self.size, self.settings.crop, self.settings.resize)[0]
@@ -119,11 +122,7 @@ class LocalizeHead(Head):
     def finish(self, view: View, item: Item) -> Localization:
         words, probs, grid = self.attention(view)
         refined = refine(words.reshape(len(words), -1), probs, grid, self.params).reshape(words.shape)
-        if "output_size" in item.data:
-            size = tuple(item.data["output_size"])
-        else:
-            _, _, bw, bh = analysed_box(item.image.width, item.image.height, self.settings.crop)
-            size = (bh, bw)
+        size = output_size(item, self.settings.crop)
         raw, ref = (normalise_maps(F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
                     for m in (words, refined))
         masks = ref >= self.settings.threshold
