@@ -122,3 +122,45 @@ def test_bad_graph_input_is_a_one_line_error():
         random_walk(torch.eye(3), torch.ones(3), restart=1.0)
     with pytest.raises(DiffprobeError, match="tau"):
         recursive_ncut(torch.eye(3), tau=0)
+
+
+def _blocks(sizes, inside=0.9):
+    """Row-stochastic P over consecutive blocks of `sizes`: each row puts `inside` uniformly on its own block and
+    the rest uniformly on the other nodes."""
+    n = sum(sizes)
+    block = torch.cat([torch.full((s,), b) for b, s in enumerate(sizes)])
+    same = block[:, None] == block[None, :]
+    sizes_t = torch.tensor(sizes, dtype=torch.float64)[block]
+    return torch.where(same, inside / sizes_t[:, None], (1 - inside) / (n - sizes_t)[:, None]).double()
+
+
+def test_the_walk_graph_cuts_two_planted_blocks_at_the_walks_leaving_chance():
+    """Spec (f): blocks A (60) and B (40), 0.9 inside and 0.1 across: pi(A) = pi(B) = 0.5, the split is A | B, and
+    its Ncut for P^k is 1 - 0.8^k (0.2, 0.36, 0.488 for k = 1, 2, 3), as is the relaxation's eigenvalue."""
+    from diffprobe.graph import bipartition, fiedler_vector, stationary, walk_graph
+
+    p = _blocks([60, 40])
+    pi = stationary(p)
+    assert abs(float(pi[:60].sum()) - 0.5) < 1e-9
+    for k, want in ((1, 0.2), (2, 0.36), (3, 0.488)):
+        w = walk_graph(p, k).weights
+        torch.testing.assert_close(w.sum(1), pi)   # the degrees are pi
+        mask, cost = bipartition(w)
+        assert mask[:60].unique().numel() == mask[60:].unique().numel() == 1 and mask[0] != mask[60]   # A | B
+        assert abs(cost - want) < 1e-9 and abs(fiedler_vector(w)[1] - want) < 1e-9
+
+
+def test_the_walk_cut_recurses_into_nested_blocks_while_a_cut_is_cheap():
+    """Two blocks of two: cut the top level (cost ~0.24) and the nested one (~0.54) when tau lies above both, only the
+    top level when tau lies between them."""
+    from diffprobe.graph import recursive_ncut, walk_graph
+
+    outer = _blocks([50, 50], inside=0.88)
+    inner = torch.block_diag(_blocks([25, 25], inside=0.7), _blocks([30, 20], inside=0.7))
+    p = 0.5 * outer + 0.5 * torch.where(inner > 0, inner, torch.zeros_like(inner))
+    w = walk_graph(p, 1).weights
+    labels, costs = recursive_ncut(w, tau=0.9)
+    assert labels.unique().numel() == 4, costs
+    assert (labels[:25] == labels[0]).all() and (labels[25:50] == labels[25]).all() and labels[0] != labels[25]
+    labels, costs = recursive_ncut(w, tau=(costs[0] + max(costs[1:])) / 2)
+    assert labels.unique().numel() == 2 and (labels[:50] == labels[0]).all() and (labels[50:] == labels[50]).all()

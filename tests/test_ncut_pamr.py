@@ -88,3 +88,17 @@ def test_bad_ncut_settings_are_one_line_errors():
         DiffSegSettings(tau=0.9, method="ncut", ncut_affinity="features").params()
     with pytest.raises(DiffprobeError, match="ncut_tau"):
         DiffSegSettings(tau=0.9, method="ncut", ncut_tau=0).params()
+
+
+def test_refining_labels_one_at_a_time_equals_refining_all_masks_at_once():
+    """refine_labels keeps a running arg-max over labels refined in turn: the same labels as the arg-max of every
+    one-hot mask refined together (pamr), then the median filter; label values kept, first label wins ties."""
+    from scipy.ndimage import median_filter
+
+    torch.manual_seed(0)
+    image = torch.rand(3, 37, 41)
+    labels = torch.randint(0, 5, (37, 41)) * 3 + 2          # values 2, 5, ..., 14
+    used, inverse = torch.unique(labels, return_inverse=True)
+    masks = torch.stack([(inverse == k).float() for k in range(len(used))])
+    want = used[torch.from_numpy(median_filter(pamr(image, masks).argmax(0).numpy(), size=3, mode="nearest"))]
+    assert torch.equal(refine_labels(labels, image), want)

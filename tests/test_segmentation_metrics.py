@@ -92,3 +92,48 @@ def test_naive_baselines_on_planted_images():
     pairs = {(int(t), int(p)) for t, p in zip(truth.ravel(), pred.ravel())}
     assert len(pairs) == 3 and len({p for _, p in pairs}) == 3  # the same partition up to relabelling
     assert np.array_equal(colour_kmeans(image, 3, seed=0), pred)   # deterministic for a seed
+
+
+def test_per_object_scores_average_each_images_classes():
+    """Image 1: a big background (class 0, 14 px) and a 2 px object (class 1) merged into one segment: its
+    classes' IoUs are 14/16 and 0, mean 0.4375, pixels 14/16. Image 2 segmented exactly: 1 and 1. The per-object
+    score is the mean of the images (0.71875); the accumulated protocol weighs the merge by its 2 pixels only."""
+    from diffprobe.eval.segmentation import PerObjectHungarian
+
+    label1 = np.zeros((4, 4), np.int64)
+    label1[0, :2] = 1
+    pred1 = np.zeros((4, 4), np.int64)
+    label2 = np.array([[0, 0], [2, 2]])
+    pred2 = np.array([[5, 5], [3, 3]])
+    meter, accumulated = PerObjectHungarian(3), PerImageHungarian(3)
+    for label, pred in ((label1, pred1), (label2, pred2)):
+        meter.update(label, pred)
+        accumulated.update(label, pred)
+    r = meter.result()
+    assert r["images"] == 2
+    assert abs(r["miou"] - (0.4375 + 1) / 2) < 1e-12
+    assert abs(r["pixel_accuracy"] - (14 / 16 + 1) / 2) < 1e-12
+    # accumulated: class 0 IoU 16/18, class 1 0/2, class 2 2/2 -> mean 0.6296
+    assert abs(accumulated.result()["miou"] - (16 / 18 + 0 + 1) / 3) < 1e-12
+    state = meter.state()
+    again = PerObjectHungarian(3)
+    again.load_state(state)
+    assert again.result() == r
+
+
+def test_the_scikit_image_baselines_find_planted_colour_regions():
+    """Three flat colour regions with a little noise: Felzenszwalb at a moderate scale and SLIC asked for few
+    segments give segments that never straddle two regions, and a larger scale gives fewer segments."""
+    from diffprobe.eval.segmentation_baselines import felzenszwalb, slic
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((48, 48), np.int64)
+    truth[:, 16:] = 1
+    truth[24:, 32:] = 2
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], np.float64)
+    image = np.clip(colours[truth] + rng.normal(0, 4, (48, 48, 3)), 0, 255).astype(np.uint8)
+    for pred in (felzenszwalb(image, scale=100), slic(image, segments=3, compactness=0.1)):
+        assert pred.shape == truth.shape and pred.dtype == np.int64
+        for segment in np.unique(pred):
+            assert len(np.unique(truth[pred == segment])) == 1   # no segment crosses a colour edge
+    assert len(np.unique(felzenszwalb(image, scale=100))) <= len(np.unique(felzenszwalb(image, scale=1)))

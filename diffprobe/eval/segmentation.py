@@ -1,10 +1,14 @@
 """Unsupervised segmentation metrics: confusion matrices, Hungarian matching, pixel accuracy, mIoU.
 
-Two matching protocols, named in every result:
+Three matching protocols, named in every result:
 - "per_image" (the DiffSeg reference): each image's predicted segments are matched to classes by
   linear_sum_assignment on that image's confusion matrix; TP/FP/FN are accumulated over the
   dataset. Segments beyond the class count stay unmatched: their pixels count as FN of their true
   class and as FP of no class. Lenient: every image gets its own best relabelling.
+- "per_object" (image mean): each image matched on its own, then that image's IoU averaged over the classes
+  present in it, and those image means averaged: every object counts as much as the stuff around it, and
+  merging two of an image's classes costs that image a class (the accumulated protocols weigh classes by
+  pixels, so large stuff regions dominate). Its pixel accuracy is the image mean of matched pixels.
 - "dataset" (PiCIE/STEGO): one confusion matrix over the whole dataset and one matching. Only
   meaningful when predicted ids mean the same thing in every image (e.g. word labels, clusters).
 Scores: pixel accuracy = sum TP / labelled pixels; IoU_c = TP / (TP + FP + FN); mIoU = mean over
@@ -98,6 +102,39 @@ class PerImageHungarian:
     def load_state(self, state: dict) -> None:
         self.tp, self.fp, self.fn = (np.asarray(state[k], dtype=np.float64).copy() for k in ("tp", "fp", "fn"))
         self.total, self.images = float(state["total"][0]), int(state["images"][0])
+
+
+@dataclass
+class PerObjectHungarian:
+    """Each image matched on its own; the mean over images of its mean IoU over its present classes and of its
+    matched pixel fraction."""
+
+    num_classes: int
+    miou_sum: float = 0.0
+    accuracy_sum: float = 0.0
+    images: int = 0
+
+    def update(self, label: np.ndarray, pred: np.ndarray) -> None:
+        hist = confusion_matrix(label, pred, self.num_classes)
+        present = hist.sum(axis=1) > 0
+        if not present.any():
+            return
+        tp, fp, fn = match_counts(hist)
+        self.miou_sum += float(np.mean(tp[present] / (tp + fp + fn)[present]))
+        self.accuracy_sum += float(tp.sum() / hist.sum())
+        self.images += 1
+
+    def result(self) -> dict:
+        n = self.images or float("nan")
+        return {"matching": "per_object", "images": self.images, "pixel_accuracy": self.accuracy_sum / n,
+                "miou": self.miou_sum / n}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"sums": np.array([self.miou_sum, self.accuracy_sum]), "images": np.array([self.images])}
+
+    def load_state(self, state: dict) -> None:
+        self.miou_sum, self.accuracy_sum = (float(v) for v in state["sums"])
+        self.images = int(state["images"][0])
 
 
 @dataclass

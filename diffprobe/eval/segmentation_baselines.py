@@ -1,4 +1,5 @@
-"""The label maps a skeptic tries before any model: one segment, top/bottom halves, k-means on pixel colour.
+"""The label maps a skeptic tries before any model: one segment, top/bottom halves, k-means on pixel colour, and
+scikit-image's graph (Felzenszwalb & Huttenlocher) and superpixel (SLIC) segmentations (the `bench` extra).
 
 Each returns an (H, W) int64 map of segment ids, scored like any prediction (diffprobe.eval.segmentation).
 """
@@ -55,3 +56,25 @@ def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         centres.append(x[idx])
         d = np.minimum(d, ((x - x[idx]) ** 2).sum(1))
     return np.stack(centres)
+
+
+def _skimage():
+    try:
+        import skimage.segmentation
+    except ImportError as exc:
+        raise DiffprobeError("the Felzenszwalb and SLIC baselines need scikit-image: pip install "
+                             "'diffprobe[bench]'") from exc
+    return skimage.segmentation
+
+
+def felzenszwalb(image: np.ndarray, scale: float, sigma: float = 0.8, min_size: int = 20) -> np.ndarray:
+    """scikit-image's Felzenszwalb-Huttenlocher graph segmentation of an RGB image (H, W, 3): larger `scale`,
+    larger segments; (H, W) int64 ids."""
+    return _skimage().felzenszwalb(np.asarray(image), scale=scale, sigma=sigma, min_size=min_size).astype(np.int64)
+
+
+def slic(image: np.ndarray, segments: int, compactness: float = 10.0) -> np.ndarray:
+    """scikit-image's SLIC superpixels of an RGB image (H, W, 3), about `segments` of them (k-means in Lab colour
+    and position); (H, W) int64 ids from 0."""
+    labels = _skimage().slic(np.asarray(image), n_segments=segments, compactness=compactness, start_label=0)
+    return labels.astype(np.int64)

@@ -64,6 +64,37 @@ def attention_graph(probs: torch.Tensor) -> Graph:
     return Graph((probs + probs.T) / 2)
 
 
+def stationary(probs: torch.Tensor, tol: float = 1e-12, max_steps: int = 10_000) -> torch.Tensor:
+    """(N,) float64: the stationary distribution pi = pi P of a row-stochastic P (N, N), by power iteration from
+    the uniform distribution (unique and positive for strictly positive rows, as softmax attention's)."""
+    p = probs.double()
+    pi = torch.full((p.shape[0],), 1.0 / p.shape[0], dtype=torch.float64)
+    for _ in range(max_steps):
+        nxt = pi @ p
+        nxt /= nxt.sum()
+        done = float((nxt - pi).abs().max()) < tol
+        pi = nxt
+        if done:
+            break
+    return pi
+
+
+def walk_graph(probs: torch.Tensor, steps: int = 1) -> Graph:
+    """The graph of a k-step random walk on self-attention P (N, N) (Meila & Shi; "Diffusing, Walking and
+    Cutting", WACV 2026): the flow F = diag(pi) P^k, symmetrised, W = (F + F^T) / 2 (float64). Its degrees are pi,
+    so the normalised cut of W is the walk's: the chance of leaving S in k steps from S, plus leaving S'."""
+    check_square(probs, "self-attention")
+    if steps < 1:
+        raise DiffprobeError(f"the walk needs at least one step, got {steps}")
+    if (probs < 0).any():
+        raise DiffprobeError("self-attention probabilities must be non-negative")
+    p = probs.double()
+    p = p / p.sum(1, keepdim=True)
+    walk = torch.linalg.matrix_power(p, steps)
+    flow = stationary(p)[:, None] * walk
+    return Graph((flow + flow.T) / 2)
+
+
 def grid_edges(h: int, w: int, neighbours: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(i, j) node indices (E,) of every undirected edge of an h x w grid, each once (i < j); 4 or 8 neighbours."""
     if neighbours not in (4, 8):

@@ -33,7 +33,8 @@ class DiffSegSettings(CallSettings):
     """The head's keys (conf/head/diffseg.yaml): the call (reference: t=300, clean latent, empty prompt,
     centre square, tf.image.resize) and the head's parameters (SegmentSettings)."""
 
-    LIMITS: ClassVar[dict] = {"iterations": "2..100", "anchors": "1..65536", "ncut_tau": "> 0", "ncut_alpha": "> 0"}
+    LIMITS: ClassVar[dict] = {"iterations": "2..100", "anchors": "1..65536", "ncut_tau": "> 0", "ncut_alpha": "> 0",
+                                 "ncut_walk_steps": "1..64"}
 
     timestep: int = 300
     resize: str = "bilinear_tf"
@@ -49,6 +50,7 @@ class DiffSegSettings(CallSettings):
     ncut_tau: float = 0.5
     ncut_alpha: float = 10.0
     ncut_affinity: str = "attention_rows"
+    ncut_walk_steps: int = 1
     pamr: bool = False
 
     def ncut_params(self) -> NcutSettings:
@@ -57,7 +59,7 @@ class DiffSegSettings(CallSettings):
                                  f"or null, not {self.weights!r}")
         weights = self.weights if self.weights is None or isinstance(self.weights, str) else list(self.weights)
         return NcutSettings(tau=float(self.ncut_tau), alpha=float(self.ncut_alpha), affinity=self.ncut_affinity,
-                          weights=weights)
+                            walk_steps=int(self.ncut_walk_steps), weights=weights)
 
     def params(self) -> SegmentSettings:
         """The head's parameters (validated: DiffprobeError on bad values); tau must be resolved first."""
