@@ -46,17 +46,28 @@ from diffprobe.data.world import CLASSES, render_scene, scene_seed  # noqa: E402
 from diffprobe.data.world.export import coco_fine_labels  # noqa: E402
 from diffprobe.eval import segmentation_baselines as classical  # noqa: E402
 from diffprobe.eval.segmentation import PerImageHungarian, PerObjectHungarian  # noqa: E402
+from diffprobe.eval.wsol import WSOLMeter  # noqa: E402
+from diffprobe.drives import Drive  # noqa: E402
+from diffprobe.heads.heatmaps import amd_word_maps, daam_word_maps  # noqa: E402
+from diffprobe.heads.localize import LocalizeHead, RefineSettings, refine  # noqa: E402
+from diffprobe.hooks import Need, Reduce  # noqa: E402
 from diffprobe.heads.diffseg import segment  # noqa: E402
 from diffprobe.heads.diffseg.head import DiffSegHead  # noqa: E402
 from diffprobe.heads.diffseg.ncut import NcutSettings, ncut_segment  # noqa: E402
 from diffprobe.heads.pamr import refine_labels  # noqa: E402
-from diffprobe.runner import run_plans  # noqa: E402
+from diffprobe.runner import Plan, run_plans  # noqa: E402
 
 SPLITS = {"val": ("val", 0), "test": ("test", 0), "fresh": ("test", 1)}   # name: (world split, world seed)
-TAUS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.1, 1.3)
+TAUS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.1, 1.3, 1.6, 2.0, 2.5)
 NCUT_TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 WALK_TAUS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4)
 WALK_STEPS = (1, 2, 4)
+INVERSION_STEPS = 10   # the DDIM inversion whose calls DAAM's and attention-map-diffusers' aggregations sum
+REFINERS = {   # localize method: RefineSettings overrides swept on val
+    "power": [{"power": k} for k in (1, 2, 4, 8)],
+    "walk": [{"restart": g} for g in (0.3, 0.5, 0.7, 0.9)],
+    "diffusion": [{"beta": b, "temperature": t} for b in (1, 10, 100) for t in (0.05, 0.1, 0.2)],
+}
 
 
 def user_config(task: str, model: str):
@@ -148,13 +159,116 @@ def segmentation_methods(head: DiffSegHead) -> dict:
         "colour k-means, k = true classes (told the answer)": ({"-": true_k}, ""),
         "Felzenszwalb (scikit-image)": (
             {f"scale {s}": (lambda d, s=s: classical.felzenszwalb(d["image"], scale=s, min_size=10))
-             for s in (25, 50, 100, 200, 400, 800)}, "scale"),
+             for s in (50, 100, 200, 400, 800, 1600, 3200)}, "scale"),
         "SLIC (scikit-image)": (
-            {f"{n} segments": (lambda d, n=n: classical.slic(d["image"], n)) for n in (2, 3, 4, 6, 8, 12)},
+            {f"{n} segments": (lambda d, n=n: classical.slic(d["image"], n)) for n in (2, 3, 4, 6, 8, 12, 16, 24)},
             "n_segments"),
         "one segment": ({"-": lambda d: classical.one_segment(*d["world"].shape)}, ""),
         "top / bottom halves": ({"-": lambda d: classical.top_bottom(*d["world"].shape)}, ""),
     }
+
+
+def word_data(bb, settings, scene) -> list[dict]:
+    """Per category a scene's caption names: the word's maps by every method's own calls, and its exact boxes
+    and mask. diffprobe's localize head: one call (its own: t = 300, clean latent) with cross- and self-attention;
+    DAAM and attention-map-diffusers: every cross-attention map per head over a DDIM inversion conditioned on the
+    caption (their tools trace the calls of a pass over an image; here, the image's inversion)."""
+    from dataclasses import replace
+
+    words = sorted({o.category for o in scene.objects})
+    groups = bb.word_positions(scene.caption, words)
+    head = LocalizeHead(replace(settings, words=words, prompt=scene.caption), groups, bb.sample_size)
+    x = image_to_tensor(Image.fromarray(scene.image), head.size, crop="none", resize=settings.resize)
+    (view,) = run_plans(bb, [head.plan(bb.probe.sites)], [x])
+    maps, probs, grid = head.attention(view)
+    sites = bb.probe.sites
+    cross = [n for n in sorted(sites, key=lambda n: sites[n].order) if sites[n].kind == "cross_attn"]
+    plan = Plan(Drive("inversion", num_steps=INVERSION_STEPS), (Need(tuple(cross), Reduce(heads="none", steps="mean")),),
+                prompt=scene.caption)
+    (trace,) = run_plans(bb, [plan], [x])
+    per_site = [(sites[n].divisor, trace.grid(n), trace[n][0]) for n in cross]     # (heads, Q, T) each
+    daam = daam_word_maps([p for n, p in zip(cross, per_site) if sites[n].direction != "mid"], groups)  # DAAM: no mid
+    amd = amd_word_maps([(g, m) for _, g, m in per_site], groups)
+    out = []
+    for k, word in enumerate(words):
+        objects = [o for o in scene.objects if o.category == word]
+        out.append({"map": maps[k].reshape(-1), "probs": probs, "grid": grid, "daam": daam[k], "amd": amd[k],
+                    "boxes": np.array([o.bbox for o in objects], np.float64),
+                    "mask": np.isin(scene.instance, [o.instance for o in objects]), "size": scene.image.shape[:2]})
+    return out
+
+
+def _at_image(m: torch.Tensor, size) -> np.ndarray:
+    return torch.nn.functional.interpolate(m.reshape(1, 1, *m.shape[-2:]).float(), size=tuple(size),
+                                           mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def localisation_rules() -> dict:
+    """{method: ({setting: rule}, what the setting is)}: rule(word data) -> heat map (H, W) at the image's size."""
+    def refined(method, kw):
+        params = RefineSettings(method=method, **kw)
+        return lambda d: _at_image(refine(d["map"][None], d["probs"], d["grid"], params).reshape(d["grid"]), d["size"])
+
+    rules = {"raw cross-attention (diffprobe's call, heads and levels aggregated)": ({"-": refined("raw", {})}, ""),
+             "DAAM's aggregation (inversion calls, layers x heads, bicubic, clamp)": (
+                 {"-": lambda d: _at_image(d["daam"], d["size"])}, ""),
+             "attention-map-diffusers' aggregation (inversion calls, heads summed, layers x calls mean)": (
+                 {"-": lambda d: _at_image(d["amd"], d["size"])}, "")}
+    for method, grid in REFINERS.items():
+        rules[f"diffprobe refiner: {method}"] = (
+            {", ".join(f"{k} {v}" for k, v in kw.items()): refined(method, kw) for kw in grid}, "refine keys")
+    rules["centre Gaussian (no model)"] = ({"-": lambda d: _centre(d["size"])}, "")
+    return rules
+
+
+def _centre(size) -> np.ndarray:
+    y, x = np.mgrid[:size[0], :size[1]]
+    return np.exp(-(((y - size[0] / 2) / (size[0] / 4)) ** 2 + ((x - size[1] / 2) / (size[1] / 4)) ** 2))
+
+
+def wsol(data: list[dict], rule) -> tuple[dict, WSOLMeter]:
+    meter, seconds = WSOLMeter(), 0.0
+    for d in data:
+        start = time.perf_counter()
+        heat = rule(d)
+        seconds += time.perf_counter() - start
+        meter.update(heat, d["boxes"], d["mask"])
+    return {**meter.result(), "seconds": seconds / len(data)}, meter
+
+
+def run_localisation(model: str, n: int) -> dict:
+    from diffprobe.config import load_configured_backbone
+    from diffprobe.tasks.localize import settings_of
+
+    cfg = user_config("localize", model)
+    cfg.localize.words = ["placeholder"]   # replaced per scene
+    bb = load_configured_backbone(cfg)
+    settings = settings_of(cfg)
+    start = time.perf_counter()
+    data = {split: [w for s in scenes(split, n, bb.sample_size) for w in word_data(bb, settings, s)] for split in SPLITS}
+    capture = (time.perf_counter() - start) / (n * len(SPLITS))
+    out = {"words": {split: len(d) for split, d in data.items()}, "capture_seconds": capture,
+           "default": {"method": settings.method, "threshold": settings.threshold}, "methods": {}}
+    for method, (rules, knob) in localisation_rules().items():
+        val = {setting: wsol(data["val"], rule) for setting, rule in rules.items()}
+        best = max(val, key=lambda k: val[k][0]["max_box_acc_v2"])
+        threshold = val[best][0]["gt_known_threshold"]         # the fixed mask threshold a user would be given
+        row = {"knob": knob, "chosen": best, "threshold": threshold, "val": val[best][0]}
+        for split in ("test", "fresh"):
+            result, meter = wsol(data[split], rules[best])
+            row[split] = {**result, "gt_known_fixed": meter.gt_known_at(threshold)}
+        row["val"]["gt_known_fixed"] = val[best][1].gt_known_at(threshold)
+        out["methods"][method] = row
+        print(f"  {method}: {best} -> test {row['test']['max_box_acc_v2']:.1f}", file=sys.stderr, flush=True)
+    shipped = settings.params()   # the refiner and mask threshold a user gets, nothing chosen here
+    rule = lambda d: _at_image(refine(d["map"][None], d["probs"], d["grid"], shipped).reshape(d["grid"]),  # noqa: E731
+                               d["size"])
+    row = {"knob": "", "chosen": f"{shipped.method} (shipped)", "threshold": settings.threshold}
+    for split in SPLITS:
+        result, meter = wsol(data[split], rule)
+        row[split] = {**result, "gt_known_fixed": meter.gt_known_at(settings.threshold)}
+    out["methods"]["diffprobe default (shipped settings and threshold)"] = row
+    return out
 
 
 def chosen(rows: dict) -> str:
@@ -218,6 +332,30 @@ def segmentation_doc(model: str, r: dict) -> list[str]:
     return lines + [""]
 
 
+def loc_fmt(r: dict) -> str:
+    return f"{r['max_box_acc_v2']:.1f} · {r['pxap']:.1f} · {r['gt_known_fixed']:.1f}"
+
+
+def localisation_doc(model: str, r: dict) -> list[str]:
+    lines = [f"### Localisation on {model}", "",
+             f"Words: {r['words']['val']} / {r['words']['test']} / {r['words']['fresh']} (val / test / fresh), each "
+             f"category a scene's caption names, scored against the union of its objects' exact masks and any of "
+             f"their boxes. Shipped default: `localize.method={r['default']['method']}`, mask threshold "
+             f"{r['default']['threshold']}. Capture per scene (diffprobe's call and a {INVERSION_STEPS}-step DDIM "
+             f"inversion): {r['capture_seconds'] * 1000:.0f} ms.", "",
+             "Cells: MaxBoxAccV2 (%) · PxAP (%) · GT-known Loc (%) at the mask threshold chosen on val (fixed, "
+             "what a user gets; MaxBoxAccV2 and PxAP pick their best thresholds per split). Settings chosen on val by "
+             "MaxBoxAccV2.", "",
+             "| method | chosen on val | threshold | val | test | fresh test | s / word (test) |",
+             "|---|---|---|---|---|---|---|"]
+    methods = r["methods"]
+    for m in sorted(methods, key=lambda m: -methods[m]["test"]["max_box_acc_v2"]):
+        row = methods[m]
+        lines.append(f"| {m} | {row['chosen']} | {row['threshold']:.2f} | {loc_fmt(row['val'])} | "
+                     f"{loc_fmt(row['test'])} | {loc_fmt(row['fresh'])} | {row['test']['seconds']:.3f} |")
+    return lines + [""]
+
+
 def write_doc(results: dict, path: Path, meta: dict) -> None:
     lines = ["# WorldBench", "",
              "Every head beside the peers' methods and the classical baselines on the procedural world's exact ground "
@@ -226,10 +364,14 @@ def write_doc(results: dict, path: Path, meta: dict) -> None:
              f"    {meta['command']}", "",
              f"{meta['n']} scenes per split, {meta['threads']} threads, load average {meta['load']:.1f} at the start; "
              f"this run took {meta['seconds'] / 60:.1f} min.", "", "## Segmentation", ""]
-    for key, r in results.items():
-        model, capability = key.split("/")
-        if capability == "segmentation":
-            lines += segmentation_doc(model, r)
+    for capability, title, doc in (("segmentation", None, segmentation_doc),
+                                   ("localisation", "## Localisation", localisation_doc)):
+        if title and any(k.endswith("/" + capability) for k in results):
+            lines += [title, ""]
+        for key, r in results.items():
+            model, kind = key.split("/")
+            if kind == capability:
+                lines += doc(model, r)
     tmp = path.with_suffix(".partial")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
@@ -239,6 +381,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mini", "mini_dit"])
     ap.add_argument("--n", type=int, default=100, help="scenes per split")
+    ap.add_argument("--capabilities", nargs="+", default=["segmentation", "localisation"],
+                    choices=["segmentation", "localisation"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (mini's 64 px calls and the methods' "
                     "small tensors run best on one)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "worldbench.json")
@@ -248,11 +392,14 @@ def main() -> None:
     start, load = time.time(), os.getloadavg()[0]
     saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
     results = saved.get("results", {}) if saved.get("n") == args.n else {}
+    runs = {"segmentation": run_segmentation, "localisation": run_localisation}
     for model in args.models:
-        key = f"{model}/segmentation"
-        if key not in results:
+        for capability in args.capabilities:
+            key = f"{model}/{capability}"
+            if key in results:
+                continue
             print(f"{key} ...", file=sys.stderr, flush=True)
-            results[key] = run_segmentation(model, args.n)
+            results[key] = runs[capability](model, args.n)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.results.with_suffix(".partial")
             tmp.write_text(json.dumps({"n": args.n, "results": results}, indent=1))

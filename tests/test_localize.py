@@ -179,3 +179,15 @@ def test_a_word_outside_the_prompt_is_a_one_line_cli_error(tmp_path):
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "'cat' is not found in the tokenised prompt" in proc.stderr
+
+
+def test_gt_known_at_a_fixed_threshold_is_what_that_threshold_gives():
+    """A map whose box is right only above 0.5 (a weaker blob elsewhere joins below it): GT-known at the best
+    threshold is 100 %, at a fixed 0.3 it is 0 % (the largest component then spans both)."""
+    heat = np.zeros((40, 40))
+    heat[5:15, 5:15] = 1.0
+    heat[15:35, 5:15] = 0.4
+    meter = WSOLMeter()
+    meter.update(heat, [[5, 5, 15, 15]])
+    assert meter.result()["gt_known_loc"] == 100.0
+    assert meter.gt_known_at(0.7) == 100.0 and meter.gt_known_at(0.3) == 0.0

@@ -111,6 +111,13 @@ class WSOLMeter:
         for key in ("largest_hits", "any_hits", "fg", "bg"):
             setattr(self, key, np.asarray(state[key], np.float64).copy())
 
+    def gt_known_at(self, threshold: float) -> float:
+        """GT-known Loc (%) at one fixed mask threshold (the nearest of the meter's thresholds), e.g. one chosen
+        on val: what a user gets, where gt_known_loc is the best threshold's."""
+        if self.images == 0:
+            raise DiffprobeError("no image was scored")
+        return float(100 * self.largest_hits[int(np.abs(self.thresholds - threshold).argmin())] / self.images)
+
     def result(self) -> dict:
         """gt_known_loc, max_box_acc_v2, max_box_acc@{0.3,0.5,0.7} (in %, with their best thresholds), pxap (%)."""
         if self.images == 0:
