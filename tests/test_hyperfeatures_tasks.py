@@ -156,3 +156,26 @@ def test_bad_settings_are_one_line_errors(trained, tmp_path):
     with pytest.raises(DiffprobeError, match="points"):
         correspond.run(compose("correspond", source=str(root / "s0.png"), target=str(root / "t0.png"),
                                points="[[1, 2]", weights=str(out / "model")), tmp_path)
+
+
+def test_correspond_with_dift_features(tmp_path):
+    """dift=true on tiny SD 2.1: both files described by DIFT (named with its block and ensemble in matches.json),
+    every point matched; dift with weights is refused in one line."""
+    import numpy as np
+    from PIL import Image
+
+    from config_helpers import make_cfg
+    from diffprobe.tasks import correspond
+
+    rng = np.random.default_rng(0)
+    big = (rng.random((16, 16, 3)) * 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)
+    Image.fromarray(big[:, :96]).save(tmp_path / "a.png")
+    Image.fromarray(big[:, 8:104]).save(tmp_path / "b.png")
+    cfg = make_cfg("correspond", model="tiny_sd21", source=str(tmp_path / "a.png"), target=str(tmp_path / "b.png"),
+                   dift=True, dift_ensemble=2, image_size=64, points=[[40, 40], [60, 70]])
+    res = correspond.run(cfg, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "matches.json").read_text())
+    assert saved["descriptor"] == "DIFT" and saved["block"] == "up_blocks.1" and saved["ensemble"] == 2
+    assert len(res["target_points"]) == 2
+    with pytest.raises(DiffprobeError, match="dift=true"):
+        correspond.settings_of(make_cfg("correspond", source="a", target="b", dift=True, weights="w"))

@@ -30,7 +30,9 @@ from omegaconf import DictConfig
 from diffprobe.config import load_configured_backbone, run_config, typed
 from diffprobe.data.images import load_image
 from diffprobe.data.pairs_json import points_array
+from diffprobe.drives import check_timestep
 from diffprobe.errors import DiffprobeError
+from diffprobe.heads.dift import DiftSettings, dift_describer
 from diffprobe.eval.pck import pck, threshold_image_max_side
 from diffprobe.heads.hyperfeatures.evaluate import from_load, to_load
 from diffprobe.heads.hyperfeatures.extract import AUTO
@@ -51,7 +53,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CorrespondSettings:
-    LIMITS: ClassVar[dict] = {"image_size": "8..16384", "grid": "1..1000", "num_steps": "1..10000", "alpha": ("> 0", "<= 1")}
+    LIMITS: ClassVar[dict] = {"image_size": "8..16384", "grid": "1..1000", "num_steps": "1..10000", "alpha": ("> 0", "<= 1"),
+                              "dift_block": "0..16", "dift_ensemble": "1..1024"}
 
     source: str | None = None
     target: str | None = None
@@ -59,7 +62,12 @@ class CorrespondSettings:
     target_points: str | None = None  # optional ground truth, same forms
     weights: str | None = None  # a hyperfeatures model directory; null = one raw layer
     raw_layer: str = AUTO
-    image_size: int | None = None  # for raw features; null = the model's sample size
+    image_size: int | None = None  # for raw or DIFT features; null = the model's sample size
+    dift: bool = False   # without weights: DIFT's features instead of one raw layer
+    dift_block: int = 1
+    dift_timestep: int = 261
+    dift_ensemble: int = 8
+    dift_prompt: str = ""
     grid: int = 8
     method: str = "nn"
     source_prompt: str | None = None  # instead of images: generate both and use the generation's own features
@@ -97,6 +105,9 @@ def settings_of(cfg: DictConfig) -> tuple[CorrespondSettings, np.ndarray | None,
                              "target_prompt=TEXT to generate the pair")
     if synthetic and (p.source or p.target):
         raise DiffprobeError("give either source/target images or source_prompt/target_prompt, not both")
+    if p.dift and (p.weights or synthetic):
+        raise DiffprobeError("dift=true describes the two image files without weights: leave out weights= and the "
+                             "prompts")
     if p.method not in METHODS:
         raise DiffprobeError(f"method must be one of {METHODS}, got {p.method!r}")
     if p.grid < 1:
@@ -115,6 +126,12 @@ def _real_pair(p: CorrespondSettings, bb, model, seed: int):
     if model is not None:
         describe, size = hyperfeature_describer(model, bb, seed=seed), model.extraction.image_size
         used = {"descriptor": "hyperfeatures", "weights": p.weights}
+    elif p.dift:
+        settings = DiftSettings(p.dift_block, check_timestep(bb, p.dift_timestep), p.dift_ensemble, p.image_size,
+                                p.dift_prompt)
+        describe, size = dift_describer(bb, settings, seed=seed), bb.check_image_size(p.image_size)
+        used = {"descriptor": "DIFT", "block": f"up_blocks.{p.dift_block}", "timestep": p.dift_timestep,
+                "ensemble": p.dift_ensemble, "prompt": p.dift_prompt}
     else:
         size = bb.check_image_size(p.image_size)
         layer = resolve_raw_layer(bb.probe.sites, p.raw_layer)
