@@ -47,6 +47,12 @@ from diffprobe.data.world.export import coco_fine_labels  # noqa: E402
 from diffprobe.eval import segmentation_baselines as classical  # noqa: E402
 from diffprobe.eval.segmentation import PerImageHungarian, PerObjectHungarian  # noqa: E402
 from diffprobe.eval.wsol import WSOLMeter  # noqa: E402
+from diffprobe.eval.pck import pck, threshold_bbox_max_side  # noqa: E402
+from diffprobe.data.world.pairs import world_pairs  # noqa: E402
+from diffprobe.data.world.vocab import FIGURES  # noqa: E402
+from diffprobe.heads.dift import DiftHead, DiftSettings  # noqa: E402
+from diffprobe.heads.hyperfeatures.extract import ExtractionSettings, default_layers, extract_features  # noqa: E402
+from diffprobe.heads.hyperfeatures.matching import DescriptorField  # noqa: E402
 from diffprobe.drives import Drive  # noqa: E402
 from diffprobe.heads.heatmaps import amd_word_maps, daam_word_maps  # noqa: E402
 from diffprobe.heads.localize import LocalizeHead, RefineSettings, refine  # noqa: E402
@@ -55,7 +61,7 @@ from diffprobe.heads.diffseg import segment  # noqa: E402
 from diffprobe.heads.diffseg.head import DiffSegHead  # noqa: E402
 from diffprobe.heads.diffseg.ncut import NcutSettings, ncut_segment  # noqa: E402
 from diffprobe.heads.pamr import refine_labels  # noqa: E402
-from diffprobe.runner import Plan, run_plans  # noqa: E402
+from diffprobe.runner import Item, Plan, run_plans  # noqa: E402
 
 NOTES = "<!-- the reading below is written by hand; the tables above by the script -->"
 SPLITS = {"val": ("val", 0), "test": ("test", 0), "fresh": ("test", 1)}   # name: (world split, world seed)
@@ -63,6 +69,8 @@ TAUS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.1, 1.3, 1.6, 2.0, 2.5)
 NCUT_TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
 WALK_TAUS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4)
 WALK_STEPS = (1, 2, 4)
+DIFT_TIMESTEPS = (51, 101, 261, 401)   # DIFT's published t (261) and those it uses elsewhere (51 DAVIS, 101 ADM)
+PAIRS = 20             # correspondence pairs per category (face, bird, house) and split
 INVERSION_STEPS = 10   # the DDIM inversion whose calls DAAM's and attention-map-diffusers' aggregations sum
 REFINERS = {   # localize method: RefineSettings overrides swept on val
     "power": [{"power": k} for k in (1, 2, 4, 8)],
@@ -272,6 +280,99 @@ def run_localisation(model: str, n: int) -> dict:
     return out
 
 
+def dift_blocks(bb, image, t: int, prompt: str) -> dict[int, torch.Tensor]:
+    """DIFT's features of a PIL image at timestep t, for every decoder block in one call: {block: (C, h, w)}."""
+    from dataclasses import replace
+
+    sites = bb.probe.sites
+    blocks = sorted(int(n.split(".")[1]) for n in sites if n.startswith("up_blocks.") and n.endswith(".hook_out"))
+    head = DiftHead(DiftSettings(timestep=t, prompt=prompt), bb.sample_size)
+    names = tuple(f"up_blocks.{b}.hook_out" for b in blocks)
+    plan = replace(head.plan(sites), needs=(Need(names, Reduce()),))
+    x = head.inputs(Item("x", image))
+    (view,) = run_plans(bb, [plan], [x], draws=[head.draws(x)])
+    return {b: view[n].float().mean(0) for b, n in zip(blocks, names)}
+
+
+def pair_data(bb, split: str, n: int) -> list[dict]:
+    """World pairs (n per category): each image's raw decoder layers at the clean step and DIFT's blocks at every
+    swept timestep, the pair's points and the target object's box."""
+    from diffprobe.drives import unknown_words
+
+    world_split, seed = SPLITS[split]
+    # DIFT's "a photo of a {category}"; a model that does not know "photo" (mini's world vocabulary) gets "a {category}"
+    template = "a photo of a {}" if not unknown_words(bb.tokenizer, "a photo of a") else "a {}"
+    layers = default_layers(bb.probe.sites)
+    unet = any(n.startswith("up_blocks.") for n in bb.probe.sites)
+    raw = ExtractionSettings(layers=layers, process="one_step", image_size=bb.sample_size)
+
+    def describe(scene, category):
+        x = image_to_tensor(Image.fromarray(scene.image), bb.sample_size, crop="none", resize="bilinear")
+        with torch.no_grad():
+            feats = extract_features(bb, x, raw, layers=layers)[0]
+            dift = {t: dift_blocks(bb, Image.fromarray(scene.image), t, template.format(category))
+                    for t in DIFT_TIMESTEPS} if unet else {}
+        return {"raw": {n: f[0].float() for n, f in feats.items()}, "dift": dift}
+
+    out = []
+    for category in FIGURES:
+        for p in world_pairs(world_split, category, n, bb.sample_size, seed):
+            out.append({"source": describe(p.source, category), "target": describe(p.target, category),
+                        "source_points": p.source_points, "target_points": p.target_points,
+                        "box": p.target.objects[0].bbox, "hw": p.source.image.shape[:2]})
+    return out
+
+
+def pck_of(data: list[dict], pick) -> dict:
+    """PCK@0.1 of the target object's box (per point and mean per pair) for descriptors pick(image features)."""
+    correct = total = 0
+    per_pair, seconds = [], 0.0
+    for d in data:
+        start = time.perf_counter()
+        if pick is None:   # the baseline: each point stays where it was
+            pred = torch.as_tensor(d["source_points"], dtype=torch.float32)
+        else:
+            src, tgt = DescriptorField(pick(d["source"]), d["hw"]), DescriptorField(pick(d["target"]), d["hw"])
+            pred, _ = tgt.argmax(src.sample(torch.as_tensor(d["source_points"], dtype=torch.float32)))
+        seconds += time.perf_counter() - start
+        r = pck(pred.numpy(), d["target_points"], threshold_bbox_max_side(d["box"], 0.1))
+        correct, total = correct + int(r.correct.sum()), total + r.num_points
+        per_pair.append(r.per_point)
+    return {"pck_point": 100 * correct / total, "pck_pair": 100 * float(np.mean(per_pair)),
+            "seconds": seconds / len(data)}
+
+
+def run_correspondence(model: str, n: int) -> dict:
+    from diffprobe.config import load_configured_backbone
+
+    bb = load_configured_backbone(user_config("correspond", model))
+    start = time.perf_counter()
+    data = {split: pair_data(bb, split, n) for split in SPLITS}
+    pairs = {split: len(d) for split, d in data.items()}
+    capture = (time.perf_counter() - start) / sum(2 * len(d) for d in data.values())
+    first = data["val"][0]["source"]
+    rules = {
+        "raw layer, clean step (the hyperfeatures paper's baseline; a DiT's block outputs), layer chosen on val": (
+            {name: (lambda f, name=name: f["raw"][name]) for name in first["raw"]}, "layer"),
+    }
+    if first["dift"]:   # DIFT reads a UNet's decoder blocks
+        blocks = first["dift"][DIFT_TIMESTEPS[0]]
+        rules["DIFT as published (up_blocks.1, t 261, 8 noise draws)"] = ({"-": lambda f: f["dift"][261][1]}, "")
+        rules["DIFT, block and timestep chosen on val"] = (
+            {f"up_blocks.{b}, t {t}": (lambda f, b=b, t=t: f["dift"][t][b]) for t in DIFT_TIMESTEPS for b in blocks},
+            "block, timestep")
+    rules["same position (no model)"] = ({"-": None}, "")
+    out = {"pairs": pairs, "per_category": n, "capture_seconds": capture, "methods": {}}
+    for method, (settings, knob) in rules.items():
+        val = {k: pck_of(data["val"], pick) for k, pick in settings.items()}
+        best = max(val, key=lambda k: val[k]["pck_point"])
+        out["methods"][method] = {"knob": knob, "chosen": best, "val": val[best],
+                                  **{split: pck_of(data[split], settings[best]) for split in ("test", "fresh")}}
+        print(f"  {method}: {best} -> test {out['methods'][method]['test']['pck_point']:.1f}", file=sys.stderr,
+              flush=True)
+    return out
+
+
 def chosen(rows: dict) -> str:
     """The setting with the best mean of the two mIoUs on val (ties: the first listed)."""
     return max(rows, key=lambda s: (rows[s]["paper_miou"] + rows[s]["object_miou"]) / 2)
@@ -359,6 +460,23 @@ def localisation_doc(model: str, r: dict) -> list[str]:
     return lines + [""]
 
 
+def correspondence_doc(model: str, r: dict) -> list[str]:
+    pairs = r["pairs"]
+    lines = [f"### Correspondence on {model}", "",
+             f"World pairs: {pairs['val']} / {pairs['test']} / {pairs['fresh']} (val / test / fresh; up to "
+             f"{r['per_category']} per category: faces, birds, houses), the points visible in both, PCK@0.1 of the "
+             f"target object's box (per point · mean per pair, %). Features per image: "
+             f"{r['capture_seconds'] * 1000:.0f} ms (the clean call, and on a UNet DIFT's calls at every swept "
+             "timestep).", "",
+             "| method | chosen on val | val | test | fresh test | s / pair (matching) |", "|---|---|---|---|---|---|"]
+    methods = r["methods"]
+    for m in sorted(methods, key=lambda m: -methods[m]["test"]["pck_point"]):
+        row = methods[m]
+        cells = " | ".join(f"{row[s]['pck_point']:.1f} · {row[s]['pck_pair']:.1f}" for s in ("val", "test", "fresh"))
+        lines.append(f"| {m} | {row['chosen']} | {cells} | {row['test']['seconds']:.3f} |")
+    return lines + [""]
+
+
 def write_doc(results: dict, path: Path, meta: dict) -> None:
     lines = ["# WorldBench", "",
              "Every head beside the peers' methods and the classical baselines on the procedural world's exact ground "
@@ -368,7 +486,8 @@ def write_doc(results: dict, path: Path, meta: dict) -> None:
              f"{meta['n']} scenes per split, {meta['threads']} threads, load average {meta['load']:.1f} at the start; "
              f"this run took {meta['seconds'] / 60:.1f} min.", "", "## Segmentation", ""]
     for capability, title, doc in (("segmentation", None, segmentation_doc),
-                                   ("localisation", "## Localisation", localisation_doc)):
+                                   ("localisation", "## Localisation", localisation_doc),
+                                   ("correspondence", "## Correspondence", correspondence_doc)):
         if title and any(k.endswith("/" + capability) for k in results):
             lines += [title, ""]
         for key, r in results.items():
@@ -385,8 +504,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mini", "mini_dit"])
     ap.add_argument("--n", type=int, default=100, help="scenes per split")
-    ap.add_argument("--capabilities", nargs="+", default=["segmentation", "localisation"],
-                    choices=["segmentation", "localisation"])
+    ap.add_argument("--capabilities", nargs="+", default=["segmentation", "localisation", "correspondence"],
+                    choices=["segmentation", "localisation", "correspondence"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (mini's 64 px calls and the methods' "
                     "small tensors run best on one)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "worldbench.json")
@@ -396,7 +515,8 @@ def main() -> None:
     start, load = time.time(), os.getloadavg()[0]
     saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
     results = saved.get("results", {}) if saved.get("n") == args.n else {}
-    runs = {"segmentation": run_segmentation, "localisation": run_localisation}
+    runs = {"segmentation": run_segmentation, "localisation": run_localisation,
+            "correspondence": lambda model, n: run_correspondence(model, min(n, PAIRS))}
     for model in args.models:
         for capability in args.capabilities:
             key = f"{model}/{capability}"
