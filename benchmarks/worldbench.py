@@ -276,6 +276,9 @@ def run_localisation(model: str, n: int) -> dict:
     for split in SPLITS:
         result, meter = wsol(data[split], rule)
         row[split] = {**result, "gt_known_fixed": meter.gt_known_at(settings.threshold)}
+        if split == "val":   # the threshold this model should ship: the best on val for its shipped settings
+            row["val_threshold"] = result["gt_known_threshold"]
+        row[split]["gt_known_at_val_threshold"] = meter.gt_known_at(row["val_threshold"])
     out["methods"]["diffprobe default (shipped settings and threshold)"] = row
     return out
 
@@ -457,6 +460,11 @@ def localisation_doc(model: str, r: dict) -> list[str]:
         row = methods[m]
         lines.append(f"| {m} | {row['chosen']} | {row['threshold']:.2f} | {loc_fmt(row['val'])} | "
                      f"{loc_fmt(row['test'])} | {loc_fmt(row['fresh'])} | {row['test']['seconds']:.3f} |")
+    shipped = methods.get("diffprobe default (shipped settings and threshold)", {})
+    if "val_threshold" in shipped:
+        lines += ["", f"The shipped settings' best threshold on val is {shipped['val_threshold']:.2f}: GT-known Loc there "
+                      + " / ".join(f"{shipped[s]['gt_known_at_val_threshold']:.1f}" for s in SPLITS)
+                      + " (val / test / fresh)."]
     return lines + [""]
 
 
@@ -483,8 +491,11 @@ def write_doc(results: dict, path: Path, meta: dict) -> None:
              "truth (docs/world.md). Settings are chosen on val only; test is reported once; the fresh test set "
              "comes from another world seed, so a reader sees whether anything overfits. Written by:", "",
              f"    {meta['command']}", "",
-             f"{meta['n']} scenes per split, {meta['threads']} threads, load average {meta['load']:.1f} at the start; "
-             f"this run took {meta['seconds'] / 60:.1f} min.", "", "## Segmentation", ""]
+             f"{meta['n']} scenes per split, {meta['threads']} thread(s). Time per part (minutes; the one-minute load "
+             "average as it started: above 1, other work shared the 2 cores and the times are inflated): "
+             + ", ".join(f"{k} {r['minutes']:.1f} (load {r['load_at_start']:.1f})" for k, r in results.items()
+                         if "minutes" in r)
+             + f"; {sum(r.get('minutes', 0) for r in results.values()):.0f} min in all.", "", "## Segmentation", ""]
     for capability, title, doc in (("segmentation", None, segmentation_doc),
                                    ("localisation", "## Localisation", localisation_doc),
                                    ("correspondence", "## Correspondence", correspondence_doc)):
@@ -512,7 +523,6 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "worldbench.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    start, load = time.time(), os.getloadavg()[0]
     saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
     results = saved.get("results", {}) if saved.get("n") == args.n else {}
     runs = {"segmentation": run_segmentation, "localisation": run_localisation,
@@ -523,13 +533,15 @@ def main() -> None:
             if key in results:
                 continue
             print(f"{key} ...", file=sys.stderr, flush=True)
-            results[key] = runs[capability](model, args.n)
+            began = time.time()
+            results[key] = {**runs[capability](model, args.n), "minutes": (time.time() - began) / 60,
+                            "load_at_start": os.getloadavg()[0]}
             args.results.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.results.with_suffix(".partial")
             tmp.write_text(json.dumps({"n": args.n, "results": results}, indent=1))
             tmp.replace(args.results)
     meta = {"command": "python benchmarks/worldbench.py " + " ".join(sys.argv[1:]), "n": args.n,
-            "threads": args.threads, "load": load, "seconds": time.time() - start}
+            "threads": args.threads}
     write_doc(results, args.doc, meta)
     print(f"wrote {args.doc}", file=sys.stderr)
 
