@@ -87,9 +87,10 @@ TASKS = {   # the task's arguments; {image}, {images}, {weights} are filled in
                   "keypoints.preview=0"],
     "hyperfeatures": ["task=hyperfeatures", "mode=extract", "weights={weights}", "image={images}",
                       "hyperfeatures.process=one_step"],
-    # every attention map at 4x the native side: must be refused before the model runs
+    # every attention map at 4x the native side (SD3: 3x, its largest): must be refused before the model runs
     "too_big": ["task=probe", "image={image}", "probe.sites=[*.hook_probs]", "probe.image_size={big}"],
 }
+TOO_BIG = {"sd3": 3}   # the too_big side in native sides: SD3's position table reaches 3072 px (4096 is refused as such)
 ESTIMATE = re.compile(r"peak memory estimate: (\d+) bytes")
 LOADED = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]\[diffprobe\.loading\]\[INFO\] - loaded ", re.M)
 
@@ -157,7 +158,7 @@ def run_task(family: str, dtype: str, task: str, model: Path, images: list[Path]
     (building happens in children of its own), so its children's peaks are their own."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    big = 4 * FAMILIES[family][3]
+    big = TOO_BIG.get(family, 4) * FAMILIES[family][3]
     args = [a.format(image=images[0], images=images[0].parent, weights=weights, big=big) for a in TASKS[task]]
     cmd = [sys.executable, "-m", "diffprobe", *args, f"model={family}", f"model.path={model}", f"dtype={dtype}",
            f"hydra.run.dir={run_dir}"]

@@ -48,6 +48,10 @@ class Backbone:
         deepest = self.grid_factor * max(s.divisor for s in self.probe.sites.values())
         if size < deepest or size % deepest:
             raise DiffprobeError(f"image_size must be a positive multiple of {deepest} for this model, not {size}")
+        reach = self.family.max_latent_side(self.unet)
+        if reach is not None and size > reach * self.vae_factor:
+            raise DiffprobeError(f"image_size {size} is beyond what {self.name} takes: its position embedding reaches "
+                                 f"{reach * self.vae_factor} px a side")
         return size
 
     @property

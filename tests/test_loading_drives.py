@@ -127,3 +127,25 @@ def test_loads_from_the_hugging_face_cache_offline(tmp_path, monkeypatch):
     ref = tiny_backbone("sd15", seed=5)
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     torch.testing.assert_close(encode_images(bb, x), encode_images(ref, x))
+
+
+@pytest.mark.parametrize("family", ["sd3", "auraflow"])
+def test_an_image_beyond_the_position_tables_reach_is_refused_in_one_line(family):
+    """SD3 and AuraFlow learn a table of patch positions: the largest image side they take is that table's reach
+    (SD3-medium: 3072 px). Up to it a call runs; past it image_size is refused before anything runs (diffusers
+    would raise from inside the forward)."""
+    from diffprobe.drives import encode_prompt, unet_call
+    from diffprobe.errors import DiffprobeError
+    from diffprobe.loading import tiny_backbone
+
+    bb = tiny_backbone(family)
+    reach = bb.family.max_latent_side(bb.unet)
+    limit = reach * bb.vae_factor
+    assert bb.check_image_size(limit) == limit
+    with torch.no_grad():
+        out = unet_call(bb, torch.zeros(1, bb.unet.config.in_channels, reach, reach), 10,
+                        encode_prompt(bb, [""], (limit, limit)))
+    assert out.shape[-1] == reach
+    step = bb.grid_factor * max(s.divisor for s in bb.probe.sites.values())
+    with pytest.raises(DiffprobeError, match=rf"image_size {limit + step} is beyond .* reaches {limit} px"):
+        bb.check_image_size(limit + step)

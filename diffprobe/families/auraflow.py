@@ -6,6 +6,8 @@ zeroed, as AuraFlowPipeline does); rectified flow with the timestep as a fractio
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -74,6 +76,10 @@ class AuraFlowFamily(JointAttentionFamily):
 
     def context_conditioning(self, bb, context: torch.Tensor, batch: int, size: tuple[int, int]) -> Conditioning:
         return Conditioning(context.to(bb.device, bb.dtype).unsqueeze(0).expand(batch, -1, -1))
+
+    def max_latent_side(self, model: nn.Module) -> int:
+        """Its position table holds pos_embed_max_size patches, a square of their square root a side."""
+        return math.isqrt(model.config.pos_embed_max_size) * model.config.patch_size
 
     def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The flow velocity; the timestep goes in as t / 1000 (AuraFlow's t=1 is noise)."""

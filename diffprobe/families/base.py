@@ -168,6 +168,10 @@ class Family:
     """True for rectified-flow models (SD3, FLUX): x_t = (1 - s) x_0 + s e with s = t / 1000, a velocity output,
     no DDIM inversion."""
 
+    def max_latent_side(self, model: nn.Module) -> int | None:
+        """The largest latent side the denoiser takes (a learned position table's reach), or None: no limit."""
+        return None
+
     def alpha_bar(self, bb: Any, t: int) -> torch.Tensor:
         """Cumulative alpha of SD's training schedule at integer timestep t; 1 for t < 0 (clean)."""
         if t < 0:

@@ -120,6 +120,10 @@ class SD3Family(JointAttentionFamily):
         q = split_heads(attn.to_q(upsample_tokens(hidden, grid, size)), attn.heads)
         return q if attn.norm_q is None else attn.norm_q(q)
 
+    def max_latent_side(self, model: nn.Module) -> int:
+        """pos_embed_max_size patches a side (SD3-medium: 192, 3072 px)."""
+        return model.config.pos_embed_max_size * model.config.patch_size
+
     def denoise(self, model: nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's output: the flow velocity (noise minus data), not the noise."""
         t = t.reshape(-1).expand(latents.shape[0]) if t.numel() == 1 else t
