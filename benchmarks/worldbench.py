@@ -501,7 +501,7 @@ def write_doc(results: dict, path: Path, meta: dict) -> None:
                                    ("correspondence", "## Correspondence", correspondence_doc)):
         if title and any(k.endswith("/" + capability) for k in results):
             lines += [title, ""]
-        for key, r in results.items():
+        for key, r in sorted(results.items()):
             model, kind = key.split("/")
             if kind == capability:
                 lines += doc(model, r)
