@@ -56,11 +56,16 @@ def check_square(m: torch.Tensor, what: str) -> None:
         raise DiffprobeError(f"{what} must be a square (N, N) matrix, got shape {tuple(m.shape)}")
 
 
-def attention_graph(probs: torch.Tensor) -> Graph:
-    """The graph of self-attention probabilities P (N, N) (rows sum to 1): W = (P + P^T) / 2."""
+def check_probabilities(probs: torch.Tensor) -> None:
+    """One-line error unless self-attention probs are a square (N, N) matrix of non-negative values."""
     check_square(probs, "self-attention")
     if (probs < 0).any():
         raise DiffprobeError("self-attention probabilities must be non-negative")
+
+
+def attention_graph(probs: torch.Tensor) -> Graph:
+    """The graph of self-attention probabilities P (N, N) (rows sum to 1): W = (P + P^T) / 2."""
+    check_probabilities(probs)
     return Graph((probs + probs.T) / 2)
 
 
@@ -83,11 +88,9 @@ def walk_graph(probs: torch.Tensor, steps: int = 1) -> Graph:
     """The graph of a k-step random walk on self-attention P (N, N) (Meila & Shi; "Diffusing, Walking and
     Cutting", WACV 2026): the flow F = diag(pi) P^k, symmetrised, W = (F + F^T) / 2 (float64). Its degrees are pi,
     so the normalised cut of W is the walk's: the chance of leaving S in k steps from S, plus leaving S'."""
-    check_square(probs, "self-attention")
+    check_probabilities(probs)
     if steps < 1:
         raise DiffprobeError(f"the walk needs at least one step, got {steps}")
-    if (probs < 0).any():
-        raise DiffprobeError("self-attention probabilities must be non-negative")
     p = probs.double()
     p = p / p.sum(1, keepdim=True)
     walk = torch.linalg.matrix_power(p, steps)
