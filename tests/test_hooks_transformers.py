@@ -237,6 +237,40 @@ def test_features_are_the_blocks_image_tokens_and_modulation(tiny):
         torch.testing.assert_close(cache[singles[0]][:, :, 2, 4], out[:, 2 * w + 4])
 
 
+def test_modulation_is_what_the_block_applies_to_its_normalised_input(tiny):
+    """Every block with an AdaLN site: (1 + scale) * LayerNorm(x) + shift, its first two chunks on the block's input
+    x, equals the hidden states its first attention receives (the image's tokens)."""
+    from diffprobe.families.base import call_arguments
+
+    mods = tiny.probe.select(lambda s: s.kind == "modulation")
+    assert mods, f"{tiny.structure}: no AdaLN modulation site"
+    seen, handles = {}, []
+    for name in mods:
+        path = tiny.probe.sites[name].module.removesuffix(".norm1.linear").removesuffix(".norm.linear")
+        attn = min((s for s in tiny.probe.sites.values() if s.is_attention and s.module.startswith(path + ".")),
+                   key=lambda s: s.order).module
+
+        def keep(key):
+            def hook(module, args, kwargs):
+                seen.setdefault(key, call_arguments(module, args, kwargs)["hidden_states"])
+            return hook
+        handles += [tiny.model.get_submodule(path).register_forward_pre_hook(keep(path + ":in"), with_kwargs=True),
+                    tiny.model.get_submodule(attn).register_forward_pre_hook(keep(path + ":attn"), with_kwargs=True)]
+    try:
+        with tiny.probe.capture(mods) as cache:
+            tiny()
+    finally:
+        for h in handles:
+            h.remove()
+    for name in mods:
+        path = tiny.probe.sites[name].module.removesuffix(".norm1.linear").removesuffix(".norm.linear")
+        x, got = seen[path + ":in"], seen[path + ":attn"]
+        c = x.shape[-1]
+        shift, scale = cache[name][:, :c, None].transpose(1, 2), cache[name][:, c:2 * c, None].transpose(1, 2)
+        want = torch.nn.functional.layer_norm(x, (c,), eps=1e-6) * (1 + scale) + shift
+        torch.testing.assert_close(got[:, -x.shape[1]:], want, rtol=1e-4, atol=1e-4)   # modulations are large
+
+
 def test_registry_picks_the_family_of_the_model(tiny):
     from diffprobe.loading import family_of_structure
 

@@ -86,11 +86,11 @@ class AuraFlowFamily(JointAttentionFamily):
         t = (t.reshape(-1).expand(latents.shape[0]) if t.numel() == 1 else t).to(latents.dtype) / 1000
         return model(latents, encoder_hidden_states=cond.context, timestep=t).sample
 
-    def feature_tensor(self, site, output: Any, grid: tuple[int, int]) -> torch.Tensor:
+    def feature_tensor(self, site, output: Any, grid: tuple[int, int], call: tuple) -> torch.Tensor:
         """A single-stream block's output is [text, image] tokens: its last h*w are the image's."""
         if site.kind == "block" and not isinstance(output, tuple):
             output = output[:, -grid[0] * grid[1]:]
-        return super().feature_tensor(site, output, grid)
+        return super().feature_tensor(site, output, grid, call)
 
     def sites(self, model: nn.Module) -> dict[str, Site]:
         p = int(model.config.patch_size)

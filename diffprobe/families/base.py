@@ -154,8 +154,9 @@ class Family:
         """The module whose forward output is the feature site's tensor."""
         raise NotImplementedError
 
-    def feature_tensor(self, site, output: Any, grid: tuple[int, int]) -> torch.Tensor:
-        """The feature site's (B, C, h, w) tensor from its module's output (a UNet block's first output)."""
+    def feature_tensor(self, site, output: Any, grid: tuple[int, int], call: tuple) -> torch.Tensor:
+        """The feature site's (B, C, h, w) tensor from its module's output (a UNet block's first output); call is
+        the hooked call's (module, args, kwargs)."""
         return output[0] if isinstance(output, tuple) else output
 
     def model_call(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[int, int], Any]:

@@ -3,12 +3,15 @@ module's inputs; T5 text states with their padding mask."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from einops import rearrange
 import torch
 from torch import nn
 
 from diffprobe.families import tiny
-from diffprobe.families.base import CLIP, T5, Conditioning, TextPart, TextStream, register
-from diffprobe.families.transformer import TransformerFamily, attention_sites, numbered, out_site
+from diffprobe.families.base import CLIP, T5, Conditioning, TextPart, TextStream, call_arguments, register
+from diffprobe.families.transformer import MODULATION, TransformerFamily, attention_sites, numbered, out_site
 from diffprobe.families.unet import StandardAttention
 from diffprobe.hooks.sites import Site
 
@@ -23,7 +26,7 @@ TINY = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_chan
 
 class PixArtFamily(StandardAttention, TransformerFamily):
     """PixArtTransformer2DModel: per block attn1 (self) and attn2 (cross, T5 tokens); AdaLN-single (one
-    timestep embedding for all blocks, each block adding its own scale-shift table, so no per-block site)."""
+    timestep embedding for all blocks, each block adding its own scale-shift table: `hook_modulation`)."""
 
     name = "pixart"
     denoiser_class = "PixArtTransformer2DModel"
@@ -93,7 +96,20 @@ class PixArtFamily(StandardAttention, TransformerFamily):
             if getattr(block, "attn2", None) is not None:
                 found += attention_sites(f"{path}.attn2", block.attn2, i, "dit", p, False, None, "cross_attn")
             found.append(out_site(path, i, "dit", p, int(block.attn1.to_q.in_features)))
+            if getattr(block, "scale_shift_table", None) is not None:   # AdaLN-single: read at the block's end
+                found.append(Site(name=f"{path}.{MODULATION}", kind="modulation", direction="dit", block=i, divisor=p,
+                                  heads=None, channels=int(block.scale_shift_table.numel()), order=0, module=path))
         return numbered(found)
+
+    def feature_tensor(self, site, output: Any, grid: tuple[int, int], call: tuple) -> torch.Tensor:
+        """hook_modulation: the block's scale-shift table plus the call's timestep embedding, (B, 6 C) in diffusers'
+        chunk order (shift, scale, gate of the attention, then of the feed-forward), what the block computes."""
+        if site.kind != "modulation":
+            return super().feature_tensor(site, output, grid, call)
+        module, args, kwargs = call
+        t = call_arguments(module, args, kwargs)["timestep"]
+        table = module.scale_shift_table                                            # (6, C)
+        return rearrange(table[None] + rearrange(t, "b (k c) -> b k c", k=table.shape[0]), "b k c -> b (k c)")
 
 
 register(PixArtFamily())

@@ -65,7 +65,7 @@ class TransformerFamily(Family):
     def feature_module(self, model: nn.Module, site) -> nn.Module:
         return model.get_submodule(site.module)
 
-    def feature_tensor(self, site, output: Any, grid: tuple[int, int]) -> torch.Tensor:
+    def feature_tensor(self, site, output: Any, grid: tuple[int, int], call: tuple) -> torch.Tensor:
         """hook_out: the block's image tokens (B, h*w, C) as (B, C, h, w); hook_modulation: (B, D) as is."""
         if site.kind == "modulation":
             return output

@@ -262,8 +262,9 @@ class Capture:
     def _feature_hook(self, name: str):
         site = self.registry.sites[name]
 
-        def hook(module, args, output):
-            value = self.registry.family.feature_tensor(site, output, site.resolution(self.latent_hw))
+        def hook(module, args, kwargs, output):
+            call = (module, args, kwargs)
+            value = self.registry.family.feature_tensor(site, output, site.resolution(self.latent_hw), call)
             users = self.users[name]
             grid = tuple(value.shape[-2:]) if value.ndim == 4 else None
             self._store(name, value, slice(0, value.shape[0]), value.shape[0], users, grid)
@@ -280,7 +281,7 @@ class Capture:
             site = reg.sites[name]
             if not site.is_attention:
                 module = reg.family.feature_module(reg.model, site)
-                self.handles.append(module.register_forward_hook(self._feature_hook(name)))
+                self.handles.append(module.register_forward_hook(self._feature_hook(name), with_kwargs=True))
                 continue
             needs = [self.needs[i] for i in users]
             if reg.family.captures_at_kernel:
