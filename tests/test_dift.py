@@ -1,11 +1,12 @@
-"""DIFT: the reference's noise level, the block it reads, its ensemble and its seeding."""
+"""DIFT: the reference's noise level, the block it reads, its ensemble and its seeding; DiTF on a transformer: its
+block input, the massive channels it discards and the block's own AdaLN."""
 
 import pytest
 import torch
 from PIL import Image
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.dift import DiftHead, DiftSettings, dift_describer
+from diffprobe.heads.dift import DiftHead, DiftSettings, adaln_features, dift_describer, massive_channels
 from diffprobe.loading import tiny_backbone
 from diffprobe.runner import Item, run_heads
 
@@ -43,9 +44,61 @@ def test_dift_reads_the_decoder_blocks_output_averaged_over_its_noise_draws(sd21
     torch.testing.assert_close(again, features, rtol=0, atol=1e-5)   # its own draws in a 6-row batch
 
 
-def test_the_describer_gives_features_and_the_images_size_and_a_transformer_is_refused(sd21, tmp_path):
+def test_the_describer_gives_features_and_the_images_size(sd21, tmp_path):
     Image.new("RGB", (80, 48), (200, 30, 30)).save(tmp_path / "a.png")
     features, hw = dift_describer(sd21, DiftSettings(ensemble=2, image_size=64))(tmp_path / "a.png")
     assert hw == (48, 80) and features.dim() == 3
     with pytest.raises(DiffprobeError, match="decoder block"):
-        DiftHead(DiftSettings(), 64).plan(tiny_backbone("pixart").probe.sites)
+        DiftHead(DiftSettings(block=9), 64).plan(sd21.probe.sites)
+
+
+def test_ditf_discarding_two_massive_channels_makes_tokens_distinguishable():
+    """The spec's planted case: 6 tokens x 3072 N(0, 1) channels, +1e3 on channels 154 and 1446, shift = scale = 0:
+    kept, every pair of tokens is nearly parallel (cosine > 0.998); discarded (found by the median rule), not."""
+    x = torch.randn(3072, 2, 3, generator=torch.Generator().manual_seed(0))
+    x[[154, 1446]] += 1e3
+    assert massive_channels(x) == [154, 1446]
+    for discard, check in (("none", lambda c: c > 0.998), ("auto", lambda c: c.abs() < 0.1),
+                           ("154,1446", lambda c: c.abs() < 0.1)):
+        f = adaln_features(x, torch.zeros(6 * 3072), discard).flatten(1).T      # (6 tokens, C)
+        cos = torch.nn.functional.normalize(f, dim=1) @ torch.nn.functional.normalize(f, dim=1).T
+        off = cos[~torch.eye(6, dtype=torch.bool)]
+        assert bool(check(off).all()), (discard, off)
+
+
+def test_ditf_on_a_transformer_is_the_blocks_adaln_of_the_mean_input_stream():
+    """On tiny PixArt: the features equal, computed here from plain forward hooks, the mean over the ensemble of the
+    previous block's output tokens, discarded channels zeroed, LayerNorm (eps 1e-6, no affine), then the block's
+    modulation (its scale-shift table plus the timestep embedding adaln_single gives it): order matters (a mean of
+    normalised copies differs)."""
+    bb = tiny_backbone("pixart")
+    rng = torch.Generator().manual_seed(0)
+    image = Image.fromarray((torch.rand(64, 64, 3, generator=rng) * 255).byte().numpy())
+    seen = {}
+    model = bb.unet
+
+    def keep(key, pick):
+        def hook(module, args, out):
+            seen.setdefault(key, pick(out))
+        return hook
+    handles = [model.transformer_blocks[0].register_forward_hook(keep("x", lambda out: out)),
+               model.adaln_single.register_forward_hook(keep("t", lambda out: out[0]))]
+    try:
+        with pytest.raises(DiffprobeError, match="block 1..1"):
+            DiftHead(DiftSettings(block=0), 64).plan(bb.probe.sites)
+        (features,) = run_heads(bb, [DiftHead(DiftSettings(block=1, ensemble=3, discard="0,5"), 64)],
+                                Item("x", image))
+    finally:
+        for h in handles:
+            h.remove()
+    x, t = seen["x"].float(), seen["t"].float()       # (3, N, C), (3, 6 C)
+    c = x.shape[-1]
+    mean = x.mean(0)
+    mean[:, [0, 5]] = 0
+    table = model.transformer_blocks[1].scale_shift_table.float()       # (6, C)
+    mod = (table[None] + t.reshape(3, 6, c)).mean(0)
+    want = torch.nn.functional.layer_norm(mean, (c,), eps=1e-6) * (1 + mod[1]) + mod[0]   # (N, C)
+    side = int(round(mean.shape[0] ** 0.5))
+    torch.testing.assert_close(features, want.T.reshape(c, side, side), rtol=1e-5, atol=1e-5)
+    normalised_first = torch.nn.functional.layer_norm(x, (c,), eps=1e-6).mean(0) * (1 + mod[1]) + mod[0]
+    assert not torch.allclose(features, normalised_first.T.reshape(c, side, side), atol=1e-3)

@@ -159,8 +159,8 @@ def test_bad_settings_are_one_line_errors(trained, tmp_path):
 
 
 def test_correspond_with_dift_features(tmp_path):
-    """dift=true on tiny SD 2.1: both files described by DIFT (named with its block and ensemble in matches.json),
-    every point matched; dift with weights is refused in one line."""
+    """dift=true on tiny SD 2.1: both files described by DIFT (named with its site and ensemble in matches.json),
+    every point matched; on tiny PixArt by DiTF; dift with weights is refused in one line."""
     import numpy as np
     from PIL import Image
 
@@ -175,7 +175,14 @@ def test_correspond_with_dift_features(tmp_path):
                    dift=True, dift_ensemble=2, image_size=64, points=[[40, 40], [60, 70]])
     res = correspond.run(cfg, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "matches.json").read_text())
-    assert saved["descriptor"] == "DIFT" and saved["block"] == "up_blocks.1" and saved["ensemble"] == 2
+    assert saved["descriptor"] == "DIFT" and saved["sites"] == ["up_blocks.1.hook_out"] and saved["ensemble"] == 2
+    assert saved["timestep"] == 261 and len(res["target_points"]) == 2
+    cfg = make_cfg("correspond", model="tiny_pixart", source=str(tmp_path / "a.png"), target=str(tmp_path / "b.png"),
+                   dift=True, dift_ensemble=2, image_size=64, points=[[40, 40], [60, 70]])
+    res = correspond.run(cfg, tmp_path / "dit")
+    saved = json.loads((tmp_path / "dit" / "matches.json").read_text())   # a transformer: DiTF, its middle block
+    assert saved["descriptor"] == "DiTF" and saved["timestep"] == 260 and saved["discard"] == "auto"
+    assert saved["sites"] == ["transformer_blocks.0.hook_out", "transformer_blocks.1.hook_modulation"]
     assert len(res["target_points"]) == 2
     with pytest.raises(DiffprobeError, match="dift=true"):
         correspond.settings_of(make_cfg("correspond", source="a", target="b", dift=True, weights="w"))

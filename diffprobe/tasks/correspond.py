@@ -32,7 +32,7 @@ from diffprobe.data.images import load_image
 from diffprobe.data.pairs_json import points_array
 from diffprobe.drives import check_timestep
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.dift import DiftSettings, dift_describer
+from diffprobe.heads.dift import DiftHead, DiftSettings, default_timestep, dift_describer, is_unet
 from diffprobe.eval.pck import pck, threshold_image_max_side
 from diffprobe.heads.hyperfeatures.evaluate import from_load, to_load
 from diffprobe.heads.hyperfeatures.extract import AUTO
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class CorrespondSettings:
     LIMITS: ClassVar[dict] = {"image_size": "8..16384", "grid": "1..1000", "num_steps": "1..10000", "alpha": ("> 0", "<= 1"),
-                              "dift_block": "0..16", "dift_ensemble": "1..1024"}
+                              "dift_block": "0..1000", "dift_ensemble": "1..1024"}
 
     source: str | None = None
     target: str | None = None
@@ -63,11 +63,12 @@ class CorrespondSettings:
     weights: str | None = None  # a hyperfeatures model directory; null = one raw layer
     raw_layer: str = AUTO
     image_size: int | None = None  # for raw or DIFT features; null = the model's sample size
-    dift: bool = False   # without weights: DIFT's features instead of one raw layer
-    dift_block: int = 1
-    dift_timestep: int = 261
+    dift: bool = False   # without weights: DIFT's features (DiTF's on a transformer) instead of one raw layer
+    dift_block: int | None = None
+    dift_timestep: int | None = None
     dift_ensemble: int = 8
     dift_prompt: str = ""
+    dift_discard: str = "auto"
     grid: int = 8
     method: str = "nn"
     source_prompt: str | None = None  # instead of images: generate both and use the generation's own features
@@ -127,11 +128,14 @@ def _real_pair(p: CorrespondSettings, bb, model, seed: int):
         describe, size = hyperfeature_describer(model, bb, seed=seed), model.extraction.image_size
         used = {"descriptor": "hyperfeatures", "weights": p.weights}
     elif p.dift:
-        settings = DiftSettings(p.dift_block, check_timestep(bb, p.dift_timestep), p.dift_ensemble, p.image_size,
-                                p.dift_prompt)
+        t = p.dift_timestep if p.dift_timestep is not None else default_timestep(bb.probe.sites)
+        settings = DiftSettings(p.dift_block, check_timestep(bb, t), p.dift_ensemble, p.image_size, p.dift_prompt,
+                                p.dift_discard)
         describe, size = dift_describer(bb, settings, seed=seed), bb.check_image_size(p.image_size)
-        used = {"descriptor": "DIFT", "block": f"up_blocks.{p.dift_block}", "timestep": p.dift_timestep,
-                "ensemble": p.dift_ensemble, "prompt": p.dift_prompt}
+        read = DiftHead(settings, size).sites_of(bb.probe.sites)
+        used = {"descriptor": "DIFT" if is_unet(bb.probe.sites) else "DiTF", "sites": list(read), "timestep": t,
+                "ensemble": p.dift_ensemble, "prompt": p.dift_prompt,
+                **({} if is_unet(bb.probe.sites) else {"discard": p.dift_discard})}
     else:
         size = bb.check_image_size(p.image_size)
         layer = resolve_raw_layer(bb.probe.sites, p.raw_layer)
