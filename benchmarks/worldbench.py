@@ -50,7 +50,7 @@ from diffprobe.eval.wsol import WSOLMeter  # noqa: E402
 from diffprobe.eval.pck import pck, threshold_bbox_max_side  # noqa: E402
 from diffprobe.data.world.pairs import world_pairs  # noqa: E402
 from diffprobe.data.world.vocab import FIGURES  # noqa: E402
-from diffprobe.heads.dift import DiftHead, DiftSettings  # noqa: E402
+from diffprobe.heads.dift import DiftHead, DiftSettings, adaln_features, is_unet  # noqa: E402
 from diffprobe.heads.hyperfeatures.extract import ExtractionSettings, default_layers, extract_features  # noqa: E402
 from diffprobe.heads.hyperfeatures.matching import DescriptorField  # noqa: E402
 from diffprobe.drives import Drive  # noqa: E402
@@ -62,6 +62,7 @@ from diffprobe.heads.diffseg.head import DiffSegHead  # noqa: E402
 from diffprobe.heads.diffseg.ncut import NcutSettings, ncut_segment  # noqa: E402
 from diffprobe.heads.pamr import refine_labels  # noqa: E402
 from diffprobe.runner import Item, Plan, run_plans  # noqa: E402
+from worldbench_keypoints import keypoints_doc, run_keypoints  # noqa: E402
 
 NOTES = "<!-- the reading below is written by hand; the tables above by the script -->"
 SPLITS = {"val": ("val", 0), "test": ("test", 0), "fresh": ("test", 1)}   # name: (world split, world seed)
@@ -70,8 +71,11 @@ NCUT_TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
 WALK_TAUS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4)
 WALK_STEPS = (1, 2, 4)
 DIFT_TIMESTEPS = (51, 101, 261, 401)   # DIFT's published t (261) and those it uses elsewhere (51 DAVIS, 101 ADM)
+DITF_TIMESTEPS = (51, 101, 260, 401)   # DiTF's published t (260 of 1000; 90 on DAVIS)
 PAIRS = 20             # correspondence pairs per category (face, bird, house) and split
 INVERSION_STEPS = 10   # the DDIM inversion whose calls DAAM's and attention-map-diffusers' aggregations sum
+CAPABILITIES = {"segmentation": "per model", "localisation": "per model", "correspondence": "per model",
+                "keypoints": "board"}   # a board chooses its model on val: one run for every --models
 REFINERS = {   # localize method: RefineSettings overrides swept on val
     "power": [{"power": k} for k in (1, 2, 4, 8)],
     "walk": [{"restart": g} for g in (0.3, 0.5, 0.7, 0.9)],
@@ -283,18 +287,32 @@ def run_localisation(model: str, n: int) -> dict:
     return out
 
 
-def dift_blocks(bb, image, t: int, prompt: str) -> dict[int, torch.Tensor]:
-    """DIFT's features of a PIL image at timestep t, for every decoder block in one call: {block: (C, h, w)}."""
+def dift_blocks(bb, image, t: int, prompt: str) -> dict:
+    """DIFT's features of a PIL image at timestep t for every decoder block of a UNet, {block: (C, h, w)}, or on a
+    transformer DiTF's for every block k >= 1, {("ditf", k): ..., ("no discard", k): ..., ("raw input", k): the
+    noisy block input without the AdaLN}, all from one call (the head's plan with every block's sites)."""
     from dataclasses import replace
 
     sites = bb.probe.sites
-    blocks = sorted(int(n.split(".")[1]) for n in sites if n.startswith("up_blocks.") and n.endswith(".hook_out"))
     head = DiftHead(DiftSettings(timestep=t, prompt=prompt), bb.sample_size)
-    names = tuple(f"up_blocks.{b}.hook_out" for b in blocks)
+    if is_unet(sites):
+        blocks = sorted(int(n.split(".")[1]) for n in sites if n.startswith("up_blocks.") and n.endswith(".hook_out"))
+        names = tuple(f"up_blocks.{b}.hook_out" for b in blocks)
+    else:
+        outs = [s.name for s in sorted((s for s in sites.values() if s.kind == "block"), key=lambda s: s.order)]
+        mods = [n.replace(".hook_out", ".hook_modulation") for n in outs]
+        names = tuple(outs) + tuple(mods[1:])
     plan = replace(head.plan(sites), needs=(Need(names, Reduce()),))
     x = head.inputs(Item("x", image))
     (view,) = run_plans(bb, [plan], [x], draws=[head.draws(x)])
-    return {b: view[n].float().mean(0) for b, n in zip(blocks, names)}
+    if is_unet(sites):
+        return {b: view[n].float().mean(0) for b, n in zip(blocks, names)}
+    out = {}
+    for k in range(1, len(outs)):
+        stream, modulation = view[outs[k - 1]].float().mean(0), view[mods[k]].float().mean(0)
+        out |= {("ditf", k): adaln_features(stream, modulation), ("no discard", k): adaln_features(stream, modulation,
+                "none"), ("raw input", k): stream}
+    return out
 
 
 def pair_data(bb, split: str, n: int) -> list[dict]:
@@ -306,15 +324,14 @@ def pair_data(bb, split: str, n: int) -> list[dict]:
     # DIFT's "a photo of a {category}"; a model that does not know "photo" (mini's world vocabulary) gets "a {category}"
     template = "a photo of a {}" if not unknown_words(bb.tokenizer, "a photo of a") else "a {}"
     layers = default_layers(bb.probe.sites)
-    unet = any(n.startswith("up_blocks.") for n in bb.probe.sites)
+    timesteps = DIFT_TIMESTEPS if is_unet(bb.probe.sites) else DITF_TIMESTEPS
     raw = ExtractionSettings(layers=layers, process="one_step", image_size=bb.sample_size)
 
     def describe(scene, category):
         x = image_to_tensor(Image.fromarray(scene.image), bb.sample_size, crop="none", resize="bilinear")
         with torch.no_grad():
             feats = extract_features(bb, x, raw, layers=layers)[0]
-            dift = {t: dift_blocks(bb, Image.fromarray(scene.image), t, template.format(category))
-                    for t in DIFT_TIMESTEPS} if unet else {}
+            dift = {t: dift_blocks(bb, Image.fromarray(scene.image), t, template.format(category)) for t in timesteps}
         return {"raw": {n: f[0].float() for n, f in feats.items()}, "dift": dift}
 
     out = []
@@ -358,12 +375,22 @@ def run_correspondence(model: str, n: int) -> dict:
         "raw layer, clean step (the hyperfeatures paper's baseline; a DiT's block outputs), layer chosen on val": (
             {name: (lambda f, name=name: f["raw"][name]) for name in first["raw"]}, "layer"),
     }
-    if first["dift"]:   # DIFT reads a UNet's decoder blocks
+    if 261 in first["dift"]:   # DIFT reads a UNet's decoder blocks
         blocks = first["dift"][DIFT_TIMESTEPS[0]]
         rules["DIFT as published (up_blocks.1, t 261, 8 noise draws)"] = ({"-": lambda f: f["dift"][261][1]}, "")
         rules["DIFT, block and timestep chosen on val"] = (
             {f"up_blocks.{b}, t {t}": (lambda f, b=b, t=t: f["dift"][t][b]) for t in DIFT_TIMESTEPS for b in blocks},
             "block, timestep")
+    else:   # DiTF reads a transformer block's input through its AdaLN
+        keys = first["dift"][260]
+        middle = (max(k for _, k in keys) + 1) // 2   # DiftSettings' default: len(blocks) // 2
+        rules[f"DiTF as published (block {middle}'s input, t 260, 8 draws, massive channels discarded)"] = (
+            {"-": lambda f: f["dift"][260][("ditf", middle)]}, "")
+        for variant, label in (("ditf", "DiTF"), ("no discard", "DiTF without the channel discard"),
+                               ("raw input", "DiTF's raw block input (no AdaLN, no discard)")):
+            rules[f"{label}, block and timestep chosen on val"] = (
+                {f"block {k}, t {t}": (lambda f, v=variant, k=k, t=t: f["dift"][t][(v, k)])
+                 for t in DITF_TIMESTEPS for (v_, k) in keys if v_ == variant}, "block, timestep")
     rules["same position (no model)"] = ({"-": None}, "")
     out = {"pairs": pairs, "per_category": n, "capture_seconds": capture, "methods": {}}
     for method, (settings, knob) in rules.items():
@@ -474,8 +501,8 @@ def correspondence_doc(model: str, r: dict) -> list[str]:
              f"World pairs: {pairs['val']} / {pairs['test']} / {pairs['fresh']} (val / test / fresh; up to "
              f"{r['per_category']} per category: faces, birds, houses), the points visible in both, PCK@0.1 of the "
              f"target object's box (per point · mean per pair, %). Features per image: "
-             f"{r['capture_seconds'] * 1000:.0f} ms (the clean call, and on a UNet DIFT's calls at every swept "
-             "timestep).", "",
+             f"{r['capture_seconds'] * 1000:.0f} ms (the clean call, and DIFT's (UNet) or DiTF's (transformer) calls "
+             "at every swept timestep).", "",
              "| method | chosen on val | val | test | fresh test | s / pair (matching) |", "|---|---|---|---|---|---|"]
     methods = r["methods"]
     for m in sorted(methods, key=lambda m: -methods[m]["test"]["pck_point"]):
@@ -495,11 +522,12 @@ def write_doc(results: dict, path: Path, meta: dict) -> None:
              "average as it started: above 1, other work shared the 2 cores and the times are inflated): "
              + ", ".join(f"{k} {r['minutes']:.1f} (load {r['load_at_start']:.1f})" for k, r in results.items()
                          if "minutes" in r)
-             + f"; {sum(r.get('minutes', 0) for r in results.values()):.0f} min in all.", "", "## Segmentation", ""]
-    for capability, title, doc in (("segmentation", None, segmentation_doc),
+             + f"; {sum(r.get('minutes', 0) for r in results.values()):.0f} min in all.", ""]
+    for capability, title, doc in (("segmentation", "## Segmentation", segmentation_doc),
                                    ("localisation", "## Localisation", localisation_doc),
-                                   ("correspondence", "## Correspondence", correspondence_doc)):
-        if title and any(k.endswith("/" + capability) for k in results):
+                                   ("correspondence", "## Correspondence", correspondence_doc),
+                                   ("keypoints", "## Keypoints", lambda model, r: keypoints_doc(r))):
+        if any(k.endswith("/" + capability) for k in results):
             lines += [title, ""]
         for key, r in sorted(results.items()):
             model, kind = key.split("/")
@@ -515,21 +543,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mini", "mini_dit"])
     ap.add_argument("--n", type=int, default=100, help="scenes per split")
-    ap.add_argument("--capabilities", nargs="+", default=["segmentation", "localisation", "correspondence"],
-                    choices=["segmentation", "localisation", "correspondence"])
+    ap.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES), choices=list(CAPABILITIES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (mini's 64 px calls and the methods' "
                     "small tensors run best on one)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "worldbench.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "worldbench.md")
+    ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "worldbench",
+                    help="keypoints: the world datasets and every fit and evaluation run (kept: a rerun resumes)")
+    ap.add_argument("--keypoint-quick", action="store_true", help="keypoints plumbing only: 3 Adam steps, 1 "
+                    "transform, 20 / 10 evaluation images (numbers meaningless)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
     results = saved.get("results", {}) if saved.get("n") == args.n else {}
     runs = {"segmentation": run_segmentation, "localisation": run_localisation,
-            "correspondence": lambda model, n: run_correspondence(model, min(n, PAIRS))}
+            "correspondence": lambda model, n: run_correspondence(model, min(n, PAIRS)),
+            "keypoints": lambda model, n: run_keypoints(args.work.resolve() / "keypoints", args.keypoint_quick)}
     for model in args.models:
         for capability in args.capabilities:
-            key = f"{model}/{capability}"
+            if CAPABILITIES[capability] == "board" and model != args.models[0]:
+                continue
+            key = f"{'faces' if CAPABILITIES[capability] == 'board' else model}/{capability}"
             if key in results:
                 continue
             print(f"{key} ...", file=sys.stderr, flush=True)

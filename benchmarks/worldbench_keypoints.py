@@ -1,0 +1,166 @@
+"""WorldBench's keypoint board: StableKeypoints on the world's close-up faces (CelebA/MAFL layout), the model and its
+sites chosen on a validation slice of the training faces, test reported once for two fit seeds, and a fresh set of
+faces from another world seed.
+
+Data (world seed 0, 300 train / 100 test faces, as benchmarks/keypoints_quality.py):
+- val: the same folder with the last VAL_FACES training faces marked `val` in Eval/list_eval_partition.txt; fit,
+  vote and regressor on the other training faces (`data.fit_split=train data.train_split=train`), error on the val
+  faces. The test faces are never read.
+- test: fit on all 300 training faces (the reference's MAFL protocol), regressor on them, error on the 100 test faces.
+- fresh: world seed 1's faces (its own 300 train for the regressor, 100 test): the test fits' embeddings, unchanged.
+Each candidate is fitted once on the val protocol (seed 0); the best by val error is fitted with two seeds on the
+test protocol. Baselines on the same images: the untrained vote, K random tokens, the mean landmarks. Every step
+runs `python -m diffprobe task=keypoints ...` as a user does and is skipped when its output exists (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import keypoints_quality as kq
+
+ROOT = Path(__file__).resolve().parent.parent
+VAL_FACES = 60
+FIT_SEEDS = (0, 1)
+MINI_16_32 = ["up_blocks.2.attentions.*.transformer_blocks.0.attn2.hook_probs",
+              "up_blocks.3.attentions.*.transformer_blocks.0.attn2.hook_probs"]
+CANDIDATES = {   # name: (model, sites; None = the model's own keypoints_sites or the backbone default)
+    "mini, 32 x 32 level (shipped)": ("mini", None),
+    "mini, 16 x 16 + 32 x 32 levels": ("mini", MINI_16_32),
+    "mini-dit, its 4 cross-attention sites": ("mini_dit", None),
+}
+METRIC = "inter_ocular_error_percent"
+QUICK = ["keypoints.predict.augmentations=1", "keypoints.eval.train=20", "keypoints.eval.test=10"]
+
+
+def world_faces(work: Path, seed: int) -> Path:
+    """World close-up faces in the CelebA/MAFL layout (300 train, 100 test) from world seed `seed`."""
+    root = work / f"faces_seed{seed}"
+    if not (root / "done").is_file():
+        subprocess.run([sys.executable, "-m", "diffprobe", "task=world", "world.format=celeba", "world.n=100",
+                        "world.n_train=300", f"world.out={root}", f"seed={seed}",
+                        f"hydra.run.dir={work / f'faces_seed{seed}_run'}"], cwd=ROOT, check=True)
+        (root / "done").write_text("")
+    return root
+
+
+def val_faces(work: Path, source: Path) -> Path:
+    """source's layout with its last VAL_FACES training faces marked val (1) and its test faces dropped."""
+    root = work / "faces_val"
+    if (root / "done").is_file():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("done"))
+    rows = [line.split() for line in (source / "Eval" / "list_eval_partition.txt").read_text().splitlines()]
+    train = [name for name, part in rows if part == "0"]
+    val = set(train[-VAL_FACES:])
+    (root / "Eval" / "list_eval_partition.txt").write_text(
+        "".join(f"{name} {1 if name in val else 0}\n" for name in train))
+    (root / "done").write_text("")
+    return root
+
+
+def _data(root: Path, val: bool) -> list[str]:
+    splits = ("train", "train", "val") if val else ("mafl_train", "mafl_train", "mafl_test")
+    return ["data=celeba", f"data.root={root}",
+            *(f"data.{k}_split={s}" for k, s in zip(("fit", "train", "test"), splits))]
+
+
+def _args(model: str, sites) -> SimpleNamespace:
+    return SimpleNamespace(model=model, model_path=None, sites=sites)
+
+
+def fit(work: Path, name: str, model: str, sites, data: list[str], seed: int, steps: int) -> tuple[Path, float]:
+    """task=keypoints mode=fit (resumable); the embeddings file and the fit's wall minutes."""
+    run = work / name
+    timing = run / "wall_seconds.txt"
+    if not (run / "keypoints.safetensors").is_file():
+        seconds = kq.cli(_args(model, sites), "mode=fit", *data, f"keypoints.fit.steps={steps}", f"seed={seed}",
+                         f"hydra.run.dir={run}")
+        timing.write_text(f"{seconds:.1f}\n")
+    return run / "keypoints.safetensors", float(timing.read_text()) / 60 if timing.is_file() else float("nan")
+
+
+def evaluate(work: Path, name: str, model: str, sites, data: list[str], embeddings: Path, extra=()) -> dict:
+    """task=keypoints mode=eval (resumable): metrics.json, with the eval's wall minutes added."""
+    run = work / name
+    if not (run / "metrics.json").is_file():
+        seconds = kq.cli(_args(model, sites), "mode=eval", *data, *extra, f"embeddings={embeddings}", f"resume={run}",
+                         f"hydra.run.dir={run}")
+        (run / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+    metrics = json.loads((run / "metrics.json").read_text())
+    timing = run / "wall_seconds.txt"
+    return {**metrics, "minutes": float(timing.read_text()) / 60 if timing.is_file() else float("nan")}
+
+
+def baseline(work: Path, name: str, model: str, sites, root: Path, random_tokens: bool) -> Path:
+    """The untrained vote (or K random tokens) on the test protocol's fit faces."""
+    out = work / name
+    if not (out / "keypoints.safetensors").is_file():
+        kq.untrained(_args(model, sites), {"name": "celeba", "root": str(root), "fit_split": "mafl_train"}, out,
+                     random_tokens)
+    return out / "keypoints.safetensors"
+
+
+def run_keypoints(work: Path, quick: bool = False) -> dict:
+    """The board: candidates on val, the chosen one on test (two seeds) and fresh, with the baselines; quick: the
+    plumbing only (3 steps, one transform, few images)."""
+    steps, extra = (3, QUICK) if quick else (500, ())
+    work.mkdir(parents=True, exist_ok=True)
+    test_root, fresh_root = world_faces(work, 0), world_faces(work, 1)
+    val_root = val_faces(work, test_root)
+    out: dict = {"val_faces": VAL_FACES, "train_faces": 300 - VAL_FACES, "steps": steps, "candidates": {}}
+    for i, (label, (model, sites)) in enumerate(CANDIDATES.items()):
+        emb, minutes = fit(work, f"val_fit_{i}", model, sites, _data(val_root, True), 0, steps)
+        m = evaluate(work, f"val_eval_{i}", model, sites, _data(val_root, True), emb, extra)
+        out["candidates"][label] = {"model": model, "sites": sites, "val": m[METRIC],
+                                    "val_mean_landmarks": m[f"baseline_mean_landmarks_{METRIC}"],
+                                    "fit_minutes": minutes}
+        print(f"  keypoints val: {label} -> {m[METRIC]:.2f}", file=sys.stderr, flush=True)
+    best = min(out["candidates"], key=lambda k: out["candidates"][k]["val"])
+    model, sites = CANDIDATES[best]
+    out["chosen"] = best
+    rows: dict = {}
+    for seed in FIT_SEEDS:
+        emb, minutes = fit(work, f"test_fit_seed{seed}", model, sites, _data(test_root, False), seed, steps)
+        rows[f"fitted, seed {seed}"] = {
+            "test": evaluate(work, f"test_eval_seed{seed}", model, sites, _data(test_root, False), emb, extra)[METRIC],
+            "fresh": evaluate(work, f"fresh_eval_seed{seed}", model, sites, _data(fresh_root, False), emb, extra)[METRIC],
+            "fit_minutes": minutes}
+    for label, random_tokens in (("untrained: initial embeddings, the same vote", False),
+                                 ("raw features: initial embeddings, K random tokens", True)):
+        tag = "random" if random_tokens else "untrained"
+        emb = baseline(work, f"{tag}_tokens", model, sites, test_root, random_tokens)
+        test = evaluate(work, f"test_eval_{tag}", model, sites, _data(test_root, False), emb, extra)
+        fresh = evaluate(work, f"fresh_eval_{tag}", model, sites, _data(fresh_root, False), emb, extra)
+        rows[label] = {"test": test[METRIC], "fresh": fresh[METRIC]}
+    rows["no image: the training faces' mean landmarks"] = {
+        "test": test[f"baseline_mean_landmarks_{METRIC}"], "fresh": fresh[f"baseline_mean_landmarks_{METRIC}"]}
+    out["rows"] = rows
+    out["eval_minutes"] = test["minutes"]
+    return out
+
+
+def keypoints_doc(r: dict) -> list[str]:
+    lines = ["### Keypoints (StableKeypoints) on the world's close-up faces", "",
+             f"Inter-ocular error (%, lower is better). Candidates fitted ({r['steps']} Adam steps, seed 0) on "
+             f"{r['train_faces']} of the 300 training faces and scored on the other {r['val_faces']} (the val "
+             "slice; the test faces never read):", "",
+             "| candidate | val error | mean landmarks on val | fit (min) |", "|---|---|---|---|"]
+    for label, c in r["candidates"].items():
+        mark = " **(chosen)**" if label == r["chosen"] else ""
+        lines.append(f"| {label}{mark} | {c['val']:.2f} | {c['val_mean_landmarks']:.2f} | {c['fit_minutes']:.1f} |")
+    lines += ["", f"The chosen candidate fitted on all 300 training faces with two seeds; test (world seed 0, 100 "
+                  "faces) reported once, fresh (world seed 1: 100 faces, its own 300 training faces for the regressor) "
+                  f"beside it. Each evaluation (10 test-time transforms, 400 images) took {r['eval_minutes']:.1f} "
+                  "min.", "",
+              "| keypoints | test | fresh test |", "|---|---|---|"]
+    for label, row in r["rows"].items():
+        lines.append(f"| {label} | {row['test']:.2f} | {row['fresh']:.2f} |")
+    return lines + [""]
+
