@@ -51,7 +51,8 @@ from diffprobe.eval.pck import pck, threshold_bbox_max_side  # noqa: E402
 from diffprobe.data.world.pairs import world_pairs  # noqa: E402
 from diffprobe.data.world.vocab import FIGURES  # noqa: E402
 from diffprobe.heads.dift import DiftHead, DiftSettings, adaln_features, is_unet  # noqa: E402
-from diffprobe.heads.hyperfeatures.extract import ExtractionSettings, default_layers, extract_features  # noqa: E402
+from diffprobe.heads.hyperfeatures.extract import (  # noqa: E402
+    ExtractionSettings, default_layers, extract_descriptors, extract_features, image_generator)
 from diffprobe.heads.hyperfeatures.matching import DescriptorField  # noqa: E402
 from diffprobe.drives import Drive  # noqa: E402
 from diffprobe.heads.heatmaps import amd_word_maps, daam_word_maps  # noqa: E402
@@ -73,6 +74,7 @@ WALK_STEPS = (1, 2, 4)
 DIFT_TIMESTEPS = (51, 101, 261, 401)   # DIFT's published t (261) and those it uses elsewhere (51 DAVIS, 101 ADM)
 DITF_TIMESTEPS = (51, 101, 260, 401)   # DiTF's published t (260 of 1000; 90 on DAVIS)
 PAIRS = 20             # correspondence pairs per category (face, bird, house) and split
+HF_STEPS = 200         # hyperfeature training steps (benchmarks/hyperfeatures_world.py's)
 INVERSION_STEPS = 10   # the DDIM inversion whose calls DAAM's and attention-map-diffusers' aggregations sum
 CAPABILITIES = {"segmentation": "per model", "localisation": "per model", "correspondence": "per model",
                 "keypoints": "board"}   # a board chooses its model on val: one run for every --models
@@ -315,9 +317,30 @@ def dift_blocks(bb, image, t: int, prompt: str) -> dict:
     return out
 
 
-def pair_data(bb, split: str, n: int) -> list[dict]:
-    """World pairs (n per category): each image's raw decoder layers at the clean step and DIFT's blocks at every
-    swept timestep, the pair's points and the target object's box."""
+def trained_hyperfeatures(model: str, work: Path, steps: int):
+    """Diffusion Hyperfeatures trained as benchmarks/hyperfeatures_world.py does (world seed 0's train pairs in the
+    SPair layout, 40 per category; S = 4 of T = 4 calls; 200 steps), through the command line; resumable."""
+    import subprocess
+
+    from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
+
+    world, run = work / "spair", work / f"train_{model}_{steps}"
+    if not (world / "SPair-71k" / "world.json").is_file():
+        subprocess.run([sys.executable, "-m", "diffprobe", "task=world", "world.format=spair", "world.n=20",
+                        "world.n_train=40", f"world.out={world}", f"hydra.run.dir={work / 'spair_run'}"],
+                       cwd=ROOT, check=True)
+    if not (run / "model" / "aggregator.json").is_file():
+        subprocess.run([sys.executable, "-m", "diffprobe", "task=hyperfeatures", f"model={model}", "data=spair",
+                        f"data.root={world}", "hyperfeatures.num_steps=4", "hyperfeatures.save_every=1",
+                        f"hyperfeatures.train_steps={steps}", f"hyperfeatures.val_every={min(100, steps)}",
+                        f"hydra.run.dir={run}"], cwd=ROOT, check=True)
+    return HyperfeatureModel.load(run / "model")
+
+
+def pair_data(bb, split: str, n: int, hyperfeatures=None) -> list[dict]:
+    """World pairs (n per category): each image's raw decoder layers at the clean step, DIFT's (DiTF's) blocks at
+    every swept timestep and a trained hyperfeature model's descriptors, the pair's points and the target object's
+    box."""
     from diffprobe.drives import unknown_words
 
     world_split, seed = SPLITS[split]
@@ -332,7 +355,13 @@ def pair_data(bb, split: str, n: int) -> list[dict]:
         with torch.no_grad():
             feats = extract_features(bb, x, raw, layers=layers)[0]
             dift = {t: dift_blocks(bb, Image.fromarray(scene.image), t, template.format(category)) for t in timesteps}
-        return {"raw": {n: f[0].float() for n, f in feats.items()}, "dift": dift}
+            hf = None
+            if hyperfeatures is not None:
+                size = hyperfeatures.extraction.image_size
+                y = image_to_tensor(Image.fromarray(scene.image), size, crop="none", resize="bilinear")
+                hf = extract_descriptors(bb, hyperfeatures.net, y, hyperfeatures.extraction,
+                                         generator=image_generator(0, y))[0].float()
+        return {"raw": {n: f[0].float() for n, f in feats.items()}, "dift": dift, "hf": hf}
 
     out = []
     for category in FIGURES:
@@ -362,12 +391,16 @@ def pck_of(data: list[dict], pick) -> dict:
             "seconds": seconds / len(data)}
 
 
-def run_correspondence(model: str, n: int) -> dict:
+def run_correspondence(model: str, n: int, work: Path, hf_steps: int = HF_STEPS) -> dict:
     from diffprobe.config import load_configured_backbone
 
+    began = time.perf_counter()
+    hyperfeatures = trained_hyperfeatures(model, work, hf_steps)
+    training = time.perf_counter() - began
     bb = load_configured_backbone(user_config("correspond", model))
+    hyperfeatures.check_backbone(bb.probe.sites)
     start = time.perf_counter()
-    data = {split: pair_data(bb, split, n) for split in SPLITS}
+    data = {split: pair_data(bb, split, n, hyperfeatures) for split in SPLITS}
     pairs = {split: len(d) for split, d in data.items()}
     capture = (time.perf_counter() - start) / sum(2 * len(d) for d in data.values())
     first = data["val"][0]["source"]
@@ -391,8 +424,11 @@ def run_correspondence(model: str, n: int) -> dict:
             rules[f"{label}, block and timestep chosen on val"] = (
                 {f"block {k}, t {t}": (lambda f, v=variant, k=k, t=t: f["dift"][t][(v, k)])
                  for t in DITF_TIMESTEPS for (v_, k) in keys if v_ == variant}, "block, timestep")
+    rules[f"Diffusion Hyperfeatures (trained {hf_steps} steps on 120 world train pairs, S = 4 of T = 4)"] = (
+        {"-": lambda f: f["hf"]}, "")
     rules["same position (no model)"] = ({"-": None}, "")
-    out = {"pairs": pairs, "per_category": n, "capture_seconds": capture, "methods": {}}
+    out = {"pairs": pairs, "per_category": n, "capture_seconds": capture, "hyperfeatures_training_minutes":
+           training / 60, "methods": {}}
     for method, (settings, knob) in rules.items():
         val = {k: pck_of(data["val"], pick) for k, pick in settings.items()}
         best = max(val, key=lambda k: val[k]["pck_point"])
@@ -550,6 +586,7 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "worldbench.md")
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "worldbench",
                     help="keypoints: the world datasets and every fit and evaluation run (kept: a rerun resumes)")
+    ap.add_argument("--hf-steps", type=int, default=HF_STEPS, help="hyperfeature training steps (correspondence)")
     ap.add_argument("--keypoint-quick", action="store_true", help="keypoints plumbing only: 3 Adam steps, 1 "
                     "transform, 20 / 10 evaluation images (numbers meaningless)")
     args = ap.parse_args()
@@ -557,7 +594,8 @@ def main() -> None:
     saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
     results = saved.get("results", {}) if saved.get("n") == args.n else {}
     runs = {"segmentation": run_segmentation, "localisation": run_localisation,
-            "correspondence": lambda model, n: run_correspondence(model, min(n, PAIRS)),
+            "correspondence": lambda model, n: run_correspondence(model, min(n, PAIRS),
+                                                                  args.work.resolve() / "correspondence", args.hf_steps),
             "keypoints": lambda model, n: run_keypoints(args.work.resolve() / "keypoints", args.keypoint_quick)}
     for model in args.models:
         for capability in args.capabilities:
