@@ -7,3 +7,11 @@
 __version__ = "0.1.0"
 
 from diffprobe import families as _families  # noqa: E402,F401  (each family registers itself in diffprobe.hooks)
+
+
+def trace(pipe, sites=None, steps: str = "mean"):
+    """Word heat maps over a diffusers pipeline's generation: `with diffprobe.trace(pipe) as tr: pipe(prompt)`, then
+    `tr.word_map("bird")` (diffprobe.tracing.Trace)."""
+    from diffprobe.tracing import Trace
+
+    return Trace(pipe, sites, steps)

@@ -111,11 +111,17 @@ class Backbone:
         attention the image pays that word in either (docs/transformers.md)."""
         streams = self.streams_named(stream or self.word_stream)
         ids = {s: self.stream_ids(s, prompt) for s in streams}   # the prompt tokenised once per stream
+        return self.word_columns(ids, words, prompt)
+
+    def word_columns(self, ids: dict, words: list[str], prompt: str = "the prompt") -> list[list[int]]:
+        """The context columns of each word's tokens, found (first occurrence) in each stream's ids {TextStream:
+        [token id, ...]} as the pipeline padded them: the rule of word_positions, on ids already made (a traced
+        pipeline's own)."""
         groups = []
         for word in words:
             columns = []
-            for s in streams:
-                sub, row = getattr(self, s.tokenizer)(word, add_special_tokens=False).input_ids, ids[s]
+            for s, row in ids.items():
+                sub = getattr(self, s.tokenizer)(word, add_special_tokens=False).input_ids
                 start = next((i for i in range(len(row) - len(sub) + 1) if sub and row[i:i + len(sub)] == sub), None)
                 if start is not None:
                     columns += [s.offset + i for i in range(start, start + len(sub))]
