@@ -19,12 +19,10 @@ from collections import defaultdict
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
 from diffprobe.backbone import Backbone
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.heatmaps import DAAM_SKIPPED_DIVISOR, daam_word_maps
+from diffprobe.heads.heatmaps import daam_image_maps
 from diffprobe.hooks import BatchLayout, Need, Reduce
 from diffprobe.hooks.families import family_for
 
@@ -146,11 +144,7 @@ class Trace:
         bicubically to the finest kept grid, clamped at 0 and averaged, a word the mean of its tokens' maps; then
         bicubically to the image's size and clamped at 0 (DAAM's expand_image); not normalised. `steps`, `layers`:
         per-step and per-layer slices."""
-        picked = self.layers(image, steps, layers)
-        grid = daam_word_maps(picked, [self.columns(word, image)])            # (1, h, w) on the finest kept grid
-        kept = [d for d, _, _ in picked if d != DAAM_SKIPPED_DIVISOR] or [picked[0][0]]
-        size = tuple(g * min(kept) * self.bb.grid_factor for g in grid.shape[-2:])
-        return F.interpolate(rearrange(grid, "n h w -> 1 n h w"), size=size, mode="bicubic").clamp_(min=0)[0, 0]
+        return daam_image_maps(self.layers(image, steps, layers), [self.columns(word, image)], self.bb.grid_factor)[0]
 
     def word_maps(self, words: Sequence[str] | None = None, image: int = 0, **kwargs) -> dict[str, torch.Tensor]:
         """{word: (H, W)} for `words` (default: every word of the image's prompt, split on spaces)."""

@@ -56,6 +56,16 @@ def daam_word_maps(layers: Sequence[tuple[int, tuple[int, int], torch.Tensor]],
     return _words(total / pairs, groups, "mean")
 
 
+def daam_image_maps(layers: Sequence[tuple[int, tuple[int, int], torch.Tensor]], groups: Sequence[Sequence[int]],
+                    grid_factor: int) -> torch.Tensor:
+    """DAAM's word maps at the image's size: daam_word_maps, then upsampled bicubically from the finest kept grid
+    (each cell `divisor * grid_factor` image pixels) and clamped at 0, as DAAM's expand_image -> (n, H, W)."""
+    words = daam_word_maps(layers, groups)
+    kept = [d for d, _, _ in layers if d != DAAM_SKIPPED_DIVISOR]
+    size = tuple(g * min(kept) * grid_factor for g in words.shape[-2:])
+    return F.interpolate(words[None], size=size, mode="bicubic").clamp_(min=0)[0]
+
+
 def amd_word_maps(layers: Sequence[tuple[tuple[int, int], torch.Tensor]],
                   groups: Sequence[Sequence[int]]) -> torch.Tensor:
     """attention-map-diffusers' mean map per word: layers [((h, w), maps (heads, Q, T))] in the order the model

@@ -1,0 +1,76 @@
+"""The word heat-map head: one generation from a prompt, its cross-attention captured over every step (a running
+mean, or every step kept), and DAAM's map of each word at the image's size (diffprobe.heads.heatmaps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from diffprobe.drives import Drive
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.heatmaps import daam_image_maps
+from diffprobe.hooks import Need, Reduce, Site
+from diffprobe.hooks.sites import select_sites
+from diffprobe.runner import Head, Item, Plan, View
+
+
+@dataclass
+class HeatmapSettings:
+    """steps: generation steps; guidance: its scale (None: the family's, SD 7.5, PixArt 4.5, FLUX 3.5); per_step:
+    also every step's maps (memory grows with the steps; without it a running mean, flat); sites: the
+    cross-attention sites read (None: every one; names or globs)."""
+
+    LIMITS = {"steps": "1..1000", "guidance": ">= 0"}
+
+    steps: int = 50
+    guidance: float | None = None
+    per_step: bool = False
+    sites: list[str] | None = None
+
+
+class HeatmapHead(Head):
+    """Plan: a generation of `prompt` at size x size capturing cross-attention with every head kept; finish ->
+    {"image": (3, H, W) in [0, 1], "maps": (n words, H, W), "per_step": (S, n, H, W) or None}, the words being
+    the column groups `groups` (the backbone's word_positions)."""
+
+    name = "heatmap"
+
+    def __init__(self, settings: HeatmapSettings, size: int, prompt: str, groups: Sequence[Sequence[int]],
+                 grid_factor: int):
+        self.settings, self.size, self.prompt = settings, int(size), prompt
+        self.groups, self.grid_factor = [list(g) for g in groups], int(grid_factor)
+
+    def sites_of(self, sites: Mapping[str, Site]) -> list[str]:
+        chosen = self.settings.sites
+        names = (select_sites(sites, chosen) if chosen else [n for n, s in sites.items() if s.kind == "cross_attn"])
+        wrong = [n for n in names if sites[n].kind != "cross_attn"]
+        if wrong or not names:
+            raise DiffprobeError(f"heat maps read cross-attention sites; {wrong[0] if wrong else chosen} is not one")
+        return names
+
+    def plan(self, sites: Mapping[str, Site]) -> Plan:
+        s = self.settings
+        reduce = Reduce(heads="none", steps="all" if s.per_step else "mean")
+        return Plan(Drive("generation", num_steps=s.steps, guidance=s.guidance),
+                    (Need(self.sites_of(sites), reduce),), prompt=(self.prompt,), size=(self.size, self.size))
+
+    def inputs(self, item: Item) -> None:
+        return None   # a generation has no input image
+
+    def finish(self, view: View, item: Item) -> dict:
+        names = [n for n, s in view.sites.items() if s.kind == "cross_attn"]
+
+        stacked = self.settings.per_step
+
+        def layers(step: int | None):   # [(divisor, grid, (heads, Q, T))] of the image at one step, or the mean
+            def one(t: torch.Tensor) -> torch.Tensor:
+                return (t.mean(0) if step is None else t[step]) if stacked else t
+            return [(view.sites[n].divisor, view.grid(n), one(view[n])[0]) for n in names]
+
+        steps = view[names[0]].shape[0] if stacked else 0
+        per_step = (torch.stack([daam_image_maps(layers(k), self.groups, self.grid_factor) for k in range(steps)])
+                    if stacked else None)
+        return {"image": view.images[0].float().clamp(0, 1), "per_step": per_step,
+                "maps": daam_image_maps(layers(None), self.groups, self.grid_factor)}

@@ -1,0 +1,97 @@
+"""task=heatmap and its head: a planted cross-attention map gives the word's heat map where it was planted, the
+per-step maps and the mean come from the same maps, and the task writes, resumes and refuses as a run should."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from config_helpers import make_cfg
+from diffprobe.errors import DiffprobeError
+from diffprobe.heads.heatmap import HeatmapHead, HeatmapSettings
+from diffprobe.hooks import ActivationCache, Reduce
+from diffprobe.loading import tiny_backbone
+from diffprobe.runner import Item, View
+from diffprobe.tasks import heatmap
+
+
+def _planted_view(bb, steps: int | None):
+    """Every cross-attention site puts all of column 5's mass on one cell of its grid (the image's top-left
+    quarter) at step 1 and on its bottom-right quarter at the other steps; (heads, Q, T) per row."""
+    sites = {n: s for n, s in bb.probe.sites.items() if s.kind == "cross_attn"}
+    tensors, grids = {}, {}
+    for name, site in sites.items():
+        side = 64 // (bb.grid_factor * site.divisor)
+        maps = torch.full((steps or 1, 1, site.heads, side * side, 77), 1e-4)
+        corner = torch.zeros(side, side)
+        corner[side // 2:, side // 2:] = 1
+        maps[..., 5] = corner.flatten()
+        if steps:
+            early = torch.zeros(side, side)
+            early[: side // 2, : side // 2] = 1
+            maps[1, ..., 5] = early.flatten()
+        tensors[name] = maps if steps else maps[0]
+        grids[name] = (side, side)
+    reduce = Reduce(heads="none", steps="all" if steps else "mean")
+    view = View([ActivationCache.from_tensors(bb.probe.sites, tensors, grids, reduce=reduce)])
+    view.images = torch.rand(1, 3, 64, 64)
+    return view
+
+
+def test_a_planted_map_lights_up_where_it_was_planted_and_per_step_maps_share_the_mean():
+    bb = tiny_backbone("sd15")
+    head = HeatmapHead(HeatmapSettings(steps=3), 64, "a red cat", [[5], [2]], bb.grid_factor)
+    out = head.finish(_planted_view(bb, None), Item("a red cat"))
+    cat = out["maps"][0]
+    assert out["maps"].shape == (2, 64, 64) and out["per_step"] is None
+    assert cat[40:, 40:].mean() > 20 * cat[:24, :24].mean()      # the bottom-right quarter, planted
+    assert out["maps"][1].max() < 0.01 * cat.max()                  # column 2 holds nothing
+    stepped = HeatmapHead(HeatmapSettings(steps=3, per_step=True), 64, "a red cat", [[5]], bb.grid_factor)
+    out = stepped.finish(_planted_view(bb, 3), Item("a red cat"))
+    per = out["per_step"][:, 0]
+    assert per.shape == (3, 64, 64)
+    assert per[1][:24, :24].mean() > 20 * per[1][40:, 40:].mean()   # step 1 was planted top-left
+    assert per[0][40:, 40:].mean() > 20 * per[0][:24, :24].mean()
+    # the mean map is DAAM's map of the maps averaged over the steps (not the mean of the steps' maps)
+    flat = head.finish(_averaged(bb), Item("a red cat"))["maps"][0]
+    torch.testing.assert_close(out["maps"][0], flat, rtol=1e-5, atol=1e-6)
+
+
+def _averaged(bb):
+    view = _planted_view(bb, 3)
+    cache = view.caches[0]
+    tensors = {n: cache[n].mean(0) for n in cache.names}
+    mean = View([ActivationCache.from_tensors(bb.probe.sites, tensors, {n: cache.grid(n) for n in tensors},
+                                              reduce=Reduce(heads="none", steps="mean"))])
+    mean.images = view.images
+    return mean
+
+
+def test_the_task_writes_every_prompts_files_resumes_and_refuses_other_settings(tmp_path):
+    cfg = make_cfg("heatmap", prompt=["a red cat", "a dog"], steps=2, per_step=True)
+    summary = heatmap.run(cfg, tmp_path)
+    assert [p["prompt"] for p in summary["prompts"]] == ["a red cat", "a dog"]
+    first = tmp_path / summary["prompts"][0]["folder"]
+    for name in ("image.png", "heatmaps.png", "heatmaps.safetensors", "heatmaps.json"):
+        assert (first / name).is_file()
+    saved = load_file(first / "heatmaps.safetensors")
+    assert set(saved) == {"word/a", "word/red", "word/cat", "per_step/a", "per_step/red", "per_step/cat"}
+    assert saved["word/cat"].shape == (64, 64) and saved["per_step/cat"].shape == (2, 64, 64)
+    record = json.loads((first / "heatmaps.json").read_text())
+    assert [w["word"] for w in record["words"]] == ["a", "red", "cat"] and record["words"][2]["tokens"] == ["cat</w>"]
+    stamp = (first / "heatmaps.json").stat().st_mtime_ns
+    heatmap.run(cfg, tmp_path)                                              # a rerun continues: nothing redone
+    assert (first / "heatmaps.json").stat().st_mtime_ns == stamp
+    with pytest.raises(DiffprobeError, match="other settings: settings.steps"):
+        heatmap.run(make_cfg("heatmap", prompt=["a red cat", "a dog"], steps=3, per_step=True), tmp_path)
+
+
+def test_bad_input_is_refused_before_any_generation(tmp_path):
+    with pytest.raises(DiffprobeError, match="needs prompt="):
+        heatmap.settings_of(make_cfg("heatmap"))
+    with pytest.raises(DiffprobeError, match="steps must be"):
+        heatmap.settings_of(make_cfg("heatmap", prompt="a cat", steps=0))
+    with pytest.raises(DiffprobeError, match="'zebra' is not found"):
+        heatmap.run(make_cfg("heatmap", prompt="a cat", words=["zebra"], steps=1), tmp_path / "w")
+    assert not list((tmp_path / "w").glob("000_*"))
