@@ -116,15 +116,26 @@ class Backbone:
     def word_columns(self, ids: dict, words: list[str], prompt: str = "the prompt") -> list[list[int]]:
         """The context columns of each word's tokens, found (first occurrence) in each stream's ids {TextStream:
         [token id, ...]} as the pipeline padded them: the rule of word_positions, on ids already made (a traced
-        pipeline's own)."""
+        pipeline's own). "<start>" and "<end>" name a stream's start token (CLIP's; T5 has none) and its first end
+        token."""
         groups = []
         for word in words:
             columns = []
             for s, row in ids.items():
-                sub = getattr(self, s.tokenizer)(word, add_special_tokens=False).input_ids
+                tokenizer = getattr(self, s.tokenizer)
+                special = {"<start>": tokenizer.bos_token_id, "<end>": tokenizer.eos_token_id}
+                if word in special:
+                    first = next((i for i, t in enumerate(row) if t == special[word]), None)
+                    columns += [] if first is None else [s.offset + first]
+                    continue
+                sub = tokenizer(word, add_special_tokens=False).input_ids
                 start = next((i for i in range(len(row) - len(sub) + 1) if sub and row[i:i + len(sub)] == sub), None)
                 if start is not None:
                     columns += [s.offset + i for i in range(start, start + len(sub))]
+            if not columns and word in ("<start>", "<end>"):
+                names = ", ".join(s.name for s in ids)
+                raise DiffprobeError(f"{word} is not a token of this model's text stream(s) {names} (T5 adds no start "
+                                     "token)")
             if not columns:
                 raise DiffprobeError(f"word {word!r} is not found in the tokenised prompt {prompt!r} (too many words?)")
             groups.append(columns)

@@ -113,3 +113,17 @@ def test_every_family_finds_the_word_in_the_tokens_its_pipeline_used(structure, 
             assert getattr(bb, s.tokenizer).decode(ids[mine]).strip() == "cat"
     assert found == [s.name for s in streams]   # SD3: both its CLIP and its T5 copy of the word
     assert tr.word_map("cat").shape == (64, 64)
+
+
+def test_start_and_end_tokens_are_words_on_request():
+    """"<start>" and "<end>": CLIP's start token (column 0) and its first end token, right after the prompt's
+    tokens; SD3 has an end token in both streams (CLIP's and T5's </s>); T5 alone has no start token."""
+    sd = tiny_backbone("sd15")
+    start, end, cat = sd.word_positions(PROMPT, ["<start>", "<end>", "cat"])
+    tokens = sd.context_tokens(PROMPT)
+    assert start == [0] and end == [cat[0] + 1] and tokens[end[0]] == "<|endoftext|>"
+    sd3 = tiny_backbone("sd3")
+    (end,) = sd3.word_positions(PROMPT, ["<end>"])
+    assert [sd3.context_tokens(PROMPT)[c] for c in end] == ["<|endoftext|>", "</s>"]
+    with pytest.raises(DiffprobeError, match="no start token"):
+        tiny_backbone("flux").word_positions(PROMPT, ["<start>"])
