@@ -95,3 +95,25 @@ def test_bad_input_is_refused_before_any_generation(tmp_path):
     with pytest.raises(DiffprobeError, match="'zebra' is not found"):
         heatmap.run(make_cfg("heatmap", prompt="a cat", words=["zebra"], steps=1), tmp_path / "w")
     assert not list((tmp_path / "w").glob("000_*"))
+
+
+def test_a_real_image_gets_its_maps_from_its_inversion_under_the_caption(tmp_path):
+    """image=: the head inverts the image (no generation) and maps the caption's words over it; one caption only."""
+    import numpy as np
+    from PIL import Image
+
+    picture = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "photo.png")
+    cfg = make_cfg("heatmap", prompt="a red cat", steps=2)
+    cfg.image = str(tmp_path / "photo.png")
+    heatmap.run(cfg, tmp_path / "out")
+    folder = tmp_path / "out" / "photo"
+    saved = load_file(folder / "heatmaps.safetensors")
+    assert saved["word/cat"].shape == (64, 64) and float(saved["word/cat"].max()) > 0
+    written = np.asarray(Image.open(folder / "image.png"))
+    assert np.abs(written.astype(int) - picture.astype(int)).max() <= 1   # the image itself, not a generation
+    assert json.loads((folder / "heatmaps.json").read_text())["image"].endswith("photo.png")
+    cfg = make_cfg("heatmap", prompt=["a cat", "a dog"], steps=2)
+    cfg.image = str(tmp_path / "photo.png")
+    with pytest.raises(DiffprobeError, match="one prompt"):
+        heatmap.run(cfg, tmp_path / "two")

@@ -1,5 +1,6 @@
-"""The word heat-map head: one generation from a prompt, its cross-attention captured over every step (a running
-mean, or every step kept), and DAAM's map of each word at the image's size (diffprobe.heads.heatmaps)."""
+"""The word heat-map head: one generation from a prompt, or the DDIM inversion of a real image under its caption,
+its cross-attention captured over every step (a running mean, or every step kept), and DAAM's map of each word at
+the image's size (diffprobe.heads.heatmaps)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from diffprobe.drives import Drive
 from diffprobe.errors import DiffprobeError
+from diffprobe.heads.call import model_input
 from diffprobe.heads.heatmaps import daam_image_maps
 from diffprobe.hooks import Need, Reduce, Site
 from diffprobe.hooks.sites import select_sites
@@ -31,15 +33,16 @@ class HeatmapSettings:
 
 
 class HeatmapHead(Head):
-    """Plan: a generation of `prompt` at size x size capturing cross-attention with every head kept; finish ->
-    {"image": (3, H, W) in [0, 1], "maps": (n words, H, W), "per_step": (S, n, H, W) or None}, the words being
-    the column groups `groups` (the backbone's word_positions)."""
+    """Plan: a generation of `prompt` at size x size (or, `real`, the DDIM inversion of the item's image, its centre
+    square, under `prompt`) capturing cross-attention with every head kept; finish -> {"image": (3, H, W) in
+    [0, 1], "maps": (n words, H, W), "per_step": (S, n, H, W) or None}, the words being the column groups
+    `groups` (the backbone's word_positions)."""
 
     name = "heatmap"
 
     def __init__(self, settings: HeatmapSettings, size: int, prompt: str, groups: Sequence[Sequence[int]],
-                 grid_factor: int):
-        self.settings, self.size, self.prompt = settings, int(size), prompt
+                 grid_factor: int, real: bool = False):
+        self.settings, self.size, self.prompt, self.real = settings, int(size), prompt, real
         self.groups, self.grid_factor = [list(g) for g in groups], int(grid_factor)
 
     def sites_of(self, sites: Mapping[str, Site]) -> list[str]:
@@ -53,11 +56,15 @@ class HeatmapHead(Head):
     def plan(self, sites: Mapping[str, Site]) -> Plan:
         s = self.settings
         reduce = Reduce(heads="none", steps="all" if s.per_step else "mean")
-        return Plan(Drive("generation", num_steps=s.steps, guidance=s.guidance),
-                    (Need(self.sites_of(sites), reduce),), prompt=(self.prompt,), size=(self.size, self.size))
+        needs = (Need(self.sites_of(sites), reduce),)
+        if self.real:
+            return Plan(Drive("inversion", num_steps=s.steps), needs, prompt=self.prompt)
+        return Plan(Drive("generation", num_steps=s.steps, guidance=s.guidance), needs, prompt=(self.prompt,),
+                    size=(self.size, self.size))
 
-    def inputs(self, item: Item) -> None:
-        return None   # a generation has no input image
+    def inputs(self, item: Item) -> torch.Tensor | None:
+        """The real image's centre square in [-1, 1] (1, 3, size, size); a generation has none."""
+        return model_input(item.image, self.size, "center", "bilinear")[0] if self.real else None
 
     def finish(self, view: View, item: Item) -> dict:
         names = [n for n, s in view.sites.items() if s.kind == "cross_attn"]
@@ -72,5 +79,6 @@ class HeatmapHead(Head):
         steps = view[names[0]].shape[0] if stacked else 0
         per_step = (torch.stack([daam_image_maps(layers(k), self.groups, self.grid_factor) for k in range(steps)])
                     if stacked else None)
-        return {"image": view.images[0].float().clamp(0, 1), "per_step": per_step,
+        image = (self.inputs(item)[0] + 1) / 2 if self.real else view.images[0]
+        return {"image": image.float().clamp(0, 1), "per_step": per_step,
                 "maps": daam_image_maps(layers(None), self.groups, self.grid_factor)}

@@ -1,9 +1,10 @@
-"""task=heatmap: one generated image per prompt and DAAM's heat map of each word over its whole generation.
+"""task=heatmap: one generated image per prompt and DAAM's heat map of each word over its whole generation; with
+image= (a file or a folder), the same over each real image's DDIM inversion under the prompt (its caption).
 
-Writes, per prompt, in out_dir/<number>_<prompt made safe>/: image.png, heatmaps.png (the image and each word's map
-over it), heatmaps.safetensors (each word's (H, W) map; with per_step also per_step/<word>, (steps, H, W)) and
-heatmaps.json (the prompt, each word's context columns and tokens, the settings); summary.json lists the prompts
-and their folders. A rerun in the same folder continues with the prompts not yet written.
+Writes, per prompt (or per image, the image task's folder), in out_dir/<number>_<prompt made safe>/: image.png,
+heatmaps.png (the image and each word's map over it), heatmaps.safetensors (each word's (H, W) map; with per_step
+also per_step/<word>, (steps, H, W)) and heatmaps.json (the prompt, each word's context columns and tokens, the
+settings); summary.json lists the prompts (images) and their folders. A rerun in the same folder continues.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from diffprobe.io import save_figure, save_json, save_png, save_tensors
 from diffprobe.items import check_fingerprint
 from diffprobe.runfolder import safe_name
 from diffprobe.runner import Item, run_heads
+from diffprobe.tasks.image_runs import Job, run_job
 from diffprobe.viz import map_grid
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,26 @@ def _write(folder: Path, bb, prompt: str, words: list[str], groups, result: dict
         for w, g, m in zip(words, groups, maps)]})
 
 
+def job(cfg: DictConfig, bb) -> Job:
+    """image=: the head over each real image's inversion under the one prompt, and the writer of its files."""
+    s = settings_of(cfg)
+    if len(s.prompts) != 1:
+        raise DiffprobeError("with image=, give one prompt (the images' caption), not a list")
+    size = bb.check_image_size(s.image_size)
+    head, words, groups = _head(bb, s, s.prompts[0], size)
+    head.real = True
+    record = {"model": cfg.model.name, "settings": {k: v for k, v in asdict(s).items() if k != "prompt"},
+              "aggregation": "DAAM over a DDIM inversion (docs/heatmaps.md)"}
+
+    def write(results, path, image, target):
+        _write(target, bb, s.prompts[0], words, groups, results[0], {**record, "image": str(path)})
+        return {"words": words}
+    return Job([head], write)
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
+    if cfg.get("image"):
+        return run_job(cfg, out_dir, "heatmap")
     s = settings_of(cfg)
     seed = run_config(cfg).seed
     record = {"model": cfg.model.name, "settings": {k: v for k, v in asdict(s).items() if k not in ("prompt",)},
