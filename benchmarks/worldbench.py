@@ -55,7 +55,7 @@ from diffprobe.heads.hyperfeatures.extract import (  # noqa: E402
     ExtractionSettings, default_layers, extract_descriptors, extract_features, image_generator)
 from diffprobe.heads.hyperfeatures.matching import DescriptorField  # noqa: E402
 from diffprobe.drives import Drive  # noqa: E402
-from diffprobe.heads.heatmaps import amd_word_maps, daam_word_maps  # noqa: E402
+from diffprobe.heads.heatmaps import amd_word_maps, daam_sites, daam_word_maps  # noqa: E402
 from diffprobe.heads.localize import LocalizeHead, RefineSettings, refine  # noqa: E402
 from diffprobe.hooks import Need, Reduce  # noqa: E402
 from diffprobe.heads.diffseg import segment  # noqa: E402
@@ -202,7 +202,7 @@ def word_data(bb, settings, scene) -> list[dict]:
                 prompt=scene.caption)
     (trace,) = run_plans(bb, [plan], [x])
     per_site = [(sites[n].divisor, trace.grid(n), trace[n][0]) for n in cross]     # (heads, Q, T) each
-    daam = daam_word_maps([p for n, p in zip(cross, per_site) if sites[n].direction != "mid"], groups)  # DAAM: no mid
+    daam = daam_word_maps([p for n, p in zip(cross, per_site) if n in daam_sites(sites)], groups)
     amd = amd_word_maps([(g, m) for _, g, m in per_site], groups)
     out = []
     for k, word in enumerate(words):

@@ -22,7 +22,7 @@ import torch
 
 from diffprobe.backbone import Backbone
 from diffprobe.errors import DiffprobeError
-from diffprobe.heads.heatmaps import daam_image_maps
+from diffprobe.heads.heatmaps import daam_image_maps, daam_sites
 from diffprobe.hooks import BatchLayout, Need, Reduce
 from diffprobe.hooks.families import family_for
 
@@ -47,7 +47,7 @@ class Trace:
             raise DiffprobeError(f"steps must be 'mean' or 'all', not {steps!r}")
         self.pipe, self.bb = pipe, pipeline_backbone(pipe)
         probe = self.bb.probe
-        self.names = probe.select(sites if sites is not None else (lambda s: s.kind == "cross_attn"))
+        self.names = probe.select(sites) if sites is not None else daam_sites(probe.sites)
         if not self.names:
             raise DiffprobeError(f"{self.bb.name}: no cross-attention site to trace")
         self.need = Need(self.names, Reduce(heads="none", steps=steps), layout=BatchLayout(keep="both"))

@@ -45,7 +45,7 @@ def test_a_guided_generation_is_unchanged_and_its_word_map_is_the_prompt_rows_da
     bb, pipe = sd
     bare = _generate(pipe, guidance_scale=7.5)
     probe = ProbeRegistry(pipe.unet)
-    cross = probe.select(lambda s: s.kind == "cross_attn")
+    cross = probe.select(lambda s: s.kind == "cross_attn" and s.direction != "mid")   # DAAM's: no mid block
     need = Need(cross, Reduce(heads="none", steps="mean"), layout=BatchLayout(cfg=True))
     with diffprobe.trace(pipe) as tr, probe.capture(need) as ref:
         images = _generate(pipe, guidance_scale=7.5)
@@ -102,6 +102,7 @@ def test_every_family_finds_the_word_in_the_tokens_its_pipeline_used(structure, 
     with diffprobe.trace(pipe) as tr:
         _generate(pipe, structure, steps=1)
     assert tr._guided() == guided and tr.calls == 1
+    assert tr.names and all(tr.bb.probe.sites[n].direction != "mid" for n in tr.names)   # SDXL's mid: not DAAM's
     cols = tr.columns("cat")
     streams = bb.streams_named("all")
     found = []

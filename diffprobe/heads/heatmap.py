@@ -12,7 +12,7 @@ import torch
 from diffprobe.drives import Drive
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.call import model_input
-from diffprobe.heads.heatmaps import daam_image_maps
+from diffprobe.heads.heatmaps import daam_image_maps, daam_sites
 from diffprobe.hooks import Need, Reduce, Site
 from diffprobe.hooks.sites import select_sites
 from diffprobe.runner import Head, Item, Plan, View
@@ -22,7 +22,7 @@ from diffprobe.runner import Head, Item, Plan, View
 class HeatmapSettings:
     """steps: generation steps; guidance: its scale (None: the family's, SD 7.5, PixArt 4.5, FLUX 3.5); per_step:
     also every step's maps (memory grows with the steps; without it a running mean, flat); sites: the
-    cross-attention sites read (None: every one; names or globs)."""
+    cross-attention sites read (None: DAAM's, every one but a UNet's mid block; names or globs)."""
 
     LIMITS = {"steps": "1..1000", "guidance": ">= 0"}
 
@@ -47,7 +47,7 @@ class HeatmapHead(Head):
 
     def sites_of(self, sites: Mapping[str, Site]) -> list[str]:
         chosen = self.settings.sites
-        names = (select_sites(sites, chosen) if chosen else [n for n, s in sites.items() if s.kind == "cross_attn"])
+        names = select_sites(sites, chosen) if chosen else daam_sites(sites)
         wrong = [n for n in names if sites[n].kind != "cross_attn"]
         if wrong or not names:
             raise DiffprobeError(f"heat maps read cross-attention sites; {wrong[0] if wrong else chosen} is not one")

@@ -15,15 +15,22 @@ factor, which the min-max normalisation of a heat map removes).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.hooks import Site
 
 DAAM_SKIPPED_DIVISOR = 8   # DAAM keeps a layer unless its map is 1/8 of the latent's side
+
+
+def daam_sites(sites: Mapping[str, Site]) -> list[str]:
+    """The cross-attention sites DAAM reads: every one but a UNet's mid block's (its locator takes the up and down
+    blocks; the mid block only when saving heads); a transformer's every block (DAAM has no transformer code)."""
+    return [n for n, s in sites.items() if s.kind == "cross_attn" and s.direction != "mid"]
 
 
 def _token_grid(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
