@@ -117,3 +117,17 @@ def test_a_real_image_gets_its_maps_from_its_inversion_under_the_caption(tmp_pat
     cfg.image = str(tmp_path / "photo.png")
     with pytest.raises(DiffprobeError, match="one prompt"):
         heatmap.run(cfg, tmp_path / "two")
+
+
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_pixart", "tiny_sd3", "tiny_flux"])
+def test_every_family_generates_and_maps_its_words(model, tmp_path):
+    """SDXL (two CLIP encoders), PixArt (T5 with its mask), SD3 (a word in its CLIP and T5 columns), FLUX (T5, double-
+    and single-stream blocks): one generation step, a non-empty map of every word at the image's size."""
+    summary = heatmap.run(make_cfg("heatmap", model=model, prompt="a red cat", steps=1), tmp_path)
+    folder = tmp_path / summary["prompts"][0]["folder"]
+    saved = load_file(folder / "heatmaps.safetensors")
+    record = json.loads((folder / "heatmaps.json").read_text())
+    assert set(saved) == {"word/a", "word/red", "word/cat"}
+    assert all(m.shape == (64, 64) and float(m.max()) > 0 for m in saved.values())
+    cat = next(w for w in record["words"] if w["word"] == "cat")
+    assert len(cat["columns"]) == (2 if model == "tiny_sd3" else 1)
