@@ -73,7 +73,7 @@ def test_the_task_writes_every_prompts_files_resumes_and_refuses_other_settings(
     summary = heatmap.run(cfg, tmp_path)
     assert [p["prompt"] for p in summary["prompts"]] == ["a red cat", "a dog"]
     first = tmp_path / summary["prompts"][0]["folder"]
-    for name in ("image.png", "heatmaps.png", "heatmaps.safetensors", "heatmaps.json"):
+    for name in ("image.png", "heatmaps.png", "heatmaps.safetensors", "heatmaps.json", "report.html"):
         assert (first / name).is_file()
     saved = load_file(first / "heatmaps.safetensors")
     assert set(saved) == {"word/a", "word/red", "word/cat", "per_step/a", "per_step/red", "per_step/cat"}

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from diffprobe.drives import Drive
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.call import model_input
-from diffprobe.heads.heatmaps import daam_image_maps, daam_sites
+from diffprobe.heads.heatmaps import DAAM_SKIPPED_DIVISOR, daam_image_maps, daam_sites, daam_word_maps
 from diffprobe.hooks import Need, Reduce, Site
 from diffprobe.hooks.sites import select_sites
 from diffprobe.runner import Head, Item, Plan, View
@@ -80,5 +81,22 @@ class HeatmapHead(Head):
         per_step = (torch.stack([daam_image_maps(layers(k), self.groups, self.grid_factor) for k in range(steps)])
                     if stacked else None)
         image = (self.inputs(item)[0] + 1) / 2 if self.real else view.images[0]
-        return {"image": image.float().clamp(0, 1), "per_step": per_step,
+        return {"image": image.float().clamp(0, 1), "per_step": per_step, "page": self._page(layers, names, steps),
                 "maps": daam_image_maps(layers(None), self.groups, self.grid_factor)}
+
+    def _page(self, layers, names: list[str], steps: int) -> dict:
+        """report.html's slices on the finest kept grid: {(0, 0): DAAM's map, (i, 0): layer i's alone (DAAM's steps
+        on one layer, resized to that grid), (0, k + 1): step k's over every layer}, and the slider names."""
+        every = layers(None)
+        kept = [i for i, (d, _, _) in enumerate(every) if d != DAAM_SKIPPED_DIVISOR]
+        overall = daam_word_maps(every, self.groups)                         # (n, h, w)
+        slices = {(0, 0): overall}
+        for j, i in enumerate(kept, 1):
+            one = daam_word_maps([every[i]], self.groups)[None]
+            slices[(j, 0)] = F.interpolate(one, size=overall.shape[-2:], mode="bicubic").clamp_(min=0)[0]
+        for k in range(steps):
+            slices[(0, k + 1)] = daam_word_maps(layers(k), self.groups)
+        short = [names[i].replace(".transformer_blocks", "").replace(".hook_probs", "").replace(".hook_img2txt", "")
+                 for i in kept]
+        return {"slices": slices, "layers": ["all layers (DAAM)", *short],
+                "steps": ["all steps", *(f"call {k}" for k in range(steps))]}

@@ -25,6 +25,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.heads.heatmap import HeatmapHead, HeatmapSettings
 from diffprobe.io import save_figure, save_json, save_png, save_tensors
 from diffprobe.items import check_fingerprint
+from diffprobe.report import write_report
 from diffprobe.runfolder import safe_name
 from diffprobe.runner import Item, run_heads
 from diffprobe.tasks.image_runs import Job, run_job
@@ -77,6 +78,9 @@ def _write(folder: Path, bb, prompt: str, words: list[str], groups, result: dict
     peak = maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
     save_figure(folder / "heatmaps.png", map_grid(image, [(prompt[:40], (maps / peak).numpy(), words)], panel=2.0))
     save_png(folder / "image.png", image)
+    page = result["page"]
+    write_report(folder / "report.html", prompt, image, words, {k: v.numpy() for k, v in page["slices"].items()},
+                 page["layers"], page["steps"])
     tokens = bb.context_tokens(prompt)
     save_json(folder / "heatmaps.json", {**record, "prompt": prompt, "words": [
         {"word": w, "columns": g, "tokens": [tokens[c] for c in g], "peak": float(m.max())}
