@@ -59,6 +59,19 @@ def write_report(path: str | Path, title: str, image: np.ndarray, words: Sequenc
     return save_text(path, page)
 
 
+def page_maps(maps: np.ndarray, side: int = 128) -> np.ndarray:
+    """(n, h, w) maps averaged over blocks so the longer side is at most `side` (a page holds every map)."""
+    import torch
+    import torch.nn.functional as F
+
+    maps = np.asarray(maps, dtype=np.float32)
+    h, w = maps.shape[-2:]
+    k = max(1, -(-max(h, w) // side))
+    if k == 1:
+        return maps
+    return F.avg_pool2d(torch.from_numpy(maps)[None], k, ceil_mode=True)[0].numpy()
+
+
 def _label_colours(labels: np.ndarray) -> np.ndarray:
     """(H, W) segment ids -> (H, W, 4) RGBA, a fixed colour per id, half transparent."""
     rng = np.random.default_rng(0)

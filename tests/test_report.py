@@ -78,3 +78,32 @@ def test_the_page_loads_shows_every_word_and_its_controls_change_the_view(browse
     browser.execute_script("document.querySelectorAll('#chips button')[2].click()")
     assert browser.execute_script(PIXELS) != base                    # another word
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@pytest.mark.parametrize("task", ["localize", "diffseg", "probe"])
+def test_every_image_task_writes_a_page_that_loads(browser, task, tmp_path):
+    """task=localize (a chip per word, refined and raw layers, its boxes), diffseg (a chip per segment, its
+    segments) and probe (a chip per token of its cross-attention sites) on mini's demo scene: each page loads with
+    no console error and draws."""
+    import importlib
+    import json
+
+    from config_helpers import make_cfg
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    module = importlib.import_module(f"diffprobe.tasks.{task}")
+    module.run(make_cfg(task, model="mini"), tmp_path)
+    page = tmp_path / "demo_scene" / "report.html"
+    browser.get(page.as_uri())
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.getElementById('view').width") > 300)
+    chips = browser.execute_script("return document.querySelectorAll('#chips button').length")
+    if task == "localize":
+        assert chips == len(json.loads((tmp_path / "demo_scene" / "localization.json").read_text())["words"])
+        assert browser.execute_script("return D.layers.length") == 2 and browser.execute_script("return D.boxes.length")
+    elif task == "diffseg":
+        assert chips == json.loads((tmp_path / "demo_scene" / "segments.json").read_text())["num_segments"]
+        assert browser.execute_script("return D.labels !== null")
+    else:
+        assert chips > 1
+    assert browser.execute_script(PIXELS) > 0
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from diffprobe.io import save_figure, save_json, save_png
+from diffprobe.report import page_maps, write_report
 from diffprobe.viz import palette
 
 
@@ -90,4 +91,9 @@ def write_outputs(out_dir: Path, title: str, image: Image.Image, labels: np.ndar
               "segments": segment_table(labels, num_labels, outside, words)}
     save_json(out_dir / "segments.json", record)
     save_figure(out_dir / "figure.png", figure(image, labels, num_labels, outside, title, words))
+    names = words or [f"segment {k}" for k in range(num_labels)]
+    masks = page_maps(np.stack([(labels == k).astype(np.float32) for k in range(num_labels)]))
+    write_report(out_dir / "report.html", f"{title}: {num_labels} segments", np.asarray(image.convert("RGB")),
+                 names, {(0, 0): masks}, ["segment masks"],
+                 labels=np.where(labels == outside, num_labels, labels).astype(np.int64))
     return record

@@ -21,6 +21,7 @@ from diffprobe.data.images import size_of
 from diffprobe.heads.call import analysed_box
 from diffprobe.heads.localize import Localization, LocalizeHead, LocalizeSettings
 from diffprobe.io import save_figure, save_json, save_png, save_tensors
+from diffprobe.report import page_maps, write_report
 from diffprobe.runfolder import unique_names
 from diffprobe.tasks.image_runs import Job, run_job
 from diffprobe.viz import heat_overlay
@@ -96,6 +97,14 @@ def write_localization(result: Localization, head: LocalizeHead, path: Path, ima
                  metadata={"words": ",".join(result.words)})
     save_figure(target / "figure.png", figure(image, result, analysed, f"{path.name}: {settings.method} "
                                                                           f"(threshold {settings.threshold})"))
+    left, top, bw, bh = analysed
+    scale = (bw / size[1], bh / size[0]) * 2
+    boxes = [{"label": w, "box": [v * s for v, s in zip(b, scale)]} for w, b in zip(result.words, result.boxes)
+             if b is not None]
+    crop = np.asarray(image.convert("RGB").crop((left, top, left + bw, top + bh)))
+    write_report(target / "report.html", f"{path.name}: localize ({settings.method})", crop, result.words,
+                 {(0, 0): page_maps(result.refined.numpy()), (1, 0): page_maps(result.raw.numpy())},
+                 ["refined", "raw cross-attention"], boxes=boxes)
     return {"boxes": {w["word"]: w["box"] for w in words}}
 
 

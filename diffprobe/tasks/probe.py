@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from diffprobe.config import section
 from diffprobe.heads.probe import ProbeHead, ProbeSettings
 from diffprobe.io import save_figure, save_json, save_tensors
+from diffprobe.report import write_report
 from diffprobe.runner import Item
 from diffprobe.tasks.image_runs import Job, run_job
 from diffprobe.viz import map_grid
@@ -43,6 +44,23 @@ def _picture_rows(view, names, tokens: list[str], show: int) -> list[tuple[str, 
     return rows
 
 
+def _write_page(path: Path, title: str, picture: np.ndarray, rows: list, view, names: list[str]) -> None:
+    """report.html: the cross-attention sites' token maps (one chip per token, one layer per site, the mean
+    first), resized to the finest of their grids; without cross-attention, each site's first map as one chip."""
+    import torch
+    import torch.nn.functional as F
+
+    cross = [r for r, n in zip(rows, names) if view.sites[n].kind == "cross_attn"]
+    picked = cross or [(title_, maps[:1], ["map"]) for title_, maps, _ in rows]
+    size = max((m.shape[-2:] for _, m, _ in picked), key=lambda s: s[0] * s[1])
+    maps = [F.interpolate(torch.as_tensor(m, dtype=torch.float32)[None], size=tuple(size), mode="bilinear",
+                          align_corners=False)[0].numpy() for _, m, _ in picked]
+    count = min(len(m) for m in maps)
+    slices = {(i + 1, 0): m[:count] for i, m in enumerate(maps)}
+    slices[(0, 0)] = np.mean([m[:count] for m in maps], axis=0)
+    write_report(path, title, picture, picked[0][2][:count], slices, ["mean over sites", *(t for t, _, _ in picked)])
+
+
 def write_probe(view, head: ProbeHead, tokens: list[str], item: Item, target: Path, model: str) -> dict:
     """The files of one image, in its folder `target`, from the head's view of the pass."""
     s = head.settings
@@ -53,7 +71,9 @@ def write_probe(view, head: ProbeHead, tokens: list[str], item: Item, target: Pa
     x = head.inputs(item)
     picture = ((x[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
     attn_names = [n for n in names if view.sites[n].is_attention][:24] or names[:24]
-    save_figure(target / "attention.png", map_grid(picture, _picture_rows(view, attn_names, tokens, s.show)))
+    rows = _picture_rows(view, attn_names, tokens, s.show)
+    save_figure(target / "attention.png", map_grid(picture, rows))
+    _write_page(target / "report.html", f"{path.name}: probe", picture, rows, view, attn_names)
     index = {
         "image": str(path), "model": model, "image_size": head.size, "timestep": s.timestep,
         "noise": s.noise, "prompt": s.prompt, "tokens": tokens[: s.show], "timesteps": view.timesteps,
