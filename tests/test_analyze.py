@@ -1,5 +1,6 @@
 """task=analyze: several heads from one pass write, file for file, what their own tasks write."""
 
+import base64
 import json
 import subprocess
 import sys
@@ -47,6 +48,12 @@ def learned_state(tmp: Path) -> tuple[Path, Path]:
     return keypoints, weights
 
 
+def page_data(path) -> dict:
+    """The data a report.html embeds."""
+    text = path.read_text()
+    return json.loads(text.split("const D = ", 1)[1].split(";\n", 1)[0].replace("<\\/", "</"))
+
+
 def test_one_pass_writes_what_separate_runs_write(tmp_path):
     rng = np.random.default_rng(0)
     photo = tmp_path / "photo.png"
@@ -71,6 +78,14 @@ def test_one_pass_writes_what_separate_runs_write(tmp_path):
                 assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a), (task, name)
             elif name == "labels.png" or name.endswith("_mask.png"):  # labels and masks exactly
                 assert alone[name] == together[name], (task, name)
+            elif name == "report.html":  # the page's maps to one level of 255, its peaks to float rounding
+                a, b = page_data(a_path), page_data(b_path)
+                assert (a["words"], a["layers"], a["slices"].keys()) == (b["words"], b["layers"], b["slices"].keys())
+                for k in a["slices"]:
+                    qa, qb = (np.frombuffer(base64.b64decode(d["slices"][k]["maps"]), np.uint8).astype(int)
+                              for d in (a, b))
+                    assert np.abs(qa - qb).max() <= 1 and np.allclose(a["slices"][k]["peak"], b["slices"][k]["peak"],
+                                                                        rtol=1e-4), (task, name, k)
             elif name.endswith(".png"):  # pictures of float maps: a few grey levels in a few pixels
                 a, b = (np.asarray(Image.open(p), np.int16) for p in (a_path, b_path))
                 assert a.shape == b.shape and (a != b).mean() < 1e-2 and np.abs(a - b).mean() < 0.05, (task, name)
