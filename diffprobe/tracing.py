@@ -144,7 +144,8 @@ class Trace:
         bicubically to the finest kept grid, clamped at 0 and averaged, a word the mean of its tokens' maps; then
         bicubically to the image's size and clamped at 0 (DAAM's expand_image); not normalised. `steps`, `layers`:
         per-step and per-layer slices."""
-        return daam_image_maps(self.layers(image, steps, layers), [self.columns(word, image)], self.bb.grid_factor)[0]
+        columns = self.columns(word, image)   # checks the image number too
+        return daam_image_maps(self.layers(image, steps, layers), [columns], self.bb.grid_factor)[0]
 
     def word_maps(self, words: Sequence[str] | None = None, image: int = 0, **kwargs) -> dict[str, torch.Tensor]:
         """{word: (H, W)} for `words` (default: every word of the image's prompt, split on spaces)."""

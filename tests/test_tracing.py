@@ -128,3 +128,17 @@ def test_start_and_end_tokens_are_words_on_request():
     assert [sd3.context_tokens(PROMPT)[c] for c in end] == ["<|endoftext|>", "</s>"]
     with pytest.raises(DiffprobeError, match="no start token"):
         tiny_backbone("flux").word_positions(PROMPT, ["<start>"])
+
+
+def test_a_batch_of_prompts_maps_each_image_with_its_own_prompt(sd):
+    """pipe([p0, p1], num_images_per_prompt=2): images 0, 1 are p0's, 2, 3 are p1's; each reads its own words."""
+    bb, pipe = sd
+    with diffprobe.trace(pipe) as tr:
+        pipe(["a red cat", "a dog"], num_images_per_prompt=2, num_inference_steps=1, **CALL)
+    assert [tr.prompt_of(i) for i in range(4)] == [(0, "a red cat")] * 2 + [(1, "a dog")] * 2
+    assert tr.columns("dog", image=3) == bb.word_positions("a dog", ["dog"])[0]
+    with pytest.raises(DiffprobeError, match="not found"):
+        tr.word_map("dog", image=0)
+    assert not torch.equal(tr.word_map("a", image=0), tr.word_map("a", image=2))
+    with pytest.raises(DiffprobeError, match="not one of the 4"):
+        tr.word_map("a", image=4)
