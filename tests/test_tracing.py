@@ -2,6 +2,8 @@
 guided batch's prompt rows and a word's columns in the ids the pipeline used are what a direct capture and the
 backbone's word rule give, per-step maps average to the running mean, and every hook is gone on exit."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +144,20 @@ def test_a_batch_of_prompts_maps_each_image_with_its_own_prompt(sd):
     assert not torch.equal(tr.word_map("a", image=0), tr.word_map("a", image=2))
     with pytest.raises(DiffprobeError, match="not one of the 4"):
         tr.word_map("a", image=4)
+
+
+def test_a_long_prompt_finds_its_last_word_past_clips_77_tokens(tmp_path):
+    """SD3: "cat" x 80 then "dog" is cut by CLIP's 77 tokens, so "dog" has only its T5 column (77 + 80); FLUX reads
+    T5's 512 tokens: "dog" after 400 words is column 400. Its map is made (task=heatmap, one step)."""
+    prompt = "cat " * 80 + "dog"
+    sd3 = tiny_backbone("sd3")
+    (dog,) = sd3.word_positions(prompt, ["dog"])
+    assert dog == [77 + 80] and sd3.context_tokens(prompt)[dog[0]] == "▁dog"
+    flux = tiny_backbone("flux")
+    assert flux.word_positions("cat " * 400 + "dog", ["dog"]) == [[400]]
+    from config_helpers import make_cfg
+    from diffprobe.tasks import heatmap
+
+    summary = heatmap.run(make_cfg("heatmap", model="tiny_sd3", prompt=prompt, words=["dog"], steps=1), tmp_path)
+    record = json.loads((tmp_path / summary["prompts"][0]["folder"] / "heatmaps.json").read_text())
+    assert record["words"][0]["columns"] == [157] and record["words"][0]["peak"] > 0
