@@ -47,7 +47,7 @@ class HeatmapTask(HeatmapSettings):
 
     def validate(self) -> None:
         given = OmegaConf.to_object(self.prompt) if OmegaConf.is_config(self.prompt) else self.prompt
-        prompts = [given] if isinstance(given, str) else list(given or [])
+        prompts = [given] if isinstance(given, str) else list(given) if isinstance(given, (list, tuple)) else []
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise DiffprobeError('task=heatmap needs prompt="a red cat on a mat" or prompt="[a red cat, a dog]"')
         self.prompts = prompts
