@@ -3,11 +3,12 @@
 
     python benchmarks/heatmap_cost.py [--model mini] [--model-path DIR] [--steps 50] [--reps 3] [--threads 2]
 
-In one process, with the two modes interleaved `reps` times: `bare` is the family's own generation
-(diffprobe.drives.generate) and `heatmap` the same generation run by the heat-map head (DAAM's cross-attention
-sites captured with their heads, averaged over the calls) with its maps computed; ratios of process CPU time
-and of wall time. Then, each in a fresh process, the peak RSS of a heat-map run at 1, 10 and `steps` steps and of
-`steps` steps keeping every step's maps (per_step=true). Prints a JSON record.
+In one process, with the modes interleaved `reps` times: `bare` is the family's own generation
+(diffprobe.drives.generate), `capture` the same generation under the head's capture alone (DAAM's cross-attention
+sites with their heads, averaged over the calls, the prompt's rows) and `heatmap` the heat-map head's whole run,
+maps and report slices made; ratios of process CPU time and of wall time. Then, each in a fresh process, the peak
+RSS of a heat-map run at 1, 10 and `steps` steps and of `steps` steps keeping every step's maps (per_step=true).
+Prints a JSON record.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 PROMPT = "a red bird over a house"
+MODES = ("bare", "capture", "heatmap")
 
 
 def _backbone(model: str, path: str | None):
@@ -52,9 +54,16 @@ def _run(bb, mode: str, steps: int):
     from diffprobe.drives import generate
     from diffprobe.runner import Item, run_heads
 
+    from diffprobe.heads.heatmaps import daam_sites
+    from diffprobe.hooks import BatchLayout, Need, Reduce
+
     generator = torch.Generator().manual_seed(0)
     if mode == "bare":
         return generate(bb, PROMPT, num_steps=steps, generator=generator)[0]
+    if mode == "capture":   # the head's capture alone, no maps made
+        need = Need(daam_sites(bb.probe.sites), Reduce(heads="none", steps="mean"), layout=BatchLayout(cfg=True))
+        with bb.probe.capture(need):
+            return generate(bb, PROMPT, num_steps=steps, generator=generator)[0]
     return run_heads(bb, [_head(bb, steps)], Item(PROMPT), generator=generator)[0]["image"]
 
 
@@ -64,16 +73,16 @@ def timing(args) -> dict:
     torch.set_num_threads(args.threads)
     bb = _backbone(args.model, args.model_path)
     _run(bb, "heatmap", 2)   # warm-up: weights read, kernels chosen
-    cpu, wall = {"bare": [], "heatmap": []}, {"bare": [], "heatmap": []}
+    cpu, wall = {m: [] for m in MODES}, {m: [] for m in MODES}
     for _ in range(args.reps):
-        for mode in ("bare", "heatmap"):
+        for mode in MODES:
             c0, w0 = time.process_time(), time.perf_counter()
             _run(bb, mode, args.steps)
             cpu[mode].append(time.process_time() - c0)
             wall[mode].append(time.perf_counter() - w0)
     med = {m: (statistics.median(cpu[m]), statistics.median(wall[m])) for m in cpu}
-    return {"bare_s": med["bare"][1], "heatmap_s": med["heatmap"][1],
-            "cpu_ratio": med["heatmap"][0] / med["bare"][0], "wall_ratio": med["heatmap"][1] / med["bare"][1]}
+    return {m: {"wall_s": med[m][1], "cpu_ratio": med[m][0] / med["bare"][0], "wall_ratio": med[m][1] / med["bare"][1]}
+            for m in MODES}
 
 
 def peak(args, steps: int, per_step: bool) -> float:
