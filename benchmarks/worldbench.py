@@ -555,8 +555,10 @@ def write_doc(results: dict, path: Path, meta: dict) -> None:
              "comes from another world seed, so a reader sees whether anything overfits. Written by:", "",
              f"    {meta['command']}", "",
              f"{meta['n']} scenes per split, {meta['threads']} thread(s). Time per part (minutes; the one-minute load "
-             "average as it started: above 1, other work shared the 2 cores and the times are inflated): "
-             + ", ".join(f"{k} {r['minutes']:.1f} (load {r['load_at_start']:.1f})" for k, r in results.items()
+             "average as it started, and as it ended where recorded (parts measured before that record hold the "
+             "load as they ended): above 1, other work shared the 2 cores and the times are inflated): "
+             + ", ".join(f"{k} {r['minutes']:.1f} (load {r['load_at_start']:.1f}"
+                         + (f" to {r['load_at_end']:.1f})" if "load_at_end" in r else ")") for k, r in results.items()
                          if "minutes" in r)
              + f"; {sum(r.get('minutes', 0) for r in results.values()):.0f} min in all.", ""]
     for capability, title, doc in (("segmentation", "## Segmentation", segmentation_doc),
@@ -605,9 +607,9 @@ def main() -> None:
             if key in results:
                 continue
             print(f"{key} ...", file=sys.stderr, flush=True)
-            began = time.time()
+            began, load = time.time(), os.getloadavg()[0]
             results[key] = {**runs[capability](model, args.n), "minutes": (time.time() - began) / 60,
-                            "load_at_start": os.getloadavg()[0]}
+                            "load_at_start": load, "load_at_end": os.getloadavg()[0]}
             args.results.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.results.with_suffix(".partial")
             tmp.write_text(json.dumps({"n": args.n, "results": results}, indent=1))
