@@ -102,8 +102,7 @@ class Trace:
     def prompt_of(self, image: int) -> tuple[int, str]:
         """(prompt number, prompt text as its first stream's tokenizer decodes it) of generated image `image`
         (pipelines repeat each prompt num_images_per_prompt times, prompt by prompt)."""
-        ids = next(iter(self._stream_ids().items()))
-        stream, rows = ids
+        stream, rows = next(iter(self._stream_ids().items()))
         batch = self.cache[self.names[0]].shape[1 if self.need.reduce.stacks_steps else 0]
         sl = self._rows(batch)
         images = sl.stop - sl.start

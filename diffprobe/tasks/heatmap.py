@@ -61,11 +61,17 @@ def settings_of(cfg: DictConfig) -> HeatmapTask:
     return settings
 
 
-def _head(bb, s: HeatmapTask, prompt: str, size: int) -> tuple[HeatmapHead, list[str], list[list[int]]]:
+def _head(bb, s: HeatmapTask, prompt: str, size: int, real: bool = False) -> tuple[HeatmapHead, list[str], list]:
     words = s.words or prompt.split()
     groups = bb.word_positions(prompt, words)
     head_settings = HeatmapSettings(**{k: getattr(s, k) for k in HeatmapSettings.__dataclass_fields__})
-    return HeatmapHead(head_settings, size, prompt, groups, bb.grid_factor), words, groups
+    return HeatmapHead(head_settings, size, prompt, groups, bb.grid_factor, real), words, groups
+
+
+def _record(cfg: DictConfig, s: HeatmapTask, aggregation: str) -> dict:
+    """What heatmaps.json says of the run: the model, the settings, how the maps were made."""
+    return {"model": cfg.model.name, "settings": {k: v for k, v in asdict(s).items() if k != "prompt"},
+            "aggregation": aggregation}
 
 
 def _write(folder: Path, bb, prompt: str, words: list[str], groups, result: dict, record: dict) -> None:
@@ -93,10 +99,8 @@ def job(cfg: DictConfig, bb) -> Job:
     if len(s.prompts) != 1:
         raise DiffprobeError("with image=, give one prompt (the images' caption), not a list")
     size = bb.check_image_size(s.image_size)
-    head, words, groups = _head(bb, s, s.prompts[0], size)
-    head.real = True
-    record = {"model": cfg.model.name, "settings": {k: v for k, v in asdict(s).items() if k != "prompt"},
-              "aggregation": "DAAM over a DDIM inversion (docs/heatmaps.md)"}
+    head, words, groups = _head(bb, s, s.prompts[0], size, real=True)
+    record = _record(cfg, s, "DAAM over a DDIM inversion (docs/heatmaps.md)")
 
     def write(results, path, image, target):
         _write(target, bb, s.prompts[0], words, groups, results[0], {**record, "image": str(path)})
@@ -109,8 +113,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         return run_job(cfg, out_dir, "heatmap")
     s = settings_of(cfg)
     seed = run_config(cfg).seed
-    record = {"model": cfg.model.name, "settings": {k: v for k, v in asdict(s).items() if k not in ("prompt",)},
-              "seed": seed, "aggregation": "DAAM (docs/heatmaps.md)"}
+    record = {**_record(cfg, s, "DAAM (docs/heatmaps.md)"), "seed": seed}
     settings_file = out_dir / "heatmap_settings.json"
     if settings_file.is_file():
         check_fingerprint(json.loads(settings_file.read_text()), record, out_dir)
