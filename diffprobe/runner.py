@@ -15,8 +15,9 @@ model's output.
 from __future__ import annotations
 
 import logging
-from functools import partial
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -52,7 +53,9 @@ class Plan:
     latent of (h, w) beside the captured tensors (checked with them before the pass starts; run_heads sets it from
     Head.work). batch: at most this
     many of the plan's rows per denoiser call: more rows run as successive passes of their own, drawing on from one
-    generator, and their views are joined (memory for speed; the result is the one batch's).
+    generator, and their views are joined (memory for speed; the result is the one batch's). watch: read-only hooks
+    of the head's own around the pass, watch(bb) -> a context manager (concept maps: diffprobe.concepts); what it
+    enters as is view.state["watch"], and view.state["rows"] the plan's rows of the pass's batch (a slice).
     """
 
     drive: Drive
@@ -62,6 +65,7 @@ class Plan:
     size: tuple[int, int] | None = None
     work: Callable[[tuple[int, int]], int] | None = None
     batch: int | None = None
+    watch: Callable | None = None
 
     def conditioning_key(self) -> tuple:
         return ("context", id(self.context)) if self.context is not None else ("prompt", self.prompt)
@@ -273,9 +277,13 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
                 fn(call, t, View(caches[bounds[i]:bounds[i + 1]], current=True, state=states[i]))
 
     generated = None  # early exit leaves the block before the drive returns
-    with torch.set_grad_enabled(grad), bb.probe.capture(flat, early_exit=drive.process == "one_step",
-                                                        attention=bb.attention_capture,
-                                                        on_step=dispatch if on_call else None) as captured:
+    with ExitStack() as watching, torch.set_grad_enabled(grad), \
+            bb.probe.capture(flat, early_exit=drive.process == "one_step", attention=bb.attention_capture,
+                             on_step=dispatch if on_call else None) as captured:
+        for plan, state, b in zip(plans, states, block_of):
+            if plan.watch is not None:
+                state["rows"] = slice(offset + starts[b], offset + starts[b] + counts[b])
+                state["watch"] = watching.enter_context(plan.watch(bb))
         caches[:] = captured
         generated = run_drive(bb, drive, latents, cond, generator, size, progress, noise=noise)
     views = []
@@ -403,8 +411,9 @@ def run_heads(bb, heads: Sequence[Head], item: Any, generator: torch.Generator |
     results: list[Any] = [None] * len(heads)
     for group in group_by_drive(plans):
         for i in [i for i in group if _splits(plans[i], inputs[i])]:
-            if type(heads[i]).on_call is not Head.on_call:
-                raise DiffprobeError(f"the streaming head {heads[i].name} cannot split its rows (Plan.batch)")
+            if type(heads[i]).on_call is not Head.on_call or plans[i].watch is not None:
+                raise DiffprobeError(f"the streaming or watching head {heads[i].name} cannot split its rows "
+                                     "(Plan.batch)")
             source = draws[i] or _fork(generator)
             x, n = inputs[i], plans[i].batch
             views = [run_plans(bb, [plans[i]], [x[k:k + n]], source, progress=progress)[0] for k in range(0, len(x), n)]

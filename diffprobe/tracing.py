@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from diffprobe.backbone import Backbone
+from diffprobe.concepts import ConceptAttention
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.heatmaps import daam_image_maps, daam_sites
 from diffprobe.hooks import BatchLayout, Need, Reduce
@@ -42,10 +43,12 @@ class Trace:
     """What one generation's cross-attention says about each word; see the module docstring. `steps`: "mean"
     (DAAM's sum over the calls, kept as a running mean) or "all" (every call kept: `maps(steps=...)`)."""
 
-    def __init__(self, pipe, sites: str | Sequence[str] | None = None, steps: str = "mean"):
+    def __init__(self, pipe, sites: str | Sequence[str] | None = None, steps: str = "mean",
+                 concepts: Sequence[str] | None = None, **concept_options):
         if steps not in ("mean", "all"):
             raise DiffprobeError(f"steps must be 'mean' or 'all', not {steps!r}")
         self.pipe, self.bb = pipe, pipeline_backbone(pipe)
+        self.concepts = ConceptAttention(self.bb, concepts, **concept_options) if concepts else None
         probe = self.bb.probe
         self.names = probe.select(sites) if sites is not None else daam_sites(probe.sites)
         if not self.names:
@@ -61,12 +64,16 @@ class Trace:
                 self._handles.append(encoder.register_forward_pre_hook(self._keep_ids(s.tokenizer), with_kwargs=True))
         self._capture = self.bb.probe.capture(self.need)
         self.cache = self._capture.__enter__()
+        if self.concepts is not None:
+            self.concepts.__enter__()
         return self
 
     def __exit__(self, *exc) -> bool:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self.concepts is not None:
+            self.concepts.__exit__(*exc)
         return bool(self._capture.__exit__(*exc))
 
     def _keep_ids(self, tokenizer: str):
@@ -149,6 +156,18 @@ class Trace:
     def word_maps(self, words: Sequence[str] | None = None, image: int = 0, **kwargs) -> dict[str, torch.Tensor]:
         """{word: (H, W)} for `words` (default: every word of the image's prompt, split on spaces)."""
         return {w: self.word_map(w, image, **kwargs) for w in (words or self.prompt_of(image)[1].split())}
+
+    def concept_maps(self, image: int = 0) -> dict[str, torch.Tensor]:
+        """{concept: (H, W)} for generated image `image`: ConceptAttention's maps (diffprobe.concepts) of the concepts
+        given to diffprobe.trace(pipe, concepts=[...]), resized bilinearly to the image's size; at each pixel they
+        sum to 1 over the concepts."""
+        if self.concepts is None:
+            raise DiffprobeError("no concepts were traced: diffprobe.trace(pipe, concepts=['bird', 'sky', ...])")
+        maps = self.concepts.image_maps(self.concepts.image_size(self.bb.grid_factor))
+        maps = maps[self._rows(maps.shape[0])]
+        if not 0 <= image < maps.shape[0]:
+            raise DiffprobeError(f"image {image} is not one of the {maps.shape[0]} generated")
+        return dict(zip(self.concepts.concepts, maps[image]))
 
     @property
     def calls(self) -> int:

@@ -131,3 +131,38 @@ def test_every_family_generates_and_maps_its_words(model, tmp_path):
     assert all(m.shape == (64, 64) and float(m.max()) > 0 for m in saved.values())
     cat = next(w for w in record["words"] if w["word"] == "cat")
     assert len(cat["columns"]) == (2 if model == "tiny_sd3" else 1)
+
+
+@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_flux"])
+def test_concepts_leave_the_image_alone_and_are_concept_attentions_maps(model, tmp_path):
+    """concepts=[...]: the generated image and the word maps are those of a run without concepts, bit for bit; each
+    concept's map is what diffprobe.concepts.ConceptAttention gives over the same generation (its prompt rows,
+    resized to the image), the maps sum to 1 over the concepts at every pixel, and the page gets one chip each."""
+    import numpy as np
+    from PIL import Image
+
+    from diffprobe.concepts import ConceptAttention
+    from diffprobe.runner import run_heads
+
+    plain = heatmap.run(make_cfg("heatmap", model=model, prompt="a red cat", steps=2), tmp_path / "plain")
+    cfg = make_cfg("heatmap", model=model, prompt="a red cat", steps=2, concepts=["cat", "dog", "red"])
+    summary = heatmap.run(cfg, tmp_path / "with")
+    a, b = (tmp_path / d / s["prompts"][0]["folder"] for d, s in (("plain", plain), ("with", summary)))
+    assert np.array_equal(np.asarray(Image.open(a / "image.png")), np.asarray(Image.open(b / "image.png")))
+    saved, bare = load_file(b / "heatmaps.safetensors"), load_file(a / "heatmaps.safetensors")
+    assert all(torch.equal(saved[k], bare[k]) for k in bare)
+    concepts = torch.stack([saved[f"concept/{c}"] for c in ("cat", "dog", "red")])
+    torch.testing.assert_close(concepts.sum(0), torch.ones(64, 64))
+
+    bb = tiny_backbone(model.removeprefix("tiny_"))
+    head = HeatmapHead(HeatmapSettings(steps=2), 64, "a red cat", bb.word_positions("a red cat", ["cat"]),
+                       bb.grid_factor)
+    with ConceptAttention(bb, ["cat", "dog", "red"]) as ca:
+        run_heads(bb, [head], Item("a red cat"), generator=torch.Generator().manual_seed(0))
+    want = ca.image_maps((64, 64))[-1]                    # the prompt's row (after the unconditional one with CFG)
+    torch.testing.assert_close(concepts, want)
+    record = json.loads((b / "heatmaps.json").read_text())
+    assert [c["concept"] for c in record["concepts"]] == ["cat", "dog", "red"]
+    assert "[dog]" in (b / "report.html").read_text()
+    with pytest.raises(DiffprobeError, match="concept_space"):
+        heatmap.settings_of(make_cfg("heatmap", prompt="a cat", concepts=["cat"], concept_space="values"))

@@ -58,6 +58,7 @@ class AuraFlowFamily(JointAttentionFamily):
     default_guidance = 3.5      # AuraFlowPipeline's
     no_upsampled_queries = ("its single-stream blocks project text and image tokens as one input, whose queries "
                             "diffprobe does not recompute at upsampled positions")
+    concept_path = None   # its joint blocks' text stream differs from MM-DiT's; not ported
     configs = {"auraflow": PUBLISHED}
     tiny_configs = {"auraflow": TINY}
 

@@ -150,6 +150,16 @@ class Family:
         module was called with, upsampled bicubically from `grid` to `size` (see `upsamples_queries`)."""
         raise NotImplementedError
 
+    def attention_context(self, model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """The context (B, T, Dc) the denoiser's attention reads, made from text-encoder states (B, T, D) as its
+        forward makes it: here as is (a UNet's cross-attention reads the encoder's states)."""
+        return states
+
+    concept_path: str | None = "cross"
+    """How concepts outside the prompt are mapped (diffprobe.concepts): "joint" (ConceptAttention: concept tokens
+    run through the joint blocks as a text stream of their own, `concept_blocks`, `concept_stream_update`),
+    "cross" (read-only: concept keys against the cross-attention's image queries), None (not supported)."""
+
     def feature_module(self, model: nn.Module, site) -> nn.Module:
         """The module whose forward output is the feature site's tensor."""
         raise NotImplementedError

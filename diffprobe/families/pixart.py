@@ -52,6 +52,10 @@ class PixArtFamily(StandardAttention, TransformerFamily):
             return (TextStream("t5", "tokenizer", length=300),)   # PixArtSigmaPipeline's max_sequence_length
         return (TextStream("clip", "tokenizer"),)
 
+    def attention_context(self, model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """Cross-attention reads the captions through the model's caption projection."""
+        return model.caption_projection(states)
+
     def matches(self, model: nn.Module) -> bool:
         from diffusers import PixArtTransformer2DModel
 

@@ -86,3 +86,27 @@ class JointAttentionFamily(TransformerFamily):
         """Rectified flow: x_t = (1 - s) x_0 + s e with s = t / num_train_timesteps (SD3's and FLUX's training)."""
         s = t / bb.scheduler.config.num_train_timesteps
         return (1 - s) * latents + s * noise
+
+    concept_path = "joint"
+
+    def attention_context(self, model: nn.Module, states: torch.Tensor) -> torch.Tensor:
+        """The joint blocks' text stream starts from the context embedder's projection of the states."""
+        return model.context_embedder(states)
+
+    def concept_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """[(path, block)] of the joint (two-stream) blocks a concept stream runs through, in order."""
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(model.transformer_blocks)]
+
+    def concept_stream_update(self, block: nn.Module, c: torch.Tensor, mods: tuple, attended: torch.Tensor
+                              ) -> torch.Tensor:
+        """An MM-DiT block's text-stream residual update (SD3's and FLUX's joint blocks) applied to concept tokens
+        c (B, C, D), given their AdaLN-Zero modulation `mods` (norm, gate_msa, shift_mlp, scale_mlp, gate_mlp) and
+        their attention output before the projection (B, C, D): c + gate * proj(o), then the gated MLP on the
+        modulated second norm. A block whose text stream ends in it (SD3's last, context_pre_only) returns c."""
+        if len(mods) == 1:
+            return c
+        _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        c = c + gate_msa[:, None] * block.attn.to_add_out(attended)
+        hidden = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return c + gate_mlp[:, None] * block.ff_context(hidden)
+

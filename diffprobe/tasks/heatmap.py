@@ -52,6 +52,7 @@ class HeatmapTask(HeatmapSettings):
             raise DiffprobeError('task=heatmap needs prompt="a red cat on a mat" or prompt="[a red cat, a dog]"')
         self.prompts = prompts
         check_values(self, "heatmap")
+        self.check_concepts()
 
 
 def settings_of(cfg: DictConfig) -> HeatmapTask:
@@ -77,20 +78,28 @@ def _record(cfg: DictConfig, s: HeatmapTask, aggregation: str) -> dict:
 def _write(folder: Path, bb, prompt: str, words: list[str], groups, result: dict, record: dict) -> None:
     image = (result["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     maps = result["maps"]
+    concepts = record["settings"]["concepts"] or []
     tensors = {f"word/{w}": m.contiguous() for w, m in zip(words, maps)}
     if result["per_step"] is not None:
         tensors |= {f"per_step/{w}": result["per_step"][:, i].contiguous() for i, w in enumerate(words)}
+    if concepts:
+        tensors |= {f"concept/{c}": m.contiguous() for c, m in zip(concepts, result["concepts"])}
     save_tensors(folder / "heatmaps.safetensors", tensors, metadata={"prompt": prompt})
     peak = maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
-    save_figure(folder / "heatmaps.png", map_grid(image, [(prompt[:40], (maps / peak).numpy(), words)], panel=2.0))
+    rows = [(prompt[:40], (maps / peak).numpy(), words)]
+    if concepts:
+        rows.append(("concepts (ConceptAttention)", result["concepts"].numpy(), concepts))
+    save_figure(folder / "heatmaps.png", map_grid(image, rows, panel=2.0))
     save_png(folder / "image.png", image)
     page = result["page"]
-    write_report(folder / "report.html", prompt, image, words, {k: v.numpy() for k, v in page["slices"].items()},
-                 page["layers"], page["steps"])
+    write_report(folder / "report.html", prompt, image, words + [f"[{c}]" for c in concepts],
+                 {k: v.numpy() for k, v in page["slices"].items()}, page["layers"], page["steps"])
     tokens = bb.context_tokens(prompt)
     save_json(folder / "heatmaps.json", {**record, "prompt": prompt, "words": [
         {"word": w, "columns": g, "tokens": [tokens[c] for c in g], "peak": float(m.max())}
-        for w, g, m in zip(words, groups, maps)]})
+        for w, g, m in zip(words, groups, maps)],
+        "concepts": [{"concept": c, "peak": float(m.max())} for c, m in zip(concepts, result["concepts"])]
+        if concepts else []})
 
 
 def job(cfg: DictConfig, bb) -> Job:
