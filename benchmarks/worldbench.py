@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from diffprobe.concepts import SPACES, ConceptAttention  # noqa: E402
 from diffprobe.data.coco_stuff import CocoStuff27  # noqa: E402
 from diffprobe.data.images import image_to_tensor  # noqa: E402
 from diffprobe.data.world import CLASSES, render_scene, scene_seed  # noqa: E402
@@ -183,6 +185,14 @@ def segmentation_methods(head: DiffSegHead) -> dict:
     }
 
 
+@contextmanager
+def concept_watch(bb):
+    """ConceptAttention's read-only analogue in both spaces over the same inversion, with every class of the world
+    as a concept (those the caption does not name included): {space: ConceptAttention}."""
+    with ExitStack() as stack:
+        yield {space: stack.enter_context(ConceptAttention(bb, list(CLASSES), space=space)) for space in SPACES}
+
+
 def word_data(bb, settings, scene) -> list[dict]:
     """Per category a scene's caption names: the word's maps by every method's own calls, and its exact boxes
     and mask. diffprobe's localize head: one call (its own: t = 300, clean latent) with cross- and self-attention;
@@ -199,8 +209,9 @@ def word_data(bb, settings, scene) -> list[dict]:
     sites = bb.probe.sites
     cross = [n for n in sorted(sites, key=lambda n: sites[n].order) if sites[n].kind == "cross_attn"]
     plan = Plan(Drive("inversion", num_steps=INVERSION_STEPS), (Need(tuple(cross), Reduce(heads="none", steps="mean")),),
-                prompt=scene.caption)
+                prompt=scene.caption, watch=concept_watch)
     (trace,) = run_plans(bb, [plan], [x])
+    concepts = {space: ca.maps()[0] for space, ca in trace.state["watch"].items()}   # (classes, h, w) each
     per_site = [(sites[n].divisor, trace.grid(n), trace[n][0]) for n in cross]     # (heads, Q, T) each
     daam = daam_word_maps([p for n, p in zip(cross, per_site) if n in daam_sites(sites)], groups)
     amd = amd_word_maps([(g, m) for _, g, m in per_site], groups)
@@ -208,6 +219,7 @@ def word_data(bb, settings, scene) -> list[dict]:
     for k, word in enumerate(words):
         objects = [o for o in scene.objects if o.category == word]
         out.append({"map": maps[k].reshape(-1), "probs": probs, "grid": grid, "daam": daam[k], "amd": amd[k],
+                    **{f"concepts {space}": m[CLASSES.index(word)] for space, m in concepts.items()},
                     "boxes": np.array([o.bbox for o in objects], np.float64),
                     "mask": np.isin(scene.instance, [o.instance for o in objects]), "size": scene.image.shape[:2]})
     return out
@@ -228,7 +240,11 @@ def localisation_rules() -> dict:
              "DAAM's aggregation (inversion calls, layers x heads, bicubic, clamp)": (
                  {"-": lambda d: _at_image(d["daam"], d["size"])}, ""),
              "attention-map-diffusers' aggregation (inversion calls, heads summed, layers x calls mean)": (
-                 {"-": lambda d: _at_image(d["amd"], d["size"])}, "")}
+                 {"-": lambda d: _at_image(d["amd"], d["size"])}, ""),
+             "ConceptAttention analogue, keys (inversion calls, the 13 classes as concepts)": (
+                 {"-": lambda d: _at_image(d["concepts keys"], d["size"])}, ""),
+             "ConceptAttention analogue, output space (inversion calls, the 13 classes as concepts)": (
+                 {"-": lambda d: _at_image(d["concepts output"], d["size"])}, "")}
     for method, grid in REFINERS.items():
         rules[f"diffprobe refiner: {method}"] = (
             {", ".join(f"{k} {v}" for k, v in kw.items()): refined(method, kw) for kw in grid}, "refine keys")

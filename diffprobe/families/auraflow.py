@@ -93,6 +93,13 @@ class AuraFlowFamily(JointAttentionFamily):
             output = output[:, -grid[0] * grid[1]:]
         return super().feature_tensor(site, output, grid, call)
 
+    def put_feature(self, site, output: Any, value: torch.Tensor, grid: tuple[int, int]) -> Any:
+        """A single-stream block's image tokens are the last h*w of its [text, image] output."""
+        if site.kind == "block" and not isinstance(output, tuple):
+            n = grid[0] * grid[1]
+            return torch.cat([output[:, :-n], super().put_feature(site, output[:, -n:], value, grid)], 1)
+        return super().put_feature(site, output, value, grid)
+
     def sites(self, model: nn.Module) -> dict[str, Site]:
         p = int(model.config.patch_size)
         found = []

@@ -169,6 +169,11 @@ class Family:
         the hooked call's (module, args, kwargs)."""
         return output[0] if isinstance(output, tuple) else output
 
+    def put_feature(self, site, output: Any, value: torch.Tensor, grid: tuple[int, int]) -> Any:
+        """The feature module's output with the site's tensor replaced by `value` (feature_tensor's inverse): a UNet
+        block's first output (its skip connections unchanged), a ResNet's conv2 output."""
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
     def model_call(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[int, int], Any]:
         """(spatial size of the input latent, in the units of Site.divisor; the timestep) of a denoiser call."""
         bound = call_arguments(model, args, kwargs)

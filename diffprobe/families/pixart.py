@@ -116,4 +116,13 @@ class PixArtFamily(StandardAttention, TransformerFamily):
         return rearrange(table[None] + rearrange(t, "b (k c) -> b k c", k=table.shape[0]), "b k c -> b (k c)")
 
 
+    def put_feature(self, site, output: Any, value: torch.Tensor, grid: tuple[int, int]) -> Any:
+        if site.kind == "modulation":
+            from diffprobe.errors import DiffprobeError
+
+            raise DiffprobeError(f"{site.name}: PixArt's modulation is made inside the block from its inputs; it can be "
+                                 "read, not edited")
+        return super().put_feature(site, output, value, grid)
+
+
 register(PixArtFamily())

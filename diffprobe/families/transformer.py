@@ -73,6 +73,14 @@ class TransformerFamily(Family):
         return rearrange(tokens, "b (h w) c -> b c h w", h=grid[0], w=grid[1])
 
 
+    def put_feature(self, site, output: Any, value: torch.Tensor, grid: tuple[int, int]) -> Any:
+        """hook_out: (B, C, h, w) back to the block's image tokens in its output; hook_modulation: as is."""
+        if site.kind == "modulation":
+            return value
+        tokens = rearrange(value, "b c h w -> b (h w) c")
+        return (output[0], tokens, *output[2:]) if isinstance(output, tuple) else tokens
+
+
 class JointAttentionFamily(TransformerFamily):
     """Rectified-flow transformers with joint attention, captured at the SDPA call."""
 

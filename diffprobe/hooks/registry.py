@@ -11,6 +11,7 @@ from torch import nn
 from diffprobe.hooks.cache import ActivationCache
 from diffprobe.hooks.families import family_for
 from diffprobe.hooks.capture import Capture, StepCallback, StopForward
+from diffprobe.hooks.edits import Intervention, check_no_edits
 from diffprobe.hooks.needs import Need
 from diffprobe.hooks.sites import TEXT_KINDS, Selection, Site, select_sites
 
@@ -125,6 +126,8 @@ class ProbeRegistry:
         else:
             needs = [Need(selection, **need)]
         names = [self.select(n.sites) for n in needs]
+        if attention == "reuse":
+            check_no_edits(self.model)
         for name in {s for sel in names for s in sel}:
             if self.sites[name].is_attention:
                 self.family.check_attention(self.model.get_submodule(self.sites[name].module), name)
@@ -137,3 +140,33 @@ class ProbeRegistry:
                 raise
         finally:
             cap.remove()
+
+    @contextlib.contextmanager
+    def intervene(self, edits: dict) -> Iterator[None]:
+        """Change what the model computes at sites, for the calls made inside the block (diffprobe.hooks.edits).
+
+        Args:
+            edits: {site name or glob: an Edit or a list of Edits applied in order}: attention edits (Scale, Heads,
+                Set of probabilities) at attention sites, feature edits (Add, Clamp, Set) at feature sites.
+        Usable alone or with captures (in one pass; a capture inside or around it); only the hooks installed here
+        are removed on exit, also when the block raises.
+
+        >>> import torch
+        >>> from diffprobe.loading import tiny_backbone
+        >>> from diffprobe.drives import encode_prompt, unet_call
+        >>> from diffprobe.hooks.edits import Scale
+        >>> bb = tiny_backbone("sd15")
+        >>> probe, cond = ProbeRegistry(bb.unet), encode_prompt(bb, ["a cat"])
+        >>> bare = unet_call(bb, torch.zeros(1, 4, 8, 8), 10, cond)
+        >>> with probe.intervene({"*.attn2.hook_probs": Scale(columns=(2,), factor=1.0)}):   # the identity
+        ...     same = unet_call(bb, torch.zeros(1, 4, 8, 8), 10, cond)
+        >>> torch.equal(same, bare)
+        True
+        """
+        intervention = Intervention(self, edits)
+        try:
+            intervention.install()
+            yield None
+        finally:
+            intervention.remove()
+
