@@ -17,10 +17,12 @@ averaged over blocks and calls (a running mean: memory flat in the steps).
 
 Cross-attention models (UNets, PixArt, diffprobe-mini and -mini-dit; `concept_path == "cross"`), the read-only
 analogue: there is no text stream to run concepts through, so each concept's state, made into the attention's
-context as the model makes it (PixArt's caption projection), gives keys (and values) by the layer's own projections;
-`space="keys"` (default) is the softmax over the concepts of the image queries' scaled dot products with them, heads
-averaged; `space="output"` the softmax over concepts of the dot product of the image's attention output (before
-to_out) with each concept's value. Concepts never enter the model's attention. Limits: docs/heatmaps.md.
+context as the model makes it (PixArt's caption projection), gives keys and values by the layer's own projections;
+`space="output"` (default, chosen on WorldBench's validation scenes) is the softmax over concepts of the dot product
+of the image's attention output (before to_out) with each concept's value, the closest analogue of
+ConceptAttention's output space; `space="keys"` the softmax over the concepts of the image queries' scaled dot
+products with the concept keys, heads averaged (the cross-attention the image would pay them as a whole prompt).
+Concepts never enter the model's attention. Limits: docs/heatmaps.md.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from diffprobe.hooks.attention import query_grid, split_heads
 from diffprobe.hooks.kernel import answer_attention
 from diffprobe.hooks.sites import select_sites
 
-SPACES = ("keys", "output")
+SPACES = ("output", "keys")
 
 
 def encode_concepts(bb, concepts: Sequence[str]) -> torch.Tensor:
@@ -101,10 +103,10 @@ def concept_blocks_default(count: int) -> list[int]:
 class ConceptAttention:
     """Concept maps over every denoiser call made inside the `with` block; see the module docstring.
     blocks: joint-block indices whose maps are averaged (joint path; None: the last four); sites: cross-attention
-    site names or globs (cross path; None: every cross-attention site); space: "keys" or "output" (cross path)."""
+    site names or globs (cross path; None: every cross-attention site); space: "output" or "keys" (cross path)."""
 
     def __init__(self, bb, concepts: Sequence[str], blocks: Sequence[int] | None = None,
-                 sites: str | Sequence[str] | None = None, space: str = "keys"):
+                 sites: str | Sequence[str] | None = None, space: str = "output"):
         family, model = bb.family, bb.unet
         if family.concept_path is None:
             raise DiffprobeError(f"{bb.name}: concept maps are not supported for the {family.name} family")

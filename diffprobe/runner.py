@@ -15,7 +15,7 @@ model's output.
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
@@ -277,9 +277,9 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
                 fn(call, t, View(caches[bounds[i]:bounds[i + 1]], current=True, state=states[i]))
 
     generated = None  # early exit leaves the block before the drive returns
-    with ExitStack() as watching, torch.set_grad_enabled(grad), \
-            bb.probe.capture(flat, early_exit=drive.process == "one_step", attention=bb.attention_capture,
-                             on_step=dispatch if on_call else None) as captured:
+    capture = bb.probe.capture(flat, early_exit=drive.process == "one_step", attention=bb.attention_capture,
+                               on_step=dispatch if on_call else None) if flat else nullcontext(())
+    with ExitStack() as watching, torch.set_grad_enabled(grad), capture as captured:
         for plan, state, b in zip(plans, states, block_of):
             if plan.watch is not None:
                 state["rows"] = slice(offset + starts[b], offset + starts[b] + counts[b])

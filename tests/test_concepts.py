@@ -133,8 +133,8 @@ def test_cross_path_keys_are_cross_attention_with_the_concepts_as_the_prompt(str
     attn = bb.unet.get_submodule(bb.probe.sites[site].module)
     seen = []
     h = attn.to_out[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
-    with ConceptAttention(bb, CONCEPTS, sites=site) as keys, ConceptAttention(bb, CONCEPTS, sites=site,
-                                                                              space="output") as out:
+    with ConceptAttention(bb, CONCEPTS, sites=site, space="keys") as keys, ConceptAttention(bb, CONCEPTS,
+                                                                                            sites=site) as out:
         unet_call(bb, latents, t, cond)
     h.remove()
 

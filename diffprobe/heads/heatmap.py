@@ -26,8 +26,8 @@ class HeatmapSettings:
     """steps: generation steps; guidance: its scale (None: the family's, SD 7.5, PixArt 4.5, FLUX 3.5); per_step:
     also every step's maps (memory grows with the steps; without it a running mean, flat); sites: the
     cross-attention sites read (None: DAAM's, every one but a UNet's mid block; names or globs); concepts: words
-    outside the prompt mapped by ConceptAttention (diffprobe.concepts) over the same pass; concept_space: "keys"
-    or "output", on cross-attention models (ignored on joint-attention ones, which use ConceptAttention's own)."""
+    outside the prompt mapped by ConceptAttention (diffprobe.concepts) over the same pass; concept_space: "output"
+    or "keys", on cross-attention models (ignored on joint-attention ones, which use ConceptAttention's own)."""
 
     LIMITS = {"steps": "1..1000", "guidance": ">= 0"}
 
@@ -36,7 +36,7 @@ class HeatmapSettings:
     per_step: bool = False
     sites: list[str] | None = None
     concepts: list[str] | None = None
-    concept_space: str = "keys"
+    concept_space: str = "output"
 
     def check_concepts(self) -> None:
         from diffprobe.concepts import SPACES
