@@ -9,7 +9,9 @@ For latents of 32x32 and 64x64 (256 and 512 px images) it times, in one process 
             every whole joint map over image and text tokens), heads averaged;
 each capture in both attention modes (recompute: the model keeps its fused attention and the probabilities
 are recomputed; reuse: each captured layer's SDPA call is answered by an explicit query-chunked attention
-whose probabilities are kept), and reports each as a ratio of process CPU time to bare (robust to other jobs
+whose probabilities are kept); and edits by probe.intervene (EDITS: two key columns of every cross-attention or
+every attention map scaled by 2, or by 1: the identity, which must leave the output bit-identical); and reports each
+as a ratio of process CPU time to bare (robust to other jobs
 on a shared machine), with the bytes the cache holds and the peak RSS during one call in a fresh process,
 above the RSS of the loaded model. Per-block costs are equal in a transformer, so fewer blocks keep the ratios.
 
@@ -29,9 +31,12 @@ import time
 
 MODES = {"bare": (None, None), "cross": ("cross", "recompute"), "all": ("all", "recompute"),
          "cross, reuse": ("cross", "reuse"), "all, reuse": ("all", "reuse")}
+EDITS = {"edit cross (x2)": ("cross", 2.0), "edit all (x2)": ("all", 2.0), "edit all (identity)": ("all", 1.0)}
+"""probe.intervene: text columns 1 and 2 (self-attention: keys 1 and 2) of every selected map scaled by the factor."""
 SELECT = {"sd15": {"cross": "*.attn2.hook_probs", "all": "*.hook_probs"},
           "sd3": {"cross": "*.hook_img2txt", "all": "*.attn.hook_probs"},
           "flux": {"cross": "*.hook_img2txt", "all": "*.attn.hook_probs"}}
+ALL_MODES = [*MODES, *EDITS]
 TEXT_TOKENS = {"sd15": 77, "sd3": 77 + 256, "flux": 512}   # the pipelines' default text lengths
 
 
@@ -99,6 +104,12 @@ def _call(net, probe, model: str, mode: str, kwargs: dict):
 
     from diffprobe.hooks import Reduce
 
+    from diffprobe.hooks.edits import Scale
+
+    if mode in EDITS:
+        selection, factor = EDITS[mode]
+        with torch.no_grad(), probe.intervene({SELECT[model][selection]: Scale(columns=(1, 2), factor=factor)}):
+            return 0, net(**kwargs).sample
     selection, attention = MODES[mode]
     with torch.no_grad():
         if selection is None:
@@ -148,14 +159,14 @@ def timings(sizes: list[int], reps: int, threads: int, model: str, blocks: int |
     every mode, not the work a call does.
     """
     net, probe, inputs = _setup(threads, model, blocks, dtype)
-    cpu = {(s, m): [] for s in sizes for m in MODES}
-    wall = {(s, m): [] for s in sizes for m in MODES}
+    cpu = {(s, m): [] for s in sizes for m in ALL_MODES}
+    wall = {(s, m): [] for s in sizes for m in ALL_MODES}
     diff = {}
     for size in sizes:
         kwargs = inputs(size)
         _call(net, probe, model, "all", kwargs)  # warm-up
         for _ in range(reps):
-            for mode in MODES:
+            for mode in ALL_MODES:
                 c0, w0 = time.process_time(), time.perf_counter()
                 _, out = _call(net, probe, model, mode, kwargs)
                 cpu[(size, mode)].append(time.process_time() - c0)
@@ -184,7 +195,7 @@ def main() -> None:
     seconds, diff = timings(args.sizes, args.reps, args.threads, args.model, args.blocks, args.dtype)
     memory = {}
     for size in args.sizes:
-        for mode in MODES:
+        for mode in ALL_MODES:
             cmd = [sys.executable, __file__, "--memory", mode, str(size), "--threads", str(args.threads),
                    "--model", args.model, "--dtype", args.dtype] + (["--blocks", str(args.blocks)] if args.blocks else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -198,7 +209,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         bare = seconds[(size, "bare")][0]
-        for mode in MODES:
+        for mode in ALL_MODES:
             mem, (c, w) = memory[(size, mode)], seconds[(size, mode)]
             print(f"| {size}x{size} | {mode} | {c:.2f} | {w:.2f} | {c / bare:.3f} | {mem['held_mib']:.1f} | "
                   f"{mem['peak_above_model_mib']:.0f} | {diff[(size, mode)]:.1e} |")

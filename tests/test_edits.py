@@ -188,3 +188,54 @@ def test_restored_on_errors_and_refusals():
             with bb.probe.capture(cross, attention="reuse"):
                 pass
     assert _hooks(bb.unet) == before
+
+
+class _WordPieces:
+    """A toy tokenizer (the spec's): one token per word, "hippo" two, start token 0, end token 1."""
+
+    bos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [t for w in text.split() for t in ([7, 8] if w == "hippo" else [hash(w) % 1000 + 10])]
+        return type("Encoded", (), {"input_ids": [0, *ids, 1] if add_special_tokens else ids})()
+
+
+def test_prompt_to_prompt_replacement_mapper_as_the_reference():
+    """"a cat sits" -> "a hippo sits": R[0,0] = R[1,1] = 1, R[2,2] = R[2,3] = 0.5, R[j,j] = 1 for j >= 4 and row 3
+    empty (the reference's shift after a swapped word whose token count changed); aligned=True maps source 3 to
+    target 4 instead. Equal token counts map token by token."""
+    from diffprobe.hooks.edits import replacement_mapper
+
+    r = replacement_mapper(_WordPieces(), "a cat sits", "a hippo sits", length=8)
+    want = torch.zeros(8, 8)
+    want[0, 0] = want[1, 1] = 1
+    want[2, 2] = want[2, 3] = 0.5
+    for j in range(4, 8):
+        want[j, j] = 1
+    assert torch.equal(r, want)
+    aligned = replacement_mapper(_WordPieces(), "a cat sits", "a hippo sits", length=8, aligned=True)
+    assert aligned[3, 4] == 1 and aligned[3].sum() == 1 and aligned[2, 2] == 0.5
+    same = replacement_mapper(_WordPieces(), "a cat sits", "a dog sits", length=6)
+    assert torch.equal(same, torch.eye(6))
+    with pytest.raises(DiffprobeError, match="as many words"):
+        replacement_mapper(_WordPieces(), "a cat", "a big cat")
+
+
+def test_a_replace_edit_gives_the_source_maps_through_the_mapper():
+    """Replace(source probabilities, mapper): the layer's output is (source @ mapper) V of this run."""
+    from diffprobe.hooks.edits import Replace
+
+    bb = tiny_backbone("sd15")
+    latents, cond = _inputs(bb)
+    _, other = _inputs(bb, prompt="a blue dog")
+    site = next(n for n, s in bb.probe.sites.items() if s.kind == "cross_attn")
+    attn, seen, handle = _site_io(bb, site)
+    with bb.probe.capture(Need((site,), Reduce(heads="none", steps="all"))) as source:
+        unet_call(bb, latents, 500, other)
+    mapper = torch.eye(77).roll(1, dims=1)
+    with bb.probe.intervene({site: Replace(source=source[site], mapper=mapper)}):
+        unet_call(bb, latents, 500, cond)
+    handle.remove()
+    values = rearrange(attn.to_v(cond.context), "b t (h d) -> b h t d", h=attn.heads)
+    want = rearrange((source[site][0] @ mapper) @ values, "b h q d -> b q (h d)")
+    torch.testing.assert_close(seen[-1], want, atol=1e-6, rtol=1e-5)

@@ -101,6 +101,62 @@ class Set(Edit):
 
 
 @dataclass(frozen=True)
+class Replace(Edit):
+    """Prompt-to-Prompt's word swap (AttentionReplace): the site's probabilities become the source run's mapped to
+    this prompt's tokens, source (S or B, heads, Q, K) @ mapper (K, K) (`replacement_mapper`); per_step and rows
+    as Set. Acts on cross-attention (or an img2txt block)."""
+
+    source: torch.Tensor | None = None
+    mapper: torch.Tensor | None = None
+    per_step: bool = True
+    target = "probs"
+
+    def apply(self, x, step, rows):
+        value = self.source[step] if self.per_step else self.source
+        value = value[rows] if value.ndim == x.ndim and value.shape[0] != 1 else value
+        return (value.to(x.device, torch.float32) @ self.mapper.to(x.device, torch.float32)).to(x.dtype).expand_as(x)
+
+
+def word_token_columns(tokenizer, prompt: str) -> list[list[int]]:
+    """The token columns of each space-separated word of `prompt` by position (Prompt-to-Prompt's word indexing), after
+    the start token when the tokenizer adds one."""
+    words = prompt.split(" ")
+    start = 1 if tokenizer.bos_token_id is not None and tokenizer(prompt).input_ids[:1] == [tokenizer.bos_token_id] \
+        else 0
+    ends = [len(tokenizer(" ".join(words[:i]), add_special_tokens=False).input_ids) if i else 0
+            for i in range(len(words) + 1)]
+    return [list(range(start + a, start + b)) for a, b in zip(ends, ends[1:])]
+
+
+def replacement_mapper(tokenizer, source: str, target: str, length: int = 77, aligned: bool = False) -> torch.Tensor:
+    """Prompt-to-Prompt's replacement mapper (seq_aligner.get_replacement_mapper_): (length, length), the identity
+    except at the words that differ (position by position; equal word counts needed), where a source word's columns
+    map to the target word's (1 if they have as many tokens, else 1 / its token count to each). After the last
+    swapped word the reference continues with mapper[j, j] at the target's index, so when a swapped word's token count
+    changed, later source columns map one off (kept: the default); aligned=True continues from the source's index."""
+    a, b = source.split(" "), target.split(" ")
+    if len(a) != len(b):
+        raise DiffprobeError(f"a replacement needs prompts of as many words: {len(a)} and {len(b)}")
+    swapped = [i for i in range(len(a)) if a[i] != b[i]]
+    cols_a, cols_b = word_token_columns(tokenizer, source), word_token_columns(tokenizer, target)
+    mapper = torch.zeros(length, length)
+    i = j = k = 0
+    while i < length and j < length:
+        if k < len(swapped) and cols_a[swapped[k]][0] == i:
+            src, dst = cols_a[swapped[k]], cols_b[swapped[k]]
+            if len(src) == len(dst):
+                mapper[src, dst] = 1.0                     # token by token
+            else:
+                for t in dst:
+                    mapper[src, t] = 1 / len(dst)
+            k, i, j = k + 1, i + len(src), j + len(dst)
+        else:
+            mapper[i if (k < len(swapped) or aligned) else j, j] = 1.0
+            i, j = i + 1, j + 1
+    return mapper
+
+
+@dataclass(frozen=True)
 class Heads(Edit):
     """Ablate attention heads: their output (b, heads, Q, d) set to 0 ("zero") or to its mean over the queries of
     the call ("mean"); on a joint attention block site, the block's query rows only."""
