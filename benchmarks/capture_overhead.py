@@ -4,7 +4,7 @@ transformer architectures at their published widths with fewer blocks (random we
 For latents of 32x32 and 64x64 (256 and 512 px images) it times, in one process with the modes interleaved:
   bare   -- the denoiser forward with no hooks;
   cross  -- capturing every cross-attention map (UNet: the 16 attn2 maps; transformers: the image-to-text
-            block of every joint attention), heads averaged;
+            block of every joint attention), heads averaged ("cross, heads kept": every head, task=heatmap's);
   all    -- capturing every attention map (UNet: all 32, the 64x64 self-attention included; transformers:
             every whole joint map over image and text tokens), heads averaged;
 each capture in both attention modes (recompute: the model keeps its fused attention and the probabilities
@@ -29,7 +29,8 @@ import sys
 import threading
 import time
 
-MODES = {"bare": (None, None), "cross": ("cross", "recompute"), "all": ("all", "recompute"),
+MODES = {"bare": (None, None), "cross": ("cross", "recompute"), "cross, heads kept": ("cross", "recompute"),
+         "all": ("all", "recompute"),
          "cross, reuse": ("cross", "reuse"), "all, reuse": ("all", "reuse")}
 EDITS = {"edit cross (x2)": ("cross", 2.0), "edit all (x2)": ("all", 2.0), "edit all (identity)": ("all", 1.0)}
 """probe.intervene: text columns 1 and 2 (self-attention: keys 1 and 2) of every selected map scaled by the factor."""
@@ -114,7 +115,8 @@ def _call(net, probe, model: str, mode: str, kwargs: dict):
     with torch.no_grad():
         if selection is None:
             return 0, net(**kwargs).sample
-        with probe.capture(SELECT[model][selection], reduce=Reduce(heads="mean"), attention=attention) as cache:
+        heads = "none" if mode == "cross, heads kept" else "mean"   # task=heatmap's capture keeps the heads
+        with probe.capture(SELECT[model][selection], reduce=Reduce(heads=heads), attention=attention) as cache:
             out = net(**kwargs).sample
         return sum(cache[n].numel() * cache[n].element_size() for n in cache.names), out
 
@@ -186,12 +188,14 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(SELECT), default="sd15")
     parser.add_argument("--blocks", type=int, default=None, help="transformers: blocks (FLUX: of each kind)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--modes", nargs="+", choices=ALL_MODES, default=ALL_MODES, help="bare is always timed")
     parser.add_argument("--memory", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
         print(json.dumps(peak_memory(args.memory[0], int(args.memory[1]), args.threads, args.model, args.blocks,
                                      args.dtype)))
         return
+    ALL_MODES[:] = ["bare", *[m for m in args.modes if m != "bare"]]
     seconds, diff = timings(args.sizes, args.reps, args.threads, args.model, args.blocks, args.dtype)
     memory = {}
     for size in args.sizes:

@@ -241,8 +241,9 @@ def run_drive(bb, drive: Drive, latents: torch.Tensor | None, cond: Conditioning
               generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
               progress: bool = False, noise: torch.Tensor | None = None) -> torch.Tensor | None:
     """Make the drive's denoiser calls on `latents` (B, C, h, w) with `cond` (B rows). A noisy one_step uses
-    `noise` (B, C, h, w) if given, else draws it from `generator`. Generation: latents None, cond the 2B rows
-    [uncond; cond] of B prompts, images of `size`; returns the generated images (B, 3, H, W) in [0, 1].
+    `noise` (B, C, h, w) if given, else draws it from `generator`. Generation: latents the starting ones or None
+    (drawn from `generator`), cond the 2B rows [uncond; cond] of B prompts, images of `size`; returns the generated
+    images (B, 3, H, W) in [0, 1].
     Gradients flow only for one_step, and only if enabled by the caller."""
     if drive.process == "one_step":
         check_timestep(bb, drive.timestep)
@@ -252,5 +253,5 @@ def run_drive(bb, drive: Drive, latents: torch.Tensor | None, cond: Conditioning
     if drive.process == "inversion":
         ddim_inversion(bb, latents, cond, num_steps=drive.num_steps, progress=progress)
         return None
-    images, _ = generate_from(bb, cond, drive.guidance, drive.num_steps, generator, size, progress=progress)
+    images, _ = generate_from(bb, cond, drive.guidance, drive.num_steps, generator, size, latents, progress=progress)
     return images

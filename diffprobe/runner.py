@@ -55,7 +55,9 @@ class Plan:
     many of the plan's rows per denoiser call: more rows run as successive passes of their own, drawing on from one
     generator, and their views are joined (memory for speed; the result is the one batch's). watch: read-only hooks
     of the head's own around the pass, watch(bb) -> a context manager (concept maps: diffprobe.concepts); what it
-    enters as is view.state["watch"], and view.state["rows"] the plan's rows of the pass's batch (a slice).
+    enters as is view.state["watch"], and view.state["rows"] the plan's rows of the pass's batch (a slice). start: a
+    generation's starting latents (B, C, h, w) (an inversion's, to regenerate a real image; default: drawn from the
+    generator); a plan with them runs alone.
     """
 
     drive: Drive
@@ -66,6 +68,7 @@ class Plan:
     work: Callable[[tuple[int, int]], int] | None = None
     batch: int | None = None
     watch: Callable | None = None
+    start: torch.Tensor | None = None
 
     def conditioning_key(self) -> tuple:
         return ("context", id(self.context)) if self.context is not None else ("prompt", self.prompt)
@@ -251,6 +254,10 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     if drive.process == "generation":  # each plan's rows are its cond rows, after the unconditional ones with CFG
         uncond = [encode_prompt(bb, [""], size).expand(sum(counts))] if cfg else []
         cond = Conditioning.cat(uncond + conds)
+        if any(p.start is not None for p in plans):
+            if len(plans) != 1:
+                raise DiffprobeError("a generation from given latents (Plan.start) runs alone")
+            latents = plans[0].start
     else:
         cond = Conditioning.cat(conds)
         encoded: list[tuple[torch.Tensor, object, tuple]] = []  # blocks with equal images and generator (other

@@ -55,28 +55,33 @@ def _site_io(bb, site_name):
     return attn, seen, handle
 
 
-def test_a_planted_cross_attention_ablation_gives_the_hand_computed_output():
-    """SD 1.5's first cross-attention, token 2's column scaled by 0 (not renormalised): the layer's output before
-    to_out is the bare one minus P[:, :, :, 2] V[2], with P captured by a plain capture and V = to_v(context); the
-    first rows only (rows=(0, 1)) are edited."""
-    bb = tiny_backbone("sd15")
+@pytest.mark.parametrize("structure", ["sd15", "sdxl", "pixart"])
+def test_a_planted_cross_attention_ablation_gives_the_hand_computed_output(structure):
+    """The first cross-attention, token 2's column scaled by 0 (not renormalised): the layer's output before to_out
+    is the bare one minus P[:, :, :, 2] V[2], with P captured by a plain capture (PixArt's padding mask included) and
+    V = to_v of the context the module was given; the first rows only (rows=(0, 1)) are edited."""
+    bb = tiny_backbone(structure)
     latents, cond = _inputs(bb)
     site = next(n for n, s in bb.probe.sites.items() if s.kind == "cross_attn")
     attn, seen, handle = _site_io(bb, site)
+    context = []
+    given = attn.register_forward_pre_hook(lambda m, a, k: context.append(k["encoder_hidden_states"].clone()),
+                                           with_kwargs=True)
     with bb.probe.capture(Need((site,), Reduce(heads="none"))) as cache:
         unet_call(bb, latents, 500, cond)
     with bb.probe.intervene({site: Scale(columns=(2,), factor=0.0, rows=(0, 1))}):
         unet_call(bb, latents, 500, cond)
     handle.remove()
-    probs = cache[site]                                                   # (B, heads, Q, 77)
-    values = rearrange(attn.to_v(cond.context), "b t (h d) -> b h t d", h=attn.heads)
+    given.remove()
+    probs = cache[site]                                                   # (B, heads, Q, T)
+    values = rearrange(attn.to_v(context[0]), "b t (h d) -> b h t d", h=attn.heads)
     change = -probs[:, :, :, 2:3] @ values[:, :, 2:3]
     want = seen[0] + rearrange(change, "b h q d -> b q (h d)")
     torch.testing.assert_close(seen[1][:1], want[:1], atol=1e-6, rtol=1e-5)
     assert torch.equal(seen[1][1:], seen[0][1:])                          # row 1 untouched
 
 
-@pytest.mark.parametrize("structure", ["sd3", "flux"])
+@pytest.mark.parametrize("structure", ["sd3", "sd35", "flux", "auraflow"])
 def test_a_planted_joint_image_to_text_edit_changes_only_that_block(structure):
     """A joint attention's img2txt block, text column 1 scaled by 3: the image rows' output before the projection
     gain 2 P_img2txt[..., 1] V_text[1] (P from a plain capture of the block, V from add_v_proj of the text the

@@ -40,3 +40,25 @@ def test_refusals(tmp_path):
                   tmp_path / "a")
     with pytest.raises(DiffprobeError, match="same image"):
         patch.run(make_cfg("patch", clean="a cat", corrupt="a cat", steps=1), tmp_path / "b")
+
+
+def test_a_real_image_is_traced_from_its_inversion(tmp_path):
+    """image=: both generations start from the image's DDIM inversion under the clean prompt, not from the seed's
+    noise (another seed gives the same trace), and the last block restored at every step still undoes the
+    corruption exactly; a folder is refused."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "p.png")
+    runs = []
+    for seed in (0, 1):
+        cfg = make_cfg("patch", clean="a red cat", corrupt="a blue dog", steps=2, guidance=1.0,
+                       sites=["up_blocks.3.hook_out"])
+        cfg.image, cfg.seed = str(tmp_path / "p.png"), seed
+        runs.append(patch.run(cfg, tmp_path / f"out{seed}"))
+    assert runs[0]["image"].endswith("p.png")
+    assert runs[0]["sites"][0]["effect_every_step"] == pytest.approx(1.0, abs=1e-5)
+    assert runs[1]["distance_corrupt_clean"] == pytest.approx(runs[0]["distance_corrupt_clean"], rel=1e-6)
+    cfg.image = str(tmp_path)
+    with pytest.raises(DiffprobeError, match="one image file"):
+        patch.run(cfg, tmp_path / "folder")

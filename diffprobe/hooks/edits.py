@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from diffprobe.hooks.attention import attention_with_lse
 from diffprobe.hooks.capture import _ACTIVE, part_slices
 from diffprobe.hooks.errors import DiffprobeError
 from diffprobe.hooks.kernel import answer_attention
@@ -311,20 +312,22 @@ class Intervention:
             if not active:
                 return out
             grid = sites[0].resolution(self.latent_hw)
-            probs = None
+            probs = lse = None
             for site, edits in active:
                 rows, cols = (part_slices(site, grid, k.shape[-2])[:2] if site.part is not None
                               else (slice(None), slice(None)))
                 on_probs = [e for e in edits if e.target != "output"]
-                if on_probs:
+                if on_probs and all(isinstance(e, Scale) and not e.renormalise for e in on_probs):
+                    lse = _row_lse(q, k, v, bias, scale) if lse is None else lse   # only the scaled columns are made
+                    delta = _scaled_columns(on_probs, q, k, v, bias, scale, lse, rows, cols)
+                elif on_probs:
                     if probs is None:
                         scores = (q.float() @ k.float().transpose(-1, -2)) * scale
                         probs = torch.softmax(scores if bias is None else scores + bias.float(), -1)
                     block = probs[:, :, rows, cols]
-                    change = _edit_rows(on_probs, block, self.step) - block
-                    delta = (change @ v[:, :, cols].float()).to(out.dtype)
-                    out = torch.cat([out[:, :, :rows.start], out[:, :, rows] + delta, out[:, :, rows.stop:]], 2) \
-                        if site.part is not None else out + delta
+                    delta = (_edit_rows(on_probs, block, self.step) - block) @ v[:, :, cols].float()
+                if on_probs:
+                    out = _add_rows(out, delta.to(out.dtype), rows, site.part is not None)
                 on_output = [e for e in edits if e.target == "output"]
                 if on_output:
                     edited = _edit_rows(on_output, out[:, :, rows], self.step)
@@ -332,6 +335,50 @@ class Intervention:
                         if site.part is not None else edited
             return out
         return kernel
+
+
+def _add_rows(out: torch.Tensor, delta: torch.Tensor, rows: slice, block: bool) -> torch.Tensor:
+    """out (B, h, N, d) with delta added to its query rows `rows` (all of them unless `block`)."""
+    if not block:
+        return out + delta
+    return torch.cat([out[:, :, :rows.start], out[:, :, rows] + delta, out[:, :, rows.stop:]], 2)
+
+
+def _row_lse(q, k, v, bias, scale, chunk: int = 1024) -> torch.Tensor:
+    """(B, h, N) log normalisers of the attention's rows: from PyTorch's CPU flash kernel where it serves, else
+    explicitly, `chunk` queries at a time (never the whole (N, K) map at once)."""
+    fused = attention_with_lse(q, k, v, bias, scale)
+    if fused is not None:
+        return fused[1].float()
+    parts = []
+    for i in range(0, q.shape[2], chunk):
+        scores = q[:, :, i:i + chunk].float() @ k.float().transpose(-1, -2) * scale
+        if bias is not None:
+            scores = scores + (bias[..., i:i + chunk, :] if bias.shape[-2] > 1 else bias).float()
+        parts.append(torch.logsumexp(scores, -1))
+    return torch.cat(parts, 2)
+
+
+def _scaled_columns(edits: list[Scale], q, k, v, bias, scale, lse, rows: slice, cols: slice) -> torch.Tensor:
+    """(P' - P) V for edits that only scale key columns: the probabilities of those columns alone, exp(scores - lse),
+    times (product of the factors - 1) per batch row, then times those columns' values -> (B, h, rows, d)."""
+    batch, keys = q.shape[0], torch.arange(k.shape[2], device=q.device)[cols]
+    picked = sorted({c % len(keys) for e in edits for c in e.columns if -len(keys) <= c < len(keys)})
+    if any(not -len(keys) <= c < len(keys) for e in edits for c in e.columns):
+        raise DiffprobeError(f"Scale columns beyond the site's {len(keys)} keys")
+    weights = torch.ones(batch, len(keys), device=q.device)
+    for e in edits:
+        factor = torch.ones(len(keys), device=q.device)
+        if e.columns:
+            factor[list(e.columns)] = torch.as_tensor(e.factor, dtype=torch.float32, device=q.device)
+        r = e.row_slice(batch)
+        weights = torch.cat([weights[:r.start], weights[r] * factor, weights[r.stop:]])
+    at = keys[picked]
+    scores = q[:, :, rows].float() @ k[:, :, at].float().transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + (bias[..., rows, :] if bias.shape[-2] > 1 else bias)[..., at].float()
+    change = torch.exp(scores - lse[:, :, rows, None]) * (weights[:, None, None, picked] - 1)
+    return change @ v[:, :, at].float()
 
 
 def check_no_edits(model: nn.Module) -> None:

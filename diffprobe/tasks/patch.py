@@ -1,9 +1,11 @@
 """task=patch: causal tracing between a clean and a corrupted prompt over a generation.
 
-Both prompts are generated from the same seed. For every site (default: every block's output) and every step, the
-corrupted generation is run again with that one site at that one step restored to the clean generation's value
-(probe.intervene with Set, both rows of a guided batch); the effect on the output is the share of the distance
-between the corrupted and the clean image that the restoration removes:
+Both prompts are generated from the same seed (or, with image=, from the DDIM inversion of that image under the
+clean prompt: a real image's trace; with guidance=1 the clean generation reconstructs the image). For every site
+(default: every block's output) and every step, the corrupted generation is run again with that one site at that
+one step restored to the clean generation's value (probe.intervene with Set, both rows of a guided batch); the
+effect on the output is the share of the distance between the corrupted and the clean image that the restoration
+removes:
 
     effect[site, step] = 1 - |image_patched - image_clean| / |image_corrupt - image_clean|      (L2 over pixels)
 
@@ -29,7 +31,8 @@ import torch
 from omegaconf import DictConfig
 
 from diffprobe.config import check_values, load_configured_backbone, run_config, section
-from diffprobe.drives import Drive
+from diffprobe.data.images import image_to_tensor, load_image
+from diffprobe.drives import Drive, ddim_inversion, encode_images, encode_prompt
 from diffprobe.errors import DiffprobeError
 from diffprobe.hooks import Need, Reduce
 from diffprobe.hooks.edits import Set
@@ -84,14 +87,24 @@ def traced_sites(bb, chosen: list[str] | None) -> list[str]:
 class Tracer:
     """The generations of one causal trace: clean, corrupted, and corrupted with one site restored at one step."""
 
-    def __init__(self, bb, s: PatchSettings, seed: int):
+    def __init__(self, bb, s: PatchSettings, seed: int, image: str | None = None):
         self.bb, self.s, self.seed = bb, s, seed
         self.size = bb.check_image_size(s.image_size)
         self.drive = Drive("generation", num_steps=s.steps, guidance=s.guidance)
+        self.start = None if image is None else self.inverted(image)
+
+    def inverted(self, path: str) -> torch.Tensor:
+        """The DDIM inversion of the image's centre square under the clean prompt, over the generation's steps: the
+        latents both generations start from."""
+        x = image_to_tensor(load_image(path), self.size, crop="center")
+        with torch.no_grad():
+            latents = encode_images(self.bb, x)
+            return ddim_inversion(self.bb, latents, encode_prompt(self.bb, [self.s.clean], (self.size, self.size)),
+                                  num_steps=self.s.steps)
 
     def generate(self, prompt: str, need: Need | None = None, edits: dict | None = None):
         """(image (3, H, W) in [0, 1], the capture of `need` (every row of the batch) or None)."""
-        plan = Plan(self.drive, (), prompt=(prompt,), size=(self.size, self.size))
+        plan = Plan(self.drive, (), prompt=(prompt,), size=(self.size, self.size), start=self.start)
         with torch.no_grad(), self.bb.probe.intervene(edits or {}):
             if need is None:
                 (view,) = run_plans(self.bb, [plan], [None], generator=torch.Generator().manual_seed(self.seed))
@@ -139,15 +152,19 @@ def _figure(names: list[str], effect: np.ndarray, clean: np.ndarray, corrupt: np
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     s = settings_of(cfg)
     seed = run_config(cfg).seed
+    image = cfg.get("image")
+    if image is not None and not Path(str(image)).is_file():
+        raise DiffprobeError(f"image={image}: task=patch traces one image file (its DDIM inversion)")
     bb = load_configured_backbone(cfg)
     names = traced_sites(bb, s.sites)
-    tracer = Tracer(bb, s, seed)
+    tracer = Tracer(bb, s, seed, None if image is None else str(image))
     clean, _ = tracer.generate(s.clean)
     corrupt, _ = tracer.generate(s.corrupt)
     if torch.equal(clean, corrupt):
         raise DiffprobeError("the clean and the corrupted prompt give the same image: nothing to trace")
     rows = IndexedRows(len(names))
-    fingerprint = {"model": cfg.model.name, "settings": asdict(s), "seed": seed, "sites": names}
+    fingerprint = {"model": cfg.model.name, "settings": asdict(s), "seed": seed, "sites": names,
+                   "image": None if image is None else str(image)}
 
     def process(i: int):
         effect = tracer.site_effects(names[i], clean, corrupt)
@@ -163,6 +180,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                  metadata={"sites": ",".join(names)})
     save_figure(out_dir / "patch.png", _figure(names, effect, *pictures, s))
     summary = {"model": cfg.model.name, "clean": s.clean, "corrupt": s.corrupt, "seed": seed, "steps": s.steps,
+               "image": fingerprint["image"],
                "distance_corrupt_clean": float((corrupt - clean).norm()),
                "sites": [{"site": n, "effect_per_step": [round(float(e), 6) for e in row[:-1]],
                           "effect_every_step": round(float(row[-1]), 6), "peak_step": int(row[:-1].argmax())}
