@@ -8,6 +8,12 @@ sites are enumerated and its attention read. Import it alone in other research c
     probe = ProbeRegistry(unet)
     with probe.capture("up_blocks.*.attn2.hook_probs", reduce=Reduce(heads="mean")) as cache:
         unet(latents, t, encoder_hidden_states=context)
+
+The same names change what the model computes (diffprobe.hooks.edits)::
+
+    from diffprobe.hooks.edits import Scale
+    with probe.intervene({"*.attn2.hook_probs": Scale(columns=(5,), factor=0.0)}):
+        unet(latents, t, encoder_hidden_states=context)
 """
 
 from diffprobe.hooks.cache import ActivationCache
