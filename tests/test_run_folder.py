@@ -209,7 +209,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 def test_ctrl_c_in_a_folder_run_keeps_its_summary_and_a_rerun_does_only_the_rest(tmp_path):
     import signal
 
-    n = 24   # enough that the run is still going when the signal lands, on a loaded machine too
+    n = 96   # enough that the run is still going when the signal lands, on a loaded machine too (24 were not)
     files = _images(tmp_path / "in", [f"img{k:02d}.png" for k in range(n)])
     out = tmp_path / "run"
     args = [sys.executable, "-m", "diffprobe", "task=diffseg", "model=tiny_sd15", f"image={tmp_path / 'in'}",
