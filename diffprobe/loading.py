@@ -161,10 +161,29 @@ def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype 
     """
     with quiet_libraries():
         bb = _load_backbone(model_cfg, device, dtype)
+    warn_if_slow_half(bb.device, bb.dtype)
     get = _getter(model_cfg)
     bb.word_stream = str(get("word_stream") or "all")
     bb.streams_named(bb.word_stream)  # an unknown stream is refused here, before any work
     return bb
+
+
+def half_is_slow(device: torch.device, dtype: torch.dtype) -> bool:
+    """True for bfloat16 or float16 on a CPU without the instructions oneDNN needs for them (AVX512-BF16 / AMX /
+    AVX512-FP16): there PyTorch's half convolutions fall back to a reference kernel, measured 500-1000x slower than
+    float32 on a 2-core AVX2 machine (docs/scale.md)."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    check = (torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16
+             else torch.ops.mkldnn._is_mkldnn_fp16_supported)
+    return not check()
+
+
+def warn_if_slow_half(device: torch.device, dtype: torch.dtype) -> None:
+    if half_is_slow(device, dtype):
+        name = str(dtype).removeprefix("torch.")
+        log.warning("this CPU has no %s instructions for oneDNN (AVX512-BF16, AMX or AVX512-FP16): %s convolutions "
+                    "run hundreds of times slower than float32 here; use dtype=float32", name, name)
 
 
 SCHEDULER_CLASSES = {"DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
