@@ -314,6 +314,18 @@ def _skeleton(model):
         torch.set_default_dtype(default)
 
 
+def _remedy(bb) -> str:
+    """What a pass that cannot fit can change: the size, the captures, and a half dtype where it is not one already
+    (said to be slow where the CPU has no bfloat16 kernels)."""
+    from diffprobe.loading import half_is_slow
+
+    ways = [f"lower image_size (the model's own is {bb.sample_size})", "capture fewer sites", "keep fewer steps"]
+    if torch.finfo(bb.dtype).bits > 16:
+        slow = " (slow on this CPU: docs/scale.md)" if half_is_slow(bb.device, torch.bfloat16) else ""
+        ways.append(f"use dtype=bfloat16{slow}")
+    return ", ".join(ways[:-1]) + ", or " + ways[-1]
+
+
 def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_hw: tuple[int, int],
                           cond: Conditioning, grad: bool = False) -> tuple[int, bool]:
     """Peak bytes of the activations of a pass's largest stage: the VAE encoding one block of `image_rows`
@@ -366,8 +378,7 @@ def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw:
     image = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
     check_fits(total + unread, f"this pass at {image[0]} x {image[1]} px (activations {size_text(activations)}, "
                f"captures {size_text(captures)}, heads {size_text(work)}, weights not yet read "
-               f"{size_text(unread)})", f"lower image_size (the model's own is {bb.sample_size}), capture fewer "
-               "sites, keep fewer steps, or use dtype=bfloat16")
+               f"{size_text(unread)})", _remedy(bb))
     estimate = in_use + total
     if new_shape:
         log.info("peak memory estimate: %d bytes (%s: %s in use with the weights read, activations %s, captures "

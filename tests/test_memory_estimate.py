@@ -171,3 +171,19 @@ def test_a_heads_declared_work_bounds_what_its_finish_holds(case):
         run_heads(bb, [head], item)
         declared = head.work(bb.probe.sites, (64 // bb.grid_factor,) * 2, item)
         assert peaks[0] <= declared <= 6 * peaks[0], (out, peaks[0], declared)
+
+
+def test_the_remedy_suggests_a_half_dtype_only_where_it_is_not_one_and_says_when_it_is_slow(monkeypatch):
+    import torch
+
+    from diffprobe import loading
+    from diffprobe.loading import tiny_backbone
+    from diffprobe.runner import _remedy
+
+    bb = tiny_backbone("sd15")
+    monkeypatch.setattr(loading, "half_is_slow", lambda device, dtype: False)
+    assert _remedy(bb).endswith("keep fewer steps, or use dtype=bfloat16")
+    monkeypatch.setattr(loading, "half_is_slow", lambda device, dtype: True)
+    assert _remedy(bb).endswith("or use dtype=bfloat16 (slow on this CPU: docs/scale.md)")
+    half = tiny_backbone("sd15").to(dtype=torch.bfloat16)
+    assert "bfloat16" not in _remedy(half) and _remedy(half).endswith("capture fewer sites, or keep fewer steps")
