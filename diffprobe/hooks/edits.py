@@ -84,6 +84,16 @@ class Scale(Edit):
         return y
 
 
+def _value_at(value: torch.Tensor, per_step: bool, rows_of_value: bool, x: torch.Tensor, step: int,
+              rows: slice) -> torch.Tensor:
+    """A given tensor at call `step` (per_step: value (S, ...)), its batch rows `rows` when it holds every row of the
+    batch (a leading axis of 1 broadcasts), on x's device."""
+    value = value[step] if per_step else value
+    if rows_of_value and value.ndim == x.ndim and value.shape[0] != 1:
+        value = value[rows]
+    return value.to(x.device)
+
+
 @dataclass(frozen=True)
 class Set(Edit):
     """Replace the site's tensor by `value` (broadcastable to it): probabilities or features cached from another run
@@ -95,10 +105,7 @@ class Set(Edit):
     rows_of_value: bool = True
 
     def apply(self, x, step, rows):
-        value = self.value[step] if self.per_step else self.value
-        if self.rows_of_value and value.ndim == x.ndim and value.shape[0] != 1:
-            value = value[rows]
-        return value.to(x.device, x.dtype).expand_as(x)
+        return _value_at(self.value, self.per_step, self.rows_of_value, x, step, rows).to(x.dtype).expand_as(x)
 
 
 @dataclass(frozen=True)
@@ -113,9 +120,8 @@ class Replace(Edit):
     target = "probs"
 
     def apply(self, x, step, rows):
-        value = self.source[step] if self.per_step else self.source
-        value = value[rows] if value.ndim == x.ndim and value.shape[0] != 1 else value
-        return (value.to(x.device, torch.float32) @ self.mapper.to(x.device, torch.float32)).to(x.dtype).expand_as(x)
+        value = _value_at(self.source, self.per_step, True, x, step, rows).float()
+        return (value @ self.mapper.to(x.device, torch.float32)).to(x.dtype).expand_as(x)
 
 
 def word_token_columns(tokenizer, prompt: str) -> list[list[int]]:
@@ -250,6 +256,7 @@ class Intervention:
                         raise DiffprobeError(f"{type(edit).__name__} edits {edit.target}; {name} is a {kind} site")
                     self.by_site[name].append(edit)
         self.handles: list = []
+        self._counted = False   # whether this intervention is in _EDITED (it edits attention)
 
     def install(self) -> None:
         reg = self.registry
@@ -279,7 +286,7 @@ class Intervention:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        if getattr(self, "_counted", False):
+        if self._counted:
             key = id(self.registry.model)
             _EDITED[key] -= 1
             if not _EDITED[key]:
@@ -327,21 +334,20 @@ class Intervention:
                     block = probs[:, :, rows, cols]
                     delta = (_edit_rows(on_probs, block, self.step) - block) @ v[:, :, cols].float()
                 if on_probs:
-                    out = _add_rows(out, delta.to(out.dtype), rows, site.part is not None)
+                    out = _put_rows(out, out[:, :, rows] + delta.to(out.dtype), rows, site.part is not None)
                 on_output = [e for e in edits if e.target == "output"]
                 if on_output:
                     edited = _edit_rows(on_output, out[:, :, rows], self.step)
-                    out = torch.cat([out[:, :, :rows.start], edited, out[:, :, rows.stop:]], 2) \
-                        if site.part is not None else edited
+                    out = _put_rows(out, edited, rows, site.part is not None)
             return out
         return kernel
 
 
-def _add_rows(out: torch.Tensor, delta: torch.Tensor, rows: slice, block: bool) -> torch.Tensor:
-    """out (B, h, N, d) with delta added to its query rows `rows` (all of them unless `block`)."""
+def _put_rows(out: torch.Tensor, new: torch.Tensor, rows: slice, block: bool) -> torch.Tensor:
+    """out (B, h, N, d) with its query rows `rows` replaced by `new` (all of them unless `block`), not in place."""
     if not block:
-        return out + delta
-    return torch.cat([out[:, :, :rows.start], out[:, :, rows] + delta, out[:, :, rows.stop:]], 2)
+        return new
+    return torch.cat([out[:, :, :rows.start], new, out[:, :, rows.stop:]], 2)
 
 
 def _row_lse(q, k, v, bias, scale, chunk: int = 1024) -> torch.Tensor:

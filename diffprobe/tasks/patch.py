@@ -23,6 +23,7 @@ prompts, the sites, each site's effect row and the step where it peaks, the corr
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,13 +106,10 @@ class Tracer:
     def generate(self, prompt: str, need: Need | None = None, edits: dict | None = None):
         """(image (3, H, W) in [0, 1], the capture of `need` (every row of the batch) or None)."""
         plan = Plan(self.drive, (), prompt=(prompt,), size=(self.size, self.size), start=self.start)
-        with torch.no_grad(), self.bb.probe.intervene(edits or {}):
-            if need is None:
-                (view,) = run_plans(self.bb, [plan], [None], generator=torch.Generator().manual_seed(self.seed))
-                return view.images[0].float(), None
-            with self.bb.probe.capture(need) as cache:
-                (view,) = run_plans(self.bb, [plan], [None], generator=torch.Generator().manual_seed(self.seed))
-            return view.images[0].float(), cache
+        capture = self.bb.probe.capture(need) if need is not None else nullcontext()
+        with torch.no_grad(), self.bb.probe.intervene(edits or {}), capture as cache:
+            (view,) = run_plans(self.bb, [plan], [None], generator=torch.Generator().manual_seed(self.seed))
+        return view.images[0].float(), cache
 
     def site_effects(self, site: str, clean: torch.Tensor, corrupt: torch.Tensor) -> np.ndarray:
         """(steps + 1,) effect of restoring `site` at each step alone, then at every step."""
