@@ -40,11 +40,15 @@ def model_args(args) -> list[str]:
     return [f"model={args.model}", *([f"model.path={args.model_path}"] if args.model_path else []), *sites]
 
 
+def command(args, *overrides: str) -> list[str]:
+    """The task=keypoints command line with the benchmark's model and map settings."""
+    return [sys.executable, "-m", "diffprobe", "task=keypoints", *model_args(args), *COMMON, *overrides]
+
+
 def cli(args, *overrides: str) -> float:
     """Run task=keypoints with the benchmark's model and map settings; its wall time in seconds."""
     start = time.time()
-    subprocess.run([sys.executable, "-m", "diffprobe", "task=keypoints", *model_args(args), *COMMON, *overrides],
-                   cwd=REPO, check=True)
+    subprocess.run(command(args, *overrides), cwd=REPO, check=True)
     return time.time() - start
 
 

@@ -2,7 +2,12 @@
 exact ground truth, every setting chosen on val, test reported once, and a fresh test set from another world seed.
 
     python benchmarks/worldbench.py [--models mini mini_dit] [--n 100] [--results benchmarks/results/worldbench.json]
-                                    [--doc docs/worldbench.md] [--threads 2]
+                                    [--doc docs/worldbench.md] [--jobs 2] [--threads 1] [--capabilities ...]
+
+Parts (a model's segmentation, localisation or correspondence; the keypoint board's fits and evaluations) run
+`--jobs` at a time, each in its own process with `--threads` torch threads: the 64 px models use one core each far
+better than two cores one process. The keypoint board's jobs take a free slot first (its chain, val fits then test
+fits then evaluations, is the longest).
 
 Splits: val (world seed 0, split val), test (world seed 0, split test) and fresh (world seed 1, split test: scenes
 nothing was ever tuned on). Each model is loaded and configured as `python -m diffprobe task=diffseg model=<m>` does
@@ -29,8 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -65,7 +73,8 @@ from diffprobe.heads.diffseg.head import DiffSegHead  # noqa: E402
 from diffprobe.heads.diffseg.ncut import NcutSettings, ncut_segment  # noqa: E402
 from diffprobe.heads.pamr import refine_labels  # noqa: E402
 from diffprobe.runner import Item, Plan, run_plans  # noqa: E402
-from worldbench_keypoints import keypoints_doc, run_keypoints  # noqa: E402
+from worker_slots import Slots  # noqa: E402
+from worldbench_keypoints import PRIORITY, keypoints_doc, run_keypoints  # noqa: E402
 
 NOTES = "<!-- the reading below is written by hand; the tables above by the script -->"
 SPLITS = {"val": ("val", 0), "test": ("test", 0), "fresh": ("test", 1)}   # name: (world split, world seed)
@@ -333,18 +342,22 @@ def dift_blocks(bb, image, t: int, prompt: str) -> dict:
     return out
 
 
-def trained_hyperfeatures(model: str, work: Path, steps: int):
-    """Diffusion Hyperfeatures trained as benchmarks/hyperfeatures_world.py does (world seed 0's train pairs in the
-    SPair layout, 40 per category; S = 4 of T = 4 calls; 200 steps), through the command line; resumable."""
-    import subprocess
-
-    from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
-
-    world, run = work / "spair", work / f"train_{model}_{steps}"
+def spair_world(work: Path) -> Path:
+    """World seed 0's train pairs in the SPair layout (20 per category and split, 40 train), written once."""
+    world = work / "spair"
     if not (world / "SPair-71k" / "world.json").is_file():
         subprocess.run([sys.executable, "-m", "diffprobe", "task=world", "world.format=spair", "world.n=20",
                         "world.n_train=40", f"world.out={world}", f"hydra.run.dir={work / 'spair_run'}"],
                        cwd=ROOT, check=True)
+    return world
+
+
+def trained_hyperfeatures(model: str, work: Path, steps: int):
+    """Diffusion Hyperfeatures trained as benchmarks/hyperfeatures_world.py does (world seed 0's train pairs in the
+    SPair layout, 40 per category; S = 4 of T = 4 calls; 200 steps), through the command line; resumable."""
+    from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
+
+    world, run = spair_world(work), work / f"train_{model}_{steps}"
     if not (run / "model" / "aggregator.json").is_file():
         subprocess.run([sys.executable, "-m", "diffprobe", "task=hyperfeatures", f"model={model}", "data=spair",
                         f"data.root={world}", "hyperfeatures.num_steps=4", "hyperfeatures.save_every=1",
@@ -353,9 +366,9 @@ def trained_hyperfeatures(model: str, work: Path, steps: int):
     return HyperfeatureModel.load(run / "model")
 
 
-def pair_data(bb, split: str, n: int, hyperfeatures=None) -> list[dict]:
+def pair_data(bb, split: str, n: int, timesteps: tuple, hyperfeatures=None) -> list[dict]:
     """World pairs (n per category): each image's raw decoder layers at the clean step, DIFT's (DiTF's) blocks at
-    every swept timestep and a trained hyperfeature model's descriptors, the pair's points and the target object's
+    each of `timesteps` and a trained hyperfeature model's descriptors, the pair's points and the target object's
     box."""
     from diffprobe.drives import unknown_words
 
@@ -363,7 +376,6 @@ def pair_data(bb, split: str, n: int, hyperfeatures=None) -> list[dict]:
     # DIFT's "a photo of a {category}"; a model that does not know "photo" (mini's world vocabulary) gets "a {category}"
     template = "a photo of a {}" if not unknown_words(bb.tokenizer, "a photo of a") else "a {}"
     layers = default_layers(bb.probe.sites)
-    timesteps = DIFT_TIMESTEPS if is_unet(bb.probe.sites) else DITF_TIMESTEPS
     raw = ExtractionSettings(layers=layers, process="one_step", image_size=bb.sample_size)
 
     def describe(scene, category):
@@ -407,7 +419,39 @@ def pck_of(data: list[dict], pick) -> dict:
             "seconds": seconds / len(data)}
 
 
+def correspondence_rules(first: dict, hf_steps: int) -> dict:
+    """method: ({setting: (pick(image features) -> descriptors, the DIFT/DiTF timestep it reads or None)}, knob),
+    from one image's features of every swept timestep."""
+    rules = {
+        "raw layer, clean step (the hyperfeatures paper's baseline; a DiT's block outputs), layer chosen on val": (
+            {name: (lambda f, name=name: f["raw"][name], None) for name in first["raw"]}, "layer"),
+    }
+    if 261 in first["dift"]:   # DIFT reads a UNet's decoder blocks
+        blocks = first["dift"][DIFT_TIMESTEPS[0]]
+        rules["DIFT as published (up_blocks.1, t 261, 8 noise draws)"] = ({"-": (lambda f: f["dift"][261][1], 261)},
+                                                                           "")
+        rules["DIFT, block and timestep chosen on val"] = (
+            {f"up_blocks.{b}, t {t}": (lambda f, b=b, t=t: f["dift"][t][b], t) for t in DIFT_TIMESTEPS for b in blocks},
+            "block, timestep")
+    else:   # DiTF reads a transformer block's input through its AdaLN
+        keys = first["dift"][260]
+        middle = (max(k for _, k in keys) + 1) // 2   # DiftSettings' default: len(blocks) // 2
+        rules[f"DiTF as published (block {middle}'s input, t 260, 8 draws, massive channels discarded)"] = (
+            {"-": (lambda f: f["dift"][260][("ditf", middle)], 260)}, "")
+        for variant, label in (("ditf", "DiTF"), ("no discard", "DiTF without the channel discard"),
+                               ("raw input", "DiTF's raw block input (no AdaLN, no discard)")):
+            rules[f"{label}, block and timestep chosen on val"] = (
+                {f"block {k}, t {t}": (lambda f, v=variant, k=k, t=t: f["dift"][t][(v, k)], t)
+                 for t in DITF_TIMESTEPS for (v_, k) in keys if v_ == variant}, "block, timestep")
+    rules[f"Diffusion Hyperfeatures (trained {hf_steps} steps on 120 world train pairs, S = 4 of T = 4)"] = (
+        {"-": (lambda f: f["hf"], None)}, "")
+    rules["same position (no model)"] = ({"-": (None, None)}, "")
+    return rules
+
+
 def run_correspondence(model: str, n: int, work: Path, hf_steps: int = HF_STEPS) -> dict:
+    """Every method's setting chosen on val, where DIFT (DiTF) runs at every swept timestep; test and fresh then run
+    only the timesteps the chosen settings read."""
     from diffprobe.config import load_configured_backbone
 
     began = time.perf_counter()
@@ -415,41 +459,27 @@ def run_correspondence(model: str, n: int, work: Path, hf_steps: int = HF_STEPS)
     training = time.perf_counter() - began
     bb = load_configured_backbone(user_config("correspond", model))
     hyperfeatures.check_backbone(bb.probe.sites)
+    swept = DIFT_TIMESTEPS if is_unet(bb.probe.sites) else DITF_TIMESTEPS
     start = time.perf_counter()
-    data = {split: pair_data(bb, split, n, hyperfeatures) for split in SPLITS}
-    pairs = {split: len(d) for split, d in data.items()}
-    capture = (time.perf_counter() - start) / sum(2 * len(d) for d in data.values())
-    first = data["val"][0]["source"]
-    rules = {
-        "raw layer, clean step (the hyperfeatures paper's baseline; a DiT's block outputs), layer chosen on val": (
-            {name: (lambda f, name=name: f["raw"][name]) for name in first["raw"]}, "layer"),
-    }
-    if 261 in first["dift"]:   # DIFT reads a UNet's decoder blocks
-        blocks = first["dift"][DIFT_TIMESTEPS[0]]
-        rules["DIFT as published (up_blocks.1, t 261, 8 noise draws)"] = ({"-": lambda f: f["dift"][261][1]}, "")
-        rules["DIFT, block and timestep chosen on val"] = (
-            {f"up_blocks.{b}, t {t}": (lambda f, b=b, t=t: f["dift"][t][b]) for t in DIFT_TIMESTEPS for b in blocks},
-            "block, timestep")
-    else:   # DiTF reads a transformer block's input through its AdaLN
-        keys = first["dift"][260]
-        middle = (max(k for _, k in keys) + 1) // 2   # DiftSettings' default: len(blocks) // 2
-        rules[f"DiTF as published (block {middle}'s input, t 260, 8 draws, massive channels discarded)"] = (
-            {"-": lambda f: f["dift"][260][("ditf", middle)]}, "")
-        for variant, label in (("ditf", "DiTF"), ("no discard", "DiTF without the channel discard"),
-                               ("raw input", "DiTF's raw block input (no AdaLN, no discard)")):
-            rules[f"{label}, block and timestep chosen on val"] = (
-                {f"block {k}, t {t}": (lambda f, v=variant, k=k, t=t: f["dift"][t][(v, k)])
-                 for t in DITF_TIMESTEPS for (v_, k) in keys if v_ == variant}, "block, timestep")
-    rules[f"Diffusion Hyperfeatures (trained {hf_steps} steps on 120 world train pairs, S = 4 of T = 4)"] = (
-        {"-": lambda f: f["hf"]}, "")
-    rules["same position (no model)"] = ({"-": None}, "")
-    out = {"pairs": pairs, "per_category": n, "capture_seconds": capture, "hyperfeatures_training_minutes":
-           training / 60, "methods": {}}
-    for method, (settings, knob) in rules.items():
-        val = {k: pck_of(data["val"], pick) for k, pick in settings.items()}
-        best = max(val, key=lambda k: val[k]["pck_point"])
+    data = {"val": pair_data(bb, "val", n, swept, hyperfeatures)}
+    val_seconds = (time.perf_counter() - start) / (2 * len(data["val"]))
+    rules = correspondence_rules(data["val"][0]["source"], hf_steps)
+    choices = {}
+    for method, (settings, _) in rules.items():
+        val = {k: pck_of(data["val"], pick) for k, (pick, _) in settings.items()}
+        choices[method] = max(val, key=lambda k: val[k]["pck_point"]), val
+    needed = tuple(sorted({rules[m][0][best][1] for m, (best, _) in choices.items()} - {None}))
+    start = time.perf_counter()
+    for split in ("test", "fresh"):
+        data[split] = pair_data(bb, split, n, needed, hyperfeatures)
+    capture = (time.perf_counter() - start) / sum(2 * len(data[s]) for s in ("test", "fresh"))
+    out = {"pairs": {split: len(d) for split, d in data.items()}, "per_category": n, "capture_seconds": capture,
+           "val_capture_seconds": val_seconds, "swept_timesteps": list(swept), "test_timesteps": list(needed),
+           "hyperfeatures_training_minutes": training / 60, "methods": {}}
+    for method, (best, val) in choices.items():
+        settings, knob = rules[method]
         out["methods"][method] = {"knob": knob, "chosen": best, "val": val[best],
-                                  **{split: pck_of(data[split], settings[best]) for split in ("test", "fresh")}}
+                                  **{split: pck_of(data[split], settings[best][0]) for split in ("test", "fresh")}}
         print(f"  {method}: {best} -> test {out['methods'][method]['test']['pck_point']:.1f}", file=sys.stderr,
               flush=True)
     return out
@@ -553,8 +583,12 @@ def correspondence_doc(model: str, r: dict) -> list[str]:
              f"World pairs: {pairs['val']} / {pairs['test']} / {pairs['fresh']} (val / test / fresh; up to "
              f"{r['per_category']} per category: faces, birds, houses), the points visible in both, PCK@0.1 of the "
              f"target object's box (per point · mean per pair, %). Features per image: "
-             f"{r['capture_seconds'] * 1000:.0f} ms (the clean call, and DIFT's (UNet) or DiTF's (transformer) calls "
-             "at every swept timestep).", "",
+             + (f"{r['val_capture_seconds'] * 1000:.0f} ms on val (the clean call, the hyperfeature calls, and DIFT's "
+                f"(UNet) or DiTF's (transformer) calls at every swept timestep: {r['swept_timesteps']}), "
+                f"{r['capture_seconds'] * 1000:.0f} ms on test and fresh (only the timesteps the chosen settings read: "
+                f"{r['test_timesteps']})." if "val_capture_seconds" in r else
+                f"{r['capture_seconds'] * 1000:.0f} ms (the clean call, and DIFT's (UNet) or DiTF's (transformer) "
+                "calls at every swept timestep)."), "",
              "| method | chosen on val | val | test | fresh test | s / pair (matching) |", "|---|---|---|---|---|---|"]
     methods = r["methods"]
     for m in sorted(methods, key=lambda m: -methods[m]["test"]["pck_point"]):
@@ -564,19 +598,26 @@ def correspondence_doc(model: str, r: dict) -> list[str]:
     return lines + [""]
 
 
+def runs_line(runs: list[dict]) -> str:
+    """The invocations that computed the parts: which, when, how long, with how many jobs and threads."""
+    if not runs:
+        return "The parts were computed one after another by earlier versions of the script."
+    return " ".join(f"{r['when']}: {len(r['parts'])} part(s) ({', '.join(r['parts'])}) in {r['minutes']:.0f} min "
+                    f"wall, {r['jobs']} job(s) of {r['threads']} thread(s) at once." for r in runs)
+
+
 def write_doc(results: dict, path: Path, meta: dict) -> None:
     lines = ["# WorldBench", "",
              "Every head beside the peers' methods and the classical baselines on the procedural world's exact ground "
              "truth (docs/world.md). Settings are chosen on val only; test is reported once; the fresh test set "
              "comes from another world seed, so a reader sees whether anything overfits. Written by:", "",
              f"    {meta['command']}", "",
-             f"{meta['n']} scenes per split, {meta['threads']} thread(s). Time per part (minutes; the one-minute load "
-             "average as it started, and as it ended where recorded (parts measured before that record hold the "
-             "load as they ended): above 1, other work shared the 2 cores and the times are inflated): "
+             f"{meta['n']} scenes per split. " + runs_line(meta["runs"]) + " Time per part (wall minutes; the "
+             "one-minute load average as it started and as it ended: with two jobs on the 2 cores a load near 2 is "
+             "the run itself, above it other work shared the machine and the times are inflated): "
              + ", ".join(f"{k} {r['minutes']:.1f} (load {r['load_at_start']:.1f}"
                          + (f" to {r['load_at_end']:.1f})" if "load_at_end" in r else ")") for k, r in results.items()
-                         if "minutes" in r)
-             + f"; {sum(r.get('minutes', 0) for r in results.values()):.0f} min in all.", ""]
+                         if "minutes" in r) + ".", ""]
     for capability, title, doc in (("segmentation", "## Segmentation", segmentation_doc),
                                    ("localisation", "## Localisation", localisation_doc),
                                    ("correspondence", "## Correspondence", correspondence_doc),
@@ -593,45 +634,93 @@ def write_doc(results: dict, path: Path, meta: dict) -> None:
     tmp.replace(path)
 
 
+def run_part(args, key: str) -> dict:
+    """One part (model/capability) in this process."""
+    model, capability = key.split("/")
+    if capability == "segmentation":
+        return run_segmentation(model, args.n)
+    if capability == "localisation":
+        return run_localisation(model, args.n)
+    return run_correspondence(model, min(args.n, PAIRS), args.work.resolve() / "correspondence", args.hf_steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mini", "mini_dit"])
     ap.add_argument("--n", type=int, default=100, help="scenes per split")
     ap.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES), choices=list(CAPABILITIES))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (mini's 64 px calls and the methods' "
-                    "small tensors run best on one)")
+    ap.add_argument("--jobs", type=int, default=2, help="parts (and the keypoint board's fits and evaluations) run "
+                    "at once, each in its own process")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (mini's 64 px calls and the "
+                    "methods' small tensors run best on one)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "worldbench.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "worldbench.md")
     ap.add_argument("--work", type=Path, default=ROOT / "outputs" / "worldbench",
-                    help="keypoints: the world datasets and every fit and evaluation run (kept: a rerun resumes)")
+                    help="the world datasets, every fit and evaluation run and each part's result (kept: a rerun "
+                    "resumes)")
     ap.add_argument("--hf-steps", type=int, default=HF_STEPS, help="hyperfeature training steps (correspondence)")
     ap.add_argument("--keypoint-quick", action="store_true", help="keypoints plumbing only: 3 Adam steps, 1 "
                     "transform, 20 / 10 evaluation images (numbers meaningless)")
+    ap.add_argument("--part", help=argparse.SUPPRESS)       # a child: run this model/capability, write --part-out
+    ap.add_argument("--part-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part:
+        result = run_part(args, args.part)
+        tmp = args.part_out.with_suffix(".partial")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(args.part_out)
+        return
     saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
     results = saved.get("results", {}) if saved.get("n") == args.n else {}
-    runs = {"segmentation": run_segmentation, "localisation": run_localisation,
-            "correspondence": lambda model, n: run_correspondence(model, min(n, PAIRS),
-                                                                  args.work.resolve() / "correspondence", args.hf_steps),
-            "keypoints": lambda model, n: run_keypoints(args.work.resolve() / "keypoints", args.keypoint_quick)}
-    for model in args.models:
-        for capability in args.capabilities:
-            if CAPABILITIES[capability] == "board" and model != args.models[0]:
-                continue
-            key = f"{'faces' if CAPABILITIES[capability] == 'board' else model}/{capability}"
-            if key in results:
-                continue
-            print(f"{key} ...", file=sys.stderr, flush=True)
+    runs = saved.get("runs", []) if saved.get("n") == args.n else []
+    slots, lock = Slots(args.jobs, args.threads), threading.Lock()
+    keys = [f"{'faces' if CAPABILITIES[c] == 'board' else m}/{c}" for c in args.capabilities for m in args.models
+            if CAPABILITIES[c] != "board" or m == args.models[0]]
+    todo = sorted((k for k in dict.fromkeys(keys) if k not in results),
+                  key=lambda k: ("keypoints", "correspondence", "segmentation", "localisation").index(k.split("/")[1]))
+
+    def part(key: str) -> None:
+        if key.endswith("/keypoints"):
             began, load = time.time(), os.getloadavg()[0]
-            results[key] = {**runs[capability](model, args.n), "minutes": (time.time() - began) / 60,
-                            "load_at_start": load, "load_at_end": os.getloadavg()[0]}
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.results.with_suffix(".partial")
-            tmp.write_text(json.dumps({"n": args.n, "results": results}, indent=1))
-            tmp.replace(args.results)
+            result = run_keypoints(args.work.resolve() / "keypoints", slots, args.keypoint_quick)
+        else:
+            out = args.work.resolve() / "parts" / f"{key.replace('/', '_')}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with slots.slot():
+                began, load = time.time(), os.getloadavg()[0]
+                subprocess.run([sys.executable, __file__, "--part", key, "--part-out", str(out), "--n", str(args.n),
+                                "--threads", str(args.threads), "--work", str(args.work.resolve()),
+                                "--hf-steps", str(args.hf_steps)], cwd=ROOT, env=slots.env, check=True)
+            result = json.loads(out.read_text())
+        with lock:
+            results[key] = {**result, "minutes": (time.time() - began) / 60, "load_at_start": load,
+                            "load_at_end": os.getloadavg()[0]}
+            save()
+        print(f"{key}: {results[key]['minutes']:.1f} min", file=sys.stderr, flush=True)
+
+    def save() -> None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.results.with_suffix(".partial")
+        tmp.write_text(json.dumps({"n": args.n, "results": results, "runs": runs}, indent=1))
+        tmp.replace(args.results)
+
+    began = time.time()
+    if any(k.endswith("/correspondence") for k in todo):   # the correspondence parts share one world dataset
+        with slots.slot():
+            spair_world(args.work.resolve() / "correspondence")
+    with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
+        futures = [pool.submit(part, todo[0])]
+        if todo[0].endswith("/keypoints"):   # its first jobs start in threads of its own: let them queue first
+            slots.wait_for_queue(PRIORITY, timeout=30)
+        for future in futures + [pool.submit(part, key) for key in todo[1:]]:
+            future.result()
+    if todo:
+        runs.append({"parts": todo, "minutes": (time.time() - began) / 60, "jobs": args.jobs,
+                     "threads": args.threads, "when": time.strftime("%Y-%m-%d %H:%M")})
+        save()
     meta = {"command": "python benchmarks/worldbench.py " + " ".join(sys.argv[1:]), "n": args.n,
-            "threads": args.threads}
+            "threads": args.threads, "jobs": args.jobs, "runs": runs}
     write_doc(results, args.doc, meta)
     print(f"wrote {args.doc}", file=sys.stderr)
 

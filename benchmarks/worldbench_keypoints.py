@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import keypoints_quality as kq
+from worker_slots import Slots
 
 ROOT = Path(__file__).resolve().parent.parent
 VAL_FACES = 60
@@ -35,16 +36,17 @@ CANDIDATES = {   # name: (model, sites; None = the model's own keypoints_sites o
     "mini-dit, its 4 cross-attention sites": ("mini_dit", None),
 }
 METRIC = "inter_ocular_error_percent"
+PRIORITY = 0          # the board's chain is the run's longest: its jobs take free slots first
 QUICK = ["keypoints.predict.augmentations=1", "keypoints.eval.train=20", "keypoints.eval.test=10"]
 
 
-def world_faces(work: Path, seed: int) -> Path:
+def world_faces(work: Path, seed: int, slots: Slots) -> Path:
     """World close-up faces in the CelebA/MAFL layout (300 train, 100 test) from world seed `seed`."""
     root = work / f"faces_seed{seed}"
     if not (root / "done").is_file():
-        subprocess.run([sys.executable, "-m", "diffprobe", "task=world", "world.format=celeba", "world.n=100",
-                        "world.n_train=300", f"world.out={root}", f"seed={seed}",
-                        f"hydra.run.dir={work / f'faces_seed{seed}_run'}"], cwd=ROOT, check=True)
+        slots.run([sys.executable, "-m", "diffprobe", "task=world", "world.format=celeba", "world.n=100",
+                   "world.n_train=300", f"world.out={root}", f"seed={seed}",
+                   f"hydra.run.dir={work / f'faces_seed{seed}_run'}"], PRIORITY)
         (root / "done").write_text("")
     return root
 
@@ -75,70 +77,90 @@ def _args(model: str, sites) -> SimpleNamespace:
     return SimpleNamespace(model=model, model_path=None, sites=sites)
 
 
-def fit(work: Path, name: str, model: str, sites, data: list[str], seed: int, steps: int) -> tuple[Path, float]:
+def fit(work: Path, name: str, model: str, sites, data: list[str], seed: int, steps: int,
+        slots: Slots) -> tuple[Path, float]:
     """task=keypoints mode=fit (resumable); the embeddings file and the fit's wall minutes."""
     run = work / name
     timing = run / "wall_seconds.txt"
     if not (run / "keypoints.safetensors").is_file():
-        seconds = kq.cli(_args(model, sites), "mode=fit", *data, f"keypoints.fit.steps={steps}", f"seed={seed}",
-                         f"hydra.run.dir={run}")
+        seconds = slots.run(kq.command(_args(model, sites), "mode=fit", *data, f"keypoints.fit.steps={steps}",
+                                       f"seed={seed}", f"hydra.run.dir={run}"), PRIORITY)
         timing.write_text(f"{seconds:.1f}\n")
     return run / "keypoints.safetensors", float(timing.read_text()) / 60 if timing.is_file() else float("nan")
 
 
-def evaluate(work: Path, name: str, model: str, sites, data: list[str], embeddings: Path, extra=()) -> dict:
+def evaluate(work: Path, name: str, model: str, sites, data: list[str], embeddings: Path, extra,
+             slots: Slots) -> dict:
     """task=keypoints mode=eval (resumable): metrics.json, with the eval's wall minutes added."""
     run = work / name
     if not (run / "metrics.json").is_file():
-        seconds = kq.cli(_args(model, sites), "mode=eval", *data, *extra, f"embeddings={embeddings}", f"resume={run}",
-                         f"hydra.run.dir={run}")
+        seconds = slots.run(kq.command(_args(model, sites), "mode=eval", *data, *extra, f"embeddings={embeddings}",
+                                       f"resume={run}", f"hydra.run.dir={run}"), PRIORITY)
         (run / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
     metrics = json.loads((run / "metrics.json").read_text())
     timing = run / "wall_seconds.txt"
     return {**metrics, "minutes": float(timing.read_text()) / 60 if timing.is_file() else float("nan")}
 
 
-def baseline(work: Path, name: str, model: str, sites, root: Path, random_tokens: bool) -> Path:
-    """The untrained vote (or K random tokens) on the test protocol's fit faces."""
+def baseline(work: Path, name: str, model: str, sites, root: Path, random_tokens: bool, slots: Slots) -> Path:
+    """The untrained vote (or K random tokens) on the test protocol's fit faces (in this process, in a slot)."""
     out = work / name
     if not (out / "keypoints.safetensors").is_file():
-        kq.untrained(_args(model, sites), {"name": "celeba", "root": str(root), "fit_split": "mafl_train"}, out,
-                     random_tokens)
+        with slots.slot(PRIORITY):
+            kq.untrained(_args(model, sites), {"name": "celeba", "root": str(root), "fit_split": "mafl_train"}, out,
+                         random_tokens)
     return out / "keypoints.safetensors"
 
 
-def run_keypoints(work: Path, quick: bool = False) -> dict:
-    """The board: candidates on val, the chosen one on test (two seeds) and fresh, with the baselines; quick: the
-    plumbing only (3 steps, one transform, few images)."""
+def _together(*calls):
+    """Run the zero-argument calls in threads (their heavy work waits for slots); their results in order."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return [f.result() for f in [pool.submit(c) for c in calls]]
+
+
+def run_keypoints(work: Path, slots: Slots, quick: bool = False) -> dict:
+    """The board: candidates on val, the chosen one on test (two seeds) and fresh, with the baselines; every fit and
+    evaluation that does not wait for another runs beside it in `slots`. quick: the plumbing only (3 steps, one
+    transform, few images)."""
     steps, extra = (3, QUICK) if quick else (500, ())
     work.mkdir(parents=True, exist_ok=True)
-    test_root, fresh_root = world_faces(work, 0), world_faces(work, 1)
+    test_root, fresh_root = _together(lambda: world_faces(work, 0, slots), lambda: world_faces(work, 1, slots))
     val_root = val_faces(work, test_root)
     out: dict = {"val_faces": VAL_FACES, "train_faces": 300 - VAL_FACES, "steps": steps, "candidates": {}}
-    for i, (label, (model, sites)) in enumerate(CANDIDATES.items()):
-        emb, minutes = fit(work, f"val_fit_{i}", model, sites, _data(val_root, True), 0, steps)
-        m = evaluate(work, f"val_eval_{i}", model, sites, _data(val_root, True), emb, extra)
-        out["candidates"][label] = {"model": model, "sites": sites, "val": m[METRIC],
-                                    "val_mean_landmarks": m[f"baseline_mean_landmarks_{METRIC}"],
-                                    "fit_minutes": minutes}
-        print(f"  keypoints val: {label} -> {m[METRIC]:.2f}", file=sys.stderr, flush=True)
+
+    def candidate(i: int, model: str, sites) -> dict:
+        emb, minutes = fit(work, f"val_fit_{i}", model, sites, _data(val_root, True), 0, steps, slots)
+        m = evaluate(work, f"val_eval_{i}", model, sites, _data(val_root, True), emb, extra, slots)
+        return {"model": model, "sites": sites, "val": m[METRIC],
+                "val_mean_landmarks": m[f"baseline_mean_landmarks_{METRIC}"], "fit_minutes": minutes}
+
+    found = _together(*(lambda i=i, c=c: candidate(i, *c) for i, c in enumerate(CANDIDATES.values())))
+    out["candidates"] = dict(zip(CANDIDATES, found))
     best = min(out["candidates"], key=lambda k: out["candidates"][k]["val"])
+    print(f"  keypoints val: {best} chosen", file=sys.stderr, flush=True)
     model, sites = CANDIDATES[best]
     out["chosen"] = best
-    rows: dict = {}
-    for seed in FIT_SEEDS:
-        emb, minutes = fit(work, f"test_fit_seed{seed}", model, sites, _data(test_root, False), seed, steps)
-        rows[f"fitted, seed {seed}"] = {
-            "test": evaluate(work, f"test_eval_seed{seed}", model, sites, _data(test_root, False), emb, extra)[METRIC],
-            "fresh": evaluate(work, f"fresh_eval_seed{seed}", model, sites, _data(fresh_root, False), emb, extra)[METRIC],
-            "fit_minutes": minutes}
-    for label, random_tokens in (("untrained: initial embeddings, the same vote", False),
-                                 ("raw features: initial embeddings, K random tokens", True)):
+
+    def both(name: str, emb: Path) -> tuple[dict, dict]:
+        return tuple(_together(*(lambda split=split, root=root: evaluate(
+            work, f"{split}_eval_{name}", model, sites, _data(root, False), emb, extra, slots)
+            for split, root in (("test", test_root), ("fresh", fresh_root)))))
+
+    def fitted(seed: int) -> dict:
+        emb, minutes = fit(work, f"test_fit_seed{seed}", model, sites, _data(test_root, False), seed, steps, slots)
+        test, fresh = both(f"seed{seed}", emb)
+        return {"test": test[METRIC], "fresh": fresh[METRIC], "fit_minutes": minutes}
+
+    def untrained(random_tokens: bool) -> tuple[dict, dict]:
         tag = "random" if random_tokens else "untrained"
-        emb = baseline(work, f"{tag}_tokens", model, sites, test_root, random_tokens)
-        test = evaluate(work, f"test_eval_{tag}", model, sites, _data(test_root, False), emb, extra)
-        fresh = evaluate(work, f"fresh_eval_{tag}", model, sites, _data(fresh_root, False), emb, extra)
-        rows[label] = {"test": test[METRIC], "fresh": fresh[METRIC]}
+        return both(tag, baseline(work, f"{tag}_tokens", model, sites, test_root, random_tokens, slots))
+
+    *fits, (test, fresh), (random_test, random_fresh) = _together(
+        *(lambda s=s: fitted(s) for s in FIT_SEEDS), lambda: untrained(False), lambda: untrained(True))
+    rows = {f"fitted, seed {s}": r for s, r in zip(FIT_SEEDS, fits)}
+    rows["untrained: initial embeddings, the same vote"] = {"test": test[METRIC], "fresh": fresh[METRIC]}
+    rows["raw features: initial embeddings, K random tokens"] = {"test": random_test[METRIC],
+                                                                 "fresh": random_fresh[METRIC]}
     rows["no image: the training faces' mean landmarks"] = {
         "test": test[f"baseline_mean_landmarks_{METRIC}"], "fresh": fresh[f"baseline_mean_landmarks_{METRIC}"]}
     out["rows"] = rows
