@@ -5,9 +5,9 @@ exact ground truth, every setting chosen on val, test reported once, and a fresh
                                     [--doc docs/worldbench.md] [--jobs 2] [--threads 1] [--capabilities ...]
 
 Parts (a model's segmentation, localisation or correspondence; the keypoint board's fits and evaluations) run
-`--jobs` at a time, each in its own process with `--threads` torch threads: the 64 px models use one core each far
-better than two cores one process. The keypoint board's jobs take a free slot first (its chain, val fits then test
-fits then evaluations, is the longest).
+`--jobs` at a time, each in its own process with `--threads` torch threads (two one-thread jobs keep the 2 cores
+busy). The keypoint board's jobs take a free slot first: its chain (val fits and evaluations, then the chosen
+candidate's test fits, then their evaluations) is the run's longest.
 
 Splits: val (world seed 0, split val), test (world seed 0, split test) and fresh (world seed 1, split test: scenes
 nothing was ever tuned on). Each model is loaded and configured as `python -m diffprobe task=diffseg model=<m>` does

@@ -107,7 +107,7 @@ def test_a_one_step_pass_is_estimated_up_to_its_early_exit():
     """A one-step pass stops the denoiser once its sites have fired (the capture's early exit), and a fit's backward
     starts there: the dry run stops at the same modules. On tiny SD 1.5, with gradients to the context, the estimate
     for the first down block's output is within 10 % of the live peak of a real capture of it (early exit, backward
-    from the captured tensor), as is the third up block's; each well below the next and the whole call's."""
+    from the captured tensor), as is the third up block's; each below the next, and the whole call's above both."""
     from diffprobe.drives import encode_prompt, unet_call
     from diffprobe.families import Conditioning
     from diffprobe.loading import tiny_backbone
