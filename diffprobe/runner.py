@@ -248,10 +248,7 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     flat = [n for group in needs for n in group]
     rows = sum(counts) * (2 if cfg else 1)
     grad = any(n.grad for n in flat) and torch.is_grad_enabled()
-    early = drive.process == "one_step"   # the capture below stops the call once its sites have fired
-    stop = tuple(sorted({bb.probe.sites[s].module for n in flat for s in bb.probe.select(n.sites)})) if early else ()
-    activations, new_shape = pass_activation_bytes(bb, drive.process, rows, max(counts), latent_hw, conds[0], grad,
-                                                   stop)
+    activations, new_shape = pass_activation_bytes(bb, drive.process, rows, max(counts), latent_hw, conds[0], grad)
     check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1], activations, new_shape=new_shape)
     latents, noise = None, None
     if drive.process == "generation":  # each plan's rows are its cond rows, after the unconditional ones with CFG
@@ -287,7 +284,7 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
                 fn(call, t, View(caches[bounds[i]:bounds[i + 1]], current=True, state=states[i]))
 
     generated = None  # early exit leaves the block before the drive returns
-    capture = bb.probe.capture(flat, early_exit=early, attention=bb.attention_capture,
+    capture = bb.probe.capture(flat, early_exit=drive.process == "one_step", attention=bb.attention_capture,
                                on_step=dispatch if on_call else None) if flat else nullcontext(())
     with ExitStack() as watching, torch.set_grad_enabled(grad), capture as captured:
         for plan, state, b in zip(plans, states, block_of):
@@ -329,45 +326,13 @@ def _remedy(bb) -> str:
     return ", ".join(ways[:-1]) + ", or " + ways[-1]
 
 
-class _DryStop(Exception):
-    """A dry run's denoiser call stopped after the last module a pass's early exit waits for."""
-
-
-def _outputs_until(model: torch.nn.Module, modules: tuple[str, ...], call: Callable[[], torch.Tensor]) -> list:
-    """Run call(); with `modules` (paths in `model`), stop once each has returned, as a capture's early exit does.
-    The tensors they returned (or the call's output): what a pass's loss can depend on."""
-    if not modules:
-        return [call()]
-    outputs, remaining = [], set(modules)
-
-    def returned(name):
-        def hook(_, __, out):
-            outputs.extend(o for o in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(o))
-            remaining.discard(name)
-            if not remaining:
-                raise _DryStop
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(returned(n)) for n in modules]
-    try:
-        call()
-    except _DryStop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return outputs
-
-
 def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_hw: tuple[int, int],
-                          cond: Conditioning, grad: bool = False, stop: tuple[str, ...] = ()) -> tuple[int, bool]:
+                          cond: Conditioning, grad: bool = False) -> tuple[int, bool]:
     """Peak bytes of the activations of a pass's largest stage: the VAE encoding one block of `image_rows`
-    images, one denoiser call on `rows` rows (with `grad`, and its backward to the context, as a fit runs it;
-    with `stop`, the denoiser's module paths a one-step pass's early exit waits for, the call ends once they have
-    all returned and the backward starts from their outputs), or the VAE decoding a generation's rows; found by dry
-    runs on fake tensors (diffprobe.memory.forward_peak_bytes) of the model's parts rebuilt from their configs, once
-    per shape for a backbone; and whether the shape is new."""
-    key = (process, rows, image_rows, latent_hw, grad, stop)
+    images, one denoiser call on `rows` rows (with `grad`, and its backward to the context, as a fit runs it), or
+    the VAE decoding a generation's rows; found by dry runs on fake tensors (diffprobe.memory.forward_peak_bytes)
+    of the model's parts rebuilt from their configs, once per shape for a backbone; and whether the shape is new."""
+    key = (process, rows, image_rows, latent_hw, grad)
     new = key not in bb.activation_peaks
     if new:
         pixels = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
@@ -377,10 +342,9 @@ def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_h
 
         def denoise(dry):
             context = torch.empty(rows, *cond.context.shape[1:], **made).requires_grad_(grad)
-            outputs = _outputs_until(dry.unet, stop, lambda: unet_call(
-                dry, torch.empty(rows, *latent, **made), 0, Conditioning(context, added)))
+            out = unet_call(dry, torch.empty(rows, *latent, **made), 0, Conditioning(context, added))
             if grad:
-                sum(o.float().sum() for o in outputs).backward()
+                out.sum().backward()
 
         stages = [denoise]
         if process == "generation":

@@ -103,37 +103,6 @@ def test_a_passs_dry_run_estimate_equals_the_bytes_a_real_pass_holds():
             assert estimate > pass_activation_bytes(bb, "one_step", 3, 2, grid, cond)[0]   # saved for backward
 
 
-def test_a_one_step_pass_is_estimated_up_to_its_early_exit():
-    """A one-step pass stops the denoiser once its sites have fired (the capture's early exit), and a fit's backward
-    starts there: the dry run stops at the same modules. On tiny SD 1.5, with gradients to the context, the estimate
-    for the first down block's output is within 10 % of the live peak of a real capture of it (early exit, backward
-    from the captured tensor), as is the third up block's; each below the next, and the whole call's above both."""
-    from diffprobe.drives import encode_prompt, unet_call
-    from diffprobe.families import Conditioning
-    from diffprobe.loading import tiny_backbone
-    from diffprobe.runner import pass_activation_bytes
-
-    bb = tiny_backbone("sd15")
-    cond = encode_prompt(bb, ["a cat"], (64, 64))
-    grid = (64 // bb.grid_factor, 64 // bb.grid_factor)
-    latents = torch.randn(3, bb.vae.config.latent_channels, 64 // bb.vae_factor, 64 // bb.vae_factor)
-    whole = pass_activation_bytes(bb, "one_step", 3, 1, grid, cond, True)[0]
-    estimates = {}
-    for name in ("down_blocks.0.hook_out", "up_blocks.2.hook_out"):
-        module = bb.probe.sites[name].module
-        estimates[name] = pass_activation_bytes(bb, "one_step", 3, 1, grid, cond, True, (module,))[0]
-
-        def fit_step(name=name):
-            context = torch.randn(3, *cond.context.shape[1:]).requires_grad_(True)
-            with bb.probe.capture(name, grad=True, early_exit=True) as cache:
-                unet_call(bb, latents.clone(), 0, Conditioning(context))
-            cache[name].sum().backward()
-
-        real = max(_live_peak(fit_step, True), _live_peak(lambda: bb.vae.encode(torch.randn(1, 3, 64, 64))))
-        assert abs(estimates[name] - real) < 0.1 * real, (name, estimates[name], real)
-    assert estimates["down_blocks.0.hook_out"] < 0.6 * estimates["up_blocks.2.hook_out"] < 0.6 * whole
-
-
 def test_a_pass_whose_activations_cannot_fit_is_refused_before_the_denoiser_runs(monkeypatch):
     import pytest
     from PIL import Image
