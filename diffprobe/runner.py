@@ -248,8 +248,11 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     flat = [n for group in needs for n in group]
     rows = sum(counts) * (2 if cfg else 1)
     grad = any(n.grad for n in flat) and torch.is_grad_enabled()
-    activations, new_shape = pass_activation_bytes(bb, drive.process, rows, max(counts), latent_hw, conds[0], grad)
-    check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1], activations, new_shape=new_shape)
+    early = drive.process == "one_step"   # the capture below stops the call once its sites have fired
+    activations, new_shape = pass_activation_bytes(bb, drive.process, rows, max(counts), latent_hw, conds[0], grad,
+                                                   tuple(flat) if early else ())
+    check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1], activations, new_shape=new_shape,
+                    captured=early)
     latents, noise = None, None
     if drive.process == "generation":  # each plan's rows are its cond rows, after the unconditional ones with CFG
         uncond = [encode_prompt(bb, [""], size).expand(sum(counts))] if cfg else []
@@ -284,7 +287,7 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
                 fn(call, t, View(caches[bounds[i]:bounds[i + 1]], current=True, state=states[i]))
 
     generated = None  # early exit leaves the block before the drive returns
-    capture = bb.probe.capture(flat, early_exit=drive.process == "one_step", attention=bb.attention_capture,
+    capture = bb.probe.capture(flat, early_exit=early, attention=bb.attention_capture,
                                on_step=dispatch if on_call else None) if flat else nullcontext(())
     with ExitStack() as watching, torch.set_grad_enabled(grad), capture as captured:
         for plan, state, b in zip(plans, states, block_of):
@@ -327,12 +330,16 @@ def _remedy(bb) -> str:
 
 
 def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_hw: tuple[int, int],
-                          cond: Conditioning, grad: bool = False) -> tuple[int, bool]:
+                          cond: Conditioning, grad: bool = False, needs: tuple[Need, ...] = ()) -> tuple[int, bool]:
     """Peak bytes of the activations of a pass's largest stage: the VAE encoding one block of `image_rows`
     images, one denoiser call on `rows` rows (with `grad`, and its backward to the context, as a fit runs it), or
     the VAE decoding a generation's rows; found by dry runs on fake tensors (diffprobe.memory.forward_peak_bytes)
-    of the model's parts rebuilt from their configs, once per shape for a backbone; and whether the shape is new."""
-    key = (process, rows, image_rows, latent_hw, grad)
+    of the model's parts rebuilt from their configs, once per shape for a backbone; and whether the shape is new.
+
+    With `needs` (a one-step pass's), the dry call runs inside their capture with its early exit, as the pass does:
+    it stops once their sites have fired, counts the capture's own tensors (the probabilities it recomputes, their
+    graph with `grad`, what it keeps), and the backward starts from what it kept."""
+    key = (process, rows, image_rows, latent_hw, grad, needs)
     new = key not in bb.activation_peaks
     if new:
         pixels = latent_hw[0] * bb.grid_factor, latent_hw[1] * bb.grid_factor
@@ -342,9 +349,17 @@ def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_h
 
         def denoise(dry):
             context = torch.empty(rows, *cond.context.shape[1:], **made).requires_grad_(grad)
-            out = unet_call(dry, torch.empty(rows, *latent, **made), 0, Conditioning(context, added))
+            call = lambda: unet_call(dry, torch.empty(rows, *latent, **made), 0, Conditioning(context, added))  # noqa: E731
+            if not needs:
+                out = call()
+                if grad:
+                    out.sum().backward()
+                return
+            with dry.probe.capture(list(needs), early_exit=True, attention=bb.attention_capture) as caches:
+                call()
+            kept = [c[name] for c in caches for name in c.names]
             if grad:
-                out.sum().backward()
+                sum(t.float().sum() for t in kept if t.requires_grad).backward()
 
         stages = [denoise]
         if process == "generation":
@@ -357,11 +372,11 @@ def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_h
 
 
 def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw: tuple[int, int], tokens: int,
-                    activations: int = 0, new_shape: bool = False) -> None:
+                    activations: int = 0, new_shape: bool = False, captured: bool = False) -> None:
     """Refuse a pass whose captures, head computations and largest stage's `activations` cannot fit in memory,
-    before it starts. For a pass of a `new_shape` (later passes of it reuse the memory the first one freed), count
-    the mapped weights it has not read yet and log the process's estimated peak: what it holds with its mapped
-    weights read, plus those."""
+    before it starts (`captured`: the activations' dry run held the captures, as a one-step pass's does). For a pass
+    of a `new_shape` (later passes of it reuse the memory the first one freed), count the mapped weights it has not
+    read yet and log the process's estimated peak: what it holds with its mapped weights read, plus those."""
     drive = plans[0].drive
     captures = 0
     for need in needs:   # the steps kept, and while a later call runs, its value beside them
@@ -370,7 +385,8 @@ def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw:
         held = kept + (1 if drive.calls > 1 else 0)
         captures += bb.probe.bytes_per_call(need, latent_hw, need.rows[1] - need.rows[0], tokens) * held
     work = max((p.work(latent_hw) for p in plans if p.work is not None), default=0)
-    total = captures + max(activations, work)   # heads finish one after another, once the model's calls are done
+    # heads finish one after another, once the model's calls are done
+    total = max(activations, captures + work) if captured else captures + max(activations, work)
     # mapped weights not yet read from disk will need memory too; a pass of a shape that ran before has read what
     # it reads, so its resident size says it all (/proc/self/smaps, tens of ms to read, is read for new shapes only)
     in_use = resident_when_weights_read() if new_shape else rss_bytes()

@@ -103,6 +103,42 @@ def test_a_passs_dry_run_estimate_equals_the_bytes_a_real_pass_holds():
             assert estimate > pass_activation_bytes(bb, "one_step", 3, 2, grid, cond)[0]   # saved for backward
 
 
+def test_a_one_step_pass_is_estimated_with_its_capture_up_to_its_early_exit():
+    """A one-step pass runs its denoiser call inside its capture, which stops the call once the sites have fired and
+    keeps (with gradients) the graph of the probabilities it recomputes; a fit's backward starts from what it kept.
+    The dry run does the same: on tiny SD 1.5 the estimate of a keypoint fit's capture (cross-attention of a down
+    and an up block, heads averaged, queries upsampled to 32 x 32, gradients to the context) equals the live peak
+    of the real capture and backward, as does the first down block's; the first is under half the whole call's
+    without a capture (it stops early), the fit's over twice it (its graph at the upsampled queries)."""
+    from diffprobe.drives import encode_prompt, unet_call
+    from diffprobe.families import Conditioning
+    from diffprobe.hooks import Need, Reduce
+    from diffprobe.loading import tiny_backbone
+    from diffprobe.runner import pass_activation_bytes
+
+    bb = tiny_backbone("sd15")
+    cond = encode_prompt(bb, ["a cat"], (64, 64))
+    grid = (64 // bb.grid_factor, 64 // bb.grid_factor)
+    latents = torch.randn(3, bb.vae.config.latent_channels, 64 // bb.vae_factor, 64 // bb.vae_factor)
+    whole = pass_activation_bytes(bb, "one_step", 3, 1, grid, cond, True)[0]
+    fit = Need(("down_blocks.1.*.attn2.hook_probs", "up_blocks.1.*.attn2.hook_probs"), Reduce(heads="mean"),
+               upsample_queries=(32, 32), grad=True)
+    first = Need("down_blocks.0.*.attn2.hook_probs", Reduce(heads="mean"), grad=True)
+    estimates = {}
+    for need in (fit, first):
+        estimates[need] = pass_activation_bytes(bb, "one_step", 3, 1, grid, cond, True, (need,))[0]
+
+        def fit_step(need=need):
+            context = torch.randn(3, *cond.context.shape[1:]).requires_grad_(True)
+            with bb.probe.capture(need, early_exit=True) as cache:
+                unet_call(bb, latents.clone(), 0, Conditioning(context))
+            sum(cache[n].sum() for n in cache.names).backward()
+
+        real = max(_live_peak(fit_step, True), _live_peak(lambda: bb.vae.encode(torch.randn(1, 3, 64, 64))))
+        assert estimates[need] == real, (need.sites, estimates[need], real)
+    assert estimates[first] < 0.5 * whole < 2 * whole < estimates[fit]   # the early exit; the capture's own graph
+
+
 def test_a_pass_whose_activations_cannot_fit_is_refused_before_the_denoiser_runs(monkeypatch):
     import pytest
     from PIL import Image

@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from diffprobe.hooks.attention import (attend_keeping, attention_with_lse, probs_from_qk, query_grid,
                                        upsample_tokens)
@@ -40,8 +41,10 @@ _ACTIVE: dict[int, list["Capture"]] = defaultdict(list)  # id(model) -> the capt
 
 
 def _timestep_value(t) -> float:
+    """The call's timestep as a number; NaN for a tensor without one (empty, or without data: a meta tensor or the
+    fake one of a memory estimate's dry run)."""
     if isinstance(t, torch.Tensor):
-        return float(t.flatten()[0]) if t.numel() else float("nan")
+        return float(t.flatten()[0]) if t.numel() and not (t.is_meta or is_fake(t)) else float("nan")
     return float(t)
 
 
