@@ -35,6 +35,10 @@ def _run(cfg) -> None:
     from diffprobe.io import confined
     from diffprobe.runfolder import hold, holds, release
 
+    if cfg.get("return_freed_memory", True):
+        from diffprobe.memory import return_freed_memory
+
+        return_freed_memory()
     runtime = HydraConfig.get().runtime
     task, out_dir = runtime.choices["task"], Path(runtime.output_dir)
     sweep_job = not holds(out_dir)  # main() holds the folder of a single run; a sweep's jobs take their own

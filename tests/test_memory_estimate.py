@@ -223,3 +223,29 @@ def test_the_remedy_suggests_a_half_dtype_only_where_it_is_not_one_and_says_when
     assert _remedy(bb).endswith("or use dtype=bfloat16 (slow on this CPU: docs/scale.md)")
     half = tiny_backbone("sd15").to(dtype=torch.bfloat16)
     assert "bfloat16" not in _remedy(half) and _remedy(half).endswith("capture fewer sites, or keep fewer steps")
+
+
+_HOLES = """
+import sys, torch
+from diffprobe.memory import return_freed_memory, rss_bytes
+if sys.argv[1] == "return":
+    assert return_freed_memory()
+torch.ones(5 * 2**20).sum()                        # a 20 MiB block, freed: glibc's threshold rises to it
+blocks = [torch.ones(2**21) for _ in range(64)]    # 64 blocks of 8 MiB
+before = rss_bytes()
+del blocks[::2]                                    # every other one freed: holes between live blocks
+print(before - rss_bytes())
+"""
+
+
+def test_freed_tensors_go_back_to_the_system():
+    """With glibc's default, 8 MiB tensors freed between live ones stay in its heap once a larger block has been
+    freed (the process keeps them: resident memory does not drop); after return_freed_memory() the same frees give
+    the 256 MiB back. Each case in a fresh process."""
+    import subprocess
+    import sys
+
+    given = {how: int(subprocess.run([sys.executable, "-c", _HOLES, how], capture_output=True, text=True,
+                                     check=True).stdout) for how in ("default", "return")}
+    assert given["default"] < 32 * 2**20, given
+    assert given["return"] > 240 * 2**20, given
