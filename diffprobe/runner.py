@@ -249,10 +249,13 @@ def run_plans(bb, plans: Sequence[Plan], images: Sequence[torch.Tensor | None],
     rows = sum(counts) * (2 if cfg else 1)
     grad = any(n.grad for n in flat) and torch.is_grad_enabled()
     early = drive.process == "one_step"   # the capture below stops the call once its sites have fired
+    # a fit's dry run runs its capture: the graph it keeps for the backward is most of its peak (without gradients
+    # the capture holds one chunk at a time, and its per-head loops over fake tensors would take minutes at large sizes)
+    dry_capture = tuple(flat) if early and grad else ()
     activations, new_shape = pass_activation_bytes(bb, drive.process, rows, max(counts), latent_hw, conds[0], grad,
-                                                   tuple(flat) if early else ())
+                                                   dry_capture)
     check_pass_fits(bb, plans, flat, latent_hw, conds[0].context.shape[1], activations, new_shape=new_shape,
-                    captured=early)
+                    captured=bool(dry_capture))
     latents, noise = None, None
     if drive.process == "generation":  # each plan's rows are its cond rows, after the unconditional ones with CFG
         uncond = [encode_prompt(bb, [""], size).expand(sum(counts))] if cfg else []
