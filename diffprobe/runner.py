@@ -339,9 +339,10 @@ def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_h
     the VAE decoding a generation's rows; found by dry runs on fake tensors (diffprobe.memory.forward_peak_bytes)
     of the model's parts rebuilt from their configs, once per shape for a backbone; and whether the shape is new.
 
-    With `needs` (a one-step pass's), the dry call runs inside their capture with its early exit, as the pass does:
-    it stops once their sites have fired, counts the capture's own tensors (the probabilities it recomputes, their
-    graph with `grad`, what it keeps), and the backward starts from what it kept."""
+    With `needs` (a fit's: a one-step pass with gradients), the dry call runs inside their capture with its early
+    exit, as the pass does: it stops once their sites have fired, counts the capture's own tensors (the
+    probabilities it recomputes, their graph with `grad`, what it keeps), and the backward starts from what it
+    kept."""
     key = (process, rows, image_rows, latent_hw, grad, needs)
     new = key not in bb.activation_peaks
     if new:
@@ -377,7 +378,7 @@ def pass_activation_bytes(bb, process: str, rows: int, image_rows: int, latent_h
 def check_pass_fits(bb, plans: Sequence[Plan], needs: Sequence[Need], latent_hw: tuple[int, int], tokens: int,
                     activations: int = 0, new_shape: bool = False, captured: bool = False) -> None:
     """Refuse a pass whose captures, head computations and largest stage's `activations` cannot fit in memory,
-    before it starts (`captured`: the activations' dry run held the captures, as a one-step pass's does). For a pass
+    before it starts (`captured`: the activations' dry run held the captures, as a fit's does). For a pass
     of a `new_shape` (later passes of it reuse the memory the first one freed), count the mapped weights it has not
     read yet and log the process's estimated peak: what it holds with its mapped weights read, plus those."""
     drive = plans[0].drive
