@@ -35,15 +35,16 @@ def _run(cfg) -> None:
     from diffprobe.io import confined
     from diffprobe.runfolder import hold, holds, release
 
-    if cfg.get("return_freed_memory", True):
-        from diffprobe.memory import return_freed_memory
+    from diffprobe.config import run_config
+    from diffprobe.memory import return_freed_memory
 
-        return_freed_memory()
     runtime = HydraConfig.get().runtime
     task, out_dir = runtime.choices["task"], Path(runtime.output_dir)
     sweep_job = not holds(out_dir)  # main() holds the folder of a single run; a sweep's jobs take their own
     try:
         _note(hold(out_dir))
+        if run_config(cfg).return_freed_memory:
+            return_freed_memory()
         module = importlib.import_module(f"diffprobe.tasks.{task}")
         with confined(out_dir):
             module.run(cfg, out_dir)

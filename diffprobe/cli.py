@@ -9,7 +9,8 @@ import re
 from importlib import resources
 
 GROUPS = ("task", "model", "data")
-TOP_LEVEL = ("task", "model", "data", "device", "dtype", "seed", "image", "attention_capture", "hydra")
+TOP_LEVEL = ("task", "model", "data", "device", "dtype", "seed", "image", "attention_capture",
+             "return_freed_memory", "hydra")
 # keys of earlier releases that now have another name (under the task's namespace)
 RENAMED = {"add_noise": "noise", "feature_upsample_res": "upsample_queries", "predict_batch": "predict.batch_size",
            "eval_train": "eval.train", "eval_test": "eval.test"}

@@ -33,6 +33,7 @@ class RunSettings:
     dtype: str = "float32"
     seed: int = 0
     attention_capture: str = "recompute"
+    return_freed_memory: bool = True   # large freed CPU blocks go back to the system (diffprobe.memory)
 
 
 def typed(node: Any, schema: type[T], what: str) -> T:
@@ -46,7 +47,8 @@ def typed(node: Any, schema: type[T], what: str) -> T:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
     except OmegaConfBaseException as exc:
-        raise DiffprobeError(f"bad {what} setting: {str(exc).splitlines()[0]}") from None
+        key = getattr(exc, "full_key", None)
+        raise DiffprobeError(f"bad {what} setting{f' {key}' if key else ''}: {str(exc).splitlines()[0]}") from None
     settings = OmegaConf.to_object(merged)
     check_values(settings, what)
     return settings

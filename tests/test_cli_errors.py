@@ -12,6 +12,7 @@ from PIL import Image
     (["timestep=5000", "noise=true"], "timestep must be in 0..999"),
     (["timestep=-3"], "timestep must be in 0..999"),
     (["add_noise=true"], "add_noise is now probe.noise"),
+    (["return_freed_memory=maybe"], "bad run setting return_freed_memory: Value 'maybe' is not a valid bool"),
 ])
 def test_bad_timesteps_and_renamed_keys(tmp_path, args, expected):
     Image.new("RGB", (64, 64), (40, 90, 200)).save(tmp_path / "a.png")
