@@ -86,6 +86,7 @@ DIFT_TIMESTEPS = (51, 101, 261, 401)   # DIFT's published t (261) and those it u
 DITF_TIMESTEPS = (51, 101, 260, 401)   # DiTF's published t (260 of 1000; 90 on DAVIS)
 PAIRS = 20             # correspondence pairs per category (face, bird, house) and split
 HF_STEPS = 200         # hyperfeature training steps (benchmarks/hyperfeatures_world.py's)
+HF_STORE = 1000        # training images whose features stay in memory: all 120 (about 1 MB each), each extracted once
 INVERSION_STEPS = 10   # the DDIM inversion whose calls DAAM's and attention-map-diffusers' aggregations sum
 CAPABILITIES = {"segmentation": "per model", "localisation": "per model", "correspondence": "per model",
                 "keypoints": "board"}   # a board chooses its model on val: one run for every --models
@@ -361,6 +362,7 @@ def trained_hyperfeatures(model: str, work: Path, steps: int):
     if not (run / "model" / "aggregator.json").is_file():
         subprocess.run([sys.executable, "-m", "diffprobe", "task=hyperfeatures", f"model={model}", "data=spair",
                         f"data.root={world}", "hyperfeatures.num_steps=4", "hyperfeatures.save_every=1",
+                        f"hyperfeatures.feature_store={HF_STORE}",
                         f"hyperfeatures.train_steps={steps}", f"hyperfeatures.val_every={min(100, steps)}",
                         f"hydra.run.dir={run}"], cwd=ROOT, check=True)
     return HyperfeatureModel.load(run / "model")

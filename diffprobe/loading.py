@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from diffprobe.errors import DiffprobeError
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# transformers' and diffusers' loaders build parts under a process-wide default device ("meta"): two threads loading
+# at once see each other's, so loads take turns
+_LOADING = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -159,7 +163,7 @@ def load_backbone(model_cfg: Any, device: str = "cpu", dtype: str | torch.dtype 
 
     `tiny` set (e.g. "sd15") builds a tiny random model of that structure instead of loading weights.
     """
-    with quiet_libraries():
+    with _LOADING, quiet_libraries():
         bb = _load_backbone(model_cfg, device, dtype)
     warn_if_slow_half(bb.device, bb.dtype)
     get = _getter(model_cfg)

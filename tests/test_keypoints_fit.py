@@ -93,6 +93,23 @@ def test_resume_continues_exactly(setup, tmp_path):
                        resume=tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("per_call", [4, 3])
+def test_iterations_sharing_a_call_give_the_reference_loops_gradients(setup, per_call):
+    # the reference: one denoiser call per iteration, gradients accumulated; sharing calls (4 in one, or 3 + 1)
+    # keeps each iteration's image, transform and noise, so the loss curve and the embeddings agree to rounding
+    bb, probe, spec, images = setup
+    cfg = FitSettings(num_tokens=8, top_k=2, candidates=4, steps=3, batch_size=4, lr=0.05)
+    reference, ref_history = fit_embeddings(bb, spec, cfg, images, progress=False)
+    shared, history = fit_embeddings(bb, spec, replace(cfg, iterations_per_call=per_call), images, progress=False)
+    assert len({row["loss"] for row in ref_history}) == 3              # the steps differ: the comparison can fail
+    for a, b in zip(ref_history, history):
+        for key in ("loss", "localisation", "equivariance"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4)
+    torch.testing.assert_close(shared, reference, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(reference, fit_embeddings(bb, spec, replace(cfg, seed=1), images,
+                                                         progress=False)[0], atol=1e-3)
+
+
 def test_prediction_head_ensembles_its_views_as_computed_one_at_a_time_and_reads_points(setup):
     bb, probe, spec, images = setup
     from diffprobe.heads.keypoints.affine import unwarp
@@ -160,15 +177,15 @@ def test_localisation_is_on_the_original_images_maps_and_views_are_black_outside
     sharp = gaussian_maps(centres, (16, 16), 2.0)
     flat = torch.full((8, 16, 16), 0.125)
 
-    def planted(bb_, spec_, pair, embeddings, generator=None, tokens=None):
-        seen["pair"] = pair
-        return torch.stack([sharp, flat]) + 0 * embeddings.sum()
+    def planted(bb_, spec_, pairs, embeddings, generators, tokens=None):
+        seen["pair"] = pairs[0]
+        return [torch.stack([sharp, flat]) + 0 * embeddings.sum()]
 
-    monkeypatch.setattr(fit_module, "attention_maps", planted)
+    monkeypatch.setattr(fit_module, "maps_in_one_call", planted)
     cfg = FitSettings(num_tokens=8, top_k=2, candidates=4, affine=AffineRange(0.0, (1.0, 1.0), 0.4))
     emb = torch.zeros(8, bb.context_dim, requires_grad=True)
     white = torch.ones(1, 3, 64, 64)
-    _, parts = fit_module.iteration_loss(bb, spec, cfg, white, emb, torch.Generator().manual_seed(3))
+    _, (parts,) = fit_module.iteration_losses(bb, spec, cfg, [white], emb, [torch.Generator().manual_seed(3)])
     assert parts["localisation"] == pytest.approx(0.0, abs=1e-12)
     assert localisation_loss(flat[:2], 2.0) > 0.01          # T(x)'s maps would have given a large loss
     view = seen["pair"][1]                                  # a pure translation of a white image

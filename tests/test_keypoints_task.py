@@ -14,7 +14,7 @@ import config_helpers
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.heads.keypoints.image_sets import ImageSet, LandmarkItem
-from diffprobe.heads.keypoints.state import load_model
+from diffprobe.heads.keypoints.state import load_model, save_model
 from diffprobe.tasks import keypoints
 from diffprobe.tasks.keypoints_eval import collect, landmark_metric, mean_landmarks
 
@@ -100,6 +100,32 @@ def test_eval_on_cub_writes_metrics_and_resumes(fitted, tmp_path):
     rows = json.loads((tmp_path / "eval" / "test_predictions.json").read_text())
     assert len(rows) == 1 and rows[0]["error"] == pytest.approx(metrics["mean_l2"])
     assert Image.open(tmp_path / "eval" / "test_predictions.png").size == (192, 192)
+
+
+def test_eval_applies_an_earlier_regressor_to_a_new_test_set_without_reading_train(fitted, tmp_path):
+    _, out, _ = fitted
+    base = make_cub_with_images(tmp_path / "cub")
+    data = OmegaConf.merge(OmegaConf.load(CONF / "data" / "cub.yaml"), {"root": str(base), "train_split": "all"})
+    cfg = make_cfg(data, mode="eval", embeddings=str(out / "keypoints.safetensors"), augmentations=1)
+    first = keypoints.run(cfg, tmp_path / "first")
+    regressor = tmp_path / "first" / "regressor.safetensors"
+    # the same test set through the saved regressor: the same numbers, and no train image read (its split is gone)
+    for rel in ("001.Albatross/a_1.jpg", "002.Auklet/b_1.jpg"):
+        (base / "images" / rel).unlink()
+    again = keypoints.run(OmegaConf.merge(cfg, {"keypoints": {"eval": {"regressor": str(regressor)}}}),
+                          tmp_path / "again")
+    for key in ("mean_l2", "baseline_mean_landmarks_mean_l2"):
+        assert again[key] == pytest.approx(first[key], rel=1e-12)
+    assert again["num_train"] == 3 and again["regressor"] == str(regressor.resolve())
+    assert not (tmp_path / "again" / "eval_train_state.json").exists()
+    # a regressor fitted on other keypoints is refused in one line
+    other = load_model(out / "keypoints.safetensors")
+    other.indices = other.indices.flip(0)
+    save_model(tmp_path / "other" / "keypoints", other)
+    bad = make_cfg(data, mode="eval", embeddings=str(tmp_path / "other" / "keypoints.safetensors"), augmentations=1,
+                   **{"eval.regressor": str(regressor)})
+    with pytest.raises(DiffprobeError, match="fitted on other keypoints"):
+        keypoints.run(bad, tmp_path / "bad")
 
 
 def test_mean_landmarks_baseline_counts_only_visible_points():

@@ -46,7 +46,8 @@ MODES = ("fit", "predict", "eval")
 AFFINE_KEYS = keys_of(AffineRange, limits={"degrees": "0..180", "translate": "0..1", "scale": "<= 10"})
 FIT_KEYS = keys_of(FitSettings, exclude=("affine", "seed"),
                   limits={"num_tokens": "<= 100000", "candidates": "<= 100000", "batch_size": "<= 4096",
-                          "select_batch": "<= 4096", "localisation_weight": ">= 0", "equivariance_weight": ">= 0"})
+                          "iterations_per_call": "<= 4096", "select_batch": "<= 4096", "localisation_weight": ">= 0",
+                          "equivariance_weight": ">= 0"})
 PREDICT_KEYS = keys_of(PredictSettings, exclude=("affine", "seed"),
                       limits={"augmentations": "<= 1000", "batch_size": "<= 4096", "soft_radius": "> 0"})
 
@@ -57,6 +58,7 @@ class KeypointsEvalSettings:
 
     train: int | None = None
     test: int | None = None
+    regressor: str | None = None
 
 
 @dataclass
@@ -144,12 +146,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     model = load_model(params.embeddings)
     ctx = _context(cfg, params, bb, model)
     head = _head(ctx, model, params, seed)
-    train = split_items(cfg.get("data"), "train")[: params.eval.train]
+    regressor = params.eval.regressor
+    train = None if regressor else ctx.images(split_items(cfg.get("data"), "train")[: params.eval.train])
     test = split_items(cfg.get("data"), "test")[: params.eval.test]
     fingerprint = {"embeddings": str(Path(params.embeddings).resolve()), "data": dict(cfg.data),
-                   "predict": asdict(params.predict), "affine": asdict(params.affine), "seed": seed}
-    return evaluate(lambda item_set, i: _predict_item(ctx, head, item_set, i),
-                    ctx.images(train), ctx.images(test), cfg.data.name, out_dir, fingerprint, resume=params.resume)
+                   "predict": asdict(params.predict), "affine": asdict(params.affine), "seed": seed,
+                   **({"regressor": str(Path(regressor).resolve())} if regressor else {})}
+    return evaluate(lambda item_set, i: _predict_item(ctx, head, item_set, i), train, ctx.images(test),
+                    cfg.data.name, out_dir, fingerprint, resume=params.resume, keypoints=model.fingerprint(),
+                    regressor=regressor)
 
 
 def job(cfg: DictConfig, bb) -> Job:

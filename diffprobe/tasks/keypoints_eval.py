@@ -17,7 +17,7 @@ import torch
 from diffprobe.errors import DiffprobeError
 from diffprobe.eval.landmarks import apply_regressor, fit_regressor, inter_ocular_error, visible_error
 from diffprobe.heads.keypoints.image_sets import ImageSet
-from diffprobe.io import save_json, save_tensors
+from diffprobe.io import load_tensors, save_json, save_tensors
 from diffprobe.items import IndexedRows, run_items
 from diffprobe.tasks.keypoints_outputs import write_test_predictions
 
@@ -60,21 +60,39 @@ def mean_landmarks(gt: np.ndarray, visible: np.ndarray) -> np.ndarray:
     return (gt * w).sum(0) / np.maximum(w.sum(0), 1.0)
 
 
-def evaluate(predict: Callable, train: ImageSet, test: ImageSet, dataset: str, out_dir: Path,
-             fingerprint: dict | None = None, resume: str | None = None) -> dict:
-    """Fit the regressor on train, report the dataset's metric on test beside the mean-landmarks baseline;
+def load_regressor(path: str | Path, keypoints: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(W (2K, 2L), mean landmarks (L, 2), its training images) of a regressor.safetensors an eval wrote for the
+    keypoints whose fingerprint is `keypoints`; refused for other keypoints."""
+    tensors, meta = load_tensors(path)
+    if "W" not in tensors or "mean_landmarks" not in tensors or "keypoints" not in meta:
+        raise DiffprobeError(f"{path} is not a regressor written by a keypoints eval")
+    if meta["keypoints"] != keypoints:
+        raise DiffprobeError(f"{path} was fitted on other keypoints (other embeddings or tokens); evaluate those, or "
+                             "leave keypoints.eval.regressor unset to fit one on the train split")
+    return tensors["W"].double().numpy(), tensors["mean_landmarks"].double().numpy(), int(meta.get("num_train", 0))
+
+
+def evaluate(predict: Callable, train: ImageSet | None, test: ImageSet, dataset: str, out_dir: Path,
+             fingerprint: dict | None = None, resume: str | None = None, keypoints: str = "",
+             regressor: str | Path | None = None) -> dict:
+    """Fit the regressor on train (or load `regressor`, fitted earlier on the keypoints whose fingerprint is
+    `keypoints`, and leave train unread), report the dataset's metric on test beside the mean-landmarks baseline;
     writes metrics.json, regressor.safetensors, test_predictions.json and test_predictions.png."""
-    found_tr, gt_tr, vis_tr = collect(predict, train, "train", out_dir, resume, fingerprint)
+    if regressor is None:
+        found_tr, gt_tr, vis_tr = collect(predict, train, "train", out_dir, resume, fingerprint)
+        W, mean, num_train = fit_regressor(found_tr, gt_tr, vis_tr), mean_landmarks(gt_tr, vis_tr), len(train)
+    else:
+        W, mean, num_train = load_regressor(regressor, keypoints)
     found_te, gt_te, vis_te = collect(predict, test, "test", out_dir, resume, fingerprint)
-    W = fit_regressor(found_tr, gt_tr, vis_tr)
     pred = apply_regressor(W, found_te)
     res = landmark_metric(dataset, pred, gt_te, vis_te)
-    mean = np.broadcast_to(mean_landmarks(gt_tr, vis_tr), gt_te.shape)
-    base = landmark_metric(dataset, mean, gt_te, vis_te)
+    base = landmark_metric(dataset, np.broadcast_to(mean, gt_te.shape), gt_te, vis_te)
     metrics = {k: v for k, v in res.items() if k != "per_image"}
     metrics.update({f"baseline_mean_landmarks_{k}": v for k, v in base.items() if k != "per_image"})
-    metrics.update(dataset=dataset, num_train=len(train), num_test=len(test), num_keypoints=int(found_tr.shape[1]))
-    save_tensors(out_dir / "regressor.safetensors", {"W": torch.tensor(W)})
+    metrics.update(dataset=dataset, num_train=num_train, num_test=len(test), num_keypoints=int(found_te.shape[1]),
+                   regressor=str(Path(regressor).resolve()) if regressor is not None else None)
+    save_tensors(out_dir / "regressor.safetensors", {"W": torch.tensor(W), "mean_landmarks": torch.tensor(mean)},
+                 metadata={"keypoints": keypoints, "num_train": str(num_train)})
     write_test_predictions(out_dir, test, found_te, pred, gt_te, vis_te, res["per_image"])
     save_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -5,7 +5,9 @@ batched UNet call; candidates = the `candidates` tokens whose maps of x are clos
 the K tokens spread out by farthest point sampling over their argmax locations in T(x)'s maps; loss =
 localisation_weight * localisation(maps of x) + equivariance_weight * equivariance(x, T(x)), both on
 the K tokens (the reference: `sharpening_loss(attn_map[top_embedding_indices])` on x's maps).
-Gradients accumulate over `batch_size` iterations per Adam step.
+Gradients accumulate over `batch_size` iterations per Adam step; `iterations_per_call` of them share one
+denoiser call (each with its own rows, transform and noise: the same gradients as the reference's loop, in
+fewer and larger calls, for more memory).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class FitSettings:
     candidates: int = 25
     steps: int = 500
     batch_size: int = 4
+    iterations_per_call: int = 1
     lr: float = 5e-3
     sigma: float = 2.0
     localisation_weight: float = 100.0
@@ -57,8 +60,8 @@ class FitSettings:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("num_tokens", "top_k", "candidates", "steps", "batch_size", "num_indices", "select_batch",
-                     "checkpoint_every"):
+        for name in ("num_tokens", "top_k", "candidates", "steps", "batch_size", "iterations_per_call", "num_indices",
+                     "select_batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise DiffprobeError(f"keypoints {name} must be at least 1, got {getattr(self, name)}")
         if not self.top_k <= self.candidates <= self.num_tokens:
@@ -102,24 +105,35 @@ def attention_maps(bb, spec: MapSettings, images: torch.Tensor, embeddings: torc
                    generator: torch.Generator | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Maps (B, N, res, res) for images (B, 3, S, S) in [-1, 1], through the runner; only `tokens` (T,) ->
     (B, T, res, res). The softmax is always over all N tokens. Gradients reach `embeddings` when grad mode is on."""
+    return maps_in_one_call(bb, spec, [images], embeddings, [generator], tokens)[0]
+
+
+def maps_in_one_call(bb, spec: MapSettings, batches: list[torch.Tensor], embeddings: torch.Tensor,
+                     generators: list[torch.Generator | None], tokens: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """attention_maps of several image batches (B_i, 3, S, S) in one denoiser call, batch i's latents noised
+    from generators[i] as they would be in a call of its own: a list of (B_i, N or T, res, res)."""
     check_width(bb, embeddings)
-    head = KeypointMapsHead(spec, embeddings, images.shape[-1], tokens, grad=torch.is_grad_enabled())
-    (view,) = run_plans(bb, [head.plan(bb.probe.sites)], [images], generator)
-    return head.finish(view)
+    heads = [KeypointMapsHead(spec, embeddings, x.shape[-1], tokens, grad=torch.is_grad_enabled()) for x in batches]
+    views = run_plans(bb, [h.plan(bb.probe.sites) for h in heads], batches, draws=generators)
+    return [h.finish(v) for h, v in zip(heads, views)]
 
 
-def iteration_loss(bb, spec: MapSettings, cfg: FitSettings, image: torch.Tensor, embeddings: torch.Tensor,
-                   gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Weighted loss of one image (1, 3, S, S) and one random transform; also its parts as floats."""
-    theta = sample_affine(1, cfg.affine, generator=gen)
-    pair = torch.cat([image, warp_image(image, theta)])
-    maps = attention_maps(bb, spec, pair, embeddings, generator=gen)      # (2, N, R, R)
-    candidates = rank_candidates(maps[0], cfg.candidates, cfg.sigma)
-    chosen = spread_tokens(maps[1], candidates, cfg.top_k)
-    loc = localisation_loss(maps[0, chosen], cfg.sigma)
-    eq = equivariance_loss(maps[0, chosen], maps[1, chosen], theta, masked=cfg.masked_equivariance)
-    loss = cfg.localisation_weight * loc + cfg.equivariance_weight * eq
-    return loss, {"loss": loss.item(), "localisation": loc.item(), "equivariance": eq.item()}
+def iteration_losses(bb, spec: MapSettings, cfg: FitSettings, images: list[torch.Tensor], embeddings: torch.Tensor,
+                     generators: list[torch.Generator]) -> tuple[torch.Tensor, list[dict]]:
+    """Summed weighted loss of iterations sharing one denoiser call: image i (1, 3, S, S) with a random transform
+    and noise drawn from generators[i], as alone; also each iteration's parts as floats."""
+    thetas = [sample_affine(1, cfg.affine, generator=g) for g in generators]
+    pairs = [torch.cat([x, warp_image(x, theta)]) for x, theta in zip(images, thetas)]
+    total, parts = 0.0, []
+    for maps, theta in zip(maps_in_one_call(bb, spec, pairs, embeddings, generators), thetas):   # (2, N, R, R)
+        candidates = rank_candidates(maps[0], cfg.candidates, cfg.sigma)
+        chosen = spread_tokens(maps[1], candidates, cfg.top_k)
+        loc = localisation_loss(maps[0, chosen], cfg.sigma)
+        eq = equivariance_loss(maps[0, chosen], maps[1, chosen], theta, masked=cfg.masked_equivariance)
+        loss = cfg.localisation_weight * loc + cfg.equivariance_weight * eq
+        total = total + loss
+        parts.append({"loss": loss.item(), "localisation": loc.item(), "equivariance": eq.item()})
+    return total, parts
 
 
 def fit_embeddings(bb, spec: MapSettings, cfg: FitSettings, images: ImageSet, out_dir: Path | None = None,
@@ -160,12 +174,13 @@ def fit_embeddings(bb, spec: MapSettings, cfg: FitSettings, images: ImageSet, ou
     def step(i: int):
         opt.zero_grad(set_to_none=True)
         parts = []
-        for j in range(cfg.batch_size):
-            it = i * cfg.batch_size + j
-            image = images.tensor(image_order(len(images), it, cfg.seed))
-            loss, info = iteration_loss(bb, spec, cfg, image, embeddings, _generator(cfg.seed, 2, it))
+        for first in range(0, cfg.batch_size, cfg.iterations_per_call):
+            its = [i * cfg.batch_size + j for j in range(first, min(first + cfg.iterations_per_call, cfg.batch_size))]
+            loss, info = iteration_losses(bb, spec, cfg, [images.tensor(image_order(len(images), it, cfg.seed))
+                                                          for it in its],
+                                          embeddings, [_generator(cfg.seed, 2, it) for it in its])
             (loss / cfg.batch_size).backward()
-            parts.append(info)
+            parts += info
         if not all(math.isfinite(p["loss"]) for p in parts):
             raise DiffprobeError(f"keypoints loss became non-finite at step {i}; lower lr (now {cfg.lr})")
         row = {"step": i + 1, **{k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}}
@@ -201,8 +216,10 @@ def choose_keypoints(bb, spec: MapSettings, cfg: FitSettings, images: ImageSet, 
 
 
 def config_dict(cfg: FitSettings, spec: MapSettings) -> dict:
-    """JSON-friendly record of the fit and map settings (checkpoint timing left out: it does not change results)."""
-    fit = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "checkpoint_minutes")}
+    """JSON-friendly record of the fit and map settings (checkpoint timing and iterations per call left out: they
+    do not change results, beyond float rounding for the latter)."""
+    fit = {k: v for k, v in asdict(cfg).items()
+           if k not in ("checkpoint_every", "checkpoint_minutes", "iterations_per_call")}
     return json.loads(json.dumps({"fit": fit, "maps": asdict(spec)}))
 
 

@@ -8,6 +8,7 @@ A fit's checkpoints are diffprobe.training.checkpoint files (checkpoint.safetens
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,12 @@ class KeypointModel:
     @property
     def num_keypoints(self) -> int:
         return int(self.indices.numel())
+
+    def fingerprint(self) -> str:
+        """sha256 of the embeddings (as float32) and the keypoint indices: what a regressor fitted on them is tied to."""
+        h = hashlib.sha256(self.embeddings.detach().float().contiguous().numpy().tobytes())
+        h.update(self.indices.long().numpy().tobytes())
+        return h.hexdigest()
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
