@@ -102,3 +102,22 @@ def test_refining_labels_one_at_a_time_equals_refining_all_masks_at_once():
     masks = torch.stack([(inverse == k).float() for k in range(len(used))])
     want = used[torch.from_numpy(median_filter(pamr(image, masks).argmax(0).numpy(), size=3, mode="nearest"))]
     assert torch.equal(refine_labels(labels, image), want)
+
+
+def test_masks_refined_in_chunks_equal_masks_refined_one_by_one():
+    """Small images refine several masks per call (13 masks here: chunks of 6, 6 and 1); each must be what the
+    one-mask iteration (mask <- sum over neighbours of affinity x shifted mask, 10 times) gives alone."""
+    from diffprobe.heads.pamr import ITERATIONS, chunk_size, neighbours
+
+    torch.manual_seed(1)
+    image, masks = torch.rand(3, 37, 41), torch.rand(13, 37, 41)
+    aff = affinity(image)
+    alone = []
+    for m in masks:
+        x = m[None]
+        for _ in range(ITERATIONS):
+            x = (neighbours(x)[0] * aff).sum(dim=0, keepdim=True)
+        alone.append(x)
+    assert chunk_size(37, 41) == 6 and chunk_size(512, 512) == 1
+    torch.testing.assert_close(pamr(image, masks), torch.cat(alone))
+    assert not torch.allclose(torch.cat(alone), masks, atol=1e-2)          # the refinement did move them

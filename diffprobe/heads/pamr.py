@@ -3,9 +3,10 @@ segmentation: label masks are repeatedly averaged over each pixel's neighbours a
 weighted by how similar the neighbours' colours are (a softmax over neighbours of -|I_p - I_q| divided by
 a tenth of the local colour spread), then the arg-max label is median-filtered (3 x 3).
 
-Memory: one (8 * len(dilations), H, W) float32 affinity (32 x 512 x 512: 32 MiB) and one label mask's
-shifts of the same size at a time; refine_labels holds at most PIXEL_BYTES a pixel (176 MiB at 512 x 512),
-whatever the number of labels.
+Memory: one (8 * len(dilations), H, W) float32 affinity (32 x 512 x 512: 32 MiB) and the shifts of a chunk of
+label masks at a time: up to MAX_CHUNK on small images, where the many small operations cost more than their
+memory, one from about 180 x 180 px on; refine_bytes (176 MiB at 512 x 512, 8 MB at 64 x 64), whatever the number
+of labels.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ DILATIONS = (1, 2, 4, 8)   # DiffCut's
 ITERATIONS = 10            # DiffCut's
 PIXEL_BYTES = 704          # refine_labels' peak per pixel, measured: one channel's neighbours, their spread and the
                            # running logits, then the (32, H, W) weights and one mask's shifts
+LABEL_PIXEL_BYTES = 2 * 4 * len(OFFSETS) * len(DILATIONS)   # one more mask in a chunk: its shifts, weighted (float32)
+CHUNK_BYTES = 8 * 2**20    # masks beyond the first refined together hold at most this ...
+MAX_CHUNK = 6              # ... and are at most this many (small images: 64 px masks 6 at a time)
 
 
 def neighbours(x: torch.Tensor, dilations=DILATIONS) -> torch.Tensor:
@@ -46,11 +50,21 @@ def affinity(image: torch.Tensor, dilations=DILATIONS) -> torch.Tensor:
     return torch.softmax(total / image.shape[0], dim=0)
 
 
-def _refined(mask: torch.Tensor, aff: torch.Tensor, iterations: int, dilations) -> torch.Tensor:
-    """(1, H, W): one mask (1, H, W) averaged `iterations` times over its neighbours weighted by aff (P, H, W)."""
+def _refined(masks: torch.Tensor, aff: torch.Tensor, iterations: int, dilations) -> torch.Tensor:
+    """(K, H, W): masks (K, H, W) each averaged `iterations` times over its neighbours weighted by aff (P, H, W)."""
     for _ in range(iterations):
-        mask = (neighbours(mask, dilations)[0] * aff).sum(dim=0, keepdim=True)
-    return mask
+        masks = (neighbours(masks, dilations) * aff).sum(dim=1)
+    return masks
+
+
+def chunk_size(h: int, w: int) -> int:
+    """Masks refined together at h x w: as many as CHUNK_BYTES holds, at least one and at most MAX_CHUNK."""
+    return max(1, min(MAX_CHUNK, CHUNK_BYTES // (LABEL_PIXEL_BYTES * h * w)))
+
+
+def refine_bytes(h: int, w: int) -> int:
+    """refine_labels' peak at h x w: PIXEL_BYTES a pixel for the first mask of a chunk, and the others' shifts."""
+    return (PIXEL_BYTES + (chunk_size(h, w) - 1) * LABEL_PIXEL_BYTES) * h * w
 
 
 def _check_sizes(image: torch.Tensor, masks: torch.Tensor) -> None:
@@ -63,22 +77,25 @@ def pamr(image: torch.Tensor, masks: torch.Tensor, iterations: int = ITERATIONS,
     """Refined masks (K, H, W) from masks (K, H, W) and the image (C, H, W) at the same size."""
     _check_sizes(image, masks)
     aff = affinity(image.float(), dilations)
-    return torch.cat([_refined(m[None].float(), aff, iterations, dilations) for m in masks])
+    n = chunk_size(*masks.shape[-2:])
+    return torch.cat([_refined(masks[i:i + n].float(), aff, iterations, dilations) for i in range(0, len(masks), n)])
 
 
 def refine_labels(labels: torch.Tensor, image: torch.Tensor, iterations: int = ITERATIONS) -> torch.Tensor:
     """Labels (H, W) int64 refined by PAMR on their one-hot masks and the image (C, H, W), then a 3 x 3
-    median filter; the values are the input's (a label may vanish). Each label's mask is refined in turn and
-    the per-pixel arg-max kept as it goes (the first label wins ties), so memory does not grow with the labels:
-    about PIXEL_BYTES per pixel at most."""
+    median filter; the values are the input's (a label may vanish). The labels' masks are refined a chunk at a
+    time and the per-pixel arg-max kept as it goes (the first label wins ties), so memory does not grow with the
+    labels: refine_bytes at most."""
     from scipy.ndimage import median_filter
 
     _check_sizes(image, labels)
     used, inverse = torch.unique(labels, return_inverse=True)
     aff = affinity(image.float())
     best = best_index = None
-    for k in range(len(used)):
-        m = _refined((inverse == k).float()[None], aff, iterations, DILATIONS)[0]
+    n = chunk_size(*labels.shape)
+    chunks = (_refined((inverse[None] == torch.arange(i, min(i + n, len(used)))[:, None, None]).float(), aff,
+                       iterations, DILATIONS) for i in range(0, len(used), n))
+    for k, m in enumerate(m for chunk in chunks for m in chunk):
         if best is None:
             best, best_index = m, torch.zeros(labels.shape, dtype=torch.long)
         else:

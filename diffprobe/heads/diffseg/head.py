@@ -126,7 +126,7 @@ class DiffSegHead(Head):
         finest = groups[min(groups)]
         h, w = sites[finest[0]].resolution(latent_hw)
         size = output_size(item, self.settings.crop)
-        refine = pamr.PIXEL_BYTES * size[0] * size[1] if self.settings.pamr else 0
+        refine = pamr.refine_bytes(*size) if self.settings.pamr else 0
         return (len(finest) + 3) * (h * w) ** 2 * 4 + labels_bytes(size) + refine
 
     def inputs(self, item: Item) -> torch.Tensor:
