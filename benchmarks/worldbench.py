@@ -383,7 +383,7 @@ def pair_data(bb, split: str, n: int, timesteps: tuple, hyperfeatures=None) -> l
     def describe(scene, category):
         x = image_to_tensor(Image.fromarray(scene.image), bb.sample_size, crop="none", resize="bilinear")
         with torch.no_grad():
-            feats = extract_features(bb, x, raw, layers=layers)[0]
+            feats = extract_features(bb, x, raw, layers=layers, generator=image_generator(0, x))[0]   # seeded VAE draw
             dift = {t: dift_blocks(bb, Image.fromarray(scene.image), t, template.format(category)) for t in timesteps}
             hf = None
             if hyperfeatures is not None:

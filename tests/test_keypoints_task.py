@@ -87,11 +87,15 @@ def make_cub_with_images(root: Path):
     return base
 
 
-def test_eval_on_cub_writes_metrics_and_resumes(fitted, tmp_path):
-    _, out, _ = fitted
+def cub_eval(out: Path, tmp_path: Path):
+    """(the CUB root, its data config, an eval config of the fitted keypoints in `out` with one transform)."""
     base = make_cub_with_images(tmp_path / "cub")
     data = OmegaConf.merge(OmegaConf.load(CONF / "data" / "cub.yaml"), {"root": str(base), "train_split": "all"})
-    cfg = make_cfg(data, mode="eval", embeddings=str(out / "keypoints.safetensors"), augmentations=1)
+    return base, data, make_cfg(data, mode="eval", embeddings=str(out / "keypoints.safetensors"), augmentations=1)
+
+
+def test_eval_on_cub_writes_metrics_and_resumes(fitted, tmp_path):
+    cfg = cub_eval(fitted[1], tmp_path)[2]
     metrics = keypoints.run(cfg, tmp_path / "eval")
     assert metrics["num_train"] == 3 and metrics["num_test"] == 1 and np.isfinite(metrics["mean_l2"])
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean_l2"] == metrics["mean_l2"]
@@ -104,9 +108,7 @@ def test_eval_on_cub_writes_metrics_and_resumes(fitted, tmp_path):
 
 def test_eval_applies_an_earlier_regressor_to_a_new_test_set_without_reading_train(fitted, tmp_path):
     _, out, _ = fitted
-    base = make_cub_with_images(tmp_path / "cub")
-    data = OmegaConf.merge(OmegaConf.load(CONF / "data" / "cub.yaml"), {"root": str(base), "train_split": "all"})
-    cfg = make_cfg(data, mode="eval", embeddings=str(out / "keypoints.safetensors"), augmentations=1)
+    base, data, cfg = cub_eval(out, tmp_path)
     first = keypoints.run(cfg, tmp_path / "first")
     regressor = tmp_path / "first" / "regressor.safetensors"
     # the same test set through the saved regressor: the same numbers, and no train image read (its split is gone)
