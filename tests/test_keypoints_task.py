@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -128,6 +129,16 @@ def test_eval_applies_an_earlier_regressor_to_a_new_test_set_without_reading_tra
                    **{"eval.regressor": str(regressor)})
     with pytest.raises(DiffprobeError, match="fitted on other keypoints"):
         keypoints.run(bad, tmp_path / "bad")
+    # one fitted on another dataset (3 landmarks; CUB has 15) is refused before any image is read
+    from diffprobe.io import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(regressor)
+    save_tensors(tmp_path / "three.safetensors", {"W": tensors["W"][:, :6], "mean_landmarks": torch.zeros(3, 2)},
+                 metadata=meta)
+    with pytest.raises(DiffprobeError, match="predicts 3 landmarks and this dataset has 15"):
+        keypoints.run(OmegaConf.merge(cfg, {"keypoints": {"eval": {"regressor": str(tmp_path / "three.safetensors")}}}),
+                      tmp_path / "three")
+    assert not (tmp_path / "three" / "eval_test_state.json").exists()
 
 
 def test_mean_landmarks_baseline_counts_only_visible_points():

@@ -83,6 +83,10 @@ def evaluate(predict: Callable, train: ImageSet | None, test: ImageSet, dataset:
         W, mean, num_train = fit_regressor(found_tr, gt_tr, vis_tr), mean_landmarks(gt_tr, vis_tr), len(train)
     else:
         W, mean, num_train = load_regressor(regressor, keypoints)
+        landmarks = test.items[0].keypoints if len(test) else None
+        if landmarks is not None and len(landmarks) != len(mean):
+            raise DiffprobeError(f"{regressor} predicts {len(mean)} landmarks and this dataset has {len(landmarks)}: it "
+                                 "was fitted on another dataset")
     found_te, gt_te, vis_te = collect(predict, test, "test", out_dir, resume, fingerprint)
     pred = apply_regressor(W, found_te)
     res = landmark_metric(dataset, pred, gt_te, vis_te)

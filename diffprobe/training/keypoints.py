@@ -174,11 +174,12 @@ def fit_embeddings(bb, spec: MapSettings, cfg: FitSettings, images: ImageSet, ou
     def step(i: int):
         opt.zero_grad(set_to_none=True)
         parts = []
+        iterations = range(i * cfg.batch_size, (i + 1) * cfg.batch_size)
         for first in range(0, cfg.batch_size, cfg.iterations_per_call):
-            its = [i * cfg.batch_size + j for j in range(first, min(first + cfg.iterations_per_call, cfg.batch_size))]
+            its = iterations[first : first + cfg.iterations_per_call]
             loss, info = iteration_losses(bb, spec, cfg, [images.tensor(image_order(len(images), it, cfg.seed))
-                                                          for it in its],
-                                          embeddings, [_generator(cfg.seed, 2, it) for it in its])
+                                                          for it in its], embeddings,
+                                          [_generator(cfg.seed, 2, it) for it in its])
             (loss / cfg.batch_size).backward()
             parts += info
         if not all(math.isfinite(p["loss"]) for p in parts):
