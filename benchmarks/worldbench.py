@@ -355,7 +355,9 @@ def spair_world(work: Path) -> Path:
 
 def trained_hyperfeatures(model: str, work: Path, steps: int):
     """Diffusion Hyperfeatures trained as benchmarks/hyperfeatures_world.py does (world seed 0's train pairs in the
-    SPair layout, 40 per category; S = 4 of T = 4 calls; 200 steps), through the command line; resumable."""
+    SPair layout, 40 per category; S = 4 of T = 4 calls; 200 steps), through the command line; resumable. Its
+    validation (on training pairs: the layout has no val split) runs once, at the end: the board scores the model on
+    its own splits, and validation does not change the weights."""
     from diffprobe.heads.hyperfeatures.model import HyperfeatureModel
 
     world, run = spair_world(work), work / f"train_{model}_{steps}"
@@ -363,7 +365,7 @@ def trained_hyperfeatures(model: str, work: Path, steps: int):
         subprocess.run([sys.executable, "-m", "diffprobe", "task=hyperfeatures", f"model={model}", "data=spair",
                         f"data.root={world}", "hyperfeatures.num_steps=4", "hyperfeatures.save_every=1",
                         f"hyperfeatures.feature_store={HF_STORE}",
-                        f"hyperfeatures.train_steps={steps}", f"hyperfeatures.val_every={min(100, steps)}",
+                        f"hyperfeatures.train_steps={steps}", f"hyperfeatures.val_every={steps}",
                         f"hydra.run.dir={run}"], cwd=ROOT, check=True)
     return HyperfeatureModel.load(run / "model")
 

@@ -12,7 +12,8 @@ Data (world seed 0, 300 train / 100 test faces, as benchmarks/keypoints_quality.
 Each candidate is screened by one shorter fit (VAL_STEPS, seed 0) on the val protocol; the best by val error is fitted
 with the reference's 500 steps and two seeds on the test protocol. Every fit runs a step's 4 iterations in one
 denoiser call (`keypoints.fit.iterations_per_call=4`: the reference loop's gradients, tested equal to rounding).
-Baselines on the same images: the untrained vote, K random tokens, the mean landmarks. Every step runs
+Baselines on the same images: the untrained vote, K random tokens (both of the initial embeddings, so one
+evaluation of their 2K tokens serves both, each half with its own regressor), the mean landmarks. Every step runs
 `python -m diffprobe task=keypoints ...` as a user does and is skipped when its output exists (resumable).
 """
 
@@ -26,7 +27,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import keypoints_quality as kq
+import torch
 from worker_slots import Slots
+
+from diffprobe.eval.landmarks import apply_regressor, fit_regressor
+from diffprobe.heads.keypoints.state import KeypointModel, load_model, save_model
+from diffprobe.io import load_tensors
+from diffprobe.tasks.keypoints_eval import landmark_metric
 
 ROOT = Path(__file__).resolve().parent.parent
 VAL_FACES = 60
@@ -107,14 +114,42 @@ def evaluate(work: Path, name: str, model: str, sites, data: list[str], embeddin
     return {**metrics, "minutes": float(timing.read_text()) / 60 if timing.is_file() else float("nan")}
 
 
-def baseline(work: Path, name: str, model: str, sites, root: Path, random_tokens: bool, slots: Slots) -> Path:
-    """The untrained vote (or K random tokens) on the test protocol's fit faces (in this process, in a slot)."""
-    out = work / name
+def baselines(work: Path, model: str, sites, root: Path, slots: Slots) -> tuple[Path, int]:
+    """The untrained vote's K tokens and K random tokens, both of the fit's initial embeddings, as one keypoints
+    file of 2K tokens (the vote's first) and K: one evaluation pass serves both, since a token's map is its own
+    column of the attention (the others do not change it)."""
+    out = work / "baseline_tokens"
     if not (out / "keypoints.safetensors").is_file():
-        with slots.slot(PRIORITY):
-            kq.untrained(_args(model, sites), {"name": "celeba", "root": str(root), "fit_split": "mafl_train"}, out,
-                         random_tokens)
-    return out / "keypoints.safetensors"
+        parts = []
+        for tag, random_tokens in (("untrained", False), ("random", True)):
+            part = work / f"{tag}_tokens"
+            if not (part / "keypoints.safetensors").is_file():
+                with slots.slot(PRIORITY):
+                    kq.untrained(_args(model, sites), {"name": "celeba", "root": str(root),
+                                                       "fit_split": "mafl_train"}, part, random_tokens)
+            parts.append(load_model(part / "keypoints.safetensors"))
+        vote, drawn = parts
+        if not torch.equal(vote.embeddings, drawn.embeddings):
+            raise RuntimeError("the untrained and random-token baselines start from different embeddings")
+        save_model(out / "keypoints", KeypointModel(vote.embeddings, torch.cat([vote.indices, drawn.indices]),
+                                                    vote.config, [*vote.counts, *drawn.counts]))
+    return out / "keypoints.safetensors", load_model(out / "keypoints.safetensors").num_keypoints // 2
+
+
+def split_scores(test_run: Path, fresh_run: Path, k: int) -> dict[str, tuple[float, float]]:
+    """Test and fresh inter-ocular error of the first k and the last k tokens of a 2k-token evaluation: each half's
+    own regressor fitted on the test run's training faces (as mode=eval fits one), applied to both test sets."""
+    def found(run: Path, split: str):
+        rows, _ = load_tensors(run / f"eval_{split}_state.safetensors")
+        return rows["rows.found"].numpy(), rows["rows.gt"].numpy(), rows["rows.visible"].numpy() > 0
+
+    train, test, fresh = found(test_run, "train"), found(test_run, "test"), found(fresh_run, "test")
+    scores = {}
+    for name, half in (("untrained", slice(0, k)), ("random", slice(k, 2 * k))):
+        W = fit_regressor(train[0][:, half], train[1], train[2])
+        scores[name] = tuple(landmark_metric("celeba", apply_regressor(W, f[:, half]), gt, vis)[METRIC]
+                             for f, gt, vis in (test, fresh))
+    return scores
 
 
 def _together(*calls):
@@ -135,8 +170,9 @@ def run_keypoints(work: Path, slots: Slots, quick: bool = False) -> dict:
                  "candidates": {}}
 
     def candidate(i: int, model: str, sites) -> dict:
-        emb, minutes = fit(work, f"val_fit_{i}", model, sites, _data(val_root, True), 0, val_steps, slots)
-        m = evaluate(work, f"val_eval_{i}", model, sites, _data(val_root, True), emb, extra, slots)
+        # the folders name the screening length: a work folder of another VAL_STEPS is not reused
+        emb, minutes = fit(work, f"val_fit_{i}_{val_steps}", model, sites, _data(val_root, True), 0, val_steps, slots)
+        m = evaluate(work, f"val_eval_{i}_{val_steps}", model, sites, _data(val_root, True), emb, extra, slots)
         return {"model": model, "sites": sites, "val": m[METRIC],
                 "val_mean_landmarks": m[f"baseline_mean_landmarks_{METRIC}"], "fit_minutes": minutes}
 
@@ -157,22 +193,23 @@ def run_keypoints(work: Path, slots: Slots, quick: bool = False) -> dict:
     def fitted(seed: int) -> dict:
         emb, minutes = fit(work, f"test_fit_seed{seed}", model, sites, _data(test_root, False), seed, steps, slots)
         test, fresh = both(f"seed{seed}", emb)
-        return {"test": test[METRIC], "fresh": fresh[METRIC], "fit_minutes": minutes}
+        return {"test": test[METRIC], "fresh": fresh[METRIC], "fit_minutes": minutes,
+                "eval_minutes": test["minutes"], "fresh_eval_minutes": fresh["minutes"]}
 
-    def untrained(random_tokens: bool) -> tuple[dict, dict]:
-        tag = "random" if random_tokens else "untrained"
-        return both(tag, baseline(work, f"{tag}_tokens", model, sites, test_root, random_tokens, slots))
+    def untrained() -> tuple[dict, dict, dict]:
+        emb, k = baselines(work, model, sites, test_root, slots)
+        test, fresh = both("baselines", emb)
+        return test, fresh, split_scores(work / "test_eval_baselines", work / "fresh_eval_baselines", k)
 
-    *fits, (test, fresh), (random_test, random_fresh) = _together(
-        *(lambda s=s: fitted(s) for s in FIT_SEEDS), lambda: untrained(False), lambda: untrained(True))
+    *fits, (test, fresh, scores) = _together(*(lambda s=s: fitted(s) for s in FIT_SEEDS), untrained)
     rows = {f"fitted, seed {s}": r for s, r in zip(FIT_SEEDS, fits)}
-    rows["untrained: initial embeddings, the same vote"] = {"test": test[METRIC], "fresh": fresh[METRIC]}
-    rows["raw features: initial embeddings, K random tokens"] = {"test": random_test[METRIC],
-                                                                 "fresh": random_fresh[METRIC]}
+    for label, tag in (("untrained: initial embeddings, the same vote", "untrained"),
+                       ("raw features: initial embeddings, K random tokens", "random")):
+        rows[label] = dict(zip(("test", "fresh"), scores[tag]))
     rows["no image: the training faces' mean landmarks"] = {
         "test": test[f"baseline_mean_landmarks_{METRIC}"], "fresh": fresh[f"baseline_mean_landmarks_{METRIC}"]}
     out["rows"] = rows
-    out["eval_minutes"], out["fresh_eval_minutes"] = test["minutes"], fresh["minutes"]
+    out["eval_minutes"], out["fresh_eval_minutes"] = fits[0]["eval_minutes"], fits[0]["fresh_eval_minutes"]
     return out
 
 
