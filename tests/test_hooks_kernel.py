@@ -59,6 +59,32 @@ def test_chunked_attention_keeps_the_probabilities_it_uses(planted, monkeypatch)
     assert float(mean[..., ~mask[0, 0, 0]][:1].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_probabilities_with_gradients_kept_or_recomputed_give_the_explicit_values_and_gradients(planted, monkeypatch,
+                                                                                               keep):
+    """With gradients the chunks either keep their probabilities for the backward or are checkpointed (recomputed
+    in it); both give the explicit softmax's head mean and, through a planted loss on two keys, its gradients."""
+    q, k, _, mask = planted
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    monkeypatch.setattr(attention_module, "CHUNK_ELEMENTS", 3 * 4 * 3 * 10)   # 3 queries per chunk: 4 chunks
+    monkeypatch.setattr(attention_module, "KEEP_FOR_BACKWARD_BYTES", (1 << 30) if keep else 0)
+    checkpoints = []
+    checkpoint = attention_module.checkpoint
+    monkeypatch.setattr(attention_module, "checkpoint", lambda *a, **kw: checkpoints.append(1) or checkpoint(*a, **kw))
+    weights = torch.linspace(-1, 1, 3 * 10 * 2).reshape(3, 10, 2)
+    grads = []
+    for explicit_path in (True, False):
+        qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        probs = (explicit(qq, kk, kk, mask, 1.0)[1].mean(1) if explicit_path
+                 else attention_module.probs_from_qk(qq, kk, bias, "mean", grad=True))
+        assert probs.requires_grad
+        (probs[..., 3:5] * weights).sum().backward()
+        grads.append((probs.detach(), qq.grad, kk.grad))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert len(checkpoints) == (0 if keep else 4)
+
+
 def test_answered_module_gives_the_kernels_output_and_leaves_nothing_behind(planted):
     q, k, v, mask = planted
     module = SDPAModule()

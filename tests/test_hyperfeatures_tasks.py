@@ -49,6 +49,27 @@ def test_train_writes_model_curves_mixing_weights_and_metrics(trained):
     assert metrics["unet_extractions"] == 6
 
 
+def test_the_metrics_are_the_trainings_last_validation_not_a_second_pass(trained, tmp_path, monkeypatch):
+    """mode=train validates after its last step (with the task's matching method) and reports that validation: the
+    pairs are matched once at the end, not twice."""
+    from diffprobe.tasks import hyperfeatures
+    from diffprobe.training import hyperfeatures as training
+
+    root, _, _ = trained
+    passes = []
+    evaluate = training.evaluate_pairs
+    counted = lambda *a, **kw: passes.append(1) or evaluate(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(training, "evaluate_pairs", counted)
+    monkeypatch.setattr(hyperfeatures, "evaluate_pairs", counted)
+    cfg = compose("hyperfeatures", "pairs", **{"data.file": str(root / "pairs.json"), "num_steps": 2, "save_every": 1,
+                                               "output_size": 16, "projection_dim": 32, "train_steps": 2,
+                                               "val_every": 2, "method": "mutual"})
+    metrics = hyperfeatures.run(cfg, tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(passes) == 1
+    assert metrics["val"]["method"] == "mutual" and history["last_val"] == {"step": 2, "summary": metrics["val"]}
+
+
 def test_eval_reproduces_training_validation_and_ablate_reports_pruned(trained, tmp_path):
     from diffprobe.tasks import hyperfeatures
 

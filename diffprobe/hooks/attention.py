@@ -20,6 +20,9 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 1 << 22
 # Score elements of one head's query chunk without gradients (2 Mi = 8 MiB in fp32; `_head_blocks`).
 HEAD_CHUNK_ELEMENTS = 1 << 21
+# With gradients, a call whose (B, heads, N, K) fp32 probabilities hold at most this many bytes keeps them for its
+# backward; a larger one checkpoints each query chunk and computes its softmax again in the backward.
+KEEP_FOR_BACKWARD_BYTES = 64 << 20
 
 
 def query_grid(num_queries: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
@@ -164,8 +167,10 @@ def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = 
 
     Returns (B, N, K') for heads "mean"/"sum", (B, h, N, K') for "none", (B, N, K') for an int head index, K' the
     kept columns.
-    With `grad`, each chunk is checkpointed so the graph holds only the inputs, not the probabilities; without,
-    the result is detached.
+    With `grad`, the graph keeps each chunk's probabilities for the backward when the whole call's hold at most
+    KEEP_FOR_BACKWARD_BYTES, and otherwise checkpoints each chunk, so that it holds only the inputs (the backward then
+    computes the chunk again: about 1.5x the cost); the values and gradients are the same either way. Without
+    `grad`, the result is detached.
     """
     q, k = q.float(), k.float()
     bias = None if bias is None else bias.float()
@@ -181,10 +186,13 @@ def probs_from_qk(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = 
     if grad:
         chunk = query_chunk(b, h, num_keys)
         k_t = k.transpose(-1, -2)
-        pieces = [checkpoint(_chunk_probs, q[:, :, s : s + chunk], k_t, _chunk_rows(bias, s, chunk), mode, keys,
-                             use_reentrant=False)
-                  for s in range(0, n, chunk)]
-        return torch.cat(pieces, dim=-2)
+        keep = b * h * n * num_keys * 4 <= KEEP_FOR_BACKWARD_BYTES
+
+        def piece(s: int) -> torch.Tensor:
+            args = (q[:, :, s : s + chunk], k_t, _chunk_rows(bias, s, chunk), mode, keys)
+            return _chunk_probs(*args) if keep else checkpoint(_chunk_probs, *args, use_reentrant=False)
+
+        return torch.cat([piece(s) for s in range(0, n, chunk)], dim=-2)
     out = _kept(b, h, n, len(range(*keys.indices(num_keys))), mode, q.device)
     with torch.no_grad():
         for i, j, rows, probs in _head_blocks(q, k, bias, lse):

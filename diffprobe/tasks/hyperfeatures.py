@@ -167,15 +167,18 @@ def _train(p: HyperfeaturesSettings, cfg: DictConfig, bb, out_dir: Path) -> dict
     smaller = " image_size=256" if bb.sample_size > 256 else ""  # a smaller image helps SD-sized models only
     history = train(model.net, source, train_pairs, val_pairs, tcfg, out_dir / "checkpoint",
                     resume=Path(p.resume) if p.resume else None,
-                    hint=f"For a CPU: hyperfeatures.process=one_step{smaller} (README, 'On a CPU').")
+                    hint=f"For a CPU: hyperfeatures.process=one_step{smaller} (README, 'On a CPU').", method=p.method)
     if rank != 0:  # the first process writes the model, curves and metrics
         return {"mode": "train", "process": rank}
     model.save(out_dir / "model")
     save_json(out_dir / "history.json", history)
     plot_training_curves(history, out_dir / "curves.png", p.alpha)
     _mixing_figure(model, out_dir)
-    final = evaluate_pairs(descriptor_fn(model.net, source), val_pairs, extraction.image_size, p.alpha, p.method)
-    metrics = {"mode": "train", "train_pairs": train_desc, "val_pairs": val_desc, "val": final.summary(),
+    last = history.get("last_val") or {}   # the training's own validation after its last step, when it ran one
+    final = (last["summary"] if last.get("step") == tcfg.train_steps else
+             evaluate_pairs(descriptor_fn(model.net, source), val_pairs, extraction.image_size, p.alpha,
+                            p.method).summary())
+    metrics = {"mode": "train", "train_pairs": train_desc, "val_pairs": val_desc, "val": final,
                "parameters": model.net.num_parameters(), "layers": len(model.net.config.layers),
                "saved_steps": extraction.num_saved, "unet_extractions": source.extractions}
     save_json(out_dir / "metrics.json", metrics)

@@ -114,14 +114,15 @@ def descriptor_fn(net: AggregationNetwork, source: FeatureSource):
 
 def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[CorrespondencePair],
           val_pairs: list[CorrespondencePair], cfg: AggregatorTrainSettings, checkpoint_dir: Path,
-          resume: Path | None = None, progress: bool = True, hint: str = "") -> dict:
-    """Train `net` in place; returns the history {"loss": [[step, loss]], "val": [[step, pck_img, pck_bbox]]}.
+          resume: Path | None = None, progress: bool = True, hint: str = "", method: str = "nn") -> dict:
+    """Train `net` in place; returns the history {"loss": [[step, loss]], "val": [[step, pck_img, pck_bbox]],
+    "last_val": {"step": step, "summary": the latest validation's summary}} ("last_val" once validated).
     `hint`: what to change when the run will take long on this device (said once, after the first step).
 
-    Validation (PCK@alpha, per point pooled over val_pairs) and a checkpoint every cfg.val_every steps and
-    at the end; a checkpoint (checkpoint_dir/checkpoint.safetensors, diffprobe.training.checkpoint) also every
-    cfg.checkpoint_minutes and on Ctrl-C. `resume`: a checkpoint (or its folder) to continue from; without it, a
-    checkpoint already in `checkpoint_dir` is continued.
+    Validation (PCK@alpha, per point pooled over val_pairs, points matched by `method`) and a checkpoint every
+    cfg.val_every steps and at the end; a checkpoint (checkpoint_dir/checkpoint.safetensors,
+    diffprobe.training.checkpoint) also every cfg.checkpoint_minutes and on Ctrl-C. `resume`: a checkpoint (or its
+    folder) to continue from; without it, a checkpoint already in `checkpoint_dir` is continued.
     """
     from diffprobe import distributed
 
@@ -167,9 +168,10 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
 
     def save(done: int, scheduled: bool) -> None:
         if scheduled and val_pairs:  # validation at val_every steps and at the end
-            s = evaluate_pairs(descriptor_fn(net, source), val_pairs, size, cfg.alpha).summary()
+            s = evaluate_pairs(descriptor_fn(net, source), val_pairs, size, cfg.alpha, method).summary()
             history["val"].append([done, s.get(f"pck@{cfg.alpha:g}_img_per_point"),
                                    s.get(f"pck@{cfg.alpha:g}_bbox_per_point")])
+            history["last_val"] = {"step": done, "summary": s}
             log.info("step %d: val %s", done, s)
         save_checkpoint(Path(checkpoint_dir) / CHECKPOINT, module_tensors({"net": net}), opt, done, history, config)
         net.save(Path(checkpoint_dir))  # so the checkpoint folder also loads as the aggregator
