@@ -51,7 +51,7 @@ def test_train_writes_model_curves_mixing_weights_and_metrics(trained):
 
 def test_the_metrics_are_the_trainings_last_validation_not_a_second_pass(trained, tmp_path, monkeypatch):
     """mode=train validates after its last step (with the task's matching method) and reports that validation: the
-    pairs are matched once at the end, not twice."""
+    pairs are matched once at the end, not twice; a rerun of the finished training validates afresh."""
     from diffprobe.tasks import hyperfeatures
     from diffprobe.training import hyperfeatures as training
 
@@ -61,13 +61,15 @@ def test_the_metrics_are_the_trainings_last_validation_not_a_second_pass(trained
     counted = lambda *a, **kw: passes.append(1) or evaluate(*a, **kw)  # noqa: E731
     monkeypatch.setattr(training, "evaluate_pairs", counted)
     monkeypatch.setattr(hyperfeatures, "evaluate_pairs", counted)
-    cfg = compose("hyperfeatures", "pairs", **{"data.file": str(root / "pairs.json"), "num_steps": 2, "save_every": 1,
-                                               "output_size": 16, "projection_dim": 32, "train_steps": 2,
-                                               "val_every": 2, "method": "mutual"})
-    metrics = hyperfeatures.run(cfg, tmp_path)
+    overrides = {"data.file": str(root / "pairs.json"), "num_steps": 2, "save_every": 1, "output_size": 16,
+                 "projection_dim": 32, "train_steps": 2, "val_every": 2, "method": "mutual"}
+    metrics = hyperfeatures.run(compose("hyperfeatures", "pairs", **overrides), tmp_path)
     history = json.loads((tmp_path / "history.json").read_text())
     assert len(passes) == 1
     assert metrics["val"]["method"] == "mutual" and history["last_val"] == {"step": 2, "summary": metrics["val"]}
+    # a rerun of the finished training in its folder trains no step: it validates again, by the method given now
+    again = hyperfeatures.run(compose("hyperfeatures", "pairs", **{**overrides, "method": "nn"}), tmp_path)
+    assert len(passes) == 2 and again["val"]["method"] == "nn"
 
 
 def test_eval_reproduces_training_validation_and_ablate_reports_pruned(trained, tmp_path):

@@ -174,7 +174,7 @@ def _train(p: HyperfeaturesSettings, cfg: DictConfig, bb, out_dir: Path) -> dict
     save_json(out_dir / "history.json", history)
     plot_training_curves(history, out_dir / "curves.png", p.alpha)
     _mixing_figure(model, out_dir)
-    last = history.get("last_val") or {}   # the training's own validation after its last step, when it ran one
+    last = history.get("last_val") or {}   # this run's own validation after the last step, when it ran one
     final = (last["summary"] if last.get("step") == tcfg.train_steps else
              evaluate_pairs(descriptor_fn(model.net, source), val_pairs, extraction.image_size, p.alpha,
                             p.method).summary())

@@ -115,8 +115,9 @@ def descriptor_fn(net: AggregationNetwork, source: FeatureSource):
 def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[CorrespondencePair],
           val_pairs: list[CorrespondencePair], cfg: AggregatorTrainSettings, checkpoint_dir: Path,
           resume: Path | None = None, progress: bool = True, hint: str = "", method: str = "nn") -> dict:
-    """Train `net` in place; returns the history {"loss": [[step, loss]], "val": [[step, pck_img, pck_bbox]],
-    "last_val": {"step": step, "summary": the latest validation's summary}} ("last_val" once validated).
+    """Train `net` in place; returns the history {"loss": [[step, loss]], "val": [[step, pck_img, pck_bbox]]}, with
+    "last_val": {"step": step, "summary": the summary} of this call's latest validation when it ran one (not kept in
+    checkpoints: a resumed run's validations may have matched other pairs or by another method).
     `hint`: what to change when the run will take long on this device (said once, after the first step).
 
     Validation (PCK@alpha, per point pooled over val_pairs, points matched by `method`) and a checkpoint every
@@ -134,6 +135,7 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     main = rank == 0
     state = {"step": 0}
+    last_val = {}
     history = {"loss": [], "val": []}
     config = {"train": asdict(cfg), "aggregator": asdict(net.config)}
     if resume is None and (Path(checkpoint_dir) / CHECKPOINT).is_file():
@@ -171,11 +173,11 @@ def train(net: AggregationNetwork, source: FeatureSource, train_pairs: list[Corr
             s = evaluate_pairs(descriptor_fn(net, source), val_pairs, size, cfg.alpha, method).summary()
             history["val"].append([done, s.get(f"pck@{cfg.alpha:g}_img_per_point"),
                                    s.get(f"pck@{cfg.alpha:g}_bbox_per_point")])
-            history["last_val"] = {"step": done, "summary": s}
+            last_val.update(step=done, summary=s)
             log.info("step %d: val %s", done, s)
         save_checkpoint(Path(checkpoint_dir) / CHECKPOINT, module_tensors({"net": net}), opt, done, history, config)
         net.save(Path(checkpoint_dir))  # so the checkpoint folder also loads as the aggregator
 
     run_steps("train hyperfeatures", state["step"], cfg.train_steps, step, save, cfg.val_every, cfg.checkpoint_minutes,
               hint=hint, progress=progress, main=main)
-    return history
+    return {**history, **({"last_val": last_val} if last_val else {})}
